@@ -1,0 +1,188 @@
+"""`budrt`: the command line. Thin: every command loads the settings tree and calls one part."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from budrt.config import Settings, load_settings
+
+app = typer.Typer(help="budrt: a self-hosted OpenAI-compatible serving platform.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
+
+Home = Annotated[Path | None, typer.Option("--home", help="Data directory (same as BUDRT_HOME).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML configuration file.", exists=True,
+                                                 dir_okay=False)]
+Host = Annotated[str | None, typer.Option("--host", help="Address the gateway listens on.")]
+Port = Annotated[int | None, typer.Option("--port", help="Port the gateway listens on (default 8000).")]
+
+
+def _settings(config: Path | None, home: Path | None, host: str | None = None, port: int | None = None,
+              **extra: Any) -> Settings:
+    try:
+        settings = load_settings(config, home=home, gateway={"host": host, "port": port}, **extra)
+    except Exception as exc:  # a config error is the user's to fix: say what, no traceback
+        typer.echo(f"error: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ["BUDRT_HOME"] = str(settings.home)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _prepare_store(settings: Settings) -> None:
+    """Migrate the metadata DB and create the first admin key (printed once)."""
+    from budrt.store.db import migrate
+    from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
+
+    migrate(settings.database_url_resolved)
+    admin = KeyStore.from_settings(settings).ensure_admin(settings)
+    if admin is not None:
+        typer.echo(f"admin key: {admin} (saved to {settings.home / ADMIN_KEY_FILE})")
+
+
+@app.command()
+def serve(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+    """Start the gateway and the model servers behind it, under a supervisor."""
+    from budrt.control.supervisor import Supervisor
+    from budrt.observe.logging import setup_logging
+
+    settings = _settings(config, home, host, port)
+    setup_logging("supervisor", settings.log_level)
+    _prepare_store(settings)
+    raise typer.Exit(Supervisor(settings).run())
+
+
+@app.command()
+def gateway(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+    """Run a gateway alone, in front of the upstreams named in the config's `deployments`."""
+    from budrt.gateway.main import run_gateway
+
+    settings = _settings(config, home, host, port)
+    run_gateway(settings)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Show every process of the running platform: pid, port, state, models."""
+    from budrt.control.status import platform_status
+
+    settings = _settings(config, home)
+    data = platform_status(settings.home)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"budrt at {settings.home} ({'running' if data['running'] else 'stopped'})")
+        for column in ("name", "kind", "pid", "port", "state", "restarts", "models"):
+            table.add_column(column)
+        for p in data["processes"]:
+            table.add_row(p["name"], p["kind"], str(p["pid"]), str(p["port"]), p["state"], str(p["restarts"]),
+                          ", ".join(p["models"]))
+        Console().print(table)
+    raise typer.Exit(0 if data["running"] else 1)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")],
+    models: Annotated[str | None, typer.Option("--models", help="Comma-separated models it may use.")] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Give the key the admin role.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create an API key; the key is shown once."""
+    from budrt.store.db import migrate
+    from budrt.store.keys import KeyStore
+
+    settings = _settings(config, home)
+    migrate(settings.database_url_resolved)
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    key, record = KeyStore.from_settings(settings).create(
+        name, role="admin" if admin else "user", models=model_list, rpm=rpm, tpm=tpm
+    )
+    if as_json:
+        typer.echo(json.dumps({"key": key, **_record_json(record)}))
+    else:
+        typer.echo(key)
+        typer.echo(f"(id {record.id}, prefix {record.prefix}; store it now: it is not shown again)", err=True)
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False, home: Home = None,
+              config: ConfigFile = None) -> None:
+    """List keys (never their secret part)."""
+    from budrt.store.db import migrate
+    from budrt.store.keys import KeyStore
+
+    settings = _settings(config, home)
+    migrate(settings.database_url_resolved)
+    records = [_record_json(r) for r in KeyStore.from_settings(settings).list()]
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        state = "revoked" if r["revoked_at"] else "active"
+        typer.echo(f"{r['id']:>4}  {r['prefix']:<14} {r['name']:<20} {r['role']:<6} {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="Numeric id or visible prefix.")], home: Home = None,
+                config: ConfigFile = None) -> None:
+    """Revoke a key; every gateway refuses it within a second."""
+    from budrt.store.keys import KeyStore
+
+    settings = _settings(config, home)
+    try:
+        record = KeyStore.from_settings(settings).revoke(key_id)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if record is None:
+        typer.echo(f"error: no active key matches {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked key {record.id} ({record.prefix})")
+
+
+@config_app.command("show")
+def config_show(home: Home = None, config: ConfigFile = None) -> None:
+    """Print the effective configuration (secrets masked) as YAML."""
+    import yaml
+
+    settings = _settings(config, home)
+    yaml.safe_dump(settings.masked(), sys.stdout, sort_keys=False)
+
+
+def _record_json(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "prefix": record.prefix,
+        "role": record.role,
+        "models": list(record.models) if record.models is not None else None,
+        "rpm": record.rpm,
+        "tpm": record.tpm,
+        "created_at": record.created_at.isoformat() if record.created_at else None,
+        "expires_at": record.expires_at.isoformat() if record.expires_at else None,
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+    }
+
+
+if __name__ == "__main__":
+    app()

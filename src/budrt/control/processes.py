@@ -1,0 +1,99 @@
+"""One child process of the platform: how to start it, probe it and stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+
+ProcessKind = Literal["gateway", "model-server"]
+ProcessState = Literal["starting", "ready", "not_ready", "restarting", "failed", "stopping", "stopped"]
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the supervisor dies, even by SIGKILL, so do we."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    kind: ProcessKind
+    argv: list[str]
+    host: str
+    port: int
+    models: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    state: ProcessState = "starting"
+    restarts: int = 0
+    started_at: float = 0.0
+    ready_since: float | None = None
+    last_error: str | None = None
+    probe_failures: int = 0
+    next_start_at: float | None = None
+    backoff_s: float = 0.0
+    restart_times: deque[float] = field(default_factory=deque)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, env: dict[str, str]) -> None:
+        # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
+        # stops the children in order (gateway first, so in-flight requests can finish).
+        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self.state, self.started_at, self.ready_since = "starting", time.time(), None
+        self.probe_failures, self.next_start_at = 0, None
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def probe(self, client: httpx.Client) -> bool | None:
+        """GET /health/ready: True = ready, False = answering but not ready, None = no answer."""
+        try:
+            response = client.get(f"{self.base_url}/health/ready")
+        except httpx.HTTPError:
+            return None
+        return response.status_code == 200
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signum)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "pid": self.pid,
+            "host": self.host,
+            "port": self.port,
+            "url": self.base_url,
+            "state": self.state,
+            "restarts": self.restarts,
+            "models": self.models,
+            "started_at": round(self.started_at, 3) if self.started_at else None,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,56 @@
+"""`budrt status`: what the supervisor last published, checked against the live processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from budrt.control.supervisor import status_path
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def platform_status(home: Path) -> dict[str, Any]:
+    path = status_path(home)
+    if not path.exists():
+        return {"running": False, "home": str(home), "processes": []}
+    data = orjson.loads(path.read_bytes())
+    supervisor_pid = data.get("supervisor", {}).get("pid")
+    running = bool(data.get("running")) and _alive(supervisor_pid)
+    data["running"] = running
+    with httpx.Client(timeout=2.0) as client:
+        for process in data.get("processes", []):
+            if not running or not _alive(process.get("pid")):
+                process["state"] = "stopped" if not running else process.get("state", "stopped")
+                continue
+            process["health"] = _probe(client, process)
+    return data
+
+
+def _probe(client: httpx.Client, process: dict[str, Any]) -> dict[str, Any]:
+    try:
+        response = client.get(f"{process['url']}/health/ready")
+    except httpx.HTTPError as exc:
+        return {"ready": False, "error": type(exc).__name__}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    result: dict[str, Any] = {"ready": response.status_code == 200}
+    if isinstance(body, dict) and "models" in body:
+        result["models"] = body["models"]
+    return result

@@ -1,0 +1,1 @@
+"""Text generation: tokenizer, Llama-family model, sampler and the batching engine."""

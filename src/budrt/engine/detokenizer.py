@@ -1,0 +1,86 @@
+"""Token ids -> text increments, safe for UTF-8 and for stop strings.
+
+Byte-level BPE can split one character across tokens, so decoding a single new token may give a
+broken "\ufffd". We keep two offsets into the generated ids (the prefix-offset scheme of vLLM/TGI):
+text is only taken once decoding `ids[prefix:]` is longer than decoding `ids[prefix:read]` and does
+not end in "\ufffd".
+
+Stop strings may also span tokens. Text that could still turn out to be the start of a stop string
+is held back until it cannot; a matched stop string and everything after it is dropped.
+"""
+
+from __future__ import annotations
+
+from budrt.engine.interface import Tokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # all complete text so far (cut at a matched stop string)
+        self.stopped = False  # a stop string matched
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._emitted = 0  # len(text) already handed out
+
+    def add_token(self, token_id: int) -> None:
+        """Feed one generated token; afterwards `stopped` says whether a stop string matched."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self.tokenizer.decode(self.ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return  # an incomplete character (or a skipped special token): wait for more tokens
+        self._append(full[len(prefix) :])
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.ids)
+
+    def _append(self, delta: str) -> None:
+        before = len(self.text)
+        self.text += delta
+        if not self.stop:
+            return
+        # A match must end inside the new delta; it may start up to len(stop)-1 chars earlier.
+        start = max(0, before - max(len(s) for s in self.stop) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def flush(self) -> None:
+        """At the end of generation, take any text still waiting for more bytes.
+
+        A trailing incomplete character (the generation ended inside it) is not a character, so
+        it is dropped rather than emitted as "\ufffd".
+        """
+        if self.stopped or self._read_offset == len(self.ids):
+            return
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self.tokenizer.decode(self.ids[self._prefix_offset :]).rstrip(REPLACEMENT)
+        if len(full) > len(prefix):
+            self._append(full[len(prefix) :])
+        self._prefix_offset = self._read_offset = len(self.ids)
+
+    def take(self, final: bool) -> str:
+        """Text not handed out yet, minus a tail that may still become a stop string (unless final)."""
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._partial_stop_len()
+        if end <= self._emitted:
+            return ""
+        out = self.text[self._emitted : end]
+        self._emitted = end
+        return out
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,119 @@
+"""Read a GGUF file: hyperparameters, metadata and (dequantized) weights for `LlamaForCausalLM`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from budrt.engine.llama import LlamaArgs
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF tensor name (after `blk.N.`) -> our module path inside `layers.N`.
+_LAYER_NAMES = {
+    "attn_norm": "input_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_norm": "post_attn_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@dataclass
+class GGUFModel:
+    args: LlamaArgs
+    weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
+    metadata: dict[str, Any]  # every key/value field of the file (tokenizer.*, general.*, ...)
+
+
+def read_metadata(path: Path | str, reader: GGUFReader | None = None) -> dict[str, Any]:
+    reader = reader or GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    For llama-arch models the converter reorders each head's rows from the HF "rotate_half" layout
+    (first half / second half of the head dim) to interleaved pairs, because llama.cpp's RoPE rotates
+    adjacent pairs. Our RoPE is HF's, so put the rows back. Works for weights and biases.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _args_from_metadata(meta: dict[str, Any], has_output: bool, has_qkv_bias: bool) -> LlamaArgs:
+    arch = meta["general.architecture"]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"GGUF file lacks {arch}.{name}")
+        return value
+
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    return LlamaArgs(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(key("attention.key_length", hidden // heads)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings=not has_output,
+        attention_bias=has_qkv_bias,
+    )
+
+
+def load_gguf(path: Path | str) -> GGUFModel:
+    """Load a GGUF model, dequantizing every tensor to fp32 (callers cast to the serving dtype)."""
+    reader = GGUFReader(path)
+    meta = read_metadata(path, reader)
+    names = {t.name for t in reader.tensors}
+    args = _args_from_metadata(
+        meta, has_output="output.weight" in names, has_qkv_bias="blk.0.attn_q.bias" in names
+    )
+    permuted = meta["general.architecture"] == "llama"
+
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        # gguf dequantizes to numpy in PyTorch's [out, in] order already. Unquantized tensors come
+        # back as read-only views of the memory-mapped file, hence the copy.
+        value = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        if tensor.name in _GLOBAL_NAMES:
+            weights[_GLOBAL_NAMES[tensor.name]] = value
+            continue
+        match = _LAYER_RE.match(tensor.name)
+        if match is None or match.group(2) not in _LAYER_NAMES:
+            continue  # e.g. rope_freqs: not used by the architectures we support
+        layer, kind, suffix = match.groups()
+        if permuted and kind == "attn_q":
+            value = _unpermute(value, args.num_heads)
+        elif permuted and kind == "attn_k":
+            value = _unpermute(value, args.num_kv_heads)
+        weights[f"layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"] = value
+    return GGUFModel(args=args, weights=weights, metadata=meta)

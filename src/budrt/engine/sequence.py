@@ -1,0 +1,134 @@
+"""One request's state inside the engine, and turning each new token into a `GenerationOutput`."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from budrt.engine.detokenizer import IncrementalDetokenizer
+from budrt.engine.interface import FinishReason, GenerationOutput, SamplingParams, TokenLogprob, Tokenizer
+
+# Where a sequence's outputs go: a GenerationOutput, or an exception that fails the request.
+Sink = Callable[[GenerationOutput | BaseException], None]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens capped so prompt + output fits max_model_len
+    detokenizer: IncrementalDetokenizer
+    sink: Sink
+    eos_token_ids: frozenset[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    finish_reason: FinishReason | None = None
+    # Seeded requests draw from their own generator, so their samples do not depend on what else
+    # shares the batch.
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> GenerationOutput:
+        """Record a sampled token, decide whether the sequence is done, and build its output."""
+        self.output_token_ids.append(token_id)
+        is_stop_token = token_id in self.params.stop_token_ids or (
+            not self.params.ignore_eos and token_id in self.eos_token_ids
+        )
+        if is_stop_token:
+            # The stop token counts as generated but adds no text (like vLLM's default).
+            self.finish_reason = "stop"
+        else:
+            self.detokenizer.add_token(token_id)
+            if self.detokenizer.stopped:
+                self.finish_reason = "stop"
+            elif len(self.output_token_ids) >= self.max_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.detokenizer.flush()
+        return GenerationOutput(
+            request_id=self.request_id,
+            text=self.detokenizer.take(final=self.finish_reason is not None),
+            token_ids=[token_id],
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=len(self.output_token_ids),
+            logprobs=[logprob] if logprob is not None else None,
+        )
+
+    def abort_output(self) -> GenerationOutput:
+        self.finish_reason = "abort"
+        self.detokenizer.flush()
+        return GenerationOutput(
+            request_id=self.request_id,
+            text=self.detokenizer.take(final=True),
+            token_ids=[],
+            finish_reason="abort",
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=len(self.output_token_ids),
+        )
+
+
+def make_sequence(
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    tokenizer: Tokenizer,
+    max_model_len: int,
+    sink: Sink,
+) -> Sequence:
+    """Validate a request and build its sequence (raises ValueError for requests that cannot run)."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {max_model_len} tokens"
+        )
+    if params.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if params.temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    if params.repetition_penalty <= 0:
+        raise ValueError("repetition_penalty must be > 0")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    return Sequence(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        params=params,
+        max_tokens=min(params.max_tokens, max_model_len - len(prompt_token_ids)),
+        detokenizer=IncrementalDetokenizer(tokenizer, params.stop),
+        sink=sink,
+        eos_token_ids=frozenset(tokenizer.eos_token_ids),
+        generator=generator,
+    )

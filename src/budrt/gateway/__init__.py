@@ -1,0 +1,1 @@
+"""budrt.gateway"""

@@ -1,0 +1,52 @@
+"""`budrt gateway`: migrate, make sure an admin key exists, then serve."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import uvicorn
+
+from budrt.config import Settings
+from budrt.gateway.app import create_app
+from budrt.observe.logging import setup_logging
+from budrt.store.db import migrate
+from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
+
+log = logging.getLogger("budrt.gateway")
+
+
+def prepare(settings: Settings) -> KeyStore:
+    """Migrate the database and create the first admin key (printed once to stdout)."""
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    admin = store.ensure_admin(settings)
+    if admin is not None:
+        print(f"admin key: {admin} (saved to {Path(settings.home) / ADMIN_KEY_FILE})", flush=True)
+    return store
+
+
+def run_gateway(settings: Settings) -> None:
+    setup_logging("gateway", settings.log_level)
+    store = prepare(settings)
+    if settings.gateway.workers != 1:
+        # Rate limits and health state live in process memory; one process for now.
+        log.warning("gateway.workers > 1 is not supported yet; running one worker")
+    app = create_app(settings, key_store=store)
+    config = uvicorn.Config(
+        app,
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,  # keep the JSON logging set up above
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=math.ceil(settings.supervisor.shutdown_grace_s),
+        lifespan="on",
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        store.engine.dispose()

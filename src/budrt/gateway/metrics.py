@@ -1,0 +1,41 @@
+"""Gateway Prometheus metrics. Labels use deployment names only, never client-supplied strings."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("budrt_gateway_requests_total", "Requests answered by the gateway", ["model", "status"])
+LATENCY = Histogram(
+    "budrt_gateway_request_seconds",
+    "Time from request to the last byte of the response",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+IN_FLIGHT = Gauge("budrt_gateway_in_flight_requests", "Requests being proxied right now")
+UPSTREAM_ERRORS = Counter(
+    "budrt_gateway_upstream_errors_total", "Failed upstream attempts", ["model", "reason"]
+)
+TOKENS = Counter("budrt_gateway_tokens_total", "Tokens reported by upstream usage", ["model", "kind"])
+CLIENT_DISCONNECTS = Counter(
+    "budrt_gateway_client_disconnects_total", "Requests abandoned by the client", ["model"]
+)
+
+
+class RequestTracker:
+    """Counts one request: in flight from creation until `done`, which is idempotent."""
+
+    __slots__ = ("model", "start", "_open")
+
+    def __init__(self, start: float) -> None:
+        self.model = "unknown"  # set to the deployment name once the request is routed
+        self.start = start
+        self._open = True
+        IN_FLIGHT.inc()
+
+    def done(self, status: int, now: float) -> None:
+        if not self._open:
+            return
+        self._open = False
+        IN_FLIGHT.dec()
+        REQUESTS.labels(self.model, str(status)).inc()
+        LATENCY.labels(self.model).observe(now - self.start)

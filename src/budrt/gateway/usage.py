@@ -1,0 +1,51 @@
+"""Token usage from upstream responses, found without parsing whole bodies.
+
+Embedding responses can be megabytes of floats; only the `"usage": {...}` object (last in
+every OpenAI-shaped body and in the final SSE chunk) is located and decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from budrt.gateway.metrics import TOKENS
+
+_USAGE = b'"usage"'
+STREAM_TAIL_BYTES = 8192  # the final chunk with usage is far smaller than this
+
+
+def find_usage(data: bytes | bytearray) -> dict[str, Any] | None:
+    pos = data.rfind(_USAGE)
+    if pos < 0:
+        return None
+    start = data.find(b"{", pos + len(_USAGE))
+    if start < 0 or data[pos + len(_USAGE) : start].strip(b" \t\r\n:") != b"":
+        return None  # e.g. "usage": null
+    depth = 0
+    for i in range(start, len(data)):
+        c = data[i]
+        if c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                try:
+                    usage = orjson.loads(bytes(data[start : i + 1]))
+                except orjson.JSONDecodeError:
+                    return None
+                return usage if isinstance(usage, dict) else None
+    return None
+
+
+def record_usage(model: str, data: bytes | bytearray) -> None:
+    usage = find_usage(data)
+    if not usage:
+        return
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if isinstance(prompt, int) and prompt > 0:
+        TOKENS.labels(model, "prompt").inc(prompt)
+    if isinstance(completion, int) and completion > 0:
+        TOKENS.labels(model, "completion").inc(completion)

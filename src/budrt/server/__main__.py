@@ -1,0 +1,3 @@
+from budrt.server.main import main
+
+main()

@@ -1,0 +1,50 @@
+"""Run one model-server process (started by the supervisor, or by hand for debugging)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import uvicorn
+
+from budrt.config import Settings, load_runtime
+from budrt.observe.logging import setup_logging
+
+
+def run_model_server(settings: Settings, name: str) -> None:
+    server = next((s for s in settings.model_servers if s.name == name), None)
+    if server is None:
+        raise SystemExit(f"no model server named {name!r} in the configuration")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging(f"model-server:{name}", settings.log_level)
+    if server.threads:
+        import torch
+
+        torch.set_num_threads(server.threads)
+    from budrt.server.app import create_server_app
+
+    app = create_server_app(server, settings.models)
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.supervisor.shutdown_grace_s),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m budrt.server")
+    parser.add_argument("--runtime", type=Path, required=True, help="resolved settings JSON from the supervisor")
+    parser.add_argument("--name", required=True, help="which model server of the settings to run")
+    args = parser.parse_args()
+    run_model_server(load_runtime(args.runtime), args.name)
+
+
+if __name__ == "__main__":
+    main()

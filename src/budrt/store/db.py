@@ -1,0 +1,92 @@
+"""Engine, sessions and schema migrations for the metadata database (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("budrt.store")
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_SQLITE_BUSY_MS = 10_000
+# Any constant works: it only has to be the same in every budrt process sharing a database.
+_PG_MIGRATION_LOCK = 0x62756472
+
+
+def make_engine(url: str, *, migration: bool = False) -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout.
+
+    `migration=True` makes every SQLite transaction `BEGIN IMMEDIATE`, so two processes that
+    migrate at once are serialised by SQLite's write lock instead of interleaving DDL.
+    """
+    parsed = make_url(url)
+    if not parsed.get_backend_name() == "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    database = parsed.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin, so DDL is
+        # transactional too (the sqlite3 module would run CREATE TABLE outside a transaction).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if migration else "BEGIN")
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: records are copied out after commit without a second query.
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    """A programmatic Alembic config (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str, attempts: int = 5) -> None:
+    """Bring the schema to the newest revision; safe to run at every start, from many processes."""
+    for attempt in range(1, attempts + 1):
+        engine = make_engine(url, migration=True)
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Held until commit: a second process waits here, then finds nothing to do.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                cfg = alembic_config(url)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            return
+        except (OperationalError, ProgrammingError) as exc:
+            # A concurrent migrator can still win a race on a brand-new database (for example
+            # while the journal mode is switched); its work is visible on the next try.
+            if attempt == attempts:
+                raise
+            log.warning("migration attempt failed; retrying", extra={"fields": {"error": str(exc)}})
+            time.sleep(0.2 * attempt)
+        finally:
+            engine.dispose()

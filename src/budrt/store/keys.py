@@ -1,0 +1,200 @@
+"""API keys in the metadata database. Only HMAC hashes are stored; plaintext is shown once."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
+
+from budrt.config import Settings
+from budrt.security.keys import generate_api_key, hash_api_key, key_prefix, load_or_create_secret
+from budrt.store.db import make_engine, session_factory
+from budrt.store.tables import ApiKey
+
+Role = Literal["admin", "user"]
+ADMIN_KEY_FILE = "admin.key"
+# A DB write per request would serialise the hot path on SQLite; a coarse timestamp is enough.
+_TOUCH_EVERY = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: int
+    name: str
+    prefix: str
+    role: str
+    models: tuple[str, ...] | None
+    rpm: int | None
+    tpm: int | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def allows(self, *names: str) -> bool:
+        """True when the key may use a model known by any of `names` (canonical name, alias)."""
+        return self.models is None or any(n in self.models for n in names)
+
+    def is_active(self, now: datetime | None = None) -> bool:
+        now = now or datetime.now(UTC)
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class KeyStore:
+    def __init__(self, engine: Engine, secret: bytes) -> None:
+        self.engine = engine
+        self._secret = secret
+        self._sessions = session_factory(engine)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyStore:
+        return cls(make_engine(settings.database_url_resolved), load_or_create_secret(settings))
+
+    def hash(self, plaintext: str) -> str:
+        return hash_api_key(plaintext, self._secret)
+
+    def create(
+        self,
+        name: str,
+        role: Role = "user",
+        models: Sequence[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        expires_at: datetime | None = None,
+        *,
+        plaintext: str | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """Create a key; returns the plaintext (shown once) and its record."""
+        if role not in ("admin", "user"):
+            raise ValueError(f"unknown role {role!r}")
+        key = plaintext or generate_api_key()
+        row = ApiKey(
+            name=name,
+            prefix=key_prefix(key),
+            key_hash=self.hash(key),
+            role=role,
+            models=list(models) if models is not None else None,
+            rpm=rpm,
+            tpm=tpm,
+            created_at=datetime.now(UTC),
+            expires_at=_aware(expires_at),
+        )
+        with self._sessions.begin() as session:
+            session.add(row)
+        return key, _record(row)
+
+    def verify(self, plaintext: str) -> KeyRecord | None:
+        """The active key matching `plaintext`, or None (unknown, revoked or expired)."""
+        digest = self.hash(plaintext)
+        now = datetime.now(UTC)
+        with self._sessions() as session:
+            row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+            if row is None:
+                return None
+            record = _record(row)
+            if not record.is_active(now):
+                return None
+            if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
+                session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+                session.commit()
+            return record
+
+    def list(self) -> list[KeyRecord]:
+        with self._sessions() as session:
+            return [_record(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
+
+    def revoke(self, id_or_prefix: int | str) -> KeyRecord | None:
+        """Revoke by numeric id or visible prefix; None if nothing matched.
+
+        Raises ValueError when a prefix matches more than one active key.
+        """
+        with self._sessions.begin() as session:
+            query = select(ApiKey).where(ApiKey.revoked_at.is_(None))
+            ident = str(id_or_prefix)
+            if ident.isdigit():
+                query = query.where(ApiKey.id == int(ident))
+            else:
+                query = query.where(ApiKey.prefix.startswith(ident, autoescape=True))
+            rows = list(session.scalars(query))
+            if not rows:
+                return None
+            if len(rows) > 1:
+                raise ValueError(f"{ident!r} matches {len(rows)} keys; use the numeric id")
+            rows[0].revoked_at = datetime.now(UTC)
+            return _record(rows[0])
+
+    def has_admin(self) -> bool:
+        with self._sessions() as session:
+            query = select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+            return session.scalars(query.limit(1)).first() is not None
+
+    def ensure_admin(self, settings: Settings) -> str | None:
+        """Create the first admin key if none exists; returns its plaintext (print it once).
+
+        The key is BUDRT_ADMIN_KEY when set, else generated; it is also written to
+        `$home/admin.key` (mode 0600). Returns None when an admin key already exists.
+        """
+        home = Path(settings.home)
+        home.mkdir(parents=True, exist_ok=True)
+        with _file_lock(home / ".admin.lock"):  # two processes starting at once make one admin
+            if self.has_admin():
+                return None
+            given = settings.admin_key.get_secret_value() if settings.admin_key else None
+            try:
+                key, _ = self.create("admin", role="admin", plaintext=given)
+            except IntegrityError:
+                return None  # the same BUDRT_ADMIN_KEY was stored by another process
+            write_private_file(home / ADMIN_KEY_FILE, key + "\n")
+            return key
+
+
+def write_private_file(path: Path, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # the file may have existed with wider permissions
+        f.write(content)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite drops the time zone; every timestamp budrt writes is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _record(row: ApiKey) -> KeyRecord:
+    return KeyRecord(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        role=row.role,
+        models=tuple(row.models) if row.models is not None else None,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        created_at=_aware(row.created_at),  # type: ignore[arg-type]
+        expires_at=_aware(row.expires_at),
+        revoked_at=_aware(row.revoked_at),
+        last_used_at=_aware(row.last_used_at),
+    )

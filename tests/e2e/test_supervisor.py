@@ -1,0 +1,40 @@
+"""`budrt status` and the supervisor's restart of a killed model server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import openai
+
+from tests.e2e.conftest import Platform
+
+
+def test_status_lists_every_process(platform: Platform) -> None:
+    status = platform.status()
+    assert status["running"] is True
+    kinds = sorted(p["kind"] for p in status["processes"])
+    assert kinds == ["gateway", "model-server", "model-server"]
+    for p in status["processes"]:
+        assert p["pid"] > 0 and p["port"] > 0 and p["state"] == "ready"
+    served = {m for p in status["processes"] if p["kind"] == "model-server" for m in p["models"]}
+    assert served == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+
+
+def test_killed_model_server_is_back_within_30s(platform: Platform, client: openai.OpenAI) -> None:
+    before = next(p for p in platform.status()["processes"] if "smollm2-135m-instruct" in p["models"])
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    answer = None
+    while time.time() < deadline:
+        try:
+            answer = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=3,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+            break
+        except openai.APIError:
+            time.sleep(0.5)
+    assert answer is not None, f"not serving 30 s after SIGKILL:\n{platform.log_tail()}"
+    after = next(p for p in platform.status()["processes"] if p["name"] == before["name"])
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    assert after["state"] == "ready"

@@ -1,0 +1,168 @@
+"""A tiny OpenAI-shaped model server for gateway tests, plus a helper to serve ASGI apps.
+
+Per-request behaviour is chosen by an extra body field `"mock"` (the gateway forwards bodies
+unchanged): "hang", "bad_request"; streams take `"mock_chunks"` and `"mock_delay"`.
+Per-instance behaviour is `MockUpstream.mode`: "ok", "500", "503".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+
+def chat_response(name: str, model: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": model,
+            "served_by": name,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }
+    )
+
+
+def stream_chunk(i: int, model: str) -> bytes:
+    data = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class MockUpstream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.ready = True
+        self.requests = 0
+        self.cancelled = 0  # requests (stream or not) abandoned by the client mid-way
+        self.last_headers: dict[str, str] = {}
+        self.last_body: dict[str, Any] = {}
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/health/ready", self.health),
+                Route("/_stats", self.stats),
+            ]
+        )
+
+    async def health(self, request: Request) -> Response:
+        return Response(b"{}", status_code=200 if self.ready else 503, media_type="application/json")
+
+    async def stats(self, request: Request) -> Response:
+        return Response(orjson.dumps({"requests": self.requests, "cancelled": self.cancelled}))
+
+    async def chat(self, request: Request) -> Response:
+        # Wrapped so the handler itself can watch for the client going away.
+        return _RawResponse(self, request)
+
+    async def serve(self, body: dict[str, Any], send: Send) -> None:
+        model = body.get("model", "")
+        if self.mode in ("500", "503"):
+            headers = [(b"content-type", b"application/json")]
+            if self.mode == "503":
+                headers.append((b"retry-after", b"7"))
+            await send({"type": "http.response.start", "status": int(self.mode), "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"error":{"message":"mock failure"}}'})
+            return
+        if body.get("mock") == "hang":
+            await asyncio.sleep(3600)
+        if body.get("mock") == "bad_request":
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error":{"message":"mock says no","code":"x"}}'})
+            return
+        if body.get("stream") is True:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            delay = float(body.get("mock_delay", 0))
+            for i in range(int(body.get("mock_chunks", 3))):
+                await send({"type": "http.response.body", "body": stream_chunk(i, model), "more_body": True})
+                if delay:
+                    await asyncio.sleep(delay)
+            usage = {"id": "chatcmpl-mock", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(usage) + b"\n\n",
+                        "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": chat_response(self.name, model)})
+
+
+class _RawResponse:
+    def __init__(self, upstream: MockUpstream, request: Request) -> None:
+        self.upstream = upstream
+        self.request = request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        up = self.upstream
+        raw = await self.request.body()
+        up.requests += 1
+        up.last_headers = dict(self.request.headers)
+        up.last_body = orjson.loads(raw)
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.ensure_future(up.serve(up.last_body, send))
+        watch = asyncio.ensure_future(disconnected())
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            up.cancelled += 1
+            work.cancel()
+        watch.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """Serves an ASGI app with uvicorn on a free port in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                loop="asyncio", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
