@@ -39,8 +39,13 @@ def chat_response(name: str, model: str) -> bytes:
 
 
 def stream_chunk(i: int, model: str) -> bytes:
-    data = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-            "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+    data = {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+    }
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
@@ -83,25 +88,53 @@ class MockUpstream:
         if body.get("mock") == "hang":
             await asyncio.sleep(3600)
         if body.get("mock") == "bad_request":
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": b'{"error":{"message":"mock says no","code":"x"}}'})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": b'{"error":{"message":"mock says no","code":"x"}}'}
+            )
             return
         if body.get("stream") is True:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
             delay = float(body.get("mock_delay", 0))
             for i in range(int(body.get("mock_chunks", 3))):
                 await send({"type": "http.response.body", "body": stream_chunk(i, model), "more_body": True})
                 if delay:
                     await asyncio.sleep(delay)
-            usage = {"id": "chatcmpl-mock", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(usage) + b"\n\n",
-                        "more_body": True})
+                if body.get("mock") == "die" and i + 1 >= int(body.get("mock_die_after", 0)):
+                    raise RuntimeError("mock upstream dies mid-stream")  # uvicorn drops the connection
+            usage = {
+                "id": "chatcmpl-mock",
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+            }
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + orjson.dumps(usage) + b"\n\n",
+                    "more_body": True,
+                }
+            )
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": chat_response(self.name, model)})
 
 
@@ -146,8 +179,14 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                loop="asyncio", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
 

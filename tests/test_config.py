@@ -29,10 +29,14 @@ def test_defaults_name_the_packaged_models(tmp_path: Path) -> None:
 
 def test_yaml_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "budrt.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"port": 9100, "retries": 5},
-        "deployments": [{"model": "mock", "endpoints": ["http://127.0.0.1:9000/v1"]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"port": 9100, "retries": 5},
+                "deployments": [{"model": "mock", "endpoints": ["http://127.0.0.1:9000/v1"]}],
+            }
+        )
+    )
     s = load_settings(config, home=tmp_path)
     assert (s.gateway.port, s.gateway.retries) == (9100, 5)
     assert s.deployments[0].model == "mock" and s.deployments[0].endpoints == ["http://127.0.0.1:9000/v1"]

@@ -48,7 +48,10 @@ def test_shapes_and_statuses() -> None:
         ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"model": "m", "messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
-        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"a": 1}}, "logit_bias"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"a": 1}},
+            "logit_bias",
+        ),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "stop"),
     ],
 )

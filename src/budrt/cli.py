@@ -19,14 +19,16 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 
 Home = Annotated[Path | None, typer.Option("--home", help="Data directory (same as BUDRT_HOME).")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML configuration file.", exists=True,
-                                                 dir_okay=False)]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML configuration file.", exists=True, dir_okay=False)
+]
 Host = Annotated[str | None, typer.Option("--host", help="Address the gateway listens on.")]
 Port = Annotated[int | None, typer.Option("--port", help="Port the gateway listens on (default 8000).")]
 
 
-def _settings(config: Path | None, home: Path | None, host: str | None = None, port: int | None = None,
-              **extra: Any) -> Settings:
+def _settings(
+    config: Path | None, home: Path | None, host: str | None = None, port: int | None = None, **extra: Any
+) -> Settings:
     try:
         settings = load_settings(config, home=home, gateway={"host": host, "port": port}, **extra)
     except Exception as exc:  # a config error is the user's to fix: say what, no traceback
@@ -90,8 +92,15 @@ def status(
         for column in ("name", "kind", "pid", "port", "state", "restarts", "models"):
             table.add_column(column)
         for p in data["processes"]:
-            table.add_row(p["name"], p["kind"], str(p["pid"]), str(p["port"]), p["state"], str(p["restarts"]),
-                          ", ".join(p["models"]))
+            table.add_row(
+                p["name"],
+                p["kind"],
+                str(p["pid"]),
+                str(p["port"]),
+                p["state"],
+                str(p["restarts"]),
+                ", ".join(p["models"]),
+            )
         Console().print(table)
     raise typer.Exit(0 if data["running"] else 1)
 
@@ -125,8 +134,9 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False, home: Home = None,
-              config: ConfigFile = None) -> None:
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json")] = False, home: Home = None, config: ConfigFile = None
+) -> None:
     """List keys (never their secret part)."""
     from budrt.store.db import migrate
     from budrt.store.keys import KeyStore
@@ -143,8 +153,11 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False, home: Ho
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="Numeric id or visible prefix.")], home: Home = None,
-                config: ConfigFile = None) -> None:
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Numeric id or visible prefix.")],
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
     """Revoke a key; every gateway refuses it within a second."""
     from budrt.store.keys import KeyStore
 

@@ -36,7 +36,9 @@ class Platform:
     log_path: Path
 
     def status(self) -> dict:
-        out = subprocess.run([BUDRT, "status", "--json", "--home", str(self.home)], capture_output=True, timeout=30)
+        out = subprocess.run(
+            [BUDRT, "status", "--json", "--home", str(self.home)], capture_output=True, timeout=30
+        )
         import json
 
         return json.loads(out.stdout)
@@ -80,7 +82,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     root = f"http://127.0.0.1:{port}"
     p = Platform(f"{root}/v1", root, home, ADMIN_KEY, proc, log_path)

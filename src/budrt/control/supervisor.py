@@ -51,10 +51,18 @@ class Supervisor:
             host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
             for name in server.models:
                 model = self.settings.model(name)
-                managed.append(DeploymentConfig(model=name, endpoints=[f"http://{host}:{server.port}/v1"],
-                                                aliases=model.aliases, managed=True, task=model.task))
-        resolved = self.settings.model_copy(update={"model_servers": servers,
-                                                    "deployments": [*self.settings.deployments, *managed]})
+                managed.append(
+                    DeploymentConfig(
+                        model=name,
+                        endpoints=[f"http://{host}:{server.port}/v1"],
+                        aliases=model.aliases,
+                        managed=True,
+                        task=model.task,
+                    )
+                )
+        resolved = self.settings.model_copy(
+            update={"model_servers": servers, "deployments": [*self.settings.deployments, *managed]}
+        )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         runtime = self.run_dir / "runtime.json"
         fd = os.open(runtime, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -63,8 +71,11 @@ class Supervisor:
         python = sys.executable
         for server in servers:
             argv = [python, "-m", "budrt.server", "--runtime", str(runtime), "--name", server.name]
-            self.processes.append(ManagedProcess(server.name, "model-server", argv, server.host, server.port,
-                                                 list(server.models)))
+            self.processes.append(
+                ManagedProcess(
+                    server.name, "model-server", argv, server.host, server.port, list(server.models)
+                )
+            )
         gateway = resolved.gateway
         argv = [python, "-m", "budrt.gateway", "--runtime", str(runtime)]
         models = [d.model for d in resolved.deployments]
@@ -99,7 +110,9 @@ class Supervisor:
                 if process.next_start_at is not None and now >= process.next_start_at:
                     process.restarts += 1
                     process.start(self.env)
-                    log.warning("restarted %s pid=%s (restart %d)", process.name, process.pid, process.restarts)
+                    log.warning(
+                        "restarted %s pid=%s (restart %d)", process.name, process.pid, process.restarts
+                    )
                 continue
             code = process.exited()
             if code is not None:
@@ -109,7 +122,10 @@ class Supervisor:
             if healthy is None:
                 process.probe_failures += 1
                 grace = self.settings.supervisor.ready_timeout_s if process.ready_since is None else 0
-                if process.probe_failures >= PROBE_FAILURES_BEFORE_KILL and now - process.started_at > grace + 5:
+                if (
+                    process.probe_failures >= PROBE_FAILURES_BEFORE_KILL
+                    and now - process.started_at > grace + 5
+                ):
                     process.signal(signal.SIGKILL)
                     process.proc.wait(timeout=5) if process.proc else None
                     self._schedule_restart(process, "stopped answering its health probe", now)

@@ -62,7 +62,9 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _args_from_metadata(meta: dict[str, Any], has_output: bool, has_qkv_bias: bool) -> LlamaArgs:
     arch = meta["general.architecture"]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})"
+        )
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from budrt.engine.detokenizer import IncrementalDetokenizer
-from budrt.engine.interface import FinishReason, GenerationOutput, SamplingParams, TokenLogprob, Tokenizer
+from budrt.engine.interface import FinishReason, GenerationOutput, SamplingParams, Tokenizer, TokenLogprob
 
 # Where a sequence's outputs go: a GenerationOutput, or an exception that fails the request.
 Sink = Callable[[GenerationOutput | BaseException], None]
@@ -102,6 +102,7 @@ def make_sequence(
     params: SamplingParams,
     tokenizer: Tokenizer,
     max_model_len: int,
+    vocab_size: int,
     sink: Sink,
 ) -> Sequence:
     """Validate a request and build its sequence (raises ValueError for requests that cannot run)."""
@@ -111,6 +112,11 @@ def make_sequence(
         raise ValueError(
             f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {max_model_len} tokens"
         )
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    bias_ids = list((params.logit_bias or {}).keys())
+    if bias_ids and (min(bias_ids) < 0 or max(bias_ids) >= vocab_size):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
     if params.max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     if params.temperature < 0:

@@ -114,7 +114,9 @@ def _raise_exception(message: str) -> None:
 
 
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii
     )
@@ -151,7 +153,9 @@ class TextTokenizer(Tokenizer):
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> TextTokenizer:
         backend = _tokenizer_from_gguf(meta)
         template = meta.get("tokenizer.chat_template")
-        eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        eos_ids = [
+            meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+        ]
         return cls(
             backend,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -20,7 +20,7 @@ from budrt.config import Settings
 from budrt.gateway.auth import Authenticator
 from budrt.gateway.health import HealthChecker
 from budrt.gateway.metrics import RequestTracker
-from budrt.gateway.proxy import Proxy, UpstreamStream
+from budrt.gateway.proxy import CLIENT_CLOSED, Proxy, UpstreamStream
 from budrt.gateway.ratelimit import RateLimited, SlidingWindowLimiter
 from budrt.gateway.routing import Router
 from budrt.observe.metrics import metrics_endpoint
@@ -72,7 +72,8 @@ class Gateway:
 
     async def list_models(self, request: Request) -> Response:
         key = await self.auth.authenticate(request.headers)
-        data = [self._model_object(d.name) for d in self.router.deployments if key.allows(d.name)]
+        deps = self.router.deployments
+        data = [self._model_object(d.name) for d in deps if key.allows(d.name, *d.aliases)]
         return _json({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
@@ -121,6 +122,9 @@ class Gateway:
         except APIError as exc:
             status = exc.status
             return exc.to_response()
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         finally:
             if not isinstance(result, UpstreamStream):  # a stream is counted when it ends
                 tracker.done(status, time.monotonic())

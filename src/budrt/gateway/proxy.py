@@ -101,12 +101,12 @@ class Proxy:
             disconnected.cancel()
             result.headers.update(extra_headers)
             return result
-        ep, resp = result
-        return UpstreamStream(dep.name, ep, resp, extra_headers, disconnected, tracker)
+        ep, resp, first = result
+        return UpstreamStream(dep.name, ep, resp, first, extra_headers, disconnected, tracker)
 
     async def _attempts(
         self, dep: Deployment, path: str, body: bytes, stream: bool
-    ) -> Response | tuple[Endpoint, aiohttp.ClientResponse]:
+    ) -> Response | tuple[Endpoint, aiohttp.ClientResponse, bytes]:
         assert self.session is not None, "Proxy.start() was not called"
         timeout = self._timeout(dep)
         tried: set[Endpoint] = set()
@@ -125,8 +125,11 @@ class Proxy:
                     ep.base_url + path, data=body, headers=dep.upstream_headers, timeout=timeout
                 )
                 if stream and resp.status == 200:
+                    # Wait for the first chunk here, so a server that accepts the request and
+                    # then fails is still retried elsewhere: nothing has reached the client yet.
+                    first = await resp.content.readany()
                     handed_off = True  # the stream response now owns `resp` and the count
-                    return ep, resp
+                    return ep, resp, first
                 data = await resp.read()
                 if resp.status >= 500:
                     UPSTREAM_ERRORS.labels(dep.name, f"http_{resp.status}").inc()
@@ -146,11 +149,17 @@ class Proxy:
                     extra={"fields": {"url": ep.base_url, "error": type(exc).__name__}},
                 )
                 ep.mark_down()
+                if resp is not None:
+                    resp.close()  # a half-read response must not go back to the pool
+            except asyncio.CancelledError:  # the client left: drop the upstream connection
+                if resp is not None:
+                    resp.close()
+                raise
             finally:
                 if not handed_off:
                     ep.outstanding -= 1
                     if resp is not None:
-                        resp.close()
+                        resp.release()  # fully read: keep the connection alive for reuse
         if last_5xx is not None:
             return last_5xx  # the model server's own error (503 keeps its Retry-After)
         if timed_out:
@@ -179,6 +188,7 @@ class UpstreamStream:
         model: str,
         ep: Endpoint,
         resp: aiohttp.ClientResponse,
+        first: bytes,
         extra_headers: dict[str, str],
         disconnected: asyncio.Future[None],
         tracker: RequestTracker,
@@ -186,6 +196,7 @@ class UpstreamStream:
         self.model = model
         self.ep = ep
         self.resp = resp
+        self.first = first
         self.status_code = resp.status
         headers = _pass_headers(resp)
         headers.update(extra_headers)
@@ -201,6 +212,8 @@ class UpstreamStream:
                 CLIENT_DISCONNECTS.labels(self.model).inc()
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
+            else:
+                pump.result()  # re-raise anything unexpected (after headers: uvicorn drops it)
         finally:
             pump.cancel()
             self.disconnected.cancel()
@@ -210,7 +223,11 @@ class UpstreamStream:
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        tail = bytearray()
+        tail = bytearray(self.first)
+        try:
+            await send({"type": "http.response.body", "body": self.first, "more_body": True})
+        except OSError:
+            return
         try:
             async for chunk in self.resp.content.iter_any():
                 try:
@@ -237,4 +254,3 @@ async def _send_quietly(send: Send, body: bytes, more_body: bool = True) -> None
         await send({"type": "http.response.body", "body": body, "more_body": more_body})
     except OSError:
         pass
-

@@ -82,8 +82,12 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return APIError(404, f"Unknown path {request.url.path}.", code="not_found").to_response()
     if exc.status_code == 405:
-        return APIError(405, f"Method {request.method} is not allowed here.", type="invalid_request_error",
-                        code="method_not_allowed").to_response()
+        return APIError(
+            405,
+            f"Method {request.method} is not allowed here.",
+            type="invalid_request_error",
+            code="method_not_allowed",
+        ).to_response()
     return APIError(exc.status_code, str(exc.detail)).to_response()
 
 
@@ -118,7 +122,11 @@ def create_server_app(server: ModelServerConfig, models: list[ModelConfig]) -> S
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={APIError: handle_api_error, HTTPException: handle_http_error, Exception: handle_unexpected},
+        exception_handlers={
+            APIError: handle_api_error,
+            HTTPException: handle_http_error,
+            Exception: handle_unexpected,
+        },
     )
     app.state.registry = registry
     register_engine_collector(registry)

@@ -46,7 +46,9 @@ async def embeddings(request: Request) -> Response:
     try:
         vectors = await batcher.embed(inputs)
     except InputTooLong as exc:
-        raise APIError(400, f"{exc}. Shorten the input.", param="input", code="context_length_exceeded") from None
+        raise APIError(
+            400, f"{exc}. Shorten the input.", param="input", code="context_length_exceeded"
+        ) from None
     metrics.EMBEDDING_INPUTS.labels(hosted.config.name).inc(len(inputs))
     array = vectors.numpy().astype(np.float32)
     data = []

@@ -43,8 +43,12 @@ class EmbeddingModel:
         self.tokenizer.no_padding()
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
         self.dimensions = int(self.model.config.hidden_size)
-        self.max_tokens = min(cfg.max_model_len, _max_seq_length(path), self.model.config.max_position_embeddings)
-        self.normalize = (path / "modules.json").exists() and "Normalize" in (path / "modules.json").read_text()
+        self.max_tokens = min(
+            cfg.max_model_len, _max_seq_length(path), self.model.config.max_position_embeddings
+        )
+        self.normalize = (path / "modules.json").exists() and "Normalize" in (
+            path / "modules.json"
+        ).read_text()
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self.cls_id = self.tokenizer.token_to_id("[CLS]")
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
@@ -144,7 +148,9 @@ class EmbeddingBatcher:
         start = 0
         while start < len(order):
             end, budget = start, 0
-            while end < len(order) and (end == start or budget + len(flat[order[end]]) <= self.max_batch_tokens):
+            while end < len(order) and (
+                end == start or budget + len(flat[order[end]]) <= self.max_batch_tokens
+            ):
                 budget += len(flat[order[end]])
                 end += 1
             idx = order[start:end]

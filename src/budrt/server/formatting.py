@@ -50,7 +50,8 @@ def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
 
     return {
         "content": [
-            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, p) for _, t, p in lp.top]} for lp in items
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, p) for _, t, p in lp.top]}
+            for lp in items
         ]
     }
 
@@ -76,14 +77,25 @@ class ChatFormat:
         self.want_logprobs = want_logprobs
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
 
     def first_chunks(self, n: int) -> list[dict[str, Any]]:
         return [
             {
                 **self._head("chat.completion.chunk"),
                 "choices": [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
                 ],
             }
             for i in range(n)
@@ -94,14 +106,24 @@ class ChatFormat:
             return None
         delta = {"content": out.text} if out.text else {}
         logprobs = _chat_logprobs(out.logprobs) if self.want_logprobs and out.logprobs else None
-        finish = None if out.finish_reason is None else ("stop" if out.finish_reason == "abort" else out.finish_reason)
+        finish = (
+            None
+            if out.finish_reason is None
+            else ("stop" if out.finish_reason == "abort" else out.finish_reason)
+        )
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return {
+            **self._head("chat.completion.chunk"),
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
 
-    def response(self, choices: list[ChoiceResult], prompt_tokens: int, _prompts: list[str]) -> dict[str, Any]:
+    def response(
+        self, choices: list[ChoiceResult], prompt_tokens: int, _prompts: list[str]
+    ) -> dict[str, Any]:
         return {
             **self._head(self.object_name),
             "choices": [
@@ -120,14 +142,21 @@ class ChatFormat:
 class CompletionFormat:
     object_name = "text_completion"
 
-    def __init__(self, request_id: str, model: str, want_logprobs: bool, echo_texts: list[str] | None) -> None:
+    def __init__(
+        self, request_id: str, model: str, want_logprobs: bool, echo_texts: list[str] | None
+    ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.want_logprobs = want_logprobs
         self.echo_texts = echo_texts  # per choice, the prompt text to prepend
 
     def _head(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
 
     def first_chunks(self, n: int) -> list[dict[str, Any]]:
         if not self.echo_texts:
@@ -141,19 +170,36 @@ class CompletionFormat:
         if not out.text and out.finish_reason is None:
             return None
         logprobs = _completion_logprobs(out.logprobs, 0) if self.want_logprobs and out.logprobs else None
-        finish = None if out.finish_reason is None else ("stop" if out.finish_reason == "abort" else out.finish_reason)
-        return {**self._head(), "choices": [{"index": index, "text": out.text, "logprobs": logprobs,
-                                              "finish_reason": finish}]}
+        finish = (
+            None
+            if out.finish_reason is None
+            else ("stop" if out.finish_reason == "abort" else out.finish_reason)
+        )
+        return {
+            **self._head(),
+            "choices": [{"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}],
+        }
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._head(), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def response(self, choices: list[ChoiceResult], prompt_tokens: int, _prompts: list[str]) -> dict[str, Any]:
+    def response(
+        self, choices: list[ChoiceResult], prompt_tokens: int, _prompts: list[str]
+    ) -> dict[str, Any]:
         out = []
         for i, c in enumerate(choices):
             prefix = self.echo_texts[i] if self.echo_texts else ""
             logprobs = _completion_logprobs(c.logprobs, len(prefix)) if self.want_logprobs else None
-            out.append({"index": i, "text": prefix + "".join(c.text), "logprobs": logprobs,
-                        "finish_reason": c.finish_reason})
-        return {**self._head(), "choices": out,
-                "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
+            out.append(
+                {
+                    "index": i,
+                    "text": prefix + "".join(c.text),
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            **self._head(),
+            "choices": out,
+            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+        }

@@ -14,7 +14,9 @@ from budrt.protocol.schemas import SamplingFields
 _DONE = object()
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int, default: int | None) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_tokens: int, max_model_len: int, default: int | None
+) -> int:
     """The output budget, or a 400 when prompt + requested output cannot fit the context."""
     room = max_model_len - prompt_tokens
     if room <= 0:
@@ -26,7 +28,9 @@ def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len:
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingParams:
     bias: dict[int, float] | None = None
     if req.logit_bias:
         bias = {int(k): float(v) for k, v in req.logit_bias.items()}

@@ -40,7 +40,9 @@ def run_model_server(settings: Settings, name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m budrt.server")
-    parser.add_argument("--runtime", type=Path, required=True, help="resolved settings JSON from the supervisor")
+    parser.add_argument(
+        "--runtime", type=Path, required=True, help="resolved settings JSON from the supervisor"
+    )
     parser.add_argument("--name", required=True, help="which model server of the settings to run")
     args = parser.parse_args()
     run_model_server(load_runtime(args.runtime), args.name)

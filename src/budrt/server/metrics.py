@@ -14,12 +14,21 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
-REQUESTS = Counter("budrt:request_success_total", "Finished requests by finish reason", ["model_name", "finished_reason"])
+REQUESTS = Counter(
+    "budrt:request_success_total", "Finished requests by finish reason", ["model_name", "finished_reason"]
+)
 REQUEST_ERRORS = Counter("budrt:request_errors_total", "Requests refused or failed", ["model_name", "status"])
 PROMPT_TOKENS = Counter("budrt:prompt_tokens_total", "Prompt tokens processed", ["model_name"])
 GENERATION_TOKENS = Counter("budrt:generation_tokens_total", "Tokens generated", ["model_name"])
-TTFT = Histogram("budrt:time_to_first_token_seconds", "Time to first token", ["model_name"], buckets=_LATENCY_BUCKETS)
-E2E = Histogram("budrt:e2e_request_latency_seconds", "End-to-end request latency", ["model_name"], buckets=_LATENCY_BUCKETS)
+TTFT = Histogram(
+    "budrt:time_to_first_token_seconds", "Time to first token", ["model_name"], buckets=_LATENCY_BUCKETS
+)
+E2E = Histogram(
+    "budrt:e2e_request_latency_seconds",
+    "End-to-end request latency",
+    ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)
 EMBEDDING_INPUTS = Counter("budrt:embedding_inputs_total", "Texts embedded", ["model_name"])
 
 
@@ -30,9 +39,15 @@ class EngineStatsCollector(Collector):
         self.registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        running = GaugeMetricFamily("budrt:num_requests_running", "Requests in the running batch", labels=["model_name"])
-        waiting = GaugeMetricFamily("budrt:num_requests_waiting", "Requests waiting to run", labels=["model_name"])
-        kv = GaugeMetricFamily("budrt:kv_cache_usage_perc", "Fraction of KV cache in use", labels=["model_name"])
+        running = GaugeMetricFamily(
+            "budrt:num_requests_running", "Requests in the running batch", labels=["model_name"]
+        )
+        waiting = GaugeMetricFamily(
+            "budrt:num_requests_waiting", "Requests waiting to run", labels=["model_name"]
+        )
+        kv = GaugeMetricFamily(
+            "budrt:kv_cache_usage_perc", "Fraction of KV cache in use", labels=["model_name"]
+        )
         ready = GaugeMetricFamily("budrt:model_ready", "1 when the model can serve", labels=["model_name"])
         for name, hosted in self.registry.models.items():
             ready.add_metric([name], 1.0 if hosted.state == "ready" else 0.0)

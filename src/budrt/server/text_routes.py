@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from budrt.engine.interface import Engine, EngineOverloaded, GenerationOutput, SamplingParams
+from budrt.engine.interface import Engine, EngineDead, EngineOverloaded, GenerationOutput, SamplingParams
 from budrt.protocol.errors import (
     APIError,
     from_validation_error,
@@ -53,8 +53,12 @@ def serving_model(request: Request, name: str, task: str) -> HostedModel:
     if hosted.state == "loading":
         raise overloaded(f"The model `{name}` is loading; retry shortly.", retry_after=2)
     if hosted.state == "failed":
-        raise APIError(503, f"The model `{name}` failed to load.", code="model_unavailable",
-                       headers={"Retry-After": "10"})
+        raise APIError(
+            503,
+            f"The model `{name}` failed to load.",
+            code="model_unavailable",
+            headers={"Retry-After": "10"},
+        )
     return hosted
 
 
@@ -64,21 +68,28 @@ async def chat_completions(request: Request) -> Response:
     engine = hosted.engine
     assert engine is not None
     try:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+        ]
     except ValueError as exc:
         raise invalid_request(str(exc), param="messages") from None
     try:
         prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as exc:  # template errors (e.g. roles out of order) are the client's to fix
-        raise invalid_request(f"The messages cannot be formatted for this model: {exc}", param="messages") from None
+        raise invalid_request(
+            f"The messages cannot be formatted for this model: {exc}", param="messages"
+        ) from None
     prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    max_tokens = resolve_max_tokens(req.output_limit(), len(prompt_ids), engine.max_model_len,
-                                    hosted.config.default_max_tokens)
+    max_tokens = resolve_max_tokens(
+        req.output_limit(), len(prompt_ids), engine.max_model_len, hosted.config.default_max_tokens
+    )
     top = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [(prompt_ids, sampling_params(req, max_tokens, top, i)) for i in range(req.n)]
     fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", req.model, req.logprobs)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return await respond(request, engine, hosted.config.name, fmt, jobs, len(prompt_ids), req.stream, include_usage)
+    return await respond(
+        request, engine, hosted.config.name, fmt, jobs, len(prompt_ids), req.stream, include_usage
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -106,10 +117,13 @@ async def completions(request: Request) -> Response:
         for _ in range(req.n):
             jobs.append((ids, sampling_params(req, max_tokens, req.logprobs, len(jobs))))
             echo_texts.append(text)
-    fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", req.model, req.logprobs is not None,
-                           echo_texts if req.echo else None)
+    fmt = CompletionFormat(
+        f"cmpl-{uuid.uuid4().hex}", req.model, req.logprobs is not None, echo_texts if req.echo else None
+    )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return await respond(request, engine, hosted.config.name, fmt, jobs, prompt_tokens, req.stream, include_usage)
+    return await respond(
+        request, engine, hosted.config.name, fmt, jobs, prompt_tokens, req.stream, include_usage
+    )
 
 
 async def respond(
@@ -132,6 +146,17 @@ async def respond(
         except EngineOverloaded:
             metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
             raise overloaded(retry_after=1) from None
+        except EngineDead:
+            metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
+            raise APIError(
+                503,
+                "The engine is restarting; retry shortly.",
+                code="engine_unavailable",
+                headers={"Retry-After": "2"},
+            ) from None
+        except ValueError as exc:  # the engine refused the request itself (e.g. bad token ids)
+            metrics.REQUEST_ERRORS.labels(model_name, "400").inc()
+            raise invalid_request(str(exc)) from None
         metrics.TTFT.labels(model_name).observe(time.perf_counter() - started)
     index_of = [i for i, _ in live]
 
@@ -207,7 +232,9 @@ async def _sse_stream(
         finish()
         yield SSE_DONE
     except Exception as exc:  # mid-stream failure: tell the client in-band, then end the stream
-        error = exc if isinstance(exc, APIError) else APIError(500, "Generation failed.", code="internal_error")
+        error = (
+            exc if isinstance(exc, APIError) else APIError(500, "Generation failed.", code="internal_error")
+        )
         yield sse(error.body())
         yield SSE_DONE
     finally:

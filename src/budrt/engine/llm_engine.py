@@ -1,0 +1,270 @@
+"""The asyncio-facing `Engine`: a background thread runs the step loop, requests stream back.
+
+The step loop runs in its own thread so the model's forward (which releases the GIL inside torch)
+never blocks the HTTP server's event loop. Requests cross into the thread through an inbox; outputs
+cross back through `loop.call_soon_threadsafe` into one asyncio.Queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+import torch
+
+from budrt.engine.interface import (
+    Engine,
+    EngineDead,
+    EngineOverloaded,
+    GenerationOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from budrt.engine.kv_cache import KVCache
+from budrt.engine.llama import LlamaForCausalLM
+from budrt.engine.runner import ModelRunner
+from budrt.engine.sampler import Sampler
+from budrt.engine.scheduler import Scheduler
+from budrt.engine.sequence import Sequence, Sink, make_sequence
+from budrt.engine.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine(Engine):
+    def __init__(
+        self,
+        model_name: str,
+        model: LlamaForCausalLM,
+        tokenizer: TextTokenizer,
+        *,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_waiting: int,
+        max_prefill_tokens: int = 2048,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.max_waiting = max_waiting
+        self.dtype = dtype
+        args = model.args
+        self.vocab_size = args.vocab_size
+        cache = KVCache(args.num_layers, max_num_seqs, args.num_kv_heads, max_model_len, args.head_dim, dtype)
+        self.runner = ModelRunner(model, cache)
+        self.scheduler = Scheduler(cache, max_prefill_tokens)
+        self.sampler = Sampler(tokenizer)
+        self.max_num_seqs = max_num_seqs
+
+        # Shared with the event loop, guarded by _lock: the inbox and the id -> sequence map.
+        self._lock = threading.Lock()
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._requests: dict[str, Sequence] = {}
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.requests_finished_total = 0
+
+    # --- Engine API (event-loop side) ---
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort everything in flight (their streams end with finish_reason "abort") and join."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationOutput]:
+        # Checked here, not in the generator body, so callers get the error from the call itself.
+        self._check_accepting()
+        return self._stream(request_id, list(prompt_token_ids), params)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> dict[str, float]:
+        running = len(self.scheduler.running)
+        return {
+            "running": running,
+            "waiting": self.num_waiting,
+            "kv_usage": running / self.max_num_seqs,  # slots are what admission waits for
+            "kv_token_usage": self.scheduler.kv_token_usage(),
+            "max_num_seqs": self.max_num_seqs,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "requests_finished_total": self.requests_finished_total,
+        }
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    def _check_accepting(self) -> None:
+        if self._dead is not None:
+            raise EngineDead(f"engine step loop died: {self._dead!r}")
+        if self._stopping or self._thread is None:
+            raise EngineDead("engine is not running")
+        if self.num_waiting >= self.max_waiting:
+            raise EngineOverloaded(f"{self.num_waiting} requests waiting (max_waiting={self.max_waiting})")
+
+    async def _stream(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: GenerationOutput | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        seq = self._submit(request_id, prompt_token_ids, params, sink)
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.finish_reason is not None:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:  # the consumer left early (client disconnected): free the slot
+                self.abort(seq.request_id)
+
+    def _submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink
+    ) -> Sequence:
+        self._check_accepting()
+        seq = make_sequence(
+            request_id, prompt_token_ids, params, self.tokenizer, self.max_model_len, self.vocab_size, sink
+        )
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._requests[request_id] = seq
+            self._inbox.append(seq)
+        self._wakeup.set()
+        return seq
+
+    # --- the step loop (engine thread) ---
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception as exc:  # keep serving: fail what was in this step, not the engine
+                    log.exception("engine step failed")
+                    for seq in list(self.scheduler.running):
+                        self._fail(seq, exc)
+            self._drain_inbox()
+            self._abort_all()
+        except BaseException as exc:
+            self._dead = exc
+            log.exception("engine step loop died")
+            self._fail_all(EngineDead(f"engine step loop died: {exc!r}"))
+            raise
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for seq in new:
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            seq = self._requests.get(request_id)
+            if seq is not None and not seq.is_finished:
+                self._finish(seq, seq.abort_output())
+
+    def step(self) -> None:
+        """One iteration: prefill newly admitted sequences, then decode all others by one token."""
+        admitted = self.scheduler.admit()
+        decode = self.scheduler.decode_batch(exclude=admitted)
+        seqs: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        for seq in admitted:
+            try:
+                logits.append(self.runner.prefill(seq))
+                seqs.append(seq)
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            except Exception as exc:  # e.g. out of memory on a huge prompt: only this request fails
+                log.exception("prefill of %s failed", seq.request_id)
+                self._fail(seq, exc)
+        if decode:
+            logits.append(self.runner.decode(decode))
+            seqs.extend(decode)
+        if not seqs:
+            return
+        result = self.sampler(torch.cat(logits), seqs)
+        self.generation_tokens_total += len(seqs)
+        for seq, token_id, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            self._emit(seq, token_id, logprob)
+
+    def _emit(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        try:
+            output = seq.append_token(token_id, logprob)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        if output.finish_reason is not None:
+            self._finish(seq, output)
+        else:
+            seq.sink(output)
+
+    def _finish(self, seq: Sequence, output: GenerationOutput) -> None:
+        self.scheduler.finish(seq)
+        with self._lock:
+            self._requests.pop(seq.request_id, None)
+        self.requests_finished_total += 1
+        seq.sink(output)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.scheduler.finish(seq)
+        with self._lock:
+            self._requests.pop(seq.request_id, None)
+        error = exc if isinstance(exc, EngineDead) else RuntimeError(f"generation failed: {exc!r}")
+        seq.sink(error)
+
+    def _abort_all(self) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._finish(seq, seq.abort_output())
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            pending = list(self._requests.values())
+        for seq in pending:
+            if not seq.is_finished:
+                self._fail(seq, exc)

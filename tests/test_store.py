@@ -1,0 +1,78 @@
+"""Schema migrations on a fresh SQLite database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import inspect, text
+
+from budrt.store.db import make_engine, migrate
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sub' / 'budrt.db'}"
+
+
+def test_migrate_creates_tables(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        insp = inspect(engine)
+        assert {"api_keys", "alembic_version"} <= set(insp.get_table_names())
+        columns = {c["name"] for c in insp.get_columns("api_keys")}
+        assert columns == {
+            "id",
+            "name",
+            "prefix",
+            "key_hash",
+            "role",
+            "models",
+            "rpm",
+            "tpm",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+        }
+        unique = [i for i in insp.get_indexes("api_keys") if i["unique"]]
+        assert [i["column_names"] for i in unique] == [["key_hash"]]
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_migrate_is_idempotent(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    migrate(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (name, prefix, key_hash, role, created_at) "
+                "VALUES ('k', 'p', 'h', 'user', '2024-01-01 00:00:00')"
+            )
+        )
+    migrate(url)
+    migrate(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM api_keys")).scalar() == 1
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+    engine.dispose()
+
+
+def test_concurrent_migrations(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    code = f"from budrt.store.db import migrate; migrate({url!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+    engine.dispose()
