@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,8 +103,28 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             pytest.fail(f"budrt serve not ready in 240 s:\n{p.log_tail()}")
         time.sleep(0.5)
     yield p
-    # Clean shutdown: SIGTERM, everything gone within 15 s, no orphans.
+    # Clean shutdown: SIGTERM, a request in flight still finishes, everything gone within 15 s,
+    # no orphans.
     children = [c["pid"] for c in p.status().get("processes", []) if c.get("pid")]
+    in_flight: dict[str, object] = {}
+
+    def request_during_shutdown() -> None:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "max_tokens": 48,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        }
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        try:
+            r = httpx.post(f"{p.base_url}/chat/completions", json=body, headers=headers, timeout=30)
+            in_flight["status"], in_flight["body"] = r.status_code, r.json()
+        except Exception as exc:  # recorded, asserted below
+            in_flight["error"] = repr(exc)
+
+    worker = threading.Thread(target=request_during_shutdown)
+    worker.start()
+    time.sleep(0.5)  # the request is being generated now
     started = time.time()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -113,6 +134,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         pytest.fail(f"budrt serve did not exit within 15 s of SIGTERM:\n{p.log_tail()}")
     elapsed = time.time() - started
     log.close()
+    worker.join(timeout=5)
+    assert in_flight.get("status") == 200, in_flight
+    assert in_flight["body"]["usage"]["completion_tokens"] == 48
     orphans = [pid for pid in children if _alive(pid)]
     assert not orphans, f"orphan processes after shutdown: {orphans}"
     assert proc.returncode == 0, p.log_tail()

@@ -79,7 +79,7 @@ def migrate(url: str, attempts: int = 5) -> None:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
                 cfg = alembic_config(url)
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                command.upgrade(cfg, "heads")  # independent branches may add tables side by side
             return
         except (OperationalError, ProgrammingError) as exc:
             # A concurrent migrator can still win a race on a brand-new database (for example
