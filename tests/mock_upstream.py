@@ -2,7 +2,8 @@
 
 Per-request behaviour is chosen by an extra body field `"mock"` (the gateway forwards bodies
 unchanged): "hang", "bad_request"; streams take `"mock_chunks"` and `"mock_delay"`.
-Per-instance behaviour is `MockUpstream.mode`: "ok", "500", "503".
+Per-instance behaviour is `MockUpstream.mode`: "ok", "500", "503", "hang" (set over HTTP with
+`POST /_mode/<mode>`). `python -m tests.mock_upstream --port N --name X` runs one as a process.
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ class MockUpstream:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/health/ready", self.health),
                 Route("/_stats", self.stats),
+                Route("/_mode/{mode}", self.set_mode, methods=["POST"]),
             ]
         )
+
+    async def set_mode(self, request: Request) -> Response:
+        self.mode = request.path_params["mode"]
+        return Response(b"{}", media_type="application/json")
 
     async def health(self, request: Request) -> Response:
         return Response(b"{}", status_code=200 if self.ready else 503, media_type="application/json")
@@ -85,7 +91,7 @@ class MockUpstream:
             await send({"type": "http.response.start", "status": int(self.mode), "headers": headers})
             await send({"type": "http.response.body", "body": b'{"error":{"message":"mock failure"}}'})
             return
-        if body.get("mock") == "hang":
+        if body.get("mock") == "hang" or self.mode == "hang":
             await asyncio.sleep(3600)
         if body.get("mock") == "bad_request":
             await send(
@@ -205,3 +211,16 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=5)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="mock")
+    parser.add_argument("--mode", default="ok")
+    args = parser.parse_args()
+    upstream = MockUpstream(args.name)
+    upstream.mode = args.mode
+    uvicorn.run(upstream.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from budrt.cli_identity import roles_app, teams_app, users_app
+from budrt.cli_models import models_app
 from budrt.config import Settings, load_settings
 
 app = typer.Typer(help="budrt: a self-hosted OpenAI-compatible serving platform.", no_args_is_help=True)
@@ -17,6 +19,10 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(users_app, name="users")
+app.add_typer(teams_app, name="teams")
+app.add_typer(roles_app, name="roles")
+app.add_typer(models_app, name="models")
 
 Home = Annotated[Path | None, typer.Option("--home", help="Data directory (same as BUDRT_HOME).")]
 ConfigFile = Annotated[
@@ -89,9 +95,16 @@ def status(
         from rich.table import Table
 
         table = Table(title=f"budrt at {settings.home} ({'running' if data['running'] else 'stopped'})")
-        for column in ("name", "kind", "pid", "port", "state", "restarts", "models"):
+        for column in ("name", "kind", "pid", "port", "state", "restarts", "models", "last error"):
             table.add_column(column)
         for p in data["processes"]:
+            resident = {r["name"]: r for r in p.get("resident") or []}
+            models = [
+                f"{m} ({resident[m]['state']}, {int(resident[m].get('memory_bytes') or 0) >> 20} MiB)"
+                if m in resident
+                else m
+                for m in p["models"]
+            ]
             table.add_row(
                 p["name"],
                 p["kind"],
@@ -99,7 +112,8 @@ def status(
                 str(p["port"]),
                 p["state"],
                 str(p["restarts"]),
-                ", ".join(p["models"]),
+                ", ".join(models),
+                p.get("health_error") or p.get("last_error") or "",
             )
         Console().print(table)
     raise typer.Exit(0 if data["running"] else 1)
@@ -112,20 +126,38 @@ def keys_create(
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Give the key the admin role.")] = False,
+    role: Annotated[str | None, typer.Option("--role", help="Role: developer (default), viewer...")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Owner; the key never exceeds them.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     home: Home = None,
     config: ConfigFile = None,
 ) -> None:
     """Create an API key; the key is shown once."""
+    from budrt.cli_identity import run
     from budrt.store.db import migrate
+    from budrt.store.identity import IdentityStore
     from budrt.store.keys import KeyStore
 
     settings = _settings(config, home)
     migrate(settings.database_url_resolved)
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    key, record = KeyStore.from_settings(settings).create(
-        name, role="admin" if admin else "user", models=model_list, rpm=rpm, tpm=tpm
+    store = KeyStore.from_settings(settings)
+    user_id = team_id = None
+    run(IdentityStore(store.engine).check_roles, [role or "user"])
+    if user is not None:
+        user_id, team_id, _ = run(IdentityStore(store.engine).user, user)
+    key, record = run(
+        lambda: store.create(
+            name,
+            role=role or ("admin" if admin else "user"),  # "user": the developer role
+            models=model_list,
+            rpm=rpm,
+            tpm=tpm,
+            user_id=user_id,
+            team_id=team_id,
+        )
     )
+    IdentityStore(store.engine).record("cli", "keys:create", f"key:{record.id}", {"role": record.role})
     if as_json:
         typer.echo(json.dumps({"key": key, **_record_json(record)}))
     else:
@@ -159,9 +191,11 @@ def keys_revoke(
     config: ConfigFile = None,
 ) -> None:
     """Revoke a key; every gateway refuses it within a second."""
+    from budrt.store.db import migrate
     from budrt.store.keys import KeyStore
 
     settings = _settings(config, home)
+    migrate(settings.database_url_resolved)  # the audit log may be newer than this database
     try:
         record = KeyStore.from_settings(settings).revoke(key_id)
     except ValueError as exc:
@@ -170,6 +204,9 @@ def keys_revoke(
     if record is None:
         typer.echo(f"error: no active key matches {key_id!r}", err=True)
         raise typer.Exit(1)
+    from budrt.store.identity import IdentityStore
+
+    IdentityStore(KeyStore.from_settings(settings).engine).record("cli", "keys:revoke", f"key:{record.id}")
     typer.echo(f"revoked key {record.id} ({record.prefix})")
 
 

@@ -36,7 +36,18 @@ class ModelConfig(_Section):
     max_num_seqs: int = 32  # sequences decoded together in one step
     max_waiting: int = 256  # queued requests beyond this get 503 + Retry-After
     max_batch_tokens: int = 2048  # embedding micro-batch size in tokens
+    # Text engine (see engine/scheduler.py, engine/block_manager.py).
+    kv_cache_bytes: int = 512 * 1024**2  # CPU KV-cache budget; CUDA: free memory x utilization
+    block_size: int = 16  # tokens per KV-cache block
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 512  # tokens per engine step: decodes + prefill chunks
+    # bf16 CPU: steps of at most this many tokens use weight-only int8 matmuls (faster for one or
+    # two streams, slightly different outputs); 0 = off.
+    int8_decode_rows: int = 0
     default_max_tokens: int | None = None  # chat: None = up to the context length
+    preload: bool = True  # load when the server starts (else on the first request)
+    pinned: bool = False  # never evicted to make room for another model
+    memory_bytes: int | None = None  # resident cost; None = estimated from the files and KV size
 
 
 class ModelServerConfig(_Section):
@@ -47,6 +58,13 @@ class ModelServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port at start
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    replicas: int = Field(1, ge=1)  # identical processes; the gateway balances and fails over
+    memory_budget_bytes: int | None = None  # CPU: None = 80% of physical memory
+    memory_utilization: float = Field(0.9, gt=0, le=1)  # CUDA: fraction of device memory to use
+    load_timeout_s: float = 120.0  # a request waiting longer for its model's load gets 503
+    watchdog_interval_s: float = 2.0
+    step_timeout_s: float = 30.0  # pending work and no engine progress this long = unhealthy
+    self_test_interval_s: float = 60.0  # one-token self-test per model; 0 = off
 
 
 class DeploymentConfig(_Section):
@@ -59,6 +77,26 @@ class DeploymentConfig(_Section):
     managed: bool = False  # True when budrt's own supervisor runs the endpoint
     task: ModelTask | None = None
     timeout_s: float = 600.0
+    # Load balancing over `endpoints` (see budrt.gateway.balancer).
+    strategy: Literal["least_outstanding", "p2c", "weighted_rr", "affinity"] = "least_outstanding"
+    weights: list[float] = Field(default_factory=list)  # weighted_rr: one per endpoint, default 1
+    affinity_key: Literal["prefix", "user"] = "prefix"  # affinity: hash the prompt prefix or `user`
+    fallbacks: list[str] = Field(default_factory=list)  # models tried in order when this one fails
+
+
+class RateLimitConfig(_Section):
+    fail_mode: Literal["open", "closed"] = "open"  # Redis unreachable: local limiter, or refuse (503)
+    key_rps: int | None = None  # requests per second per key, on top of the key's own rpm/tpm
+    key_concurrency: int | None = None  # requests in flight per key
+    default_max_tokens: int = 256  # reserved for tpm when a request sets no max_tokens
+
+
+class CacheConfig(_Section):
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"  # redis needs gateway.redis_url
+    ttl_s: float = 300.0
+    max_entries: int = 10_000  # memory backend: LRU bound
+    max_entry_bytes: int = 1 << 20  # larger responses are not cached
 
 
 class GatewayConfig(_Section):
@@ -68,6 +106,48 @@ class GatewayConfig(_Section):
     connect_timeout_s: float = 5.0
     retries: int = 2  # extra attempts on another replica when nothing was sent yet
     health_interval_s: float = 2.0
+    redis_url: str | None = None  # shared rate limits (and cache) across gateway processes
+    retry_backoff_s: float = 0.02  # before a retry on another replica; doubles per attempt
+    request_deadline_s: float = 600.0  # all attempts of one request, until its first byte
+    breaker_failures: int = 3  # consecutive failures that eject a replica
+    breaker_cooldown_s: float = 5.0  # ejected this long before one half-open probe
+    ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+
+class JWTConfig(_Section):
+    """Bearer JWTs: HS256 with `secret`, RS256/ES256 with keys from an OIDC provider's JWKS."""
+
+    secret: SecretStr | None = None  # HS256 shared secret; None = HS256 tokens refused
+    jwks_url: str | None = None  # e.g. https://idp.example/.well-known/jwks.json
+    issuer: str | None = None  # required `iss` when set
+    audience: str | None = None  # required `aud` when set
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    leeway_s: float = 0.0  # clock skew allowed on exp/nbf
+    user_claim: str = "sub"  # dotted paths reach nested claims, e.g. "realm_access.roles"
+    team_claim: str | None = "team"
+    roles_claim: str = "roles"
+    default_roles: list[str] = Field(default_factory=list)  # for tokens that carry no roles
+    jwks_cache_s: float = 300.0  # keys are refetched this often
+    jwks_min_refresh_s: float = 10.0  # an unknown `kid` refetches at most this often
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret is not None or self.jwks_url is not None
+
+
+class AuthConfig(_Section):
+    cache_ttl_s: float = 1.0  # how long an authenticated key is trusted; also the revocation delay
+    jwt: JWTConfig = Field(default_factory=JWTConfig)
+
+
+class MeteringConfig(_Section):
+    """Usage records: queued in memory, written in batches by a background task."""
+
+    enabled: bool = True
+    flush_interval_s: float = 1.0
+    batch_size: int = 500  # a full batch is written without waiting for the interval
+    max_queue: int = 100_000  # beyond this, records are dropped (and counted)
 
 
 class SupervisorConfig(_Section):
@@ -76,6 +156,10 @@ class SupervisorConfig(_Section):
     max_restarts_per_hour: int = 30
     shutdown_grace_s: float = 10.0
     ready_timeout_s: float = 300.0
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 2.0
+    probe_failures_before_kill: int = 5  # no answer this many times in a row = hung (e.g. SIGSTOP)
+    unhealthy_before_restart: int = 3  # answers "unhealthy" this many times in a row = restart
 
 
 def _package_default_models() -> list[ModelConfig]:
@@ -119,10 +203,15 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None  # HMAC key for API-key hashes; default: $home/secret.key
     admin_key: SecretStr | None = None  # becomes the admin key on first start
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     models: list[ModelConfig] = Field(default_factory=_package_default_models)
     model_servers: list[ModelServerConfig] = Field(default_factory=_default_servers)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
+    repository_url: str | None = None  # model repository; default: file://$home/repository
+    artifact_cache_dir: Path | None = None  # default: $home/artifacts
+    artifact_cache_max_bytes: int = 20 * 1024**3
 
     @classmethod
     def settings_customise_sources(
@@ -226,5 +315,8 @@ def _restore_secrets(base: Settings, data: dict[str, Any]) -> None:
     for name in ("secret_key", "admin_key"):
         value = getattr(base, name)
         data[name] = value.get_secret_value() if value is not None else None
+    jwt = data.get("auth", {}).get("jwt", {})
+    if isinstance(jwt.get("secret"), str | SecretStr) and base.auth.jwt.secret is not None:
+        jwt["secret"] = base.auth.jwt.secret.get_secret_value()  # (a nested override keeps its own)
     for i, dep in enumerate(base.deployments):
         data["deployments"][i]["api_key"] = dep.api_key.get_secret_value() if dep.api_key else None

@@ -20,6 +20,11 @@ def test_status_lists_every_process(platform: Platform) -> None:
         assert p["pid"] > 0 and p["port"] > 0 and p["state"] == "ready"
     served = {m for p in status["processes"] if p["kind"] == "model-server" for m in p["models"]}
     assert served == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    for p in status["processes"]:
+        if p["kind"] == "model-server":  # resident models with their memory, no health error
+            assert [(r["name"], r["state"]) for r in p["resident"]] == [(p["models"][0], "ready")]
+            assert p["resident"][0]["memory_bytes"] > 10 << 20
+            assert p["health_error"] is None
 
 
 def test_killed_model_server_is_back_within_30s(platform: Platform, client: openai.OpenAI) -> None:

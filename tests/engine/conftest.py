@@ -48,3 +48,15 @@ def engine() -> Iterator[LLMEngine]:
 def hf_tokenizer(gguf_path: Path):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path: Path):  # type: ignore[no-untyped-def]
+    """transformers' Llama on the same GGUF (fp32): the reference for greedy outputs; loaded once."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF models")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()

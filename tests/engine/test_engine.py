@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,14 +47,9 @@ async def wait_idle(engine: LLMEngine) -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(engine: LLMEngine, gguf_path: Path) -> list[list[int]]:
+def hf_greedy(engine: LLMEngine, hf_model) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """transformers' own greedy continuations (24 tokens) of PROMPTS, from the same GGUF."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF models")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    ).eval()
+    model = hf_model
     results = []
     for prompt in PROMPTS:
         ids = torch.tensor([chat_ids(engine, prompt)])
@@ -240,13 +234,13 @@ def test_overloaded_when_waiting_queue_is_full(engine: LLMEngine) -> None:
 def test_step_failure_fails_requests_but_engine_survives(
     engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_decode = engine.runner.decode
+    real_run = engine.runner.run
 
-    def broken(seqs):  # type: ignore[no-untyped-def]
-        monkeypatch.setattr(engine.runner, "decode", real_decode)
+    def broken(batch):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(engine.runner, "run", real_run)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(engine.runner, "decode", broken)
+    monkeypatch.setattr(engine.runner, "run", broken)
     ids = chat_ids(engine, "Hello!")
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(collect(engine, "fails", ids, SamplingParams(max_tokens=8)))

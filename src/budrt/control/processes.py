@@ -50,6 +50,10 @@ class ManagedProcess:
     next_start_at: float | None = None
     backoff_s: float = 0.0
     restart_times: deque[float] = field(default_factory=deque)
+    unhealthy_count: int = 0
+    health_error: str | None = None  # the server's own watchdog verdict, last seen
+    resident: list[dict[str, object]] = field(default_factory=list)  # from its readiness answer
+    held: list[str] = field(default_factory=list)  # models to preload when it is restarted
 
     @property
     def pid(self) -> int | None:
@@ -63,19 +67,37 @@ class ManagedProcess:
     def start(self, env: dict[str, str]) -> None:
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
         # stops the children in order (gateway first, so in-flight requests can finish).
-        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        argv = [*self.argv, "--preload", ",".join(self.held)] if self.held else self.argv
+        self.proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.state, self.started_at, self.ready_since = "starting", time.time(), None
-        self.probe_failures, self.next_start_at = 0, None
+        self.probe_failures, self.unhealthy_count, self.next_start_at = 0, 0, None
+        self.resident = []
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
     def probe(self, client: httpx.Client) -> bool | None:
-        """GET /health/ready: True = ready, False = answering but not ready, None = no answer."""
+        """GET /health/ready: True = ready, False = answering but not ready, None = no answer.
+
+        A model server's answer also says whether its watchdog finds it healthy and which
+        models it holds; both are kept for `budrt status` and for a restart.
+        """
         try:
             response = client.get(f"{self.base_url}/health/ready")
         except httpx.HTTPError:
             return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and self.kind == "model-server":
+            healthy = body.get("healthy", True) is not False
+            self.health_error = body.get("error") or (None if healthy else "unhealthy")
+            self.unhealthy_count = 0 if healthy else self.unhealthy_count + 1
+            self.resident = [r for r in body.get("resident", []) if isinstance(r, dict)]
+            held = [str(r["name"]) for r in self.resident if r.get("state") == "ready"]
+            if held or not self.held:
+                self.held = held
         return response.status_code == 200
 
     def signal(self, signum: int) -> None:
@@ -96,4 +118,6 @@ class ManagedProcess:
             "models": self.models,
             "started_at": round(self.started_at, 3) if self.started_at else None,
             "last_error": self.last_error,
+            "health_error": self.health_error,
+            "resident": self.resident,
         }

@@ -51,6 +51,10 @@ def _probe(client: httpx.Client, process: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         body = None
     result: dict[str, Any] = {"ready": response.status_code == 200}
-    if isinstance(body, dict) and "models" in body:
-        result["models"] = body["models"]
+    if isinstance(body, dict):
+        for key in ("models", "healthy", "error", "resident"):
+            if key in body:
+                result[key] = body[key]
+        if "resident" in body:  # fresher than what the supervisor last published
+            process["resident"] = body["resident"]
     return result

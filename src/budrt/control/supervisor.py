@@ -18,12 +18,10 @@ from pathlib import Path
 import httpx
 import orjson
 
-from budrt.config import DeploymentConfig, Settings, runtime_dump
+from budrt.config import DeploymentConfig, ModelServerConfig, Settings, runtime_dump
 from budrt.control.processes import ManagedProcess, free_port
 
 log = logging.getLogger(__name__)
-PROBE_INTERVAL_S = 1.0
-PROBE_FAILURES_BEFORE_KILL = 5  # ~5-10 s without an answer = hung (e.g. SIGSTOP)
 STABLE_AFTER_S = 60.0  # ready this long resets the backoff
 
 
@@ -41,25 +39,36 @@ class Supervisor:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
     def plan(self) -> Settings:
-        """Fix ports, add a deployment per served model, and write the runtime file."""
+        """Fix ports, add one deployment per served model, and write the runtime file.
+
+        A model served by several processes (replicas, or several servers listing it) gets one
+        deployment with an endpoint per process: the gateway balances and fails over among them.
+        """
         servers = []
+        replicas: list[tuple[ModelServerConfig, str, int]] = []  # (server, process name, port)
         for server in self.settings.model_servers:
-            port = server.port or free_port(server.host)
-            servers.append(server.model_copy(update={"port": port}))
-        managed = []
-        for server in servers:
+            ports = [
+                server.port + i if server.port else free_port(server.host) for i in range(server.replicas)
+            ]
+            servers.append(server.model_copy(update={"port": ports[0]}))
+            for i, port in enumerate(ports):
+                name = server.name if server.replicas == 1 else f"{server.name}-{i}"
+                replicas.append((server, name, port))
+        endpoints: dict[str, list[str]] = {}
+        for server, _, port in replicas:
             host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
-            for name in server.models:
-                model = self.settings.model(name)
-                managed.append(
-                    DeploymentConfig(
-                        model=name,
-                        endpoints=[f"http://{host}:{server.port}/v1"],
-                        aliases=model.aliases,
-                        managed=True,
-                        task=model.task,
-                    )
-                )
+            for model in server.models:
+                endpoints.setdefault(model, []).append(f"http://{host}:{port}/v1")
+        managed = [
+            DeploymentConfig(
+                model=name,
+                endpoints=urls,
+                aliases=self.settings.model(name).aliases,
+                managed=True,
+                task=self.settings.model(name).task,
+            )
+            for name, urls in endpoints.items()
+        ]
         resolved = self.settings.model_copy(
             update={"model_servers": servers, "deployments": [*self.settings.deployments, *managed]}
         )
@@ -68,19 +77,41 @@ class Supervisor:
         fd = os.open(runtime, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(runtime_dump(resolved))
+        self._record_deployments(replicas)
         python = sys.executable
-        for server in servers:
+        for server, name, port in replicas:
             argv = [python, "-m", "budrt.server", "--runtime", str(runtime), "--name", server.name]
+            argv += ["--port", str(port)]
             self.processes.append(
-                ManagedProcess(
-                    server.name, "model-server", argv, server.host, server.port, list(server.models)
-                )
+                ManagedProcess(name, "model-server", argv, server.host, port, list(server.models))
             )
         gateway = resolved.gateway
         argv = [python, "-m", "budrt.gateway", "--runtime", str(runtime)]
         models = [d.model for d in resolved.deployments]
         self.processes.append(ManagedProcess("gateway", "gateway", argv, gateway.host, gateway.port, models))
         return resolved
+
+    def _record_deployments(self, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
+        """Note in the model registry which processes serve each `registry:` model."""
+        prefix = "registry:"
+        wanted = {
+            m.name: m.source[len(prefix) :] for m in self.settings.models if m.source.startswith(prefix)
+        }
+        serving: dict[str, list[str]] = {}
+        for server, name, _ in replicas:
+            for model in server.models:
+                if model in wanted:
+                    serving.setdefault(wanted[model], []).append(name)
+        if not serving:
+            return
+        try:
+            from budrt.store.models import ModelStore
+
+            store = ModelStore.from_settings(self.settings)
+            for record, processes in serving.items():
+                store.set_deployments(record, processes)
+        except Exception as exc:  # bookkeeping only: never stop the platform from starting
+            log.warning("could not record deployments in the model registry: %s", exc)
 
     def run(self) -> int:
         self.plan()
@@ -90,11 +121,12 @@ class Supervisor:
             process.start(self.env)
             log.info("started %s pid=%s port=%s", process.name, process.pid, process.port)
         self.write_status()
-        with httpx.Client(timeout=2.0) as client:
+        cfg = self.settings.supervisor
+        with httpx.Client(timeout=cfg.probe_timeout_s) as client:
             while not self.stopping:
                 self.tick(client)
                 self.write_status()
-                time.sleep(PROBE_INTERVAL_S)
+                time.sleep(cfg.probe_interval_s)
         self.shutdown()
         return 0
 
@@ -103,6 +135,7 @@ class Supervisor:
 
     def tick(self, client: httpx.Client) -> None:
         now = time.time()
+        cfg = self.settings.supervisor
         for process in self.processes:
             if process.state == "failed":
                 continue
@@ -123,14 +156,15 @@ class Supervisor:
                 process.probe_failures += 1
                 grace = self.settings.supervisor.ready_timeout_s if process.ready_since is None else 0
                 if (
-                    process.probe_failures >= PROBE_FAILURES_BEFORE_KILL
-                    and now - process.started_at > grace + 5
+                    process.probe_failures >= cfg.probe_failures_before_kill
+                    and now - process.started_at > grace
                 ):
-                    process.signal(signal.SIGKILL)
-                    process.proc.wait(timeout=5) if process.proc else None
-                    self._schedule_restart(process, "stopped answering its health probe", now)
+                    self._kill_and_restart(process, "stopped answering its health probe", now)
                 continue
             process.probe_failures = 0
+            if process.unhealthy_count >= cfg.unhealthy_before_restart:
+                self._kill_and_restart(process, f"unhealthy: {process.health_error}", now)
+                continue
             if healthy:
                 if process.state != "ready":
                     process.ready_since = now
@@ -143,6 +177,13 @@ class Supervisor:
             self.announced_ready = True
             gateway = self.processes[-1]
             print(f"budrt is ready: {gateway.base_url}/v1 (gateway pid {gateway.pid})", flush=True)
+
+    def _kill_and_restart(self, process: ManagedProcess, reason: str, now: float) -> None:
+        # SIGKILL works on a stopped (SIGSTOP) process too; SIGTERM would wait for SIGCONT.
+        process.signal(signal.SIGKILL)
+        if process.proc is not None:
+            process.proc.wait(timeout=5)
+        self._schedule_restart(process, reason, now)
 
     def _schedule_restart(self, process: ManagedProcess, reason: str, now: float) -> None:
         cfg = self.settings.supervisor

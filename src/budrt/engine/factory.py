@@ -11,8 +11,10 @@ import torch
 from budrt.config import ModelConfig
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
-from budrt.engine.llama import LlamaArgs, LlamaForCausalLM
+from budrt.engine.kv_cache import num_blocks_for
+from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_projections
 from budrt.engine.llm_engine import LLMEngine
+from budrt.engine.packed_linear import can_pack, pack_linears
 from budrt.engine.safetensors_loader import load_safetensors
 from budrt.engine.source import resolve_source
 from budrt.engine.tokenizer import TextTokenizer
@@ -60,7 +62,27 @@ def create_text_engine(cfg: ModelConfig) -> Engine:
     dtype = auto_dtype() if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
     model = build_model(args, weights, dtype, max_model_len)
-    log.info("loaded %s from %s (%s, max_model_len=%d)", cfg.name, path, dtype, max_model_len)
+    fuse_projections(model)
+    if can_pack(dtype, torch.device("cpu")):
+        pack_linears(model, int8_rows=cfg.int8_decode_rows)
+    num_blocks = num_blocks_for(
+        cfg.kv_cache_bytes,
+        args.num_layers,
+        args.num_kv_heads,
+        args.head_dim,
+        cfg.block_size,
+        dtype,
+        torch.device("cpu"),
+    )
+    log.info(
+        "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens)",
+        cfg.name,
+        path,
+        dtype,
+        max_model_len,
+        num_blocks,
+        cfg.block_size,
+    )
     return LLMEngine(
         cfg.name,
         model,
@@ -68,8 +90,12 @@ def create_text_engine(cfg: ModelConfig) -> Engine:
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         max_waiting=cfg.max_waiting,
-        max_prefill_tokens=max(cfg.max_batch_tokens, 1),
+        num_blocks=num_blocks,
+        block_size=cfg.block_size,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         dtype=dtype,
+        identity=f"{cfg.name}:{cfg.source}",
     )
 
 
@@ -88,5 +114,5 @@ def build_model(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # The RoPE buffers are not in the checkpoint; build them for real (they were on `meta`).
-    model.rotary = type(model.rotary)(args.head_dim, args.rope_theta, max_model_len)
+    model.rotary = type(model.rotary)(args.head_dim, args.rope_theta, max_model_len, args.rope_scaling)
     return model.to(dtype).eval().requires_grad_(False)

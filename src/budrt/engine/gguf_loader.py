@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from gguf.quants import dequantize
 
 from budrt.engine.llama import LlamaArgs
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # GGUF tensor name (after `blk.N.`) -> our module path inside `layers.N`.
 _LAYER_NAMES = {
@@ -23,6 +24,8 @@ _LAYER_NAMES = {
     "attn_k": "attn.k_proj",
     "attn_v": "attn.v_proj",
     "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",  # Qwen3 QK-norm
+    "attn_k_norm": "attn.k_norm",
     "ffn_norm": "post_attn_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -59,7 +62,18 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _args_from_metadata(meta: dict[str, Any], has_output: bool, has_qkv_bias: bool) -> LlamaArgs:
+def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind in ("none", ""):
+        return None
+    if kind != "linear":
+        raise ValueError(f"GGUF rope scaling {kind!r} is not supported (supported: linear)")
+    return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+
+
+def _args_from_metadata(
+    meta: dict[str, Any], has_output: bool, has_qkv_bias: bool, has_qk_norm: bool = False
+) -> LlamaArgs:
     arch = meta["general.architecture"]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -88,6 +102,8 @@ def _args_from_metadata(meta: dict[str, Any], has_output: bool, has_qkv_bias: bo
         max_position_embeddings=int(key("context_length")),
         tie_word_embeddings=not has_output,
         attention_bias=has_qkv_bias,
+        qk_norm=has_qk_norm,
+        rope_scaling=_rope_scaling(meta, arch),
     )
 
 
@@ -97,7 +113,10 @@ def load_gguf(path: Path | str) -> GGUFModel:
     meta = read_metadata(path, reader)
     names = {t.name for t in reader.tensors}
     args = _args_from_metadata(
-        meta, has_output="output.weight" in names, has_qkv_bias="blk.0.attn_q.bias" in names
+        meta,
+        has_output="output.weight" in names,
+        has_qkv_bias="blk.0.attn_q.bias" in names,
+        has_qk_norm="blk.0.attn_q_norm.weight" in names,
     )
     permuted = meta["general.architecture"] == "llama"
 
@@ -109,9 +128,16 @@ def load_gguf(path: Path | str) -> GGUFModel:
         if tensor.name in _GLOBAL_NAMES:
             weights[_GLOBAL_NAMES[tensor.name]] = value
             continue
+        if tensor.name == "rope_freqs.weight":
+            # Llama 3.1+ RoPE scaling, as llama.cpp stores it: one divisor per rotary frequency.
+            if args.rope_scaling is not None:
+                raise ValueError("GGUF has both rope_freqs and a rope scaling type")
+            scaling = {"rope_type": "freq_factors", "factors": value.flatten().tolist()}
+            args = dataclasses.replace(args, rope_scaling=scaling)
+            continue
         match = _LAYER_RE.match(tensor.name)
         if match is None or match.group(2) not in _LAYER_NAMES:
-            continue  # e.g. rope_freqs: not used by the architectures we support
+            continue  # tensors the supported architectures do not use
         layer, kind, suffix = match.groups()
         if permuted and kind == "attn_q":
             value = _unpermute(value, args.num_heads)

@@ -1,9 +1,10 @@
-"""The KV cache: one fixed slot per running sequence.
+"""The paged KV cache: one preallocated tensor of fixed-size blocks for every layer's keys/values.
 
-Per layer, keys and values live in `[num_slots, num_kv_heads, max_model_len, head_dim]` tensors that
-are allocated once, so a step never allocates cache memory. A sequence owns one slot from admission
-to finish. This is the seam a paged cache (blocks + prefix caching) replaces: the model only calls
-`write_prefill`, `write_decode` and `gather`, and the scheduler only `allocate`/`free`.
+Layout `[num_layers, 2 (k/v), num_blocks, block_size, num_kv_heads, head_dim]`. Which blocks belong
+to which sequence is the `BlockManager`'s business; the model only writes the new tokens' entries
+at their slots (`block * block_size + offset`) and gathers a sequence's blocks to attend over them.
+The size comes from a byte budget (CPU) or from free device memory (CUDA), never from the number
+of sequences, so short requests leave room for many more of them.
 """
 
 from __future__ import annotations
@@ -11,68 +12,72 @@ from __future__ import annotations
 import torch
 
 
+def bytes_per_block(
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+) -> int:
+    return (
+        num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    )
+
+
+def num_blocks_for(
+    budget_bytes: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gpu_memory_utilization: float = 0.9,
+) -> int:
+    """Blocks that fit the budget: `budget_bytes` on CPU; on CUDA, what is left of
+    `gpu_memory_utilization` of the card once the weights are loaded."""
+    per_block = bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget_bytes = max(int(total * gpu_memory_utilization) - used, 0)
+    return budget_bytes // per_block
+
+
 class KVCache:
     def __init__(
         self,
         num_layers: int,
-        num_slots: int,
+        num_blocks: int,
+        block_size: int,
         num_kv_heads: int,
-        max_model_len: int,
         head_dim: int,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_slots, num_kv_heads, max_model_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.num_slots = num_slots
-        self.max_model_len = max_model_len
-        # Lowest slot first keeps the running batch packed at the front of the cache.
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        # Zeroed, not empty: padded (masked) positions must hold finite numbers, or NaN garbage
+        # would leak through the attention's masked scores.
+        self.data = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
 
-    # --- slot bookkeeping (scheduler side) ---
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values, `[num_blocks, block_size, kv_heads, head_dim]` each."""
+        return self.data[layer, 0], self.data[layer, 1]
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        slot = min(self._free)
-        self._free.remove(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"KV slot {slot} freed twice")
-        self._free.append(slot)
-
-    # --- tensor access (model side) ---
-
-    def write_prefill(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a whole prompt's keys/values (`[kv_heads, T, head_dim]`) at positions 0..T-1."""
-        length = k.shape[1]
-        self.keys[layer][slot, :, :length] = k
-        self.values[layer][slot, :, :length] = v
-
-    def write_decode(
-        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Store one new token per sequence (`[B, kv_heads, head_dim]`) at its own position."""
-        self.keys[layer][slots, :, positions] = k
-        self.values[layer][slots, :, positions] = v
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' entries (`[N, kv_heads, head_dim]`) at their slots (`[N]`)."""
+        keys, values = self.layer(layer)
+        keys.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k)
+        values.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v)
 
     def gather(
-        self, layer: int, slots: torch.Tensor, kv_len: int, packed: bool
+        self, layer: int, block_tables: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values `[B, kv_heads, kv_len, head_dim]` of the given slots.
-
-        `packed` means the slots are exactly 0..B-1 (common: slots are handed out lowest first);
-        then this is a view instead of a copy.
-        """
-        if packed:
-            n = slots.shape[0]
-            return self.keys[layer][:n, :, :kv_len], self.values[layer][:n, :, :kv_len]
-        return self.keys[layer][slots, :, :kv_len], self.values[layer][slots, :, :kv_len]
-
-    def used_tokens(self, lengths: list[int]) -> float:
-        """Fraction of all token positions in the cache that hold a live sequence's entries."""
-        return sum(lengths) / (self.num_slots * self.max_model_len)
+        """The first `length` positions of each row's blocks: `[B, kv_heads, length, head_dim]`."""
+        keys, values = self.layer(layer)
+        b = block_tables.shape[0]
+        flat = block_tables.view(-1)  # index_select on whole blocks: far cheaper than fancy indexing
+        k = keys.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim)[:, :length]
+        v = values.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim)[:, :length]
+        return k.transpose(1, 2), v.transpose(1, 2)

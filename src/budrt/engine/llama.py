@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama, SmolLM, Mistral; Qwen2 via q/k/v biases) in plain PyTorch.
+"""A Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2 q/k/v biases, Qwen3 QK-norm) in PyTorch.
 
 The math follows transformers' `LlamaForCausalLM` (rotate_half RoPE, RMSNorm computed in fp32) so
 greedy outputs match it token for token. The only engine-specific part is attention: every layer
@@ -9,12 +9,15 @@ writes its keys/values into the engine's KV cache and attends over it, as told b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budrt.engine.attention import AttentionContext, paged_attention
 from budrt.engine.kv_cache import KVCache
+from budrt.engine.rope import rope_attention_factor, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -31,24 +34,9 @@ class LlamaArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
-
-
-@dataclass
-class AttentionContext:
-    """How this forward's tokens relate to the KV cache.
-
-    Prefill: one sequence, `input_ids` is `[1, T]`, positions `0..T-1`, written to cache slot
-    `slots[0]`; attention is causal over the prompt itself.
-    Decode: `input_ids` is `[B, 1]`, one new token per sequence at `positions[b]`; each row attends
-    over its slot's first `positions[b] + 1` cached entries (`mask`, `[B, 1, 1, kv_len]`).
-    """
-
-    is_prefill: bool
-    slots: torch.Tensor  # [B] long
-    positions: torch.Tensor  # [B, T] long
-    kv_len: int  # cache entries the decode attends over (max position + 1)
-    mask: torch.Tensor | None = None  # decode only
-    packed: bool = False  # decode: slots are exactly 0..B-1, so the cache can be sliced, not gathered
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    # Hugging Face rope parameters ("rope_type": "linear" | "llama3" with their keys); None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +48,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 like transformers does: bf16 variance loses too much precision.
         dtype = x.dtype
+        if dtype != torch.float32:  # one fused kernel; fp32 keeps transformers' exact op order
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -68,13 +58,16 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for all positions, computed once in fp32 and looked up per token."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, max_positions: int, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        scale = rope_attention_factor(scaling)  # YaRN scales cos/sin; 1.0 otherwise
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, T, D] -> [B, 1, T, D] to broadcast over heads.
@@ -101,6 +94,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.qkv_sizes = [args.num_heads * args.head_dim] + [args.num_kv_heads * args.head_dim] * 2
 
     def forward(
         self,
@@ -110,22 +109,29 @@ class Attention(nn.Module):
         ctx: AttentionContext,
         cache: KVCache,
     ) -> torch.Tensor:
-        bsz, seq_len, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # x is the step's flat batch `[N, hidden]` (see engine/attention.py).
+        n = x.shape[0]
+        if self.qkv_proj is not None and not self.qk_norm:
+            # Fused at load: one matmul instead of three, and q and k (adjacent in its output)
+            # get RoPE in one go, which halves the per-layer elementwise ops.
+            qkv = self.qkv_proj(x)
+            qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
+            qk = apply_rope(qkv[:, :qk_width].view(n, -1, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = qkv[:, qk_width:].view(n, self.num_kv_heads, self.head_dim)
+            return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # per head, over head_dim (the last axis), before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-
-        if ctx.is_prefill:
-            cache.write_prefill(self.layer_idx, int(ctx.slots[0]), k[0], v[0])
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            cache.write_decode(self.layer_idx, ctx.slots, ctx.positions[:, 0], k[:, :, 0], v[:, :, 0])
-            keys, values = cache.gather(self.layer_idx, ctx.slots, ctx.kv_len, ctx.packed)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx))
 
 
 class MLP(nn.Module):
@@ -134,8 +140,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -164,17 +174,43 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.max_position_embeddings)
+        self.rotary = RotaryEmbedding(
+            args.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling
+        )
 
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
-        """Logits (fp32) of the last token of each row: `[B, vocab]`.
+        """Logits (fp32) `[len(ctx.logits_rows), vocab]` for a flat batch `input_ids` `[N]`.
 
-        Only the last position's logits are ever needed for sampling, so the (large) vocabulary
-        projection runs on one token per row instead of the whole prompt.
+        Only the rows that sample a token (a sequence's last token) need logits, so the (large)
+        vocabulary projection skips every other row.
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, ctx, cache)
-        x = self.norm(x[:, -1, :])
-        return self.lm_head(x).float()
+        if ctx.logits_rows is not None:
+            x = x[ctx.logits_rows]
+            if x.shape[0] == 0:  # only mid-prompt chunks this step: nothing to sample
+                return x.new_empty((0, self.args.vocab_size), dtype=torch.float32)
+        return self.lm_head(self.norm(x)).float()
+
+
+def fuse_projections(model: LlamaForCausalLM) -> None:
+    """Concatenate q/k/v and gate/up weights so each layer runs 2 matmuls fewer per step; the
+    separate modules are dropped (same math, same outputs)."""
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        qkv = nn.Linear(1, 1, bias=attn.q_proj.bias is not None)  # placeholder, weights set below
+        qkv.weight = nn.Parameter(
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), False
+        )
+        if attn.q_proj.bias is not None:
+            qkv.bias = nn.Parameter(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), False)
+        attn.qkv_proj = qkv
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        gate_up = nn.Linear(1, 1, bias=False)
+        gate_up.weight = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), False)
+        for fused in (qkv, gate_up):
+            fused.out_features, fused.in_features = fused.weight.shape
+        mlp.gate_up_proj = gate_up
+        del mlp.gate_proj, mlp.up_proj

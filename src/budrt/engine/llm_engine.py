@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
 import torch
 
+from budrt.engine.block_manager import BlockManager
 from budrt.engine.interface import (
     Engine,
     EngineDead,
@@ -29,6 +31,7 @@ from budrt.engine.runner import ModelRunner
 from budrt.engine.sampler import Sampler
 from budrt.engine.scheduler import Scheduler
 from budrt.engine.sequence import Sequence, Sink, make_sequence
+from budrt.engine.stats import EngineHistograms
 from budrt.engine.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,21 +47,32 @@ class LLMEngine(Engine):
         max_model_len: int,
         max_num_seqs: int,
         max_waiting: int,
-        max_prefill_tokens: int = 2048,
+        num_blocks: int,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        identity: str = "",
     ) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        # A sequence must fit the whole cache, or preempting everything else would not save it.
+        self.max_model_len = min(max_model_len, num_blocks * block_size)
         self.max_waiting = max_waiting
         self.dtype = dtype
         args = model.args
         self.vocab_size = args.vocab_size
-        cache = KVCache(args.num_layers, max_num_seqs, args.num_kv_heads, max_model_len, args.head_dim, dtype)
+        cache = KVCache(
+            args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim, dtype, device
+        )
         self.runner = ModelRunner(model, cache)
-        self.scheduler = Scheduler(cache, max_prefill_tokens)
+        # Prefix-cache hashes include the model's identity so two models never share blocks.
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, identity or model_name)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.sampler = Sampler(tokenizer)
         self.max_num_seqs = max_num_seqs
+        self.histograms = EngineHistograms()
 
         # Shared with the event loop, guarded by _lock: the inbox and the id -> sequence map.
         self._lock = threading.Lock()
@@ -103,16 +117,18 @@ class LLMEngine(Engine):
         self._wakeup.set()
 
     def stats(self) -> dict[str, float]:
-        running = len(self.scheduler.running)
         return {
-            "running": running,
+            "running": len(self.scheduler.running),
             "waiting": self.num_waiting,
-            "kv_usage": running / self.max_num_seqs,  # slots are what admission waits for
-            "kv_token_usage": self.scheduler.kv_token_usage(),
+            "kv_usage": self.blocks.usage(),  # fraction of KV blocks held by live sequences
+            "kv_num_blocks": self.blocks.num_blocks,
             "max_num_seqs": self.max_num_seqs,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "requests_finished_total": self.requests_finished_total,
+            "prefix_cache_queries_total": self.blocks.prefix_queries,
+            "prefix_cache_hits_total": self.blocks.prefix_hits,
+            "num_preemptions_total": self.scheduler.num_preemptions,
         }
 
     def is_healthy(self) -> bool:
@@ -156,7 +172,7 @@ class LLMEngine(Engine):
                 if done:
                     return
         finally:
-            if not done:  # the consumer left early (client disconnected): free the slot
+            if not done:  # the consumer left early (client disconnected): free its blocks
                 self.abort(seq.request_id)
 
     def _submit(
@@ -209,28 +225,32 @@ class LLMEngine(Engine):
             if seq is not None and not seq.is_finished:
                 self._finish(seq, seq.abort_output())
 
+    @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: prefill newly admitted sequences, then decode all others by one token."""
-        admitted = self.scheduler.admit()
-        decode = self.scheduler.decode_batch(exclude=admitted)
-        seqs: list[Sequence] = []
-        logits: list[torch.Tensor] = []
-        for seq in admitted:
-            try:
-                logits.append(self.runner.prefill(seq))
-                seqs.append(seq)
-                self.prompt_tokens_total += seq.num_prompt_tokens
-            except Exception as exc:  # e.g. out of memory on a huge prompt: only this request fails
-                log.exception("prefill of %s failed", seq.request_id)
-                self._fail(seq, exc)
-        if decode:
-            logits.append(self.runner.decode(decode))
-            seqs.extend(decode)
-        if not seqs:
+        """One iteration: decode every running sequence by a token and prefill the next chunks."""
+        batch = self.scheduler.schedule()
+        if not batch:
             return
-        result = self.sampler(torch.cat(logits), seqs)
-        self.generation_tokens_total += len(seqs)
-        for seq, token_id, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
+        now = time.monotonic()
+        for seq, _ in batch:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                self.histograms.request_queue_time.observe(now - seq.arrival_time)
+        logits, samplers = self.runner.run(batch)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            self.blocks.seal_full_blocks(seq)
+        if not samplers:
+            return
+        result = self.sampler(logits, samplers)
+        self.generation_tokens_total += len(samplers)
+        now = time.monotonic()
+        for seq, token_id, logprob in zip(samplers, result.token_ids, result.logprobs, strict=True):
+            if not seq.output_token_ids:
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            elif seq.last_token_time is not None:
+                self.histograms.inter_token_latency.observe(now - seq.last_token_time)
+            seq.last_token_time = now
             self._emit(seq, token_id, logprob)
 
     def _emit(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:

@@ -1,16 +1,18 @@
-"""Read a Hugging Face Llama/Qwen2 checkpoint directory (config.json + *.safetensors)."""
+"""Read a Hugging Face Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + *.safetensors)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from budrt.engine.llama import LlamaArgs
+from budrt.engine.rope import ROPE_TYPES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Hugging Face module names -> ours (the rest of each name is identical).
 _RENAMES = (
@@ -23,14 +25,39 @@ _RENAMES = (
 )
 
 
+def _rope(config: dict) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling) from either config style.
+
+    Older checkpoints write `rope_theta` and `rope_scaling` at the top level; transformers 5 writes one
+    `rope_parameters` dict holding both. A scaling of type "default" is no scaling at all.
+    """
+    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported (supported: {ROPE_TYPES})")
+    return theta, {**params, "rope_type": kind}
+
+
+def _max_positions(config: dict) -> int:
+    """The context we may serve exactly: sliding-window attention is not implemented, so a model
+    that really uses a window (Mistral 7B v0.1: 4096) is served only up to the window's length."""
+    limit = config.get("max_position_embeddings", 2048)
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", config.get("model_type") == "mistral")
+    if window and uses_window:
+        limit = min(limit, int(window))
+    return limit
+
+
 def _args_from_config(config: dict, has_lm_head: bool) -> LlamaArgs:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-    if config.get("rope_scaling"):
-        raise ValueError("rope_scaling is not supported yet")
     heads = config["num_attention_heads"]
-    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_theta, rope_scaling = _rope(config)
     return LlamaArgs(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
@@ -39,11 +66,13 @@ def _args_from_config(config: dict, has_lm_head: bool) -> LlamaArgs:
         num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
         rms_norm_eps=config["rms_norm_eps"],
-        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        max_position_embeddings=_max_positions(config),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", not has_lm_head)),
         attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
+        rope_scaling=rope_scaling,
     )
 
 

@@ -1,27 +1,35 @@
-"""Which sequences run this step: continuous batching at iteration level.
+"""Which sequences run this step, and how many of their tokens: continuous batching with a token budget.
 
-Every step, waiting requests are admitted (first come, first served) while a KV slot is free and
-the step's prefill token budget lasts; all running sequences then decode one token together.
-Finished or aborted sequences give their slot back at once, so a new request can take it in the
-very next step.
+Every step has a budget of `max_num_batched_tokens` tokens. Running sequences go first, oldest
+first: a decoding sequence feeds one token, a sequence still in its prompt feeds the next chunk
+of it (chunked prefill), so a long prompt never stalls the others' decoding for more than one
+chunk. What is left of the budget admits waiting sequences (first come, first served) while
+`max_num_seqs` and the free KV blocks allow.
+
+When a decoding sequence needs a fresh block and none is free, the youngest running sequence is
+preempted by recompute: its blocks are freed and it goes back to the head of the queue with all
+its tokens (prompt + output so far) as its new prompt. Nothing is lost; its full blocks usually
+come back from the prefix cache.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from budrt.engine.kv_cache import KVCache
+from budrt.engine.block_manager import BlockManager
 from budrt.engine.sequence import Sequence, SequenceStatus
+
+ScheduledBatch = list[tuple[Sequence, int]]  # (sequence, tokens computed for it this step)
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_prefill_tokens: int) -> None:
-        self.cache = cache
-        # Bounds how long one step's prefills may stall the running sequences' decode. A prompt
-        # longer than the budget is still admitted when it is the first one in the step.
-        self.max_prefill_tokens = max_prefill_tokens
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the youngest is preempted first
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -30,45 +38,64 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots; they need a prefill this step."""
-        admitted: list[Sequence] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and self.cache.num_free > 0:
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch: ScheduledBatch = []
+        queue = deque(self.running)
+        kept: list[Sequence] = []
+        preempted = False
+        while queue:
+            seq = queue.popleft()
+            if budget <= 0:
+                kept.append(seq)  # runs next step
+                continue
+            while self.blocks.blocks_short(seq) > self.blocks.num_free:
+                preempted = True
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            if seq.status is SequenceStatus.WAITING:
+                break
+            self.blocks.append_slots(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            budget -= n
+            batch.append((seq, n))
+            kept.append(seq)
+        self.running = kept
+
+        # Admitting while preempting would only thrash: wait for blocks to come back first.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if admitted and seq.num_prompt_tokens > budget:
+            if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
-            seq.slot = self.cache.allocate()
+            self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            budget -= seq.num_prompt_tokens
-            admitted.append(seq)
-        self.running.extend(admitted)
-        return admitted
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            budget -= n
+            batch.append((seq, n))
+            self.running.append(seq)
+        return batch
 
-    def decode_batch(self, exclude: list[Sequence]) -> list[Sequence]:
-        """Running sequences that already have a token to feed, ordered by slot.
-
-        Slot order makes the batch's slots 0..B-1 whenever no slot below is free, which lets the
-        cache hand out views instead of gathered copies.
-        """
-        skip = {id(s) for s in exclude}
-        batch = [s for s in self.running if id(s) not in skip and not s.is_finished]
-        return sorted(batch, key=lambda s: s.slot if s.slot is not None else -1)
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Release a sequence (finished, aborted or failed), wherever it is."""
+        """Release a sequence (finished, aborted or failed), wherever it is; its blocks are free now."""
         if seq.status is SequenceStatus.WAITING:
             try:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
         elif seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-            if seq.slot is not None:
-                self.cache.free(seq.slot)
-                seq.slot = None
+            try:
+                self.running.remove(seq)
+            except ValueError:
+                pass
+            self.blocks.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
-
-    def kv_token_usage(self) -> float:
-        return self.cache.used_tokens([s.num_tokens for s in self.running])

@@ -32,13 +32,25 @@ class Sequence:
     sink: Sink
     eos_token_ids: frozenset[int]
     output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, set in __post_init__
     status: SequenceStatus = SequenceStatus.WAITING
-    slot: int | None = None
+    # Paged KV cache: the blocks holding this sequence's entries, how many leading tokens have
+    # entries written (the rest are computed in the next prefill chunks), how many came from the
+    # prefix cache, and how many full blocks were already offered to the prefix cache.
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_sealed_blocks: int = 0
     finish_reason: FinishReason | None = None
     # Seeded requests draw from their own generator, so their samples do not depend on what else
     # shares the batch.
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    last_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = [*self.prompt_token_ids, *self.output_token_ids]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -46,11 +58,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:
@@ -59,6 +71,7 @@ class Sequence:
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> GenerationOutput:
         """Record a sampled token, decide whether the sequence is done, and build its output."""
         self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
         is_stop_token = token_id in self.params.stop_token_ids or (
             not self.params.ignore_eos and token_id in self.eos_token_ids
         )

@@ -17,15 +17,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from budrt.config import Settings
-from budrt.gateway.auth import Authenticator
+from budrt.gateway.admin import AdminAPI
+from budrt.gateway.auth import Authenticator, require_model
 from budrt.gateway.health import HealthChecker
+from budrt.gateway.jwt_auth import JWTVerifier
+from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import CLIENT_CLOSED, Proxy, UpstreamStream
-from budrt.gateway.ratelimit import RateLimited, SlidingWindowLimiter
+from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Router
+from budrt.gateway.traffic import Traffic, key_limits, make_limiter, reserve_tokens
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.errors import APIError, internal_error, invalid_request, model_not_found, parse_json_body
+from budrt.security.rbac import ENDPOINT_ACTIONS
+from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
+from budrt.store.usage import UsageStore
 
 log = logging.getLogger("budrt.gateway")
 
@@ -46,10 +53,16 @@ class Gateway:
     def __init__(self, settings: Settings, store: KeyStore) -> None:
         self.settings = settings
         self.store = store
-        self.router = Router(settings.deployments)
-        self.auth = Authenticator(store)
-        self.limiter = SlidingWindowLimiter()
+        self.router = Router(settings.deployments, settings.gateway)
+        self.identity = IdentityStore(store.engine)
+        self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt.enabled else None
+        self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)
+        self.usage = UsageStore(store.engine)
+        self.meter = Meter(self.usage, settings.metering) if settings.metering.enabled else None
+        self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
+        self.limiter = make_limiter(settings.gateway)
         self.proxy = Proxy(settings.gateway)
+        self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
         self.created = int(time.time())
 
@@ -73,14 +86,16 @@ class Gateway:
     async def list_models(self, request: Request) -> Response:
         key = await self.auth.authenticate(request.headers)
         deps = self.router.deployments
-        data = [self._model_object(d.name) for d in deps if key.allows(d.name, *d.aliases)]
+        data = [
+            self._model_object(d.name) for d in deps if key.can_use_model("models:list", d.name, *d.aliases)
+        ]
         return _json({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
         key = await self.auth.authenticate(request.headers)
         model = request.path_params["model"]
         dep = self.router.resolve(model)
-        if dep is None or not key.allows(dep.name, model):
+        if dep is None or not key.can_use_model("models:list", dep.name, model):
             raise model_not_found(model)
         return _json(self._model_object(model))
 
@@ -90,6 +105,7 @@ class Gateway:
         status = 500
         try:
             key = await self.auth.authenticate(request.headers)
+            request.scope[PRINCIPAL] = key  # for the meter
             body = await request.body()
             data = parse_json_body(body)
             model = data.get("model")
@@ -99,26 +115,33 @@ class Gateway:
             if dep is None or not key.allows(dep.name, model):
                 raise model_not_found(model)
             tracker.model = dep.name
-            limit_headers = self.limiter.check(key.id, key.rpm)
+            request.scope[MODEL] = dep.name
+            require_model(key, ENDPOINT_ACTIONS[request.url.path], model, dep.name, model)
+            limits = key_limits(key, self.settings.gateway.ratelimit)
+            ticket = None
+            if limits:
+                reserve = reserve_tokens(len(body), data, self.settings.gateway.ratelimit.default_max_tokens)
+                ticket = await self.limiter.acquire(limits, reserve)
             if model != dep.name:  # an alias: upstream only knows the canonical name
                 data["model"] = dep.name
                 body = orjson.dumps(data)
             upstream_path = PROXIED_PATHS[request.url.path]
-            stream = data.get("stream") is True
-            result = await self.proxy.forward(
-                request.receive, dep, upstream_path, body, stream, tracker, limit_headers
+            result = await self.traffic.send(
+                request.receive, request.headers, dep, upstream_path, data, body, tracker, ticket
             )
             status = result.status_code
             return result
         except RateLimited as exc:
-            error = APIError(
-                429,
-                f"Rate limit reached: {exc.limit} requests per minute for this key.",
-                code="rate_limit_exceeded",
-                headers=exc.headers(),
-            )
             status = 429
-            return error.to_response()
+            return APIError(
+                429, exc.message(), code="rate_limit_exceeded", headers=exc.headers()
+            ).to_response()
+        except LimiterUnavailable:
+            status = 503
+            message = "Rate limits cannot be checked right now; retry shortly."
+            return APIError(
+                503, message, code="rate_limiter_unavailable", headers={"Retry-After": "1"}
+            ).to_response()
         except APIError as exc:
             status = exc.status
             return exc.to_response()
@@ -157,12 +180,19 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         session = await gw.proxy.start()
         checker = asyncio.create_task(gw.health.run(session))
+        if gw.meter is not None:
+            gw.meter.start()
         try:
             yield
         finally:
             checker.cancel()
             await asyncio.gather(checker, return_exceptions=True)
             await gw.proxy.close()
+            if gw.meter is not None:
+                await gw.meter.close()  # after in-flight requests ended: their records included
+            if gw.jwt is not None:
+                await gw.jwt.close()
+            await gw.traffic.close()
             if key_store is None:
                 store.engine.dispose()
 
@@ -172,7 +202,11 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
-        *(Route(path, gw.forward, methods=["POST"]) for path in PROXIED_PATHS),
+        *(
+            Route(path, metered(gw.forward, gw.meter, ENDPOINT_ACTIONS[path].split(":")[1]), methods=["POST"])
+            for path in PROXIED_PATHS
+        ),
+        *gw.admin.routes(),
     ]
     app = Starlette(
         routes=routes,

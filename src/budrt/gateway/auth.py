@@ -1,17 +1,29 @@
-"""Bearer-key authentication with a short in-process cache in front of the database."""
+"""Bearer authentication (API keys and JWTs) with a short in-process cache, and authorization.
+
+Both kinds of credential end as a `Principal` holding its resolved permissions, so a warm
+request does no database work: keys are cached by HMAC digest for `ttl_s` (which is also how
+long a revocation takes to reach this process), tokens by their text until `ttl_s` or `exp`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from budrt.protocol.errors import unauthorized
+from budrt.gateway.jwt_auth import JWTVerifier, looks_like_jwt
+from budrt.protocol.errors import APIError, unauthorized
+from budrt.security.keys import KEY_PREFIX
+from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, PermissionSet, Principal, role_permissions
+from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyRecord, KeyStore
 
 _MAX_CACHED = 10_000  # bounds memory if a client sprays random keys
+_CustomRoles = dict[str, tuple[str, ...]]
 
 
 def extract_key(headers: Headers) -> str | None:
@@ -24,53 +36,170 @@ def extract_key(headers: Headers) -> str | None:
     return headers.get("api-key") or headers.get("x-api-key") or None
 
 
+def forbidden(message: str) -> APIError:
+    return APIError(403, message, code="permission_denied")
+
+
+def require(principal: Principal, action: str, resource: str = "*") -> None:
+    """403 unless `principal` may do `action` on `resource`; the message names only those."""
+    if not principal.can(action, resource):
+        what = f" on {resource}" if resource != "*" else ""
+        raise forbidden(f"This {_kind(principal)} is not allowed to {action}{what}.")
+
+
+def require_model(principal: Principal, action: str, model: str, *names: str) -> None:
+    """403 unless `principal` may do the inference `action` on the model known as `names`."""
+    if not principal.can_use_model(action, *names):
+        verb = action.rpartition(":")[2]
+        raise forbidden(f"This {_kind(principal)} is not allowed to use {verb} on model `{model}`.")
+
+
+def _kind(principal: Principal) -> str:
+    return "key" if principal.kind == "key" else "token"
+
+
+def _needs_custom(roles: Iterable[str]) -> bool:
+    return any(LEGACY_ROLES.get(r, r) not in BUILTIN_ROLES for r in roles)
+
+
 class Authenticator:
-    """Maps a presented key to its KeyRecord; the DB is read at most once per key per `ttl_s`.
+    """Maps a presented key or token to a Principal; the DB is read at most once per key per `ttl_s`."""
 
-    The TTL is also how long a revocation takes to reach this process.
-    """
-
-    def __init__(self, store: KeyStore, ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        ttl_s: float = 1.0,
+        *,
+        identity: IdentityStore | None = None,
+        jwt: JWTVerifier | None = None,
+    ) -> None:
         self.store = store
+        self.identity = identity or IdentityStore(store.engine)
+        self.jwt = jwt
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
-        self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._pending: dict[str, asyncio.Future[Principal | None]] = {}
+        self._sets: dict[tuple[str, ...], PermissionSet] = {}  # shared: their memos warm up once
+        self._custom: tuple[float, _CustomRoles] = (-float("inf"), {})
 
-    async def authenticate(self, headers: Headers) -> KeyRecord:
-        key = extract_key(headers)
-        if not key:
+    def invalidate(self) -> None:
+        """Forget every cached principal (after a change made through this process)."""
+        self._cache.clear()
+        self._custom = (-float("inf"), {})
+
+    async def authenticate(self, headers: Headers) -> Principal:
+        token = extract_key(headers)
+        if not token:
             raise unauthorized("Missing API key. Send it as 'Authorization: Bearer <key>'.")
-        record = await self.lookup(key)
-        if record is None:
+        if self.jwt is not None and not token.startswith(KEY_PREFIX) and looks_like_jwt(token):
+            principal = await self._cached(token, token, self._load_jwt)
+            if principal is None:
+                raise unauthorized("Invalid bearer token.")
+            return principal
+        digest = self.store.hash(token)
+        hit = self._cache.get(digest)  # the warm path, inlined: no coroutine calls
+        if hit is not None and hit[0] > time.monotonic() and hit[1] is not None and hit[1].expires_at is None:
+            return hit[1]
+        principal = await self._cached(digest, token, self._load_key)
+        if principal is None:
             raise unauthorized("Incorrect API key provided.")
-        return record
+        return principal
 
-    async def lookup(self, key: str) -> KeyRecord | None:
-        digest = self.store.hash(key)
+    async def lookup(self, key: str) -> Principal | None:
+        return await self._cached(self.store.hash(key), key, self._load_key)
+
+    async def _cached(
+        self, cache_key: str, secret: str, load: Callable[[str], Awaitable[Principal | None]]
+    ) -> Principal | None:
         now = time.monotonic()
-        hit = self._cache.get(digest)
+        hit = self._cache.get(cache_key)
         if hit is not None and hit[0] > now:
-            record = hit[1]
+            principal = hit[1]
             # Expiry is checked on every hit so an expiring key stops at its exact time.
-            return record if record is None or record.is_active() else None
-        pending = self._pending.get(digest)
-        if pending is not None:  # concurrent misses for one key share one DB read
+            if principal is None or principal.expires_at is None:
+                return principal
+            return principal if principal.expires_at > datetime.now(UTC) else None
+        pending = self._pending.get(cache_key)
+        if pending is not None:  # concurrent misses for one key share one load
             return await asyncio.shield(pending)
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._pending[digest] = future
+        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._pending[cache_key] = future
         try:
-            record = await run_in_threadpool(self.store.verify, key)
+            principal = await load(secret)
             if len(self._cache) >= _MAX_CACHED:
                 self._cache.clear()
-            self._cache[digest] = (time.monotonic() + self.ttl_s, record)
-            future.set_result(record)
-            return record
+            self._cache[cache_key] = (time.monotonic() + self.ttl_s, principal)
+            future.set_result(principal)
+            return principal
         except asyncio.CancelledError:
             future.cancel()
             raise
-        except Exception as exc:
+        except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: nobody else may be waiting
             raise
         finally:
-            del self._pending[digest]
+            del self._pending[cache_key]
+
+    async def _load_key(self, key: str) -> Principal | None:
+        found = await run_in_threadpool(self._read_key, key)
+        if found is None:
+            return None
+        record, owner = found
+        roles = (record.role, *(owner.roles or ()))
+        custom = await self._custom_roles() if _needs_custom(roles) else {}
+        grants = [self._set(role_permissions([record.role], custom))]
+        if owner.roles is not None:  # an owned key never exceeds its owner
+            grants.append(self._set(role_permissions(owner.roles, custom)))
+        if record.permissions is not None:
+            grants.append(self._set(PermissionSet(record.permissions)))
+        return Principal(
+            kind="key",
+            id=record.id,
+            name=record.name,
+            key_id=record.id,
+            user=owner.user,
+            team=owner.team,
+            roles=(LEGACY_ROLES.get(record.role, record.role),),
+            grants=tuple(grants),
+            models=record.models,
+            rpm=record.rpm,
+            tpm=record.tpm,
+            expires_at=record.expires_at,
+        )
+
+    def _read_key(self, key: str):  # type: ignore[no-untyped-def]
+        record: KeyRecord | None = self.store.verify(key)
+        if record is None:
+            return None
+        return record, self.identity.owner(record.user_id, record.team_id)
+
+    async def _load_jwt(self, token: str) -> Principal | None:
+        assert self.jwt is not None
+        ident = await self.jwt.verify(token)  # raises a 401 saying what is wrong
+        custom = await self._custom_roles() if _needs_custom(ident.roles) else {}
+        expires = datetime.fromtimestamp(ident.expires_at, UTC) if ident.expires_at is not None else None
+        return Principal(
+            kind="jwt",
+            id=f"jwt:{ident.user}",
+            name=ident.user,
+            user=ident.user,
+            team=ident.team,
+            roles=ident.roles,
+            grants=(self._set(role_permissions(ident.roles, custom)),),
+            expires_at=expires,
+        )
+
+    async def _custom_roles(self) -> _CustomRoles:
+        expires, roles = self._custom
+        if expires > time.monotonic():
+            return roles
+        roles = await run_in_threadpool(self.identity.custom_roles)
+        self._custom = (time.monotonic() + self.ttl_s, roles)
+        return roles
+
+    def _set(self, perms: PermissionSet) -> PermissionSet:
+        shared = self._sets.setdefault(perms.permissions, perms)
+        if len(self._sets) > 1024:
+            self._sets.clear()
+        return shared

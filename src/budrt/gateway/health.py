@@ -37,5 +37,5 @@ class HealthChecker:
         if ready != ep.ready:
             log.info("endpoint %s", "ready" if ready else "not ready", extra={"fields": {"url": ep.base_url}})
         ep.ready = ready
-        if ready:
-            ep.down_until = 0.0
+        if ready and ep.breaker.ejected:  # an ejected replica that answers its check is readmitted
+            ep.breaker.success()

@@ -23,20 +23,26 @@ def find_usage(data: bytes | bytearray) -> dict[str, Any] | None:
     start = data.find(b"{", pos + len(_USAGE))
     if start < 0 or data[pos + len(_USAGE) : start].strip(b" \t\r\n:") != b"":
         return None  # e.g. "usage": null
-    depth = 0
-    for i in range(start, len(data)):
-        c = data[i]
-        if c == 0x7B:  # {
+    # Match braces by jumping between them with bytes.find (C speed): a byte-by-byte Python
+    # loop here was a visible share of the gateway's CPU per request.
+    depth, i = 0, start
+    while True:
+        close = data.find(b"}", i)
+        if close < 0:
+            return None
+        opening = data.find(b"{", i, close)
+        if opening >= 0:
             depth += 1
-        elif c == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                try:
-                    usage = orjson.loads(bytes(data[start : i + 1]))
-                except orjson.JSONDecodeError:
-                    return None
-                return usage if isinstance(usage, dict) else None
-    return None
+            i = opening + 1
+            continue
+        depth -= 1
+        i = close + 1
+        if depth == 0:
+            try:
+                usage = orjson.loads(bytes(data[start:i]))
+            except orjson.JSONDecodeError:
+                return None
+            return usage if isinstance(usage, dict) else None
 
 
 def record_usage(model: str, data: bytes | bytearray) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import orjson
 from starlette.applications import Starlette
@@ -17,14 +18,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.errors import APIError, internal_error, model_not_found
 from budrt.server.embed_routes import embeddings
 from budrt.server.metrics import register_engine_collector
-from budrt.server.registry import ModelRegistry
+from budrt.server.registry import HostedModel, ModelRegistry, Resolver
+from budrt.server.residency import MemoryBudget
 from budrt.server.text_routes import chat_completions, completions
+from budrt.server.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +38,49 @@ def _json(data: object, status: int = 200) -> Response:
 
 
 async def live(request: Request) -> Response:
-    return _json({"status": "ok"})
+    """Liveness: the process answers and its watchdog saw no stuck engine or failed self-test."""
+    watchdog: Watchdog = request.app.state.watchdog
+    if watchdog.healthy:
+        return _json({"status": "ok"})
+    return _json({"status": "unhealthy", "error": watchdog.error}, status=503)
 
 
 async def ready(request: Request) -> Response:
+    """Readiness of the server (`?model=NAME`: of one model), with what the supervisor reports."""
     registry: ModelRegistry = request.app.state.registry
-    models = {name: m.state for name, m in registry.models.items()}
-    if registry.ready():
-        return _json({"status": "ready", "models": models})
-    return _json({"status": "not_ready", "models": models}, status=503)
+    watchdog: Watchdog = request.app.state.watchdog
+    body = {
+        "healthy": watchdog.healthy,
+        "error": watchdog.error,
+        "last_error": watchdog.last_error,
+        "models": {name: m.state for name, m in registry.models.items()},
+        "resident": [_residency(m) for m in registry.models.values() if m.state in ("ready", "loading")],
+        "budget": {
+            "device": registry.budget.device,
+            "total_bytes": registry.budget.total_bytes,
+            "used_bytes": registry.used_bytes(),
+        },
+    }
+    model = request.query_params.get("model")
+    if model is not None:
+        hosted = registry.get(model)
+        ok = hosted is not None and hosted.state == "ready" and watchdog.healthy
+    else:
+        ok = registry.ready() and watchdog.healthy
+    return _json({"status": "ready" if ok else "not_ready", **body}, status=200 if ok else 503)
+
+
+def _residency(hosted: HostedModel) -> dict[str, object]:
+    return {
+        "name": hosted.name,
+        "state": hosted.state,
+        "memory_bytes": hosted.cost_bytes,
+        "in_flight": hosted.in_flight,
+        "pinned": hosted.pinned,
+    }
+
+
+_STATUS = {"ready": "resident", "loading": "loading", "available": "available", "failed": "failed"}
 
 
 def _model_card(name: str, registry: ModelRegistry) -> dict[str, object]:
@@ -53,7 +91,11 @@ def _model_card(name: str, registry: ModelRegistry) -> dict[str, object]:
         "created": hosted.created,
         "owned_by": "budrt",
         "task": hosted.config.task,
-        "state": hosted.state,
+        "state": _STATUS[hosted.state],
+        "memory_bytes": hosted.cost_bytes if hosted.state in ("ready", "loading") else None,
+        "error": hosted.error,
+        "loads": hosted.loads,
+        "in_flight": hosted.in_flight,
         "max_model_len": hosted.config.max_model_len,
         "aliases": hosted.config.aliases,
     }
@@ -70,6 +112,42 @@ async def get_model(request: Request) -> Response:
     if hosted is None:
         raise model_not_found(request.path_params["model"])
     return _json(_model_card(hosted.config.name, registry))
+
+
+class _Held(Response):
+    """Runs the response, then lets go of the model the request held (streams included)."""
+
+    def __init__(self, inner: Response, release: Callable[[], None]) -> None:
+        self.inner, self.release = inner, release
+        self.status_code, self.raw_headers, self.background = inner.status_code, inner.raw_headers, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.release()
+
+
+def holding_model(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Routes call `serving_model`, which holds a model on `request.state`; release it at the end."""
+
+    def release(request: Request) -> None:
+        hosted = getattr(request.state, "hosted", None)
+        if hosted is not None:
+            request.state.hosted = None
+            request.app.state.registry.release(hosted)
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            response = await endpoint(request)
+        except BaseException:
+            release(request)
+            raise
+        return _Held(response, lambda: release(request))
+
+    return wrapper
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:
@@ -96,17 +174,38 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return internal_error().to_response()
 
 
-def create_server_app(server: ModelServerConfig, models: list[ModelConfig]) -> Starlette:
-    registry = ModelRegistry([m for m in models if m.name in server.models])
+def create_server_app(
+    server: ModelServerConfig,
+    models: list[ModelConfig],
+    preload: list[str] | None = None,
+    resolver: Resolver | None = None,
+    dequantized_dir: Path | None = None,
+) -> Starlette:
+    """`preload`: models to load at start besides those marked so (the supervisor passes the
+    models a server held before it was restarted)."""
+    registry = ModelRegistry(
+        [m for m in models if m.name in server.models],
+        MemoryBudget.for_server(server),
+        server.load_timeout_s,
+        resolver,
+        dequantized_dir,
+    )
+    watchdog = Watchdog(
+        registry,
+        interval_s=server.watchdog_interval_s,
+        step_timeout_s=server.step_timeout_s,
+        self_test_interval_s=server.self_test_interval_s,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loader = asyncio.create_task(registry.load_all())
+        tasks = [asyncio.create_task(registry.preload(preload)), asyncio.create_task(watchdog.run())]
         try:
             yield
         finally:
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await registry.close()
 
     routes = [
@@ -115,9 +214,9 @@ def create_server_app(server: ModelServerConfig, models: list[ModelConfig]) -> S
         Route("/metrics", metrics_endpoint),
         Route("/v1/models", list_models),
         Route("/v1/models/{model:path}", get_model),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/chat/completions", holding_model(chat_completions), methods=["POST"]),
+        Route("/v1/completions", holding_model(completions), methods=["POST"]),
+        Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -129,5 +228,6 @@ def create_server_app(server: ModelServerConfig, models: list[ModelConfig]) -> S
         },
     )
     app.state.registry = registry
+    app.state.watchdog = watchdog
     register_engine_collector(registry)
     return app

@@ -18,7 +18,7 @@ from budrt.server.text_routes import serving_model, validate
 
 async def embeddings(request: Request) -> Response:
     req = await validate(request, EmbeddingRequest)
-    hosted = serving_model(request, req.model, "embedding")
+    hosted = await serving_model(request, req.model, "embedding")
     batcher = hosted.embedder
     assert batcher is not None
     model = batcher.model

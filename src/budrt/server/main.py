@@ -12,10 +12,14 @@ from budrt.config import Settings, load_runtime
 from budrt.observe.logging import setup_logging
 
 
-def run_model_server(settings: Settings, name: str) -> None:
+def run_model_server(
+    settings: Settings, name: str, port: int | None = None, preload: list[str] | None = None
+) -> None:
     server = next((s for s in settings.model_servers if s.name == name), None)
     if server is None:
         raise SystemExit(f"no model server named {name!r} in the configuration")
+    if port is not None:  # one replica of several: each has its own port
+        server = server.model_copy(update={"port": port})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(f"model-server:{name}", settings.log_level)
@@ -24,8 +28,12 @@ def run_model_server(settings: Settings, name: str) -> None:
 
         torch.set_num_threads(server.threads)
     from budrt.server.app import create_server_app
+    from budrt.server.artifacts import artifact_resolver
 
-    app = create_server_app(server, settings.models)
+    cache = settings.artifact_cache_dir or settings.home / "artifacts"
+    app = create_server_app(
+        server, settings.models, preload, artifact_resolver(settings), cache / "dequantized"
+    )
     uvicorn.run(
         app,
         host=server.host,
@@ -44,8 +52,11 @@ def main() -> None:
         "--runtime", type=Path, required=True, help="resolved settings JSON from the supervisor"
     )
     parser.add_argument("--name", required=True, help="which model server of the settings to run")
+    parser.add_argument("--port", type=int, default=None, help="overrides the configured port")
+    parser.add_argument("--preload", default="", help="comma-separated models to load at start")
     args = parser.parse_args()
-    run_model_server(load_runtime(args.runtime), args.name)
+    preload = [m for m in args.preload.split(",") if m]
+    run_model_server(load_runtime(args.runtime), args.name, args.port, preload)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ class EngineStatsCollector(Collector):
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         running = GaugeMetricFamily(
             "budrt:num_requests_running", "Requests in the running batch", labels=["model_name"]
         )
@@ -58,6 +58,41 @@ class EngineStatsCollector(Collector):
             waiting.add_metric([name], float(stats.get("waiting", 0)))
             kv.add_metric([name], float(stats.get("kv_usage", 0.0)))
         yield from (running, waiting, kv, ready)
+        yield from self._engine_counters_and_histograms()
+
+    def _engine_counters_and_histograms(self) -> Iterator[Metric]:
+        """Prefix-cache and preemption counters from `stats()`; latency histograms that only the
+        engine can measure (queue time, inter-token latency) from its `histograms`."""
+        counters = {
+            "prefix_cache_queries": (
+                "prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache",
+            ),
+            "prefix_cache_hits": ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache"),
+            "num_preemptions": ("num_preemptions_total", "Sequences preempted (recomputed) for KV blocks"),
+        }
+        families = {
+            key: CounterMetricFamily(f"budrt:{key}", doc, labels=["model_name"])
+            for key, (_, doc) in counters.items()
+        }
+        histograms: dict[str, HistogramMetricFamily] = {}
+        for name, hosted in self.registry.models.items():
+            engine = hosted.engine
+            if engine is None:
+                continue
+            stats = engine.stats()
+            for key, (stat, _) in counters.items():
+                if stat in stats:
+                    families[key].add_metric([name], float(stats[stat]))
+            for hname, hist in getattr(getattr(engine, "histograms", None), "items", dict)().items():
+                family = histograms.setdefault(
+                    hname,
+                    HistogramMetricFamily(f"budrt:{hname}", hname.replace("_", " "), labels=["model_name"]),
+                )
+                buckets, total = hist.snapshot()
+                family.add_metric([name], buckets, total)
+        yield from families.values()
+        yield from histograms.values()
 
 
 def register_engine_collector(registry: ModelRegistry) -> None:

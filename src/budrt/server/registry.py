@@ -1,89 +1,267 @@
-"""The models one model server hosts, and their state (loading, ready, failed).
+"""The models one model server hosts: loaded on demand, within a memory budget, LRU-evicted.
 
-Models load in a background thread at start so `/health/live` answers at once and
-`/health/ready` turns 200 only when every model can serve.
+States: `available` (known, not in memory) -> `loading` -> `ready`; `failed` when a load
+failed (retried by a later request after a pause). Every request holds its model (`in_flight`)
+from routing until its response ends, so a model serving a stream is never evicted. Concurrent
+first requests share one load task; each waits at most `load_timeout_s`, then gets 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from budrt.config import ModelConfig
 from budrt.engine.interface import Engine
+from budrt.engine.source import resolve_source
+from budrt.protocol.errors import APIError, model_not_found
+from budrt.server.cost import estimate_cost
 from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel
+from budrt.server.gguf_cache import dequantized_source
+from budrt.server.residency import MemoryBudget, pick_victims
 
 log = logging.getLogger(__name__)
-ModelState = Literal["loading", "ready", "failed"]
+ModelState = Literal["available", "loading", "ready", "failed"]
+RETRY_FAILED_AFTER_S = 10.0
+# The config with a local path as its `source` (fetched, verified; registry defaults applied).
+Resolver = Callable[[ModelConfig], ModelConfig]
 
 
 @dataclass
 class HostedModel:
     config: ModelConfig
-    state: ModelState = "loading"
+    state: ModelState = "available"
     error: str | None = None
     engine: Engine | None = None
     embedder: EmbeddingBatcher | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
+    failed_at: float = 0.0
+    cost_bytes: int = 0  # estimated before loading; what the budget accounts
+    in_flight: int = 0
+    last_used: float = 0.0
+    loads: int = 0
+    too_large: bool = False
+    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def pinned(self) -> bool:
+        return self.config.pinned
 
 
 class ModelRegistry:
-    def __init__(self, configs: list[ModelConfig]) -> None:
+    def __init__(
+        self,
+        configs: list[ModelConfig],
+        budget: MemoryBudget | None = None,
+        load_timeout_s: float = 120.0,
+        resolver: Resolver | None = None,
+        dequantized_dir: Path | None = None,
+    ) -> None:
         self.models: dict[str, HostedModel] = {}
         self.aliases: dict[str, str] = {}
         for cfg in configs:
             self.models[cfg.name] = HostedModel(cfg)
             for alias in cfg.aliases:
                 self.aliases[alias] = cfg.name
+        self.budget = budget or MemoryBudget("cpu", 1 << 62)
+        self.load_timeout_s = load_timeout_s
+        self.resolve = resolver or (
+            lambda cfg: cfg.model_copy(update={"source": str(resolve_source(cfg.source))})
+        )
+        self.dequantized_dir = dequantized_dir  # where GGUF models are cached dequantized; None = off
+        self.preload_done = False
+        self.preload_names: list[str] = []
+        self._load_lock = asyncio.Lock()  # one load at a time: the budget check sees settled numbers
+        self._released = asyncio.Event()
 
     def get(self, name: str) -> HostedModel | None:
         return self.models.get(self.aliases.get(name, name))
 
     def ready(self) -> bool:
-        return all(m.state == "ready" and self._healthy(m) for m in self.models.values())
+        """Serving: the preload finished, its models loaded, and every resident engine is alive."""
+        if not self.preload_done:
+            return False
+        if any(self.models[n].state == "failed" for n in self.preload_names):
+            return False
+        return all(self._healthy(m) for m in self.models.values() if m.state == "ready")
 
     @staticmethod
     def _healthy(model: HostedModel) -> bool:
         return model.engine is None or model.engine.is_healthy()
 
-    async def load_all(self) -> None:
-        """Load every model, one after another, off the event loop."""
-        for model in self.models.values():
-            started = time.perf_counter()
-            try:
-                await self._load(model)
-            except Exception as exc:  # a broken model must not take the others down
-                log.exception("loading model %s failed", model.config.name)
-                model.state, model.error = "failed", f"{type(exc).__name__}: {exc}"
-                continue
-            model.state, model.loaded_at = "ready", time.time()
-            model.load_seconds = round(time.perf_counter() - started, 3)
-            log.info("model %s ready in %.1fs", model.config.name, model.load_seconds)
+    def used_bytes(self) -> int:
+        return sum(m.cost_bytes for m in self.models.values() if m.state in ("ready", "loading"))
 
-    async def _load(self, model: HostedModel) -> None:
-        cfg = model.config
+    # --- requests ---
+
+    async def acquire(self, name: str, task: str) -> HostedModel:
+        """The model, loaded and held for one request; `release` it when the response ends."""
+        hosted = self.get(name)
+        if hosted is None or hosted.config.task != task:
+            raise model_not_found(name)
+        deadline = time.monotonic() + self.load_timeout_s
+        while hosted.state != "ready":  # re-checked: an eviction may slip in before we wake up
+            await self._wait_loaded(hosted, deadline)
+        hosted.in_flight += 1
+        hosted.last_used = time.monotonic()
+        return hosted
+
+    def release(self, hosted: HostedModel) -> None:
+        hosted.in_flight -= 1
+        hosted.last_used = time.monotonic()
+        self._released.set()
+
+    async def _wait_loaded(self, hosted: HostedModel, deadline: float) -> None:
+        if hosted.state == "failed" and time.time() - hosted.failed_at < RETRY_FAILED_AFTER_S:
+            raise _unavailable(hosted)
+        task = self.load(hosted)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise APIError(
+                503,
+                f"The model `{hosted.name}` is loading; retry shortly.",
+                code="model_loading",
+                headers={"Retry-After": "5"},
+            ) from None
+        if hosted.state == "failed":
+            raise _unavailable(hosted)
+
+    # --- loading and eviction ---
+
+    def load(self, hosted: HostedModel) -> asyncio.Task[None]:
+        """The model's one load task (started if none is running)."""
+        if hosted.load_task is None or hosted.load_task.done():
+            hosted.load_task = asyncio.get_running_loop().create_task(self._load(hosted))
+        return hosted.load_task
+
+    async def _load(self, hosted: HostedModel) -> None:
+        if hosted.state == "ready":
+            return
+        hosted.state, hosted.error = "loading", None
+        try:
+            async with self._load_lock:
+                started = time.perf_counter()
+                cfg = hosted.config
+                local = await asyncio.to_thread(self.resolve, cfg)
+                path = Path(local.source)
+                hosted.cost_bytes = await asyncio.to_thread(estimate_cost, local, path)
+                await self._make_room(hosted)
+                if self.dequantized_dir is not None:
+                    local = await asyncio.to_thread(dequantized_source, local, path, self.dequantized_dir)
+                await self._start(hosted, local)
+                hosted.loads += 1
+                hosted.state, hosted.loaded_at = "ready", time.time()
+                hosted.last_used = time.monotonic()
+                hosted.load_seconds = round(time.perf_counter() - started, 3)
+                log.info(
+                    "model %s ready in %.1fs (%d MB)", cfg.name, hosted.load_seconds, hosted.cost_bytes >> 20
+                )
+        except Exception as exc:  # a broken model must not take the others down
+            log.warning("loading model %s failed: %s", hosted.name, exc)
+            hosted.state, hosted.failed_at = "failed", time.time()
+            hosted.too_large = isinstance(exc, ModelTooLarge)
+            hosted.error = str(exc) if hosted.too_large else f"{type(exc).__name__}: {exc}"
+            hosted.cost_bytes = 0
+
+    async def _make_room(self, hosted: HostedModel) -> None:
+        need, total = hosted.cost_bytes, self.budget.total_bytes
+        if need > total:
+            raise ModelTooLarge(
+                f"model {hosted.name} needs ~{need >> 20} MiB but the memory budget of this server "
+                f"({self.budget.device}) is {total >> 20} MiB; it can never be loaded here"
+            )
+        deadline = time.monotonic() + self.load_timeout_s
+        while True:
+            others = [m for m in self.models.values() if m is not hosted and m.state == "ready"]
+            free = total - sum(m.cost_bytes for m in others)
+            victims = pick_victims(others, need, free)
+            if victims is not None:
+                for victim in victims:
+                    await self.evict(victim)  # type: ignore[arg-type]
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no room for {hosted.name}: the resident models are busy or pinned")
+            self._released.clear()  # wait for a request to end, then look again
+            try:
+                await asyncio.wait_for(self._released.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def evict(self, hosted: HostedModel) -> None:
+        log.info("evicting model %s (idle, %d MB)", hosted.name, hosted.cost_bytes >> 20)
+        hosted.state = "available"
+        engine, embedder = hosted.engine, hosted.embedder
+        hosted.engine = hosted.embedder = None
+        if engine is not None:
+            await engine.stop()
+        if embedder is not None:
+            await embedder.stop()
+        del engine, embedder
+        gc.collect()  # give the weights back now, not at some later collection
+        if self.budget.device.startswith("cuda"):  # pragma: no cover - no GPU in CI
+            import torch
+
+            torch.cuda.empty_cache()
+
+    async def _start(self, hosted: HostedModel, cfg: ModelConfig) -> None:
         if cfg.task == "chat":
             from budrt.engine.factory import create_text_engine
 
             engine = await asyncio.to_thread(create_text_engine, cfg)
             await engine.start()
-            model.engine = engine
+            hosted.engine = engine
         elif cfg.task == "embedding":
             embedding_model = await asyncio.to_thread(EmbeddingModel, cfg)
             batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens)
             batcher.start()
-            model.embedder = batcher
+            hosted.embedder = batcher
         else:  # pragma: no cover - config validation forbids it
             raise ValueError(f"unsupported task {cfg.task}")
 
+    async def preload(self, extra: list[str] | None = None) -> None:
+        """Load the models marked `preload` (plus `extra`, e.g. those held before a restart)."""
+        names = [m.name for m in self.models.values() if m.config.preload or m.pinned]
+        self.preload_names = list(names)  # these must load for the server to be ready
+        for name in extra or []:
+            hosted = self.get(name)
+            if hosted is not None and hosted.name not in names:
+                names.append(hosted.name)
+        for name in names:
+            await self.load(self.models[name])
+        self.preload_done = True
+
     async def close(self) -> None:
+        for model in self.models.values():
+            if model.load_task is not None and not model.load_task.done():
+                model.load_task.cancel()
         for model in self.models.values():
             if model.engine is not None:
                 await model.engine.stop()
             if model.embedder is not None:
                 await model.embedder.stop()
+
+
+class ModelTooLarge(Exception):
+    pass
+
+
+def _unavailable(hosted: HostedModel) -> APIError:
+    return APIError(
+        503,
+        f"The model `{hosted.name}` cannot be loaded: {hosted.error}",
+        code="model_too_large" if hosted.too_large else "model_unavailable",
+        headers={} if hosted.too_large else {"Retry-After": str(int(RETRY_FAILED_AFTER_S))},
+    )

@@ -18,7 +18,6 @@ from budrt.protocol.errors import (
     APIError,
     from_validation_error,
     invalid_request,
-    model_not_found,
     overloaded,
     parse_json_body,
 )
@@ -46,25 +45,16 @@ async def validate(request: Request, schema: type[RequestModel]) -> RequestModel
         raise from_validation_error(exc) from None
 
 
-def serving_model(request: Request, name: str, task: str) -> HostedModel:
-    hosted = request.app.state.registry.get(name)
-    if hosted is None or hosted.config.task != task:
-        raise model_not_found(name)
-    if hosted.state == "loading":
-        raise overloaded(f"The model `{name}` is loading; retry shortly.", retry_after=2)
-    if hosted.state == "failed":
-        raise APIError(
-            503,
-            f"The model `{name}` failed to load.",
-            code="model_unavailable",
-            headers={"Retry-After": "10"},
-        )
+async def serving_model(request: Request, name: str, task: str) -> HostedModel:
+    """The model, loaded on demand and held until the response ends (see `app.holding_model`)."""
+    hosted = await request.app.state.registry.acquire(name, task)
+    request.state.hosted = hosted
     return hosted
 
 
 async def chat_completions(request: Request) -> Response:
     req = await validate(request, ChatCompletionRequest)
-    hosted = serving_model(request, req.model, "chat")
+    hosted = await serving_model(request, req.model, "chat")
     engine = hosted.engine
     assert engine is not None
     try:
@@ -94,7 +84,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     req = await validate(request, CompletionRequest)
-    hosted = serving_model(request, req.model, "chat")
+    hosted = await serving_model(request, req.model, "chat")
     engine = hosted.engine
     assert engine is not None
     if req.best_of is not None and req.best_of != req.n:

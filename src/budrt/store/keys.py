@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from budrt.config import Settings
 from budrt.security.keys import generate_api_key, hash_api_key, key_prefix, load_or_create_secret
+from budrt.security.rbac import ROLE_NAME
 from budrt.store.db import make_engine, session_factory
 from budrt.store.tables import ApiKey
 
-Role = Literal["admin", "user"]
+Role = str  # "admin", "user" (= developer, the default), or any built-in or custom role name
+log = logging.getLogger("budrt.store")
 ADMIN_KEY_FILE = "admin.key"
 # A DB write per request would serialise the hot path on SQLite; a coarse timestamp is enough.
 _TOUCH_EVERY = timedelta(seconds=60)
@@ -38,6 +40,9 @@ class KeyRecord:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    user_id: int | None = None  # owner: the key can do at most what this user can
+    team_id: int | None = None
+    permissions: tuple[str, ...] | None = None  # a subset of the role's; None = all of them
 
     @property
     def is_admin(self) -> bool:
@@ -75,10 +80,13 @@ class KeyStore:
         expires_at: datetime | None = None,
         *,
         plaintext: str | None = None,
+        user_id: int | None = None,
+        team_id: int | None = None,
+        permissions: Sequence[str] | None = None,
     ) -> tuple[str, KeyRecord]:
         """Create a key; returns the plaintext (shown once) and its record."""
-        if role not in ("admin", "user"):
-            raise ValueError(f"unknown role {role!r}")
+        if not ROLE_NAME.match(role):
+            raise ValueError(f"invalid role {role!r}")
         key = plaintext or generate_api_key()
         row = ApiKey(
             name=name,
@@ -90,6 +98,9 @@ class KeyStore:
             tpm=tpm,
             created_at=datetime.now(UTC),
             expires_at=_aware(expires_at),
+            user_id=user_id,
+            team_id=team_id,
+            permissions=list(permissions) if permissions is not None else None,
         )
         with self._sessions.begin() as session:
             session.add(row)
@@ -104,12 +115,17 @@ class KeyStore:
             if row is None:
                 return None
             record = _record(row)
-            if not record.is_active(now):
-                return None
-            if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
-                session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
-                session.commit()
-            return record
+        if not record.is_active(now):
+            return None
+        if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
+            # A transaction of its own: upgrading the read above to a write fails at once on
+            # SQLite when another process wrote meanwhile, whereas a fresh write waits its turn.
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(update(ApiKey).where(ApiKey.id == record.id).values(last_used_at=now))
+            except OperationalError as exc:  # a coarse timestamp must never fail authentication
+                log.warning("last_used_at not updated", extra={"fields": {"error": str(exc)}})
+        return record
 
     def list(self) -> list[KeyRecord]:
         with self._sessions() as session:
@@ -197,4 +213,7 @@ def _record(row: ApiKey) -> KeyRecord:
         expires_at=_aware(row.expires_at),
         revoked_at=_aware(row.revoked_at),
         last_used_at=_aware(row.last_used_at),
+        user_id=row.user_id,
+        team_id=row.team_id,
+        permissions=tuple(row.permissions) if row.permissions is not None else None,
     )

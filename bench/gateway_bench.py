@@ -1,0 +1,283 @@
+"""The gateway's added latency and throughput, versus the mock upstream called directly (and
+LiteLLM proxy when it is installed), in one invocation. Everything on 127.0.0.1.
+
+    .venv/bin/python bench/gateway_bench.py [--duration 10] [--rounds 5] [--save]
+
+One gateway process (`python -m budrt.gateway --runtime FILE`, pinned to CPU 0) with API-key
+auth, Redis rate limits (the key has rpm and tpm, so every request runs the acquire script and
+the tpm settle script), routing and usage metering on, in front of bench/mock_upstream.py. wrk,
+the mock and redis-server share CPU 1. LiteLLM proxy (optional) runs from /tmp/litellm-venv:
+    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]==1.108.0'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from http_stack import LOADGEN_CPU, PATH, REQUEST_BODY, SERVER_CPU, machine, server_cmd, wrk  # noqa: E402
+
+LITELLM = Path("/tmp/litellm-venv/bin/litellm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ok(proc: subprocess.Popen, url: str, headers: dict[str, str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(url + PATH, data=REQUEST_BODY, headers=headers)
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[:4]} did not come up at {url}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], cpu: str, env: dict[str, str] | None = None):
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpu, *cmd],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        proc.kill()
+
+
+def start_redis(stack: contextlib.ExitStack) -> str:
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    stack.enter_context(process(cmd, LOADGEN_CPU))
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def start_budrt(
+    stack: contextlib.ExitStack,
+    home: Path,
+    upstream: str,
+    redis_url: str | None,
+    limits: bool = True,
+    **overrides: object,
+) -> tuple[str, str, int]:
+    """The gateway process; returns its URL, an API key (with rpm and tpm limits unless
+    `limits` is false) and its pid. `overrides` are extra settings (for experiments)."""
+    from budrt.config import DeploymentConfig, Settings, runtime_dump
+    from budrt.store.db import migrate
+    from budrt.store.keys import KeyStore
+
+    port = free_port()
+    settings = Settings(
+        home=home,
+        secret_key=secrets.token_urlsafe(32),
+        log_level="warning",
+        deployments=[DeploymentConfig(model="smollm2-135m-instruct", endpoints=[upstream + "/v1"])],
+        gateway={"port": port, "redis_url": redis_url},
+        **overrides,
+    )
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("bench", rpm=100_000_000, tpm=10_000_000_000) if limits else store.create("bench")
+    store.engine.dispose()
+    runtime = home / "runtime.json"
+    runtime.write_bytes(runtime_dump(settings))
+    runtime.chmod(0o600)
+    proc = stack.enter_context(
+        process([sys.executable, "-m", "budrt.gateway", "--runtime", str(runtime)], SERVER_CPU)
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ok(proc, url, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    return url, key, proc.pid
+
+
+def start_litellm(stack: contextlib.ExitStack, home: Path, upstream: str) -> tuple[str, str, int]:
+    port = free_port()
+    master = "sk-" + secrets.token_urlsafe(32)
+    config = home / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: smollm2-135m-instruct\n"
+        "    litellm_params:\n"
+        "      model: openai/smollm2-135m-instruct\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: sk-mock\n"
+    )
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": master, "LITELLM_LOG": "ERROR"}
+    cmd = [
+        str(LITELLM),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    proc = stack.enter_context(process(cmd, SERVER_CPU, env))
+    url = f"http://127.0.0.1:{port}"
+    wait_ok(proc, url, {"Content-Type": "application/json", "Authorization": f"Bearer {master}"}, timeout=180)
+    return url, master, proc.pid
+
+
+def lua_script(key: str | None) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        if key:
+            f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+        f.write(f"wrk.body = [==[{REQUEST_BODY.decode()}]==]\n")
+    return f.name
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(targets: dict[str, tuple[str, str, int]], conns: int, args) -> dict[str, dict]:
+    """Interleaved over rounds: req/s is the mean, latencies the median of the rounds.
+
+    CPU per request (the server process's CPU time over the requests it answered) is the figure
+    least disturbed by other load on a shared machine.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in targets}
+    for _ in range(args.rounds):
+        for name, (url, lua, pid) in targets.items():
+            before = cpu_seconds(pid)
+            r = wrk(url, conns, args.duration / args.rounds, lua)
+            r["cpu_s"] = cpu_seconds(pid) - before
+            r["requests"] = r["rps"] * max(1, round(args.duration / args.rounds))
+            runs[name].append(r)
+    out = {}
+    for name, rs in runs.items():
+        rps = sorted(r["rps"] for r in rs)
+        out[name] = {
+            "rps": sum(rps) / len(rps),
+            "p50_ms": sorted(r["p50_ms"] for r in rs)[len(rs) // 2],
+            "p99_ms": sorted(r["p99_ms"] for r in rs)[len(rs) // 2],
+            "cpu_us_per_req": 1e6 * sum(r["cpu_s"] for r in rs) / max(1.0, sum(r["requests"] for r in rs)),
+            "errors": sum(r["errors"] for r in rs),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10, help="seconds of load per target and level")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--save", action="store_true", help="write JSON to bench/results/")
+    args = ap.parse_args()
+    if not shutil.which("wrk") or not shutil.which("redis-server"):
+        sys.exit("needs wrk and redis-server: apt-get install -y wrk redis-server")
+    res: dict = {"machine": machine(), "args": vars(args)}
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        mock_port = free_port()
+        mock = stack.enter_context(
+            process([sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock_port)], LOADGEN_CPU)
+        )
+        upstream = f"http://127.0.0.1:{mock_port}"
+        wait_ok(mock, upstream, {"Content-Type": "application/json"})
+        redis_url = start_redis(stack)
+        gw_url, key, gw_pid = start_budrt(stack, home, upstream, redis_url)
+        # The floor: a bare Starlette + aiohttp proxy (bench/http_stack.py) with no features at all.
+        bare_port = free_port()
+        bare = stack.enter_context(
+            process(
+                server_cmd("uvicorn", "proxy_aiohttp", bare_port), SERVER_CPU, {"BENCH_UPSTREAM": upstream}
+            )
+        )
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        wait_ok(bare, bare_url, {"Content-Type": "application/json"})
+        targets = {
+            "direct": (upstream, lua_script(None), mock.pid),
+            "bare_proxy": (bare_url, lua_script(None), bare.pid),
+            "budrt": (gw_url, lua_script(key), gw_pid),
+        }
+        if LITELLM.exists() and not args.no_litellm:
+            ll_url, master, ll_pid = start_litellm(stack, home, upstream)
+            targets["litellm"] = (ll_url, lua_script(master), ll_pid)
+        else:
+            print("LiteLLM not installed in /tmp/litellm-venv: skipping it", file=sys.stderr)
+        try:
+            for url, lua, _ in targets.values():
+                wrk(url, 64, 2, lua)  # warm-up
+            c64, c1 = measure(targets, 64, args), measure(targets, 1, args)
+        finally:
+            for _, lua, _ in targets.values():
+                os.unlink(lua)
+    res["results"] = {
+        k: {
+            "rps_c64": c64[k]["rps"],
+            "p50_ms_c1": c1[k]["p50_ms"],
+            "p99_ms_c1": c1[k]["p99_ms"],
+            "cpu_us_per_req_c64": c64[k]["cpu_us_per_req"],
+            "cpu_us_per_req_c1": c1[k]["cpu_us_per_req"],
+            "errors": c64[k]["errors"] + c1[k]["errors"],
+        }
+        for k in targets
+    }
+    report(res)
+    if args.save:
+        out = HERE / "results" / f"gateway-{datetime.now():%Y%m%d-%H%M%S}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {out.relative_to(HERE.parent)}")
+
+
+def report(res: dict) -> None:
+    m, r = res["machine"], res["results"]
+    print(f"\n{m['date']} | nproc={m['nproc']} | {m['cpu']} | load avg {m['loadavg_at_start']:.2f} at start")
+    print(
+        f"{'target':<10}{'req/s c64':>11}{'p50 c1 ms':>11}{'p99 c1 ms':>11}"
+        f"{'CPU us/req c64':>16}{'errors':>8}"
+    )
+    for name, x in r.items():
+        print(
+            f"{name:<10}{x['rps_c64']:>11.0f}{x['p50_ms_c1']:>11.3f}{x['p99_ms_c1']:>11.3f}"
+            f"{x['cpu_us_per_req_c64']:>16.0f}{x['errors']:>8}"
+        )
+    d, b = r["direct"], r["budrt"]
+    print(
+        f"budrt added latency at c1: p50 {b['p50_ms_c1'] - d['p50_ms_c1']:+.3f} ms, "
+        f"p99 {b['p99_ms_c1'] - d['p99_ms_c1']:+.3f} ms"
+    )
+    if "litellm" in r:
+        print(f"budrt / litellm req/s at c64: {b['rps_c64'] / r['litellm']['rps_c64']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`budrt models push|ls|rm`: the model registry and repository from the command line.
+
+A pushed model is served by naming it in a model config: `source: registry:<name>`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+models_app = typer.Typer(help="Manage the model registry and repository.", no_args_is_help=True)
+
+Home = Annotated[Path | None, typer.Option("--home", help="Data directory (same as BUDRT_HOME).")]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML configuration file.", exists=True, dir_okay=False)
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def model_store(config: Path | None, home: Path | None) -> Any:
+    from budrt.cli import _settings
+    from budrt.store.db import migrate
+    from budrt.store.models import ModelStore
+
+    settings = _settings(config, home)
+    migrate(settings.database_url_resolved)
+    return ModelStore.from_settings(settings)
+
+
+def _params(values: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values parsed as JSON when they are JSON (numbers, booleans)."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            typer.echo(f"error: --param expects key=value, got {item!r}", err=True)
+            raise typer.Exit(2)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _guess_format(source: str) -> str:
+    from budrt.engine.source import resolve_source
+
+    if source.endswith(".gguf"):
+        return "gguf"
+    try:
+        path = resolve_source(source)
+    except (FileNotFoundError, ValueError):
+        return "safetensors"  # push reports the missing source
+    if (path / "modules.json").exists():
+        return "sentence-transformers"
+    if (path / "model_index.json").exists():
+        return "diffusers"
+    return "safetensors"
+
+
+@models_app.command("push")
+def models_push(
+    path: Annotated[str, typer.Argument(help="A model file or directory, or package:<pkg>/<path>.")],
+    name: Annotated[str, typer.Option("--name", help="The model's name.")],
+    task: Annotated[str, typer.Option("--task", help="chat, embedding or image.")] = "chat",
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="gguf, safetensors, sentence-transformers, diffusers (default: guessed)."
+        ),
+    ] = None,
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="Another name (repeatable).")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Default parameter key=value.")] = None,
+    as_json: AsJson = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Upload a model into the repository and register it."""
+    store = model_store(config, home)
+    try:
+        info = store.push(path, name, task, format or _guess_format(path), alias or [], _params(param or []))
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(info.to_json()))
+    else:
+        typer.echo(f"pushed {info.name}: sha256:{info.digest} ({info.size_bytes} bytes); serve it with")
+        typer.echo(f"  source: registry:{info.name}")
+
+
+@models_app.command("ls")
+def models_ls(as_json: AsJson = False, home: Home = None, config: ConfigFile = None) -> None:
+    """List registered models."""
+    records = [m.to_json() for m in model_store(config, home).list()]
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        size = f"{r['size_bytes'] / 2**20:.1f} MiB"
+        typer.echo(f"{r['name']:<28} {r['task']:<10} {r['format']:<22} {size:>11}  sha256:{r['digest'][:12]}")
+
+
+@models_app.command("rm")
+def models_rm(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Unregister a model and delete its artifact (unless another model shares its bytes)."""
+    info = model_store(config, home).remove(name)
+    if info is None:
+        typer.echo(f"error: no model named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"removed {info.name} (sha256:{info.digest[:12]})")

@@ -1,0 +1,72 @@
+"""Attention over the paged KV cache for one engine step (decodes and prefill chunks together).
+
+A step's tokens are flattened into one `[N, ...]` batch: first every sequence that feeds a single
+token (decodes), then the prefill chunks, one after another. The projections and MLP run once over
+all N tokens; only attention is split: the single-token rows attend together over their gathered
+blocks (padded to the longest, masked), and each prefill chunk attends causally over its
+sequence's cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from budrt.engine.kv_cache import KVCache
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first row of this chunk in the flat batch
+    length: int  # tokens in the chunk
+    context: int  # positions attended to: cached prefix + this chunk
+    block_table: torch.Tensor | None  # [1, blocks]; None when nothing is cached before the chunk
+    mask: torch.Tensor | None  # [length, context] bool, causal with the prefix offset
+
+
+@dataclass
+class AttentionContext:
+    positions: torch.Tensor  # [N] position of every token
+    slots: torch.Tensor  # [N] where every token's k/v entry is written in the cache
+    num_decode: int  # rows 0..num_decode-1 are single-token queries
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_context: int = 0  # longest context among the single-token rows
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_context]; None if all equal
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    logits_rows: torch.Tensor | None = None  # rows whose next-token logits are needed
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int
+) -> torch.Tensor:
+    """q `[N, heads, D]`, k/v `[N, kv_heads, D]` (already RoPE'd) -> `[N, heads * D]`."""
+    n, heads, dim = q.shape
+    cache.write(layer, ctx.slots, k, v)
+    if ctx.num_decode == n and not ctx.prefills:
+        return _decode(q, ctx, cache, layer).reshape(n, heads * dim)
+    out = torch.empty_like(q)
+    if ctx.num_decode:
+        out[: ctx.num_decode] = _decode(q[: ctx.num_decode], ctx, cache, layer)
+    for chunk in ctx.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, D]
+        if chunk.block_table is None:  # fresh prompt: attend over the chunk's own k/v
+            kc = k[rows].transpose(0, 1).unsqueeze(0)
+            vc = v[rows].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
+        else:
+            kc, vc = cache.gather(layer, chunk.block_table, chunk.context)
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1)
+    return out.reshape(n, heads * dim)
+
+
+def _decode(q: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int) -> torch.Tensor:
+    assert ctx.decode_block_tables is not None
+    keys, values = cache.gather(layer, ctx.decode_block_tables, ctx.decode_context)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, enable_gqa=True
+    )
+    return o.squeeze(2)  # [B, heads, D]

@@ -1,0 +1,145 @@
+"""A model's memory cost, estimated before loading it: weights + its KV cache reservation.
+
+Estimates read only file sizes and headers (safetensors JSON header, GGUF key/values), never the
+weights, so deciding what to evict costs milliseconds, not a load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from budrt.config import ModelConfig
+
+# Activations, allocator slack, tokenizer: a share on top of weights + KV.
+OVERHEAD = 0.10
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ST_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+# GGUF quantized weights are dequantized at load. Q4 formats take ~0.56-0.75 bytes per weight on
+# disk (embeddings are often kept at higher precision); 0.6 errs on the side of too much.
+_GGUF_BYTES_PER_PARAM = 0.6
+
+
+def estimate_cost(cfg: ModelConfig, path: Path) -> int:
+    """Bytes the model will hold once loaded (configured `memory_bytes` wins)."""
+    if cfg.memory_bytes is not None:
+        return cfg.memory_bytes
+    elem = _element_bytes(cfg)
+    if cfg.format == "gguf":
+        meta = read_gguf_header(path)
+        weights = int(path.stat().st_size / _GGUF_BYTES_PER_PARAM) * elem
+        arch = str(meta.get("general.architecture", "llama"))
+        heads = int(meta.get(f"{arch}.attention.head_count", 1))
+        dims = {
+            "num_hidden_layers": meta.get(f"{arch}.block_count", 0),
+            "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
+            "head_dim": meta.get(f"{arch}.attention.key_length")
+            or int(meta.get(f"{arch}.embedding_length", 0)) // max(heads, 1),
+        }
+    else:
+        weights = sum(_safetensors_numel(f) for f in sorted(path.glob("*.safetensors"))) * elem
+        if weights == 0:  # e.g. pytorch_model.bin: the file size is the fp32 size
+            weights = sum(f.stat().st_size for f in path.glob("*.bin"))
+        config = path / "config.json"
+        dims = json.loads(config.read_text()) if config.exists() else {}
+        if "head_dim" not in dims and dims.get("num_attention_heads"):
+            dims["head_dim"] = dims["hidden_size"] // dims["num_attention_heads"]
+    kv = kv_cache_bytes(cfg, dims, elem) if cfg.task == "chat" else 0
+    return int((weights + kv) * (1 + OVERHEAD))
+
+
+def kv_cache_bytes(cfg: ModelConfig, dims: dict[str, Any], elem: int) -> int:
+    """The configured KV reservation if the config names one, else a slot per sequence at full length."""
+    configured = getattr(cfg, "kv_cache_bytes", None)
+    if configured:
+        return int(configured)
+    layers = int(dims.get("num_hidden_layers") or 0)
+    kv_heads = int(dims.get("num_key_value_heads") or dims.get("num_attention_heads") or 0)
+    head_dim = int(dims.get("head_dim") or 0)
+    return 2 * layers * kv_heads * head_dim * cfg.max_num_seqs * cfg.max_model_len * elem
+
+
+def _element_bytes(cfg: ModelConfig) -> int:
+    if cfg.task != "chat":
+        return 4  # embedding models run in float32
+    if cfg.dtype != "auto":
+        return _DTYPE_BYTES[cfg.dtype]
+    try:
+        from budrt.engine.factory import auto_dtype
+
+        return int(auto_dtype().itemsize)
+    except Exception:  # the engine may not expose it: assume the larger
+        return 4
+
+
+def _safetensors_numel(file: Path) -> int:
+    with file.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        total += (end - start) // _ST_BYTES.get(info["dtype"], 4)
+    return total
+
+
+# --- a minimal GGUF key/value reader (the gguf package parses the whole file: seconds) ---
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_header(path: Path) -> dict[str, Any]:
+    """Scalar key/values of a GGUF file (arrays such as the vocabulary are skipped)."""
+    out: dict[str, Any] = {}
+    with path.open("rb") as f:
+        magic, _version, _tensors, count = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        for _ in range(count):
+            key = _read_string(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            value = _read_value(f, vtype)
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def _read_string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8", errors="replace")
+
+
+def _read_value(f: BinaryIO, vtype: int) -> Any:
+    if vtype == _STRING:
+        return _read_string(f)
+    if vtype == _ARRAY:
+        etype, n = struct.unpack("<IQ", f.read(12))
+        if etype == _STRING:
+            for _ in range(n):
+                (size,) = struct.unpack("<Q", f.read(8))
+                f.seek(size, 1)
+        elif etype in _SCALARS:
+            f.seek(n * struct.calcsize(_SCALARS[etype]), 1)
+        else:
+            for _ in range(n):
+                _read_value(f, etype)
+        return None
+    fmt = "<" + _SCALARS[vtype]
+    (value,) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+    return value

@@ -1,0 +1,153 @@
+"""A GGUF model, dequantized once into a local safetensors directory that loads in about a second.
+
+Loading a GGUF parses the whole vocabulary in Python and dequantizes every tensor (~13 s for
+SmolLM2-135M on the dev box); that is paid again at every restart. The first load writes the
+dequantized weights (in the serving dtype), config.json and the tokenizer into the cache; later
+loads hand the engine factory that directory instead. The conversion is checked before it is
+kept (same model args, same tokenizer behaviour); anything unexpected falls back to the GGUF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from budrt.config import ModelConfig
+
+log = logging.getLogger(__name__)
+VERSION = 1  # bump when the layout written here changes
+_CHECK_TEXT = "Hello, world! 123 — ünïcode <|im_start|>"
+
+
+def _key(path: Path, dtype: str) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{dtype}:{VERSION}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def _dtype_name(cfg: ModelConfig) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    from budrt.engine.factory import auto_dtype
+
+    return str(auto_dtype()).removeprefix("torch.")
+
+
+def dequantized_source(cfg: ModelConfig, path: Path, root: Path) -> ModelConfig:
+    """`cfg` pointing at the cached safetensors copy of its GGUF (made now if missing).
+
+    Returns `cfg` unchanged (GGUF path) when it is not a GGUF or the conversion does not check out.
+    """
+    if cfg.format != "gguf" or cfg.task != "chat":
+        return cfg
+    try:
+        dtype = _dtype_name(cfg)
+        target = root / f"{path.stem}-{_key(path, dtype)}"
+        if not (target / "config.json").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            with _file_lock(root / f".{target.name}.lock"):
+                if not (target / "config.json").exists():  # another process may have made it meanwhile
+                    _convert(path, target, dtype)
+        return cfg.model_copy(update={"format": "safetensors", "source": str(target)})
+    except Exception as exc:  # the GGUF path always works: never fail a load over the cache
+        log.warning("dequantized cache unavailable for %s (%s); loading the GGUF", cfg.name, exc)
+        return cfg
+
+
+def _convert(path: Path, target: Path, dtype: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from budrt.engine.gguf_loader import load_gguf
+    from budrt.engine.safetensors_loader import _RENAMES, _args_from_config
+    from budrt.engine.tokenizer import TextTokenizer
+
+    gguf = load_gguf(path)
+    args = gguf.args
+    weights = {}
+    for name, tensor in gguf.weights.items():
+        hf = _to_hf_name(name)
+        check = hf
+        for old, new in _RENAMES:
+            check = check.replace(old, new)
+        if check != name:
+            raise ValueError(f"no round-trip name for {name}")
+        weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
+    config = {
+        "model_type": "qwen3" if args.qk_norm else "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling,
+        "rms_norm_eps": args.rms_norm_eps,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "attention_bias": args.attention_bias,
+    }
+    round_trip = _args_from_config(config, has_lm_head="lm_head.weight" in weights)
+    if dataclasses.asdict(round_trip) != dataclasses.asdict(args):
+        raise ValueError(f"config does not round-trip: {round_trip} != {args}")
+    tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        save_file(weights, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config))
+        tokenizer.backend.save(str(tmp / "tokenizer.json"))
+        tok_config = {
+            "chat_template": tokenizer.chat_template,
+            "bos_token": tokenizer.bos_token or None,
+            "eos_token": tokenizer.eos_token or None,
+            "add_bos_token": tokenizer.add_bos,
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_ids}))
+        _check_tokenizer(tokenizer, TextTokenizer.from_directory(tmp))
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantized %s into %s (%s)", path.name, target, dtype)
+
+
+def _to_hf_name(name: str) -> str:
+    if name.startswith("layers."):
+        name = "model." + name
+        for ours, theirs in ((".attn.", ".self_attn."), (".input_norm.", ".input_layernorm.")):
+            name = name.replace(ours, theirs)
+        return name.replace(".post_attn_norm.", ".post_attention_layernorm.")
+    if name.startswith(("embed_tokens.", "norm.")):
+        return "model." + name
+    return name  # lm_head.weight
+
+
+def _check_tokenizer(a: object, b: object) -> None:
+    for field in ("bos_token_id", "add_bos", "chat_template"):
+        if getattr(a, field) != getattr(b, field):
+            raise ValueError(f"tokenizer {field} differs after conversion")
+    if set(a.eos_token_ids) != set(b.eos_token_ids):  # type: ignore[attr-defined]
+        raise ValueError("tokenizer eos_token_ids differ after conversion")
+    if a.encode(_CHECK_TEXT) != b.encode(_CHECK_TEXT):  # type: ignore[attr-defined]
+        raise ValueError("tokenizer encodes differently after conversion")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):  # type: ignore[no-untyped-def]
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

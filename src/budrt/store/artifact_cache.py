@@ -1,0 +1,145 @@
+"""A model server's local disk cache of repository artifacts.
+
+Content-addressed (`<root>/<manifest digest>/`), so an entry never changes once written. Every
+`get` re-hashes the entry against its manifest before handing it to a loader: a corrupted file is
+refused and fetched again, never loaded. Fetches write into a temporary directory that is renamed
+into place atomically, and a per-digest lock (a thread lock plus an `flock` shared with other
+processes on the host) makes concurrent loaders wait for one fetch. Above the size cap, least
+recently used entries go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from budrt.store.repository import CHUNK, ArtifactCorrupt, Manifest, ModelRepository, blob_key
+
+log = logging.getLogger(__name__)
+MANIFEST = ".manifest.json"
+
+
+class ArtifactCache:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.fetches = 0  # artifacts fetched by this process
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        (root / ".locks").mkdir(parents=True, exist_ok=True)
+
+    def get(self, digest: str, repository: ModelRepository) -> Path:
+        """The local, verified copy of artifact `digest` (the file itself for single-file models)."""
+        if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
+            raise ValueError(f"invalid artifact digest {digest!r}")
+        entry = self.root / digest
+        with self._locked(digest):
+            if entry.is_dir():
+                try:
+                    manifest = self._verify(entry, digest)
+                    os.utime(entry / MANIFEST)  # last use, for LRU cleanup
+                    return _model_path(entry, manifest)
+                except ArtifactCorrupt as exc:
+                    log.warning("artifact cache: %s; fetching it again", exc)
+                    shutil.rmtree(entry)
+            manifest = self._fetch(digest, repository, entry)
+        self.cleanup(keep=digest)
+        return _model_path(entry, manifest)
+
+    def _fetch(self, digest: str, repository: ModelRepository, entry: Path) -> Manifest:
+        manifest = repository.manifest(digest)
+        tmp = self.root / f".tmp-{digest[:16]}-{uuid.uuid4().hex}"
+        try:
+            for item in manifest.files:
+                target = tmp / item.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                with repository.store.open(blob_key(item.sha256)) as src, target.open("wb") as dst:
+                    while chunk := src.read(CHUNK):
+                        h.update(chunk)
+                        dst.write(chunk)
+                if h.hexdigest() != item.sha256:
+                    raise ArtifactCorrupt(
+                        f"artifact {digest[:12]}: {item.path} in the repository does not match its digest"
+                    )
+            (tmp / MANIFEST).write_bytes(manifest.to_bytes())
+            os.rename(tmp, entry)  # atomic: an entry is complete or absent
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.fetches += 1
+        log.info("artifact cache: fetched %s (%d MiB)", digest[:12], manifest.size >> 20)
+        return manifest
+
+    @staticmethod
+    def _verify(entry: Path, digest: str) -> Manifest:
+        raw = (entry / MANIFEST).read_bytes() if (entry / MANIFEST).exists() else b""
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise ArtifactCorrupt(f"artifact {digest[:12]}: cached manifest does not match its digest")
+        manifest = Manifest.from_bytes(raw)
+        for item in manifest.files:
+            path = entry / item.path
+            h = hashlib.sha256()
+            try:
+                with path.open("rb") as f:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+            except FileNotFoundError:
+                raise ArtifactCorrupt(f"artifact {digest[:12]}: cached {item.path} is missing") from None
+            if h.hexdigest() != item.sha256:
+                raise ArtifactCorrupt(f"artifact {digest[:12]}: cached {item.path} does not match its digest")
+        return manifest
+
+    def cleanup(self, keep: str | None = None) -> None:
+        """Remove least recently used entries until the cache is under its cap (`keep` stays)."""
+        entries = []
+        for entry in self.root.iterdir():
+            marker = entry / MANIFEST
+            if entry.name.startswith(".") or not marker.exists():
+                continue
+            size = sum(f.size for f in Manifest.from_bytes(marker.read_bytes()).files)
+            entries.append((marker.stat().st_mtime, entry, size))
+        total = sum(size for _, _, size in entries)
+        for _, entry, size in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if entry.name == keep:
+                continue
+            with self._locked(entry.name, wait=False) as held:
+                if not held:  # someone is fetching or verifying it right now
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
+                total -= size
+                log.info("artifact cache: removed %s (LRU, %d MiB)", entry.name[:12], size >> 20)
+
+    @contextlib.contextmanager
+    def _locked(self, digest: str, wait: bool = True) -> Iterator[bool]:
+        with self._guard:
+            lock = self._locks.setdefault(digest, threading.Lock())
+        if not lock.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            with (self.root / ".locks" / digest).open("a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                try:
+                    yield True
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            lock.release()
+
+
+def _model_path(entry: Path, manifest: Manifest) -> Path:
+    return entry / manifest.files[0].path if manifest.kind == "file" else entry

@@ -1,0 +1,207 @@
+"""Users, teams, custom roles and the audit log in the metadata database.
+
+Every admin change and its audit entry are written in one transaction, so the log never
+misses a change that happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, ROLE_NAME, PermissionSet
+from budrt.store.db import session_factory
+from budrt.store.tables import AuditEntry, Role, Team, User
+
+
+class Conflict(ValueError):
+    """The name is taken."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """What a key needs to know about its owner to build its permissions."""
+
+    user: str | None
+    team: str | None
+    roles: tuple[str, ...] | None  # None: the key has no owning user
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+class IdentityStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = session_factory(engine)
+
+    # -- reads used by authentication (one threadpool call per cache miss) --
+
+    def owner(self, user_id: int | None, team_id: int | None) -> Owner:
+        if user_id is None and team_id is None:
+            return Owner(None, None, None)
+        with self._sessions() as session:
+            user = session.get(User, user_id) if user_id is not None else None
+            team_id = team_id if team_id is not None else (user.team_id if user else None)
+            team = session.get(Team, team_id) if team_id is not None else None
+            if user_id is not None and user is None:
+                return Owner(None, team.name if team else None, ())  # owner deleted: grants nothing
+            return Owner(
+                user.name if user else None,
+                team.name if team else None,
+                tuple(user.roles) if user else None,
+            )
+
+    def custom_roles(self) -> dict[str, tuple[str, ...]]:
+        with self._sessions() as session:
+            return {r.name: tuple(r.permissions) for r in session.scalars(select(Role))}
+
+    # -- admin operations --
+
+    def create_team(self, name: str, actor: str) -> dict[str, Any]:
+        with self._sessions.begin() as session:
+            team = Team(name=name, created_at=_now())
+            session.add(team)
+            _flush_unique(session, f"team {name!r} already exists")
+            audit(session, actor, "teams:create", f"team:{name}")
+            return {"id": team.id, "name": team.name, "created_at": _iso(team.created_at)}
+
+    def list_teams(self) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            return [
+                {"id": t.id, "name": t.name, "created_at": _iso(t.created_at)}
+                for t in session.scalars(select(Team).order_by(Team.id))
+            ]
+
+    def create_user(self, name: str, team: str | None, roles: Sequence[str], actor: str) -> dict[str, Any]:
+        with self._sessions.begin() as session:
+            self._check_roles(session, roles)
+            team_row = self._team(session, team) if team else None
+            user = User(name=name, team_id=team_row.id if team_row else None, roles=list(roles))
+            user.created_at = _now()
+            session.add(user)
+            _flush_unique(session, f"user {name!r} already exists")
+            audit(session, actor, "users:create", f"user:{name}", {"team": team, "roles": list(roles)})
+            return _user_json(user, team)
+
+    def list_users(self) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            teams = {t.id: t.name for t in session.scalars(select(Team))}
+            users = session.scalars(select(User).order_by(User.id))
+            return [_user_json(u, teams.get(u.team_id) if u.team_id else None) for u in users]
+
+    def user(self, name: str) -> tuple[int, int | None, tuple[str, ...]]:
+        """(id, team id, roles) of a user; raises NotFound."""
+        with self._sessions() as session:
+            user = session.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                raise NotFound(f"user {name!r} does not exist")
+            return user.id, user.team_id, tuple(user.roles)
+
+    def team_id(self, name: str) -> int:
+        with self._sessions() as session:
+            return self._team(session, name).id
+
+    def set_roles(self, name: str, roles: Sequence[str], actor: str) -> dict[str, Any]:
+        with self._sessions.begin() as session:
+            self._check_roles(session, roles)
+            user = session.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                raise NotFound(f"user {name!r} does not exist")
+            before = list(user.roles)
+            user.roles = list(roles)
+            audit(session, actor, "roles:assign", f"user:{name}", {"before": before, "after": list(roles)})
+            team = session.get(Team, user.team_id) if user.team_id else None
+            return _user_json(user, team.name if team else None)
+
+    def create_role(self, name: str, permissions: Sequence[str], actor: str) -> dict[str, Any]:
+        if not ROLE_NAME.match(name) or name in BUILTIN_ROLES or name in LEGACY_ROLES:
+            raise Conflict(f"role name {name!r} is reserved or invalid")
+        perms = PermissionSet(permissions).strings()  # validates
+        with self._sessions.begin() as session:
+            session.add(Role(name=name, permissions=perms, created_at=_now()))
+            _flush_unique(session, f"role {name!r} already exists")
+            audit(session, actor, "roles:create", f"role:{name}", {"permissions": perms})
+        return {"name": name, "permissions": perms, "builtin": False}
+
+    def list_roles(self) -> list[dict[str, Any]]:
+        builtin = [{"name": n, "permissions": list(p), "builtin": True} for n, p in BUILTIN_ROLES.items()]
+        roles = self.custom_roles().items()
+        custom = [{"name": n, "permissions": list(p), "builtin": False} for n, p in roles]
+        return builtin + custom
+
+    def record(self, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        with self._sessions.begin() as session:
+            audit(session, actor, action, target, detail)
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            rows = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+            return [
+                {
+                    "id": r.id,
+                    "at": _iso(r.at),
+                    "actor": r.actor,
+                    "action": r.action,
+                    "target": r.target,
+                    "detail": r.detail,
+                }
+                for r in rows
+            ]
+
+    def check_roles(self, roles: Sequence[str]) -> None:
+        """Raises NotFound unless every role is built in, legacy ("user") or custom."""
+        with self._sessions() as session:
+            self._check_roles(session, [r for r in roles if r not in LEGACY_ROLES])
+
+    def _team(self, session: Session, name: str) -> Team:
+        team = session.scalars(select(Team).where(Team.name == name)).first()
+        if team is None:
+            raise NotFound(f"team {name!r} does not exist")
+        return team
+
+    def _check_roles(self, session: Session, roles: Sequence[str]) -> None:
+        custom = set(session.scalars(select(Role.name)))
+        for role in roles:
+            if role not in BUILTIN_ROLES and role not in custom:
+                raise NotFound(f"role {role!r} does not exist")
+
+
+def audit(
+    session: Session, actor: str, action: str, target: str, detail: dict[str, Any] | None = None
+) -> None:
+    session.add(AuditEntry(at=_now(), actor=actor, action=action, target=target, detail=detail))
+
+
+def _flush_unique(session: Session, message: str) -> None:
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(message) from None
+
+
+def _user_json(user: User, team: str | None) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "name": user.name,
+        "team": team,
+        "roles": list(user.roles),
+        "created_at": _iso(user.created_at),
+    }

