@@ -3,12 +3,15 @@ breaker ejection and readmission; model fallbacks; the per-request deadline."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 
 from budrt.config import DeploymentConfig, Settings
 from budrt.gateway.app import create_app
@@ -103,3 +106,74 @@ def test_fallback_model_and_deadline(tmp_path: Path) -> None:
     finally:
         server.stop()
         upstream.stop()
+
+
+def test_requests_waiting_on_a_hung_replica_are_not_left_hanging(tmp_path: Path) -> None:
+    """SIGSTOP model servers with requests in flight: the health check finds them hung and the
+    gateway retries on the other replica, answers 503 + Retry-After without one, and ends a
+    stream that was relaying with an error event; all long before the 600 s read timeout."""
+    a_proc, a = start_upstream("a", mode="hang")  # holds its requests until stopped
+    b_proc, b = start_upstream("b")
+    c_proc, c = start_upstream("c")
+    procs = [a_proc, b_proc, c_proc]
+    deployments = [
+        DeploymentConfig(model="m", endpoints=[a, b], managed=True),
+        DeploymentConfig(model="solo", endpoints=[c], managed=True),
+    ]
+    server, key = _gateway(tmp_path, deployments, health_interval_s=0.2, retry_backoff_s=0.001)
+    gw = server.server.config.app.state.gateway
+    stats = {u: u.removesuffix("/v1") + "/_stats" for u in (a, c)}
+    try:
+        deadline = time.monotonic() + 10
+        while not all(e.ready for e in gw.router.endpoints()):
+            assert time.monotonic() < deadline, gw.router.endpoints()
+            time.sleep(0.05)
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            httpx.Client(base_url=server.url, headers=headers, timeout=30) as c1,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            first_chunk = threading.Event()
+
+            def stream() -> bytes:
+                body = _chat("solo", stream=True, mock_chunks=200, mock_delay=0.05)
+                with c1.stream("POST", CHAT, json=body) as resp:
+                    assert resp.status_code == 200
+                    got = b""
+                    for chunk in resp.iter_raw():
+                        got += chunk
+                        first_chunk.set()
+                    return got
+
+            streamed = pool.submit(stream)
+            plain = [pool.submit(c1.post, CHAT, json=_chat("m")) for _ in range(6)]
+            solo = pool.submit(c1.post, CHAT, json=_chat("solo", mock="hang"))
+            deadline = time.monotonic() + 10
+            while not (
+                first_chunk.is_set()
+                and httpx.get(stats[a]).json()["requests"] >= 1
+                and httpx.get(stats[c]).json()["requests"] >= 2
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            stopped_at = time.monotonic()
+            for p in (a_proc, c_proc):
+                p.send_signal(signal.SIGSTOP)
+            answers = [f.result(timeout=15) for f in plain]
+            assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+            assert {r.json()["served_by"] for r in answers} == {"b"}
+            lone = solo.result(timeout=15)
+            assert lone.status_code == 503 and lone.headers["retry-after"] == "1", lone.text
+            assert lone.json()["error"]["code"] == "no_healthy_upstream"
+            got = streamed.result(timeout=15)
+            assert time.monotonic() - stopped_at < 8  # detection is ~2 health checks
+        events = got.strip().split(b"\n\n")
+        assert events[-1] == b"data: [DONE]" and events[0].startswith(b"data: {")
+        assert orjson.loads(events[-2].removeprefix(b"data: "))["error"]["code"] == "upstream_unresponsive"
+        assert got.count(b"tok") < 200
+        assert not any(e.waiters for e in gw.router.endpoints())
+    finally:
+        server.stop()
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            stop(p)

@@ -2,7 +2,8 @@
 
 SIGKILL one replica under steady load: the gateway fails over so no request fails, and the
 supervisor brings the replica back (with the models it held) within 30 s. SIGSTOP one: the
-supervisor's probe notices the hang and replaces it.
+supervisor's probe notices the hang and replaces it. A server whose watchdog finds it unhealthy
+(a failing self-test) is restarted too.
 """
 
 from __future__ import annotations
@@ -71,17 +72,10 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         "supervisor": {"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "probe_failures_before_kill": 3},
         "gateway": {"health_interval_s": 0.5, "retries": 3},
     }
-    (home / "config.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
-    env.update({"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1"})
-    argv = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]
-    with (home / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    s = Serve(f"http://127.0.0.1:{port}", home, proc)
+    s = start_serve(home, config)
     deadline = time.time() + 90
     while True:
-        assert proc.poll() is None, s.log_tail()
+        assert s.proc.poll() is None, s.log_tail()
         try:
             if httpx.get(f"{s.url}/health/ready", timeout=2).status_code == 200:
                 break
@@ -90,11 +84,27 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         assert time.time() < deadline, s.log_tail()
         time.sleep(0.3)
     yield s
-    proc.send_signal(signal.SIGTERM)
+    stop_serve(s)
+
+
+def start_serve(home: Path, config: dict, env_extra: dict[str, str] | None = None) -> Serve:
+    """`budrt serve` with `config` in `home`; does not wait for it to be ready."""
+    (home / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
+    env.update({"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", **(env_extra or {})})
+    argv = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]
+    with (home / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Serve(f"http://127.0.0.1:{port}", home, proc)
+
+
+def stop_serve(s: Serve) -> None:
+    s.proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        s.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        s.proc.kill()
 
 
 def chat(client: httpx.Client, url: str) -> int:
@@ -218,3 +228,49 @@ def test_watchdog_flags_a_stuck_engine_and_a_failing_self_test(tmp_path: Path) -
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_unhealthy_server_is_restarted_by_the_supervisor(tmp_path: Path) -> None:
+    """The watchdog's self-test fails (test fault from the environment, read at start), the
+    server answers "unhealthy", and after `unhealthy_before_restart` such answers the supervisor
+    replaces it."""
+    config = {
+        "models": [
+            {
+                "name": MODEL,
+                "task": "chat",
+                "format": "safetensors",
+                "source": str(build_tiny_llama(tmp_path / "tiny")),
+                "dtype": "float32",
+                "max_model_len": 128,
+                "max_num_seqs": 2,
+                "kv_cache_bytes": 4 << 20,
+            }
+        ],
+        "model_servers": [
+            {"name": "sick", "models": [MODEL], "watchdog_interval_s": 0.2, "self_test_interval_s": 0.2}
+        ],
+        "supervisor": {"probe_interval_s": 0.3, "unhealthy_before_restart": 2, "restart_backoff_s": 0.2},
+    }
+    s = start_serve(tmp_path, config, {"BUDRT_TEST_FAULT": "self_test_fail"})
+    try:
+        deadline = time.time() + 60
+        first = None
+        while first is None or first["pid"] is None:  # the supervisor has started it
+            assert s.proc.poll() is None and time.time() < deadline, s.log_tail()
+            first = next((p for p in s.status()["processes"] if p["name"] == "sick"), None)
+            time.sleep(0.2)
+        assert first["restarts"] == 0
+        started = time.time()
+        while True:  # import, preload, a failed self-test, two unhealthy answers, backoff
+            now = s.replica("sick")
+            if now["restarts"] >= 1 and now["pid"] != first["pid"]:
+                break
+            assert time.time() - started < 45, (now, s.log_tail())
+            time.sleep(0.2)
+    finally:
+        stop_serve(s)
+    # Polled faster than the new (just as sick) process can load, fail and be replaced again.
+    assert now["restarts"] == first["restarts"] + 1, now
+    assert (now["last_error"] or "").startswith("unhealthy: model tiny-chat: self-test failed")
+    assert "BUDRT_TEST_FAULT" in now["last_error"]

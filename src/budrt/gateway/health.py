@@ -1,4 +1,10 @@
-"""Active health checks of managed endpoints (`<root>/health/ready`)."""
+"""Active health checks of managed endpoints (`<root>/health/ready`).
+
+An endpoint that does not answer its check in time (hung: SIGSTOP, a stuck event loop) is taken
+out of rotation and every request waiting on it is cancelled: those that sent nothing to their
+client yet are retried on another replica (or get 503 + Retry-After), a stream already relaying
+ends with an error event. Without this they would wait for the deployment's read timeout.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ import aiohttp
 from budrt.gateway.routing import Endpoint, Router
 
 log = logging.getLogger("budrt.gateway.health")
+# Consecutive timed-out checks that mean "hung". Two, so that one slow answer from a busy server
+# does not cancel its requests; a refused connection is not a hang (the requests fail by themselves).
+HUNG_AFTER_TIMEOUTS = 2
 
 
 class HealthChecker:
@@ -17,6 +26,7 @@ class HealthChecker:
         self.endpoints = [e for e in router.endpoints() if e.managed]
         self.interval_s = interval_s
         self.timeout = aiohttp.ClientTimeout(total=min(timeout_s, max(interval_s, 0.5)))
+        self.timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         if not self.endpoints:
@@ -29,11 +39,21 @@ class HealthChecker:
         await asyncio.gather(*(self._check(session, e) for e in self.endpoints))
 
     async def _check(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
+        timed_out = False
         try:
             async with session.get(ep.health_url, timeout=self.timeout) as resp:
                 ready = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except TimeoutError:
+            ready, timed_out = False, True
+        except (aiohttp.ClientError, OSError):
             ready = False
+        count = self.timeouts[ep] = self.timeouts.get(ep, 0) + 1 if timed_out else 0
+        if count == HUNG_AFTER_TIMEOUTS or (count > HUNG_AFTER_TIMEOUTS and ep.waiters):
+            cancelled = ep.hung()
+            log.warning(
+                "endpoint hung; requests waiting on it cancelled",
+                extra={"fields": {"url": ep.base_url, "requests": cancelled}},
+            )
         if ready != ep.ready:
             log.info("endpoint %s", "ready" if ready else "not ready", extra={"fields": {"url": ep.base_url}})
         ep.ready = ready

@@ -17,7 +17,7 @@ from starlette.types import Receive
 
 from budrt.config import GatewayConfig
 from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTracker
-from budrt.gateway.routing import Deployment, Endpoint
+from budrt.gateway.routing import Deployment, Endpoint, cancelled_for_hang
 from budrt.gateway.stream import UpstreamStream, pass_headers
 from budrt.gateway.usage import record_usage
 from budrt.protocol.errors import APIError
@@ -143,6 +143,8 @@ class Proxy:
         extra: dict[str, str],
     ) -> Response | tuple[Deployment, Endpoint, aiohttp.ClientResponse, bytes]:
         assert self.session is not None, "Proxy.start() was not called"
+        task = asyncio.current_task()
+        assert task is not None
         last_5xx: Response | None = None
         timed_out = False
         failures = 0
@@ -162,6 +164,7 @@ class Proxy:
                 breaker.on_attempt(time.monotonic())
                 handed_off = False
                 resp: aiohttp.ClientResponse | None = None
+                ep.waiters.add(task)  # a hang found by the health check cancels the wait
                 try:
                     resp = await self.session.post(
                         ep.url(path), data=body, headers=dep.upstream_headers, timeout=timeout
@@ -203,13 +206,20 @@ class Proxy:
                         breaker.failure()
                     if resp is not None:
                         resp.close()  # a half-read response must not go back to the pool
-                except asyncio.CancelledError:  # the client left: drop the upstream connection
-                    if breaker.probing:
-                        breaker.probing = False  # let the next request probe instead
+                except asyncio.CancelledError:  # client left, deadline, or the endpoint hung
                     if resp is not None:
-                        resp.close()
-                    raise
+                        resp.close()  # drop the upstream connection
+                    if not cancelled_for_hang():
+                        if breaker.probing:
+                            breaker.probing = False  # let the next request probe instead
+                        raise
+                    # Nothing reached the client yet: try another replica.
+                    UPSTREAM_ERRORS.labels(dep.name, "hung").inc()
+                    log.warning("upstream stopped answering", extra={"fields": {"url": ep.base_url}})
+                    failures += 1
+                    breaker.failure()
                 finally:
+                    ep.waiters.discard(task)
                     if not handed_off:
                         ep.outstanding -= 1
                         if resp is not None:

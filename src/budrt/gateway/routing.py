@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import Iterable
 
 from yarl import URL
@@ -11,9 +13,34 @@ from budrt.config import DeploymentConfig, GatewayConfig
 from budrt.gateway.balancer import HashRing, WeightedRoundRobin, least_outstanding, p2c
 from budrt.gateway.breaker import Breaker
 
+# Tasks cancelled because their endpoint stopped answering (by `Endpoint.hung`), until they see it.
+_HUNG_TASKS: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
+HUNG = "budrt: endpoint stopped answering"  # the cancel message, for tracebacks
+
+
+def cancelled_for_hang() -> bool:
+    """In an `except CancelledError`: True if the current task was cancelled only because its
+    endpoint hung; the cancel is then taken back and the task goes on (retries elsewhere, or ends
+    its stream). A client disconnect or the request deadline also cancelling it wins."""
+    task = asyncio.current_task()
+    if task is None or task not in _HUNG_TASKS:
+        return False
+    _HUNG_TASKS.discard(task)
+    return task.uncancel() == 0
+
 
 class Endpoint:
-    __slots__ = ("base_url", "health_url", "managed", "outstanding", "ready", "breaker", "index", "_urls")
+    __slots__ = (
+        "base_url",
+        "health_url",
+        "managed",
+        "outstanding",
+        "ready",
+        "breaker",
+        "index",
+        "waiters",
+        "_urls",
+    )
 
     def __init__(
         self, base_url: str, managed: bool, index: int = 0, config: GatewayConfig | None = None
@@ -29,6 +56,9 @@ class Endpoint:
         # assumed up and only taken out by failures (their breaker).
         self.ready = not managed
         self.breaker = Breaker(self.base_url, config.breaker_failures, config.breaker_cooldown_s)
+        # Tasks waiting on this endpoint (an attempt before its first byte, or a stream's relay),
+        # so a hang found by the health check ends them now instead of at the read timeout.
+        self.waiters: set[asyncio.Task[object]] = set()
         self._urls: dict[str, URL] = {}
 
     def url(self, path: str) -> URL:
@@ -44,6 +74,16 @@ class Endpoint:
     def mark_down(self) -> None:
         """Certainly unreachable (e.g. connection refused): eject now."""
         self.breaker.failure(fatal=True)
+
+    def hung(self) -> int:
+        """Stopped answering (health check timed out): take it out of rotation and cancel every
+        request waiting on it, which retries elsewhere or ends its stream. Returns how many."""
+        self.ready = False
+        waiters = list(self.waiters)
+        for task in waiters:
+            _HUNG_TASKS.add(task)
+            task.cancel(HUNG)
+        return len(waiters)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base_url!r}, outstanding={self.outstanding}, ready={self.ready})"

@@ -12,7 +12,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTracker
-from budrt.gateway.routing import Endpoint
+from budrt.gateway.routing import Endpoint, cancelled_for_hang
 from budrt.gateway.usage import STREAM_TAIL_BYTES, record_usage
 from budrt.protocol.errors import APIError
 
@@ -61,6 +61,7 @@ class UpstreamStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
+        self.ep.waiters.add(pump)  # a hang found by the health check ends the stream (in-band)
         try:
             await asyncio.wait((pump, self.disconnected), return_when=asyncio.FIRST_COMPLETED)
             if not pump.done():
@@ -70,6 +71,7 @@ class UpstreamStream:
             else:
                 pump.result()  # re-raise anything unexpected (after headers: uvicorn drops it)
         finally:
+            self.ep.waiters.discard(pump)
             pump.cancel()
             self.disconnected.cancel()
             self.resp.close()  # drops the upstream connection if the stream did not finish
@@ -79,15 +81,16 @@ class UpstreamStream:
                 await self.on_end(self)
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         tail = self.tail
         tail += self.first
         captured = self.captured = bytearray(self.first) if self.capture else None
         try:
-            await send({"type": "http.response.body", "body": self.first, "more_body": True})
-        except OSError:
-            return
-        try:
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            try:
+                await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            except OSError:
+                return
             async for chunk in self.resp.content.iter_any():
                 try:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -109,6 +112,15 @@ class UpstreamStream:
             log.warning("upstream stream broke", extra={"fields": fields})
             error = APIError(502, "The model server closed the stream unexpectedly.", code="upstream_error")
             await _send_quietly(send, b"data: " + orjson.dumps(error.body()) + b"\n\n")
+        except asyncio.CancelledError:
+            if not cancelled_for_hang():
+                raise  # the client left
+            # The health check found the model server hung: end the stream now, not at the read
+            # timeout, with an error event and the usual terminator.
+            UPSTREAM_ERRORS.labels(self.model, "hung").inc()
+            log.warning("upstream stopped answering mid-stream", extra={"fields": {"url": self.ep.base_url}})
+            error = APIError(502, "The model server stopped answering.", code="upstream_unresponsive")
+            await _send_quietly(send, b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n")
         record_usage(self.model, tail)
         await _send_quietly(send, b"", more_body=False)
 

@@ -3,12 +3,17 @@
 A stuck engine thread (deadlock, a kernel that never returns) leaves the HTTP server answering
 while every request hangs. The watchdog notices and flips `/health/live` to 503, so the
 supervisor replaces the process.
+
+Tests only: `BUDRT_TEST_FAULT=self_test_fail` in the model server's environment at start makes
+every self-test of a resident model fail, so the "unhealthy -> supervisor restarts" path can be
+driven end to end with real processes. It is read once at start; nothing can turn it on later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 
@@ -19,6 +24,7 @@ log = logging.getLogger(__name__)
 # Counters that move whenever the engine completes a step. Read defensively: any engine may
 # expose some, all or none of them.
 _PROGRESS_KEYS = ("last_step_at", "generation_tokens_total", "prompt_tokens_total", "requests_finished_total")
+TEST_FAULT_ENV = "BUDRT_TEST_FAULT"  # tests only; see the module docstring
 
 
 class Watchdog:
@@ -39,6 +45,9 @@ class Watchdog:
         self.last_error: str | None = None  # kept after recovery, for `budrt status`
         self._progress: dict[str, tuple[tuple[object, ...], float]] = {}
         self._last_self_test = time.monotonic()
+        self.fault_self_test = os.environ.get(TEST_FAULT_ENV) == "self_test_fail"
+        if self.fault_self_test:
+            log.warning("%s=self_test_fail: every self-test will fail (a test fault)", TEST_FAULT_ENV)
 
     @property
     def healthy(self) -> bool:
@@ -98,6 +107,8 @@ class Watchdog:
                 continue  # a busy model shows its health through progress; a test would only queue
             hosted.in_flight += 1  # not evicted while we test it
             try:
+                if self.fault_self_test:
+                    raise RuntimeError(f"fault injected by {TEST_FAULT_ENV} (tests only)")
                 await asyncio.wait_for(_one_token(hosted), self.step_timeout_s)
             except EngineOverloaded:
                 pass  # busy is not broken; the progress check covers a busy engine
