@@ -78,3 +78,25 @@ def test_secrets_are_masked_but_survive_runtime_file(tmp_path: Path, monkeypatch
     assert child.secret_key is not None and child.secret_key.get_secret_value() == "s3cret-value"
     assert child.admin_key is None
     assert child.gateway.port == 9400
+
+
+def test_cli_config_show_masks_secrets(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
+    env.update({"BUDRT_SECRET_KEY": "very-secret-hmac-key", "BUDRT_GATEWAY__PORT": "9123"})
+    budrt = str(Path(sys.executable).parent / "budrt")
+    out = subprocess.run(
+        [budrt, "config", "show", "--home", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    shown = yaml.safe_load(out)
+    assert shown["gateway"]["port"] == 9123
+    assert shown["secret_key"] == "**********"
+    assert "very-secret-hmac-key" not in out
