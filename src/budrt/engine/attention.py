@@ -34,6 +34,8 @@ class AttentionContext:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context: int = 0  # longest context among the single-token rows
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_context]; None if all equal
+    # One decoding row whose blocks are consecutive in the cache: attend over a view from this block.
+    decode_first_block: int | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # rows whose next-token logits are needed
 
@@ -64,8 +66,11 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int) -> torch.Tensor:
-    assert ctx.decode_block_tables is not None
-    keys, values = cache.gather(layer, ctx.decode_block_tables, ctx.decode_context)
+    if ctx.decode_first_block is not None:
+        keys, values = cache.window(layer, ctx.decode_first_block, ctx.decode_context)
+    else:
+        assert ctx.decode_block_tables is not None
+        keys, values = cache.gather(layer, ctx.decode_block_tables, ctx.decode_context)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, enable_gqa=True
     )

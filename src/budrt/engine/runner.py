@@ -52,6 +52,9 @@ class ModelRunner:
             width = (ctx.decode_context + self.block_size - 1) // self.block_size
             tables = [self._table(s, n) for (s, _), n in zip(decodes, lengths, strict=True)]
             tables = [t + [0] * (width - len(t)) for t in tables]
+            first = tables[0][0]
+            if len(tables) == 1 and tables[0] == list(range(first, first + width)):
+                ctx.decode_first_block = first  # no gather needed: the blocks are one slice
             ctx.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
             if min(lengths) != ctx.decode_context:  # rows shorter than the longest mask the rest
                 lens = torch.tensor(lengths, device=dev)
