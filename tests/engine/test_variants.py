@@ -26,17 +26,11 @@ from hf_variants import (  # noqa: E402
     assert_same,
     build,
     hf_greedy,
-    write_tokenizer,
 )
 
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.safetensors_loader import load_safetensors  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

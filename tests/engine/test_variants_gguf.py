@@ -19,17 +19,11 @@ from hf_variants import (  # noqa: E402
     build,
     hf_greedy,
     write_gguf,
-    write_tokenizer,
 )
 
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.rope import rope_inv_freq  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_gguf_rope_freqs_equal_llama3_scaling() -> None:
