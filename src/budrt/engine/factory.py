@@ -9,6 +9,8 @@ import os
 import torch
 
 from budrt.config import ModelConfig
+from budrt.engine import quant
+from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
 from budrt.engine.kv_cache import num_blocks_for
@@ -40,8 +42,9 @@ def auto_dtype() -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def create_text_engine(cfg: ModelConfig) -> Engine:
-    """Load the model and tokenizer named by `cfg` (GGUF or a Hugging Face safetensors directory).
+def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> Engine:
+    """Load the model and tokenizer named by `cfg` (GGUF or a Hugging Face safetensors directory)
+    onto `device` ("cpu", "cuda:N": chosen by the server's placement).
 
     Synchronous and slow (seconds): call it before serving, then `await engine.start()`.
     """
@@ -51,20 +54,26 @@ def create_text_engine(cfg: ModelConfig) -> Engine:
     path = resolve_source(cfg.source)
     if cfg.format == "gguf":
         gguf = load_gguf(path)
-        args, weights = gguf.args, gguf.weights
+        args, weights, quantized = gguf.args, gguf.weights, gguf.quantized
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
     elif cfg.format == "safetensors":
         args, weights = load_safetensors(path)
+        quantized = quant.split_q4(weights)  # present in the gguf cache's directories
         tokenizer = TextTokenizer.from_directory(path)
     else:
         raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
 
     dtype = auto_dtype() if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+    target = torch.device(device)
+    if target.type == "cuda" and cfg.dtype == "auto":
+        dtype = cuda_dtype(target)
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
     model = build_model(args, weights, dtype, max_model_len)
+    quant.attach(model, quantized)
     fuse_projections(model)
-    if can_pack(dtype, torch.device("cpu")):
-        pack_linears(model, int8_rows=cfg.int8_decode_rows)
+    to_device(model, target)  # no-op on CPU
+    if can_pack(dtype, target):  # CPU only
+        model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
     num_blocks = num_blocks_for(
         cfg.kv_cache_bytes,
         args.num_layers,
@@ -74,6 +83,7 @@ def create_text_engine(cfg: ModelConfig) -> Engine:
         dtype,
         torch.device("cpu"),
     )
+    num_blocks = fit_kv_blocks(num_blocks, args, cfg.block_size, dtype, target)  # CUDA: free memory caps
     log.info(
         "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens)",
         cfg.name,
@@ -95,6 +105,7 @@ def create_text_engine(cfg: ModelConfig) -> Engine:
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
         dtype=dtype,
+        device=target,
         identity=f"{cfg.name}:{cfg.source}",
     )
 

@@ -13,6 +13,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from budrt.engine import quant
 from budrt.engine.llama import LlamaArgs
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -44,6 +45,8 @@ class GGUFModel:
     args: LlamaArgs
     weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
     metadata: dict[str, Any]  # every key/value field of the file (tokenizer.*, general.*, ...)
+    # The file's own 4-bit blocks of Q4_0/Q4_1 linear weights, by parameter name (see engine/quant.py).
+    quantized: dict[str, quant.Q4Weight] = dataclasses.field(default_factory=dict)
 
 
 def read_metadata(path: Path | str, reader: GGUFReader | None = None) -> dict[str, Any]:
@@ -121,6 +124,7 @@ def load_gguf(path: Path | str) -> GGUFModel:
     permuted = meta["general.architecture"] == "llama"
 
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, quant.Q4Weight] = {}
     for tensor in reader.tensors:
         # gguf dequantizes to numpy in PyTorch's [out, in] order already. Unquantized tensors come
         # back as read-only views of the memory-mapped file, hence the copy.
@@ -139,9 +143,15 @@ def load_gguf(path: Path | str) -> GGUFModel:
         if match is None or match.group(2) not in _LAYER_NAMES:
             continue  # tensors the supported architectures do not use
         layer, kind, suffix = match.groups()
-        if permuted and kind == "attn_q":
-            value = _unpermute(value, args.num_heads)
-        elif permuted and kind == "attn_k":
-            value = _unpermute(value, args.num_kv_heads)
-        weights[f"layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"] = value
-    return GGUFModel(args=args, weights=weights, metadata=meta)
+        name = f"layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+        q4 = (
+            quant.from_gguf(tensor.data, tensor.tensor_type, tuple(value.shape)) if value.dim() == 2 else None
+        )
+        if permuted and kind in ("attn_q", "attn_k"):
+            heads = args.num_heads if kind == "attn_q" else args.num_kv_heads
+            value = _unpermute(value, heads)
+            q4 = q4 and q4.map_rows(lambda t, heads=heads: _unpermute(t, heads))
+        weights[name] = value
+        if q4 is not None:
+            quantized[name] = q4
+    return GGUFModel(args=args, weights=weights, metadata=meta, quantized=quantized)

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budrt.engine import quant
 from budrt.engine.attention import AttentionContext, paged_attention
 from budrt.engine.kv_cache import KVCache
+from budrt.engine.packed_linear import SmallWeights
 from budrt.engine.rope import rope_attention_factor, rope_inv_freq
 
 
@@ -177,6 +179,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             args.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling
         )
+        # Set when the linears are packed with small (4-bit/int8) weight copies: the runner
+        # decides per step whether they may be used.
+        self.small_weights: SmallWeights | None = None
 
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
         """Logits (fp32) `[len(ctx.logits_rows), vocab]` for a flat batch `input_ids` `[N]`.
@@ -197,7 +202,8 @@ class LlamaForCausalLM(nn.Module):
 
 def fuse_projections(model: LlamaForCausalLM) -> None:
     """Concatenate q/k/v and gate/up weights so each layer runs 2 matmuls fewer per step; the
-    separate modules are dropped (same math, same outputs)."""
+    separate modules are dropped (same math, same outputs). Their 4-bit copies (`.q4`, see
+    engine/quant.py) are concatenated alike."""
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
         qkv = nn.Linear(1, 1, bias=attn.q_proj.bias is not None)  # placeholder, weights set below
@@ -207,10 +213,12 @@ def fuse_projections(model: LlamaForCausalLM) -> None:
         if attn.q_proj.bias is not None:
             qkv.bias = nn.Parameter(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), False)
         attn.qkv_proj = qkv
+        qkv.q4 = quant.concat([getattr(m, "q4", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
         del attn.q_proj, attn.k_proj, attn.v_proj
         gate_up = nn.Linear(1, 1, bias=False)
         gate_up.weight = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), False)
         for fused in (qkv, gate_up):
             fused.out_features, fused.in_features = fused.weight.shape
         mlp.gate_up_proj = gate_up
+        gate_up.q4 = quant.concat([getattr(m, "q4", None) for m in (mlp.gate_proj, mlp.up_proj)])
         del mlp.gate_proj, mlp.up_proj

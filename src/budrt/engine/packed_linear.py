@@ -9,8 +9,12 @@ the tests compare fp32 outputs with transformers bit for bit).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from budrt.engine import quant
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -24,17 +28,48 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
-    """`int8_rows > 0` also keeps a weight-only int8 copy (per output channel scales) used when a
-    step has at most that many rows: one decoding stream is bound by reading the weights from
-    memory, and int8 halves the bytes. It changes outputs slightly, so it is opt-in."""
+@dataclass
+class SmallWeights:
+    """Whether the current step may use the small weight copies; the runner sets it each step.
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 64, int8_rows: int = 0) -> None:
+    The 4-bit (or int8) weights approximate the file's values differently from bf16, so a row's
+    logits depend on which copy computed it. Only steps that decode a few unseeded streams use
+    them: a seeded request, or a prompt being prefilled, always takes the bf16 path, whatever else
+    shares its step — the same seed gives the same output under any batch mix."""
+
+    allowed: bool = True
+
+
+class PackedLinear(nn.Module):
+    """Small steps (one or a few decoding streams) are bound by reading the weights from memory,
+    so they may use a smaller copy of them:
+    - `q4_rows > 0` and the linear carries the GGUF's own 4-bit weights (`linear.q4`, see
+      engine/quant.py): steps of at most `q4_rows` rows use them; same weight values as the file,
+      a quarter of the bytes of bf16 (about 4x faster matmuls at one row here);
+    - else `int8_rows > 0` keeps a weight-only int8 copy (per output channel scales) for steps of
+      at most that many rows: half the bytes, slightly different outputs, so it is opt-in.
+    Larger steps are compute bound and use the packed bf16 weights (AMX)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        batch_hint: int = 64,
+        int8_rows: int = 0,
+        q4_rows: int = 0,
+        small_weights: SmallWeights | None = None,
+    ) -> None:
         super().__init__()
+        self.small_weights = small_weights or SmallWeights()
         weight = linear.weight.detach().contiguous()
         self.out_features, self.in_features = weight.shape
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        q4 = getattr(linear, "q4", None)
+        self.q4_rows = q4_rows if q4 is not None else 0
+        if self.q4_rows:
+            self.q4_weight, self.q4_scales = quant.pack(q4, weight.dtype)
+            int8_rows = 0
+        self.small_rows = max(self.q4_rows, int8_rows)
         self.int8_rows = int8_rows
         if int8_rows:
             w = weight.float()
@@ -43,27 +78,28 @@ class PackedLinear(nn.Module):
             self.qscale = scale.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] > self.int8_rows and x.is_contiguous():
-            # The engine's flat `[N, hidden]` batch: skip the reshapes (a decode step runs ~120
-            # linears, and every extra op costs microseconds at batch 1).
+        if x.dim() != 2 or not x.is_contiguous():
+            shape = x.shape
+            out = self.forward(x.reshape(-1, self.in_features).contiguous())
+            return out.view(*shape[:-1], self.out_features)
+        # The engine's flat `[N, hidden]` batch goes straight to the kernels: a decode step runs
+        # ~120 linears, and every extra op costs microseconds at batch 1.
+        rows = x.shape[0]
+        if rows > self.small_rows or not self.small_weights.allowed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        shape = x.shape
-        x = x.reshape(-1, self.in_features).contiguous()
-        if x.shape[0] <= self.int8_rows:
-            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.qscale)
-            if self.bias is not None:
-                out = out + self.bias
+        if rows <= self.q4_rows:
+            out = quant.matmul(x, self.q4_weight, self.q4_scales)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return out.view(*shape[:-1], self.out_features)
+            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.qscale)
+        return out if self.bias is None else out + self.bias
 
 
-def pack_linears(model: nn.Module, int8_rows: int = 0) -> int:
-    """Replace every `nn.Linear` in `model` by a `PackedLinear`; returns how many were packed."""
-    count = 0
+def pack_linears(model: nn.Module, int8_rows: int = 0, q4_rows: int = 0) -> SmallWeights:
+    """Replace every `nn.Linear` in `model` by a `PackedLinear`; returns the switch they share."""
+    switch = SmallWeights()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, PackedLinear(child, int8_rows=int8_rows))
-                count += 1
-    return count
+                packed = PackedLinear(child, int8_rows=int8_rows, q4_rows=q4_rows, small_weights=switch)
+                setattr(module, child_name, packed)
+    return switch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from budrt.engine import kernels
 from budrt.engine.attention import AttentionContext, PrefillChunk
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.llama import LlamaForCausalLM
@@ -18,6 +19,8 @@ class ModelRunner:
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.data.device
+        if self.device.type == "cpu":
+            kernels.prepare()  # the decode kernel: loaded (or, if never built here, compiled) now
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -56,6 +59,7 @@ class ModelRunner:
             if len(tables) == 1 and tables[0] == list(range(first, first + width)):
                 ctx.decode_first_block = first  # no gather needed: the blocks are one slice
             ctx.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            ctx.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=dev)
             if min(lengths) != ctx.decode_context:  # rows shorter than the longest mask the rest
                 lens = torch.tensor(lengths, device=dev)
                 mask = torch.arange(ctx.decode_context, device=dev).unsqueeze(0) < lens.unsqueeze(1)
@@ -86,6 +90,10 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward over the step's tokens: logits `[S, vocab]` of the S sequences that sample."""
         input_ids, ctx, samplers = self.prepare(batch)
+        if self.model.small_weights is not None:  # see SmallWeights: which steps may use them
+            self.model.small_weights.allowed = not ctx.prefills and all(
+                seq.params.seed is None for seq, _ in batch
+            )
         if not samplers:  # only middle-of-prompt chunks: nothing to sample, skip the vocab matmul
             ctx.logits_rows = torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, ctx, self.cache)

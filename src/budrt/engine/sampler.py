@@ -35,7 +35,9 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        logits = logits.float()
+        # Sampling runs on the CPU (per-request generators are CPU ones; the runner hands over CPU
+        # logits, so this is a no-op there) whatever device the model ran on.
+        logits = logits.float().cpu()
         logits = self._apply_penalties(logits, seqs)
         for i, seq in enumerate(seqs):
             if seq.params.logit_bias:

@@ -1,0 +1,381 @@
+// Decode attention straight from the paged KV cache: one query token per sequence attends over its
+// cached keys/values, found through the block table, with no gathered copy and no padding.
+//
+// A task is one sequence (or, with few sequences, one sequence's kv head), so a block is read as
+// one contiguous span; the query heads that share a kv head (GQA) are done together, so each key
+// row comes from memory once for all of them. Scores, softmax and the weighted sum are in fp32
+// whatever the storage type. Decode attention reads every cached byte once per step, so memory
+// bandwidth, not arithmetic, is the limit: the loops aim to keep the loads streaming.
+//
+// Built at first use by budrt/engine/kernels.py; ATen's Vectorized<float> picks the vector width
+// from the CPU_CAPABILITY_* macro the loader defines to match torch's own dispatch, and with
+// AVX-512 the scores of a 16-row block share one reduction tree (and use AVX512-BF16 dot products
+// for bf16 when the CPU has them).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+inline Vec load_f32(const float* p) { return Vec::loadu(p); }
+inline Vec load_f32(const at::BFloat16* p) {
+  Vec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+inline Vec load_f32(const at::Half* p) {
+  Vec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Sixteen horizontal sums at once: lane r of the result is the sum of a[r]'s lanes. Summing each
+// vector alone costs a shuffle tree per score; this shares one tree among sixteen rows.
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves: row i in 128-bit lanes 0-1, row i+8 in 2-3
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows i, i+8, i+4, i+12
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], 0x88), _mm512_shuffle_f32x4(b[i], b[i + 4], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {  // pairs within each 128-bit lane
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[i], c[i + 2], 0x88), _mm512_shuffle_ps(c[i], c[i + 2], 0xDD));
+  }
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  // Element 4k+j of e holds row order[j] + offset[k]; gather the rows back into order.
+  static const __m512i index = [] {
+    alignas(64) int32_t idx[16];
+    const int order[4] = {0, 2, 1, 3}, offset[4] = {0, 8, 4, 12};
+    for (int k = 0; k < 4; ++k) {
+      for (int j = 0; j < 4; ++j) idx[order[j] + offset[k]] = 4 * k + j;
+    }
+    return _mm512_load_si512(idx);
+  }();
+  return _mm512_permutexvar_ps(index, e);
+}
+
+// Scores of one query head against up to 16 key rows of a block (`row_stride` apart), written to
+// out[0..rows). qf: the head's query in fp32, already scaled; q: the same query as stored.
+template <typename T, int NV>
+inline void block_scores16(
+    const T* k, int64_t rows, int64_t row_stride, const float* qf, const T* q, float scale, float* out) {
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  bool scaled = false;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // bf16 x bf16 pairs summed in fp32 by the CPU (exact products): no widening of the keys.
+    __m512bh qv[NV / 2];
+    for (int j = 0; j < NV / 2; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* kr = k + r * row_stride;
+      for (int j = 0; j < NV / 2; ++j) acc[r] = _mm512_dpbf16_ps(acc[r], qv[j], (__m512bh)_mm512_loadu_si512(kr + 32 * j));
+    }
+  } else
+#endif
+  {
+    __m512 qv[NV];
+    for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(qf + 16 * j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* kr = k + r * row_stride;
+      for (int j = 0; j < NV; ++j) acc[r] = _mm512_fmadd_ps(qv[j], __m512(load_f32(kr + 16 * j)), acc[r]);
+    }
+    scaled = true;
+  }
+  __m512 sums = reduce16(acc);
+  if (!scaled) sums = _mm512_mul_ps(sums, _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << rows) - 1), sums);
+}
+#endif
+
+// Asks for `rows` rows, `row_stride` elements apart, ahead of their use: the blocks are scattered
+// through the cache, so the hardware prefetcher cannot guess the next one.
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t rows, int64_t row_stride) {
+  // The first line of each row is enough: the CPU's own prefetchers fetch the lines next to it.
+  for (int64_t r = 0; r < rows; ++r) __builtin_prefetch(first + r * row_stride, 0, 3);
+}
+
+// Shapes and strides shared by every task of one call.
+struct Geometry {
+  int64_t heads, kv_heads, group, dim, block_size, max_blocks;
+  int64_t cache_block_stride, cache_row_stride;  // elements between blocks / between rows
+  int64_t q_row_stride, q_head_stride, out_row_stride;
+  float scale;
+};
+
+// One sequence, kv heads [kv0, kv0 + kv_count) and their query heads, over `len` cached
+// positions. Taking several kv heads at once reads each block's rows as one contiguous span.
+// NV is the number of Vec registers per head_dim row (head_dim == NV * kLanes); NV == 0 is the
+// generic scalar path.
+template <typename T, typename Index, int NV>
+void attend(
+    const T* q, const T* k_cache, const T* v_cache, const Index* table, int64_t len, T* out,
+    int64_t kv_count, const Geometry& g, float* qf, float* scores, float* acc) {
+  const int64_t G = g.group, D = g.dim, heads = kv_count * G;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t d = 0; d < D; ++d) {
+      qf[h * D + d] = static_cast<float>(q[h * g.q_head_stride + d]) * g.scale;
+    }
+  }
+  if (len <= 0) {  // nothing to attend to: a defined output rather than garbage
+    for (int64_t i = 0; i < heads * D; ++i) out[i] = static_cast<T>(0.f);
+    return;
+  }
+  const int64_t nblocks = (len + g.block_size - 1) / g.block_size;
+  auto block_rows = [&](int64_t bi) { return std::min(g.block_size, len - bi * g.block_size); };
+  auto block_start = [&](const T* cache, int64_t bi) {
+    return cache + static_cast<int64_t>(table[bi]) * g.cache_block_stride;
+  };
+
+  // Scores: each key row is dotted with every query head that shares it.
+  prefetch_rows(block_start(k_cache, 0), block_rows(0), g.cache_row_stride);
+  for (int64_t bi = 0; bi < nblocks; ++bi) {
+    const T* kb = block_start(k_cache, bi);
+    const int64_t rows = block_rows(bi);
+    if (bi + 1 < nblocks) prefetch_rows(block_start(k_cache, bi + 1), block_rows(bi + 1), g.cache_row_stride);
+    prefetch_rows(block_start(v_cache, bi), rows, g.cache_row_stride);  // for the last pass
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (NV == 4 || NV == 8) {
+      if (g.block_size == 16) {
+        for (int64_t h = 0; h < heads; ++h) {
+          block_scores16<T, NV>(
+              kb + (h / G) * D, rows, g.cache_row_stride, qf + h * D, q + h * g.q_head_stride, g.scale,
+              scores + h * len + bi * 16);
+        }
+        continue;
+      }
+    }
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = bi * g.block_size + r;
+      for (int64_t kv = 0; kv < kv_count; ++kv) {
+        const T* kr = kb + r * g.cache_row_stride + kv * D;
+        if constexpr (NV > 0) {
+          Vec kvec[NV];
+          for (int j = 0; j < NV; ++j) kvec[j] = load_f32(kr + j * kLanes);
+          for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+            const float* qh = qf + h * D;
+            Vec s = Vec::loadu(qh) * kvec[0];
+            for (int j = 1; j < NV; ++j) s = at::vec::fmadd(Vec::loadu(qh + j * kLanes), kvec[j], s);
+            scores[h * len + t] = hsum(s);
+          }
+        } else {
+          for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+            const float* qh = qf + h * D;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * static_cast<float>(kr[d]);
+            scores[h * len + t] = s;
+          }
+        }
+      }
+    }
+  }
+
+  // Softmax per head, max-subtracted; the weights stay unnormalised until the end.
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * len;
+    float m = -std::numeric_limits<float>::infinity();
+    int64_t t = 0;
+    if (len >= kLanes) {
+      Vec vm = Vec::loadu(s);
+      for (t = kLanes; t + kLanes <= len; t += kLanes) vm = at::vec::maximum(vm, Vec::loadu(s + t));
+      m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+    }
+    for (; t < len; ++t) m = std::max(m, s[t]);
+    const Vec vmax(m);
+    Vec vsum(0.f);
+    for (t = 0; t + kLanes <= len; t += kLanes) {
+      const Vec e = (Vec::loadu(s + t) - vmax).exp_u20();
+      e.store(s + t);
+      vsum = vsum + e;
+    }
+    float sum = hsum(vsum);
+    for (; t < len; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    acc[heads * D + h] = 1.f / sum;  // acc holds heads * D sums, then one 1/sum per head
+  }
+
+  // Weighted sum of value rows. The accumulators stay in registers for a whole head; the value
+  // rows are re-read per head, from cache (prefetched in the score pass).
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kv = h / G;
+    const float* p = scores + h * len;
+    float* ah = acc + h * D;
+    if constexpr (NV > 0) {
+      Vec sum[NV];
+      for (int j = 0; j < NV; ++j) sum[j] = Vec(0.f);
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const T* vb = block_start(v_cache, bi) + kv * D;
+        const int64_t rows = block_rows(bi);
+        for (int64_t r = 0; r < rows; ++r) {
+          const Vec w(p[bi * g.block_size + r]);
+          const T* vr = vb + r * g.cache_row_stride;
+          for (int j = 0; j < NV; ++j) sum[j] = at::vec::fmadd(w, load_f32(vr + j * kLanes), sum[j]);
+        }
+      }
+      for (int j = 0; j < NV; ++j) sum[j].store(ah + j * kLanes);
+    } else {
+      std::fill(ah, ah + D, 0.f);
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const T* vb = block_start(v_cache, bi) + kv * D;
+        const int64_t rows = block_rows(bi);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float w = p[bi * g.block_size + r];
+          const T* vr = vb + r * g.cache_row_stride;
+          for (int64_t d = 0; d < D; ++d) ah[d] += w * static_cast<float>(vr[d]);
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inv = acc[heads * D + h];
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h * D + d] * inv);
+  }
+}
+
+template <typename T, typename Index, int NV>
+void run(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& lengths, at::Tensor& out, const Geometry& g) {
+  const int64_t batch = q.size(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const Index* tp = block_tables.data_ptr<Index>();
+  const Index* lp = lengths.data_ptr<Index>();
+  T* op = out.data_ptr<T>();
+  // Check every block id that will be read up front: a bad table must be an error, not a read
+  // outside the cache.
+  const int64_t num_blocks = k_cache.size(0);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = lp[b];
+    TORCH_CHECK(
+        len >= 0 && len <= g.max_blocks * g.block_size, "paged_decode_attention: length ", len,
+        " does not fit the block table");
+    max_len = std::max<int64_t>(max_len, len);
+    for (int64_t bi = 0; bi * g.block_size < len; ++bi) {
+      const int64_t block = tp[b * g.max_blocks + bi];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: block id ", block, " out of range");
+    }
+  }
+  // Whole sequences per task read whole block spans; with few sequences, split them by kv head
+  // so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = batch >= 4 * threads ? 1 : g.kv_heads;
+  const int64_t kv_per_task = g.kv_heads / splits;
+  const int64_t task_heads = kv_per_task * g.group;
+  // Grain 1: a task is a whole sequence's context, and lengths differ.
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(task_heads * g.dim), acc(task_heads * (g.dim + 1));
+    std::vector<float> scores(task_heads * std::max<int64_t>(max_len, 1));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, kv0 = (task % splits) * kv_per_task;
+      const int64_t h0 = kv0 * g.group;
+      attend<T, Index, NV>(
+          qp + b * g.q_row_stride + h0 * g.q_head_stride, kp + kv0 * g.dim, vp + kv0 * g.dim,
+          tp + b * g.max_blocks, lp[b], op + b * g.out_row_stride + h0 * g.dim, kv_per_task, g,
+          qf.data(), scores.data(), acc.data());
+    }
+  });
+}
+
+template <typename T, typename Index>
+void dispatch_width(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
+    const at::Tensor& len, at::Tensor& out, const Geometry& g) {
+  // The common head sizes get the register-blocked path; anything else the scalar one.
+  if (g.dim == 4 * kLanes) return run<T, Index, 4>(q, k, v, bt, len, out, g);
+  if (g.dim == 8 * kLanes) return run<T, Index, 8>(q, k, v, bt, len, out, g);
+  if (g.dim == 2 * kLanes) return run<T, Index, 2>(q, k, v, bt, len, out, g);
+  if (g.dim == 16 * kLanes) return run<T, Index, 16>(q, k, v, bt, len, out, g);
+  return run<T, Index, 0>(q, k, v, bt, len, out, g);
+}
+
+template <typename T>
+void dispatch_index(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
+    const at::Tensor& len, at::Tensor& out, const Geometry& g) {
+  if (bt.scalar_type() == at::kInt) return dispatch_width<T, int32_t>(q, k, v, bt, len, out, g);
+  return dispatch_width<T, int64_t>(q, k, v, bt, len, out, g);
+}
+
+}  // namespace
+
+// q `[B, heads, D]`, k/v cache `[num_blocks, block_size, kv_heads, D]`, block_tables
+// `[B, max_blocks]`, lengths `[B]` (same integer type) -> `[B, heads, D]` in q's dtype.
+at::Tensor paged_decode_attention(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_decode_attention: bad ranks");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: k/v cache shapes differ");
+  TORCH_CHECK(
+      q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+      "paged_decode_attention: q and cache dtypes differ");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: cache not contiguous");
+  TORCH_CHECK(q.stride(2) == 1, "paged_decode_attention: q's last dim must be contiguous");
+  TORCH_CHECK(
+      block_tables.dim() == 2 && lengths.dim() == 1 && block_tables.size(0) == q.size(0) &&
+          lengths.size(0) == q.size(0),
+      "paged_decode_attention: block_tables/lengths do not match the batch");
+  TORCH_CHECK(
+      (block_tables.scalar_type() == at::kLong || block_tables.scalar_type() == at::kInt) &&
+          lengths.scalar_type() == block_tables.scalar_type(),
+      "paged_decode_attention: block_tables and lengths must both be int64 or both int32");
+  const auto bt = block_tables.contiguous();
+  const auto lens = lengths.contiguous();
+  const int64_t heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim, "paged_decode_attention: head_dim differs between q and cache");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "paged_decode_attention: heads not a multiple of kv_heads");
+  auto out = at::empty({q.size(0), heads, dim}, q.options());
+  if (q.size(0) == 0) return out;
+  Geometry g{};
+  g.heads = heads;
+  g.kv_heads = kv_heads;
+  g.group = heads / kv_heads;
+  g.dim = dim;
+  g.block_size = k_cache.size(1);
+  g.max_blocks = bt.size(1);
+  g.cache_block_stride = k_cache.stride(0);
+  g.cache_row_stride = k_cache.stride(1);
+  g.q_row_stride = q.stride(0);
+  g.q_head_stride = q.stride(1);
+  g.out_row_stride = heads * dim;
+  g.scale = static_cast<float>(scale);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      dispatch_index<float>(q, k_cache, v_cache, bt, lens, out, g);
+      break;
+    case at::kBFloat16:
+      dispatch_index<at::BFloat16>(q, k_cache, v_cache, bt, lens, out, g);
+      break;
+    case at::kHalf:
+      dispatch_index<at::Half>(q, k_cache, v_cache, bt, lens, out, g);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}

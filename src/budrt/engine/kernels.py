@@ -1,0 +1,210 @@
+"""Optional C++ kernels for the CPU engine, compiled on this machine once.
+
+The decode attention kernel (csrc/paged_attention.cpp) reads keys/values straight from the paged
+cache through the block tables; the torch path it replaces gathers a padded copy first. It is
+built with torch's JIT extension loader (needs a C++ compiler and ninja, no network) into
+`$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
+build. `make` builds it at install (`python -m budrt.engine.kernels`); otherwise the first
+`prepare()` does (about a minute) — a model server calls it before it reports ready, never in the
+middle of serving: a process switching paths mid-run would change bf16 outputs (and so seeded
+sampling) from one request to the next. If the build fails (one warning), decode attention takes
+the torch path for good. `BUDRT_ENGINE_KERNELS=torch` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
+_NAME = "budrt_paged_attention"
+
+_lock = threading.Lock()  # one build per process, however many threads ask
+_module: ModuleType | None = None
+_failed = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "auto").strip().lower() != "torch"
+
+
+def cache_directory() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path.home() / ".cache" / "budrt" / "torch_extensions"
+    )
+    return Path(root) / "budrt"
+
+
+def _vector_flags() -> list[str]:
+    """Make ATen's Vectorized<float> as wide as the vector code torch itself dispatches to here."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX512", "AVX2"):
+        return ["-march=native", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+    return ["-march=native", "-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _ensure_ninja_on_path() -> None:
+    # The `ninja` wheel puts its binary next to the interpreter's scripts, which is not on PATH
+    # when the venv's python is run without activating the venv.
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for folder in candidates:
+        if (folder / "ninja").exists():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _cpu_model() -> str:
+    # -march=native code must not be reused on another CPU sharing this home directory.
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _load_library(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _library_path() -> Path:
+    """Where the build for this source, compiler flags, torch, Python and CPU is kept."""
+    key = "\0".join([SOURCE.read_text(), *_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
+    return cache_directory() / f"{_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _flags() -> list[str]:
+    # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without the
+    # flag it compiles to a serial loop.
+    return ["-O3", "-fopenmp", *_vector_flags()]
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    # Build directories of processes killed mid-build (a day is longer than any build).
+    cutoff = time.time() - 86400
+    for stale in folder.glob("build-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _compile(library: Path) -> ModuleType:
+    """Build in a fresh directory and rename the library into place. Processes that build at once
+    then never share torch's lock file: one killed mid-build would leave that lock behind, and
+    every later process would wait on it for ever."""
+    from torch.utils.cpp_extension import load_inline
+
+    _ensure_ninja_on_path()
+    folder = library.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(folder)
+    workdir = Path(tempfile.mkdtemp(prefix=f"build-{library.stem.rsplit('-', 1)[-1]}-", dir=folder))
+    try:
+        module = load_inline(
+            name=_NAME,
+            cpp_sources=[SOURCE.read_text()],
+            functions=["paged_decode_attention"],
+            extra_cflags=_flags(),
+            # Resolves to the libgomp torch has already loaded (same soname): one thread pool.
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(workdir),
+            verbose=False,
+        )
+        staged = folder / f".{library.name}.{os.getpid()}"
+        shutil.copyfile(workdir / f"{_NAME}.so", staged)
+        os.replace(staged, library)  # atomic: others see no library or a whole one
+        return module
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def prepare(compile_missing: bool = True) -> bool:
+    """Load the cached kernel, or compile it here first (blocking) if it is missing and
+    `compile_missing`. Returns whether the kernel is in use. Threads calling at once wait for one
+    build; a failure is warned about once and remembered."""
+    global _module, _failed
+    if not enabled():
+        return False
+    with _lock:
+        if _module is not None or _failed:
+            return _module is not None
+        try:
+            library = _library_path()
+            if library.exists():
+                _module = _load_library(library)
+            elif compile_missing:
+                log.info("compiling the paged attention kernel (once per machine, about a minute)")
+                _module = _compile(library)
+        except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
+            _failed = True
+            log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
+        return _module is not None
+
+
+def paged_attention_module() -> ModuleType | None:
+    """The compiled extension, building it if needed; None if disabled or the build failed."""
+    prepare()
+    return _module if enabled() else None
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_paged_kernel(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether decode attention for `q` over `cache` goes through the C++ kernel: CPU only, q and
+    cache of one supported dtype, and the extension loaded by `prepare`."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == cache.dtype
+        and q.dtype in KERNEL_DTYPES
+        and _module is not None
+        and enabled()
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q `[B, heads, D]` over k/v cache `[num_blocks, block_size, kv_heads, D]` through
+    `block_tables` `[B, max_blocks]`, attending to the first `lengths[b]` positions -> `[B, heads, D]`.
+    The caller checks `use_paged_kernel` first."""
+    assert _module is not None
+    return _module.paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale)
+
+
+if __name__ == "__main__":  # `make` builds the kernel at install so no server waits for it
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("paged attention kernel:", "ready" if prepare() else "unavailable (torch path)")

@@ -1,0 +1,108 @@
+"""A GGUF's own 4-bit weights (Q4_0 / Q4_1), kept as they are for small decode steps.
+
+Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's linears are
+~270 MB per step, in 4 bits ~70 MB. GGUF Q4_1 stores each row in groups of 32 as
+`w = q * d + m` (q in 0..15); Q4_0 as `w = (q - 8) * d`. PyTorch's CPU int4 matmul
+(`_weight_int4pack_mm_for_cpu`, groups along the input dimension) computes
+`w = (q - 8) * scale + zero`, so the file's values map onto it exactly: scale = d,
+zero = m + 8d (Q4_1) or 0 (Q4_0). The weights are therefore the file's, not a requantization.
+
+Kept in the gguf cache's safetensors next to the dequantized weights under `<name>.q4_values`
+(uint8, one value per byte), `.q4_scales` and `.q4_mins` (fp32, `[out, in / 32]`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+GROUP = 32
+SUFFIXES = (".q4_values", ".q4_scales", ".q4_mins")
+
+
+@dataclass
+class Q4Weight:
+    values: torch.Tensor  # uint8 [out, in], each 0..15
+    scales: torch.Tensor  # fp32 [out, in / 32]
+    mins: torch.Tensor  # fp32 [out, in / 32]: w = values * scale + min
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.values.shape
+        grouped = self.values.float().view(out, inp // GROUP, GROUP)
+        return (grouped * self.scales[..., None] + self.mins[..., None]).view(out, inp)
+
+    def map_rows(self, fn) -> Q4Weight:  # type: ignore[no-untyped-def]
+        """Apply a row permutation (e.g. llama.cpp's Q/K unpermute) to every part alike."""
+        return Q4Weight(fn(self.values), fn(self.scales), fn(self.mins))
+
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        parts = (self.values, self.scales, self.mins)
+        return {name + suffix: part.contiguous() for suffix, part in zip(SUFFIXES, parts, strict=True)}
+
+
+def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Weight | None:
+    """The Q4 blocks of a GGUF tensor (`data`: its raw bytes, one row per output), or None for
+    any other type."""
+    if kind == GGMLQuantizationType.Q4_1:
+        header = 4  # fp16 d, fp16 m
+    elif kind == GGMLQuantizationType.Q4_0:
+        header = 2  # fp16 d
+    else:
+        return None
+    out, inp = shape
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(out, inp // GROUP, header + GROUP // 2)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., header:]
+    # Within a block, element j < 16 is the low nibble of byte j and element j + 16 its high one.
+    values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(out, inp)
+    if kind == GGMLQuantizationType.Q4_1:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8.0 * d
+    return Q4Weight(torch.from_numpy(values), torch.from_numpy(d), torch.from_numpy(np.asarray(m)))
+
+
+def split_q4(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight]:
+    """Remove the `.q4_*` entries from a state dict; returns them as `{weight name: Q4Weight}`."""
+    found: dict[str, Q4Weight] = {}
+    for key in [k for k in weights if k.endswith(SUFFIXES[0])]:
+        base = key.removesuffix(SUFFIXES[0])
+        parts = [weights.pop(base + s) for s in SUFFIXES]
+        found[base] = Q4Weight(parts[0].to(torch.uint8), parts[1].float(), parts[2].float())
+    return found
+
+
+def attach(model: nn.Module, quantized: dict[str, Q4Weight]) -> None:
+    """Hang each Q4Weight on its `nn.Linear` (as `.q4`) for fusing and packing later."""
+    modules = dict(model.named_modules())
+    for name, q4 in quantized.items():
+        module = modules.get(name.removesuffix(".weight"))
+        if isinstance(module, nn.Linear):
+            module.q4 = q4  # type: ignore[attr-defined]
+
+
+def concat(parts: list[Q4Weight | None]) -> Q4Weight | None:
+    """Stack along the output dimension (fused q/k/v, gate/up); None unless every part has one."""
+    if any(p is None for p in parts):
+        return None
+    return Q4Weight(
+        torch.cat([p.values for p in parts]),  # type: ignore[union-attr]
+        torch.cat([p.scales for p in parts]),  # type: ignore[union-attr]
+        torch.cat([p.mins for p in parts]),  # type: ignore[union-attr]
+    )
+
+
+def pack(q4: Q4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales_and_zeros `[groups, out, 2]`) for `_weight_int4pack_mm_for_cpu`."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.values.to(torch.int32).contiguous(), 1)
+    zeros = q4.mins + 8 * q4.scales
+    scales_and_zeros = torch.stack([q4.scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
+    return packed, scales_and_zeros
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)

@@ -1,0 +1,147 @@
+"""The GGUF's own 4-bit weights: read exactly, kept through the gguf cache, used for small steps."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+from torch import nn
+
+from budrt.config import ModelConfig
+from budrt.engine import quant
+from budrt.engine.factory import create_text_engine
+from budrt.engine.gguf_loader import load_gguf
+from budrt.engine.interface import SamplingParams
+from budrt.engine.llm_engine import LLMEngine
+from budrt.engine.packed_linear import PackedLinear, can_pack
+from budrt.server.gguf_cache import dequantized_source
+
+needs_bf16 = pytest.mark.skipif(
+    not can_pack(torch.bfloat16, torch.device("cpu")), reason="no native bf16 on this CPU"
+)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_q4_blocks_decode_to_the_files_values(kind: GGMLQuantizationType) -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((48, 256)).astype(np.float32)
+    raw = quantize(weights, kind)
+    q4 = quant.from_gguf(raw, kind, (48, 256))
+    assert q4 is not None
+    assert q4.values.dtype == torch.uint8 and int(q4.values.max()) <= 15
+    expected = torch.from_numpy(dequantize(raw, kind).astype(np.float32))
+    assert torch.equal(q4.dequantize(), expected)
+
+
+def test_other_types_are_not_q4() -> None:
+    raw = quantize(np.ones((2, 32), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    assert quant.from_gguf(raw, GGMLQuantizationType.Q8_0, (2, 32)) is None
+
+
+def test_smollm2_q4_weights_equal_the_dequantized_ones(gguf_path: Path) -> None:
+    model = load_gguf(gguf_path)
+    # Every linear of every layer (q/k rows unpermuted alike): 7 per layer, all Q4_1 in this file.
+    assert len(model.quantized) == 7 * model.args.num_layers
+    for name, q4 in model.quantized.items():
+        assert torch.equal(q4.dequantize(), model.weights[name]), name
+
+
+@needs_bf16
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_uses_q4_for_small_steps(bias: bool) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    raw = quantize(rng.standard_normal((96, 128)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (96, 128))
+    assert q4 is not None
+    linear = nn.Linear(128, 96, bias=bias)
+    linear.weight.data = q4.dequantize()
+    linear = linear.to(torch.bfloat16)
+    linear.q4 = q4  # type: ignore[attr-defined]
+    packed = PackedLinear(linear, q4_rows=2)
+    assert packed.q4_rows == 2
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 40):
+            x = torch.randn(rows, 128, dtype=torch.bfloat16)
+            bias_ref = None if linear.bias is None else linear.bias.float()
+            ref = F.linear(x.float(), q4.dequantize(), bias_ref)
+            out = packed(x).float()
+            assert out.shape == (rows, 96)
+            assert ((out - ref).norm() / ref.norm()).item() < 0.01
+    # Breaking the 4-bit copy changes the small steps only: proof that they ran on it.
+    packed.q4_scales.zero_()
+    with torch.inference_mode():
+        assert packed(torch.randn(1, 128, dtype=torch.bfloat16)).float().abs().max() <= (
+            0 if linear.bias is None else linear.bias.float().abs().max() + 1e-3
+        )
+        assert packed(torch.randn(3, 128, dtype=torch.bfloat16)).float().abs().max() > 0.1
+
+
+def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> list[list[int]]:
+    """Token ids of each (prompt, params), all submitted at once."""
+
+    async def one(index: int, prompt: str, params: SamplingParams) -> list[int]:
+        ids = engine.tokenizer.encode(
+            engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        )
+        tokens: list[int] = []
+        async for out in engine.generate(f"q4-test-{index}", ids, params):
+            tokens.extend(out.token_ids)
+        return tokens
+
+    async def run() -> list[list[int]]:
+        await engine.start()
+        try:
+            return list(await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests))))
+        finally:
+            await engine.stop()
+
+    return asyncio.run(run())
+
+
+@needs_bf16
+def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
+    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ModelConfig(
+        name="smollm2-135m-instruct",
+        task="chat",
+        format="gguf",
+        source=str(gguf_path),
+        dtype="bfloat16",
+        max_model_len=256,
+        max_num_seqs=2,
+        kv_cache_bytes=16 * 1024**2,
+    )
+    cached = dequantized_source(cfg, gguf_path, tmp_path)
+    assert cached.format == "safetensors"
+    engine = create_text_engine(cached)
+    assert isinstance(engine, LLMEngine)
+    linears = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    # 2 fused + 2 plain linears per layer carry the 4-bit weights; lm_head (Q8_0 here) does not.
+    assert sum(m.q4_rows > 0 for m in linears) == 4 * engine.runner.model.args.num_layers
+    calls: list[int] = []
+    real = quant.matmul
+    monkeypatch.setattr(quant, "matmul", lambda *a: calls.append(1) or real(*a))
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    [tokens] = _generate(engine, [("What is the capital of France?", greedy)])
+    assert "Paris" in engine.tokenizer.decode(tokens)
+    assert calls, "a lone greedy decode did not use the 4-bit weights"
+
+    # A seeded request never does, so its output is the same whatever shares its steps: alone,
+    # again (its prompt now a prefix-cache hit), and among other requests.
+    story = "Tell me a short story."
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234)
+    calls.clear()
+    [alone] = _generate(engine, [(story, seeded)])
+    assert not calls
+    [again] = _generate(engine, [(story, seeded)])
+    others = [(f"Count to {n}.", SamplingParams(max_tokens=8 + n, temperature=0.0)) for n in range(3)]
+    mixed = _generate(engine, [*others, (story, seeded)])[-1]
+    assert alone == again == mixed
