@@ -44,6 +44,9 @@ class ModelConfig(_Section):
     # bf16 CPU: steps of at most this many tokens use weight-only int8 matmuls (faster for one or
     # two streams, slightly different outputs); 0 = off.
     int8_decode_rows: int = 0
+    # bf16 CPU, Q4_0/Q4_1 GGUF: steps of at most this many tokens use the file's own 4-bit weights
+    # (the same values, a quarter of the bytes to read; engine/quant.py); 0 = off.
+    q4_decode_rows: int = 4
     default_max_tokens: int | None = None  # chat: None = up to the context length
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model
@@ -65,6 +68,14 @@ class ModelServerConfig(_Section):
     watchdog_interval_s: float = 2.0
     step_timeout_s: float = 30.0  # pending work and no engine progress this long = unhealthy
     self_test_interval_s: float = 60.0  # one-token self-test per model; 0 = off
+    # Registration by heartbeat (server/heartbeat.py): gateway URLs (e.g. http://gw:8000) that
+    # this server announces its models to; empty = none (`budrt serve` configures its gateway).
+    register_urls: list[str] = Field(default_factory=list)
+    register_key: SecretStr | None = None  # an API key with `replicas:register` on the models
+    heartbeat_interval_s: float = Field(2.0, gt=0)  # the gateway drops it after 3 missed beats
+    # The OpenAI base URL gateways should use, e.g. http://10.0.0.5:{port}/v1 ({port}: this
+    # replica's port); None = http://<host>:<port>/v1 (127.0.0.1 when host is 0.0.0.0).
+    advertise_url: str | None = None
 
 
 class DeploymentConfig(_Section):
@@ -82,6 +93,11 @@ class DeploymentConfig(_Section):
     weights: list[float] = Field(default_factory=list)  # weighted_rr: one per endpoint, default 1
     affinity_key: Literal["prefix", "user"] = "prefix"  # affinity: hash the prompt prefix or `user`
     fallbacks: list[str] = Field(default_factory=list)  # models tried in order when this one fails
+    # Limits of the model over all callers (scope `model:<name>`, next to each caller's own).
+    rpm: int | None = Field(None, gt=0)
+    rps: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)  # requests in flight to this model
 
 
 class RateLimitConfig(_Section):
@@ -320,3 +336,6 @@ def _restore_secrets(base: Settings, data: dict[str, Any]) -> None:
         jwt["secret"] = base.auth.jwt.secret.get_secret_value()  # (a nested override keeps its own)
     for i, dep in enumerate(base.deployments):
         data["deployments"][i]["api_key"] = dep.api_key.get_secret_value() if dep.api_key else None
+    for i, server in enumerate(base.model_servers):
+        key = server.register_key
+        data["model_servers"][i]["register_key"] = key.get_secret_value() if key else None

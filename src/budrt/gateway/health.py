@@ -23,26 +23,42 @@ HUNG_AFTER_TIMEOUTS = 2
 
 class HealthChecker:
     def __init__(self, router: Router, interval_s: float, timeout_s: float = 2.0) -> None:
-        self.endpoints = [e for e in router.endpoints() if e.managed]
+        self.router = router
         self.interval_s = interval_s
         self.timeout = aiohttp.ClientTimeout(total=min(timeout_s, max(interval_s, 0.5)))
         self.timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks
 
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Read each round: registered replicas come and go."""
+        return [e for e in self.router.endpoints() if e.managed or e.registered]
+
     async def run(self, session: aiohttp.ClientSession) -> None:
-        if not self.endpoints:
-            return
         while True:
+            self.sweep()
             await self.check_all(session)
             await asyncio.sleep(self.interval_s)
 
+    def sweep(self) -> None:
+        for dep, ep in self.router.expire():
+            log.warning(
+                "registered replica expired: no heartbeat",
+                extra={"fields": {"url": ep.base_url, "model": dep.name}},
+            )
+
     async def check_all(self, session: aiohttp.ClientSession) -> None:
-        await asyncio.gather(*(self._check(session, e) for e in self.endpoints))
+        endpoints = self.endpoints
+        if len(self.timeouts) > len(endpoints):  # forget replicas that left
+            current = set(endpoints)
+            self.timeouts = {e: n for e, n in self.timeouts.items() if e in current}
+        await asyncio.gather(*(self._check(session, e) for e in endpoints))
 
     async def _check(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
         timed_out = False
         try:
             async with session.get(ep.health_url, timeout=self.timeout) as resp:
-                ready = resp.status == 200
+                # A registered external upstream may have no such route: only a hang counts then.
+                ready = resp.status == 200 or (resp.status == 404 and not ep.managed)
         except TimeoutError:
             ready, timed_out = False, True
         except (aiohttp.ClientError, OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import weakref
 from collections.abc import Iterable
@@ -39,6 +40,8 @@ class Endpoint:
         "breaker",
         "index",
         "waiters",
+        "expires",
+        "heartbeat_at",
         "_urls",
     )
 
@@ -59,6 +62,10 @@ class Endpoint:
         # Tasks waiting on this endpoint (an attempt before its first byte, or a stream's relay),
         # so a hang found by the health check ends them now instead of at the read timeout.
         self.waiters: set[asyncio.Task[object]] = set()
+        # Registered by heartbeat (gateway/registry.py): routable until `expires` (monotonic);
+        # configured endpoints never expire. `heartbeat_at` (wall clock) is for listing.
+        self.expires = math.inf
+        self.heartbeat_at: float | None = None
         self._urls: dict[str, URL] = {}
 
     def url(self, path: str) -> URL:
@@ -68,8 +75,14 @@ class Endpoint:
             url = self._urls[path] = URL(self.base_url + path)
         return url
 
+    @property
+    def registered(self) -> bool:
+        return self.heartbeat_at is not None
+
     def available(self, now: float) -> bool:
-        return self.ready and self.breaker.allows(now)
+        # The expiry test makes a silent replica unroutable at its deadline exactly, before the
+        # periodic sweep (`Router.expire`) takes it out of its deployment.
+        return self.ready and self.breaker.allows(now) and now < self.expires
 
     def mark_down(self) -> None:
         """Certainly unreachable (e.g. connection refused): eject now."""
@@ -100,6 +113,8 @@ class Deployment:
         "strategy",
         "affinity_key",
         "fallbacks",
+        "weights",
+        "_gateway",
         "_wrr",
         "_ring",
     )
@@ -118,8 +133,41 @@ class Deployment:
         self.affinity_key = config.affinity_key
         self.fallbacks = tuple(config.fallbacks)
         weights = list(config.weights) + [1.0] * (len(config.endpoints) - len(config.weights))
-        self._wrr = WeightedRoundRobin(weights[: len(config.endpoints)])
+        self.weights = weights[: len(config.endpoints)]
+        self._gateway = gateway
+        self._wrr = WeightedRoundRobin(self.weights)
         self._ring = HashRing([e.base_url for e in self.endpoints]) if config.strategy == "affinity" else None
+
+    def find(self, base_url: str) -> Endpoint | None:
+        base_url = base_url.rstrip("/")
+        return next((e for e in self.endpoints if e.base_url == base_url), None)
+
+    def add_endpoint(self, base_url: str, weight: float = 1.0) -> Endpoint:
+        """A replica that registered itself; routable at once (it only heartbeats when ready)."""
+        ep = Endpoint(base_url, False, len(self.endpoints), self._gateway)
+        # Copy on write: a request picking from the old list meanwhile is unaffected.
+        self.endpoints = [*self.endpoints, ep]
+        self.weights = [*self.weights, weight]
+        self._rebalance()
+        return ep
+
+    def remove_endpoint(self, ep: Endpoint) -> bool:
+        """Out of rotation; requests already sent to it finish (they hold the object)."""
+        if ep not in self.endpoints:
+            return False
+        i = self.endpoints.index(ep)
+        self.endpoints = self.endpoints[:i] + self.endpoints[i + 1 :]
+        self.weights = self.weights[:i] + self.weights[i + 1 :]
+        self._rebalance()
+        return True
+
+    def _rebalance(self) -> None:
+        """Indexes, weights and the hash ring follow the endpoint list."""
+        for i, e in enumerate(self.endpoints):
+            e.index = i
+        self._wrr = WeightedRoundRobin(self.weights)
+        if self.strategy == "affinity":
+            self._ring = HashRing([e.base_url for e in self.endpoints])
 
     def is_ready(self) -> bool:
         """For `/health/ready`: only endpoints budrt runs itself are expected to answer checks."""
@@ -148,6 +196,7 @@ class Deployment:
 
 class Router:
     def __init__(self, deployments: Iterable[DeploymentConfig], gateway: GatewayConfig | None = None) -> None:
+        self.gateway = gateway
         self.deployments: list[Deployment] = []
         self._by_name: dict[str, Deployment] = {}
         for config in deployments:
@@ -184,3 +233,38 @@ class Router:
 
     def ready(self) -> bool:
         return all(d.is_ready() for d in self.deployments)
+
+    # -- replicas that register by heartbeat (gateway/registry.py) --
+
+    def add_deployment(self, model: str) -> Deployment:
+        """A deployment for a model no configuration names, with the default strategy."""
+        if model in self._by_name:
+            raise ValueError(f"model name or alias {model!r} is already routed")
+        dep = Deployment(DeploymentConfig(model=model), self.gateway)
+        self._by_name[model] = dep
+        self.deployments = [*self.deployments, dep]
+        return dep
+
+    def add_alias(self, dep: Deployment, alias: str) -> None:
+        owner = self._by_name.get(alias)
+        if owner is dep:
+            return
+        if owner is not None:
+            raise ValueError(f"model name or alias {alias!r} is used by deployment {owner.name!r}")
+        self._by_name[alias] = dep
+        dep.aliases = (*dep.aliases, alias)
+
+    def registered(self, base_url: str) -> list[tuple[Deployment, Endpoint]]:
+        """The (deployment, endpoint) pairs a replica at `base_url` registered."""
+        base_url = base_url.rstrip("/")
+        return [
+            (d, e) for d in self.deployments for e in d.endpoints if e.registered and e.base_url == base_url
+        ]
+
+    def expire(self, now: float | None = None) -> list[tuple[Deployment, Endpoint]]:
+        """Take out every registered endpoint whose heartbeats stopped; returns them."""
+        now = time.monotonic() if now is None else now
+        gone = [(d, e) for d in self.deployments for e in d.endpoints if e.expires <= now]
+        for dep, ep in gone:
+            dep.remove_endpoint(ep)
+        return gone

@@ -24,6 +24,13 @@ ENDPOINT_ACTIONS = {
     "/v1/images/generations": "inference:image",
 }
 
+# Model servers that register with the gateway by heartbeat (gateway/registry.py) need
+# `replicas:register` on `model:<id>` for each model and alias they announce; listing them needs
+# `replicas:list`. Only `admin` has these among the built-in roles: give a server a key of a custom
+# role (e.g. `replicas:register@model:*`) or an admin key narrowed by its permission list.
+REPLICAS_REGISTER = "replicas:register"
+REPLICAS_LIST = "replicas:list"
+
 BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
     "admin": ("*@*",),
     "developer": ("inference:*@model:*", "models:list@model:*", "usage:read:own"),
@@ -101,6 +108,8 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     expires_at: datetime | None = None
+    # Rate limits and budgets of the key, its user and its team (budrt.gateway.ratelimit.Limit).
+    quotas: tuple[Any, ...] = ()
     _memo: dict[tuple[str, str], bool] = field(default_factory=dict, repr=False)
 
     @property

@@ -24,9 +24,10 @@ from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.errors import APIError, internal_error, model_not_found
 from budrt.server.embed_routes import embeddings
+from budrt.server.heartbeat import Heartbeat
 from budrt.server.metrics import register_engine_collector
 from budrt.server.registry import HostedModel, ModelRegistry, Resolver
-from budrt.server.residency import MemoryBudget
+from budrt.server.residency import server_budgets
 from budrt.server.text_routes import chat_completions, completions
 from budrt.server.watchdog import Watchdog
 
@@ -55,11 +56,10 @@ async def ready(request: Request) -> Response:
         "last_error": watchdog.last_error,
         "models": {name: m.state for name, m in registry.models.items()},
         "resident": [_residency(m) for m in registry.models.values() if m.state in ("ready", "loading")],
-        "budget": {
-            "device": registry.budget.device,
-            "total_bytes": registry.budget.total_bytes,
-            "used_bytes": registry.used_bytes(),
-        },
+        "budget": [  # one per device
+            {"device": b.device, "total_bytes": b.total_bytes, "used_bytes": registry.used_bytes(b.device)}
+            for b in registry.budgets
+        ],
     }
     model = request.query_params.get("model")
     if model is not None:
@@ -75,6 +75,7 @@ def _residency(hosted: HostedModel) -> dict[str, object]:
         "name": hosted.name,
         "state": hosted.state,
         "memory_bytes": hosted.cost_bytes,
+        "device": hosted.device,
         "in_flight": hosted.in_flight,
         "pinned": hosted.pinned,
     }
@@ -185,7 +186,7 @@ def create_server_app(
     models a server held before it was restarted)."""
     registry = ModelRegistry(
         [m for m in models if m.name in server.models],
-        MemoryBudget.for_server(server),
+        server_budgets(server),
         server.load_timeout_s,
         resolver,
         dequantized_dir,
@@ -197,15 +198,19 @@ def create_server_app(
         self_test_interval_s=server.self_test_interval_s,
     )
 
+    heartbeat = Heartbeat(server, registry)  # registration with gateways, if configured
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(registry.preload(preload)), asyncio.create_task(watchdog.run())]
+        tasks.append(asyncio.create_task(heartbeat.run()))
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await heartbeat.close()  # deregister before the models go away
             await registry.close()
 
     routes = [

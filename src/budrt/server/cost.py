@@ -33,11 +33,12 @@ _ST_BYTES = {
 _GGUF_BYTES_PER_PARAM = 0.6
 
 
-def estimate_cost(cfg: ModelConfig, path: Path) -> int:
-    """Bytes the model will hold once loaded (configured `memory_bytes` wins)."""
+def estimate_cost(cfg: ModelConfig, path: Path, device: str = "cpu") -> int:
+    """Bytes the model will hold once loaded on a `device` of that kind ("cpu", "cuda:0"...; the
+    serving dtype depends on it); a configured `memory_bytes` wins."""
     if cfg.memory_bytes is not None:
         return cfg.memory_bytes
-    elem = _element_bytes(cfg)
+    elem = _element_bytes(cfg, device)
     if cfg.format == "gguf":
         meta = read_gguf_header(path)
         weights = int(path.stat().st_size / _GGUF_BYTES_PER_PARAM) * elem
@@ -72,11 +73,13 @@ def kv_cache_bytes(cfg: ModelConfig, dims: dict[str, Any], elem: int) -> int:
     return 2 * layers * kv_heads * head_dim * cfg.max_num_seqs * cfg.max_model_len * elem
 
 
-def _element_bytes(cfg: ModelConfig) -> int:
+def _element_bytes(cfg: ModelConfig, device: str = "cpu") -> int:
     if cfg.task != "chat":
         return 4  # embedding models run in float32
     if cfg.dtype != "auto":
         return _DTYPE_BYTES[cfg.dtype]
+    if device.startswith("cuda"):
+        return 2  # bf16, or fp16 on cards without bf16 (engine/device.py)
     try:
         from budrt.engine.factory import auto_dtype
 

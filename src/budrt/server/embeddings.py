@@ -29,7 +29,7 @@ class InputTooLong(ValueError):
 class EmbeddingModel:
     """A sentence-transformers directory: transformer + mean pooling + L2 normalization."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel  # slow import, only where needed
         from transformers.utils import logging as hf_logging
@@ -41,7 +41,9 @@ class EmbeddingModel:
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+        # float32 on CUDA too: small models, and the vectors stay comparable with the CPU's.
+        self.device = torch.device(device)
+        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval().to(self.device)
         self.dimensions = int(self.model.config.hidden_size)
         self.max_tokens = min(
             cfg.max_model_len, _max_seq_length(path), self.model.config.max_position_embeddings
@@ -71,12 +73,13 @@ class EmbeddingModel:
         for row, ids in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float()
+        return pooled.float().cpu()  # the routes serialize from CPU memory
 
 
 def _max_seq_length(path: Path) -> int:

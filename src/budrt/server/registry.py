@@ -24,7 +24,8 @@ from budrt.protocol.errors import APIError, model_not_found
 from budrt.server.cost import estimate_cost
 from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel
 from budrt.server.gguf_cache import dequantized_source
-from budrt.server.residency import MemoryBudget, pick_victims
+from budrt.server.placement import DeviceRoom, NeverFits, place
+from budrt.server.residency import MemoryBudget
 
 log = logging.getLogger(__name__)
 ModelState = Literal["available", "loading", "ready", "failed"]
@@ -44,6 +45,7 @@ class HostedModel:
     load_seconds: float | None = None
     failed_at: float = 0.0
     cost_bytes: int = 0  # estimated before loading; what the budget accounts
+    device: str | None = None  # where it is (or was last) loaded: "cpu", "cuda:N"
     in_flight: int = 0
     last_used: float = 0.0
     loads: int = 0
@@ -64,7 +66,7 @@ class ModelRegistry:
     def __init__(
         self,
         configs: list[ModelConfig],
-        budget: MemoryBudget | None = None,
+        budgets: list[MemoryBudget] | None = None,
         load_timeout_s: float = 120.0,
         resolver: Resolver | None = None,
         dequantized_dir: Path | None = None,
@@ -75,7 +77,8 @@ class ModelRegistry:
             self.models[cfg.name] = HostedModel(cfg)
             for alias in cfg.aliases:
                 self.aliases[alias] = cfg.name
-        self.budget = budget or MemoryBudget("cpu", 1 << 62)
+        # One budget per device (CPU: one; CUDA: one per GPU); models are placed on one of them.
+        self.budgets = budgets or [MemoryBudget("cpu", 1 << 62)]
         self.load_timeout_s = load_timeout_s
         self.resolve = resolver or (
             lambda cfg: cfg.model_copy(update={"source": str(resolve_source(cfg.source))})
@@ -101,8 +104,28 @@ class ModelRegistry:
     def _healthy(model: HostedModel) -> bool:
         return model.engine is None or model.engine.is_healthy()
 
-    def used_bytes(self) -> int:
-        return sum(m.cost_bytes for m in self.models.values() if m.state in ("ready", "loading"))
+    def used_bytes(self, device: str | None = None) -> int:
+        """Estimated bytes of the models loaded or loading (on `device`, or on all devices)."""
+        return sum(
+            m.cost_bytes
+            for m in self.models.values()
+            if m.state in ("ready", "loading") and (device is None or m.device == device)
+        )
+
+    def device_table(self, exclude: HostedModel | None = None) -> list[DeviceRoom]:
+        """Each device's budget and the ready models on it: what the placement policy decides on."""
+        return [
+            DeviceRoom(
+                b.device,
+                b.total_bytes,
+                [
+                    m
+                    for m in self.models.values()
+                    if m is not exclude and m.state == "ready" and m.device == b.device
+                ],
+            )
+            for b in self.budgets
+        ]
 
     # --- requests ---
 
@@ -157,8 +180,10 @@ class ModelRegistry:
                 cfg = hosted.config
                 local = await asyncio.to_thread(self.resolve, cfg)
                 path = Path(local.source)
-                hosted.cost_bytes = await asyncio.to_thread(estimate_cost, local, path)
-                await self._make_room(hosted)
+                # Every device of a server is of one kind (CPU, or its GPUs), which sets the dtype.
+                kind = self.budgets[0].device
+                hosted.cost_bytes = await asyncio.to_thread(estimate_cost, local, path, kind)
+                hosted.device = await self._make_room(hosted)
                 if self.dequantized_dir is not None:
                     local = await asyncio.to_thread(dequantized_source, local, path, self.dequantized_dir)
                 await self._start(hosted, local)
@@ -176,22 +201,18 @@ class ModelRegistry:
             hosted.error = str(exc) if hosted.too_large else f"{type(exc).__name__}: {exc}"
             hosted.cost_bytes = 0
 
-    async def _make_room(self, hosted: HostedModel) -> None:
-        need, total = hosted.cost_bytes, self.budget.total_bytes
-        if need > total:
-            raise ModelTooLarge(
-                f"model {hosted.name} needs ~{need >> 20} MiB but the memory budget of this server "
-                f"({self.budget.device}) is {total >> 20} MiB; it can never be loaded here"
-            )
+    async def _make_room(self, hosted: HostedModel) -> str:
+        """The device chosen for `hosted` (server/placement.py), once its victims are evicted."""
         deadline = time.monotonic() + self.load_timeout_s
         while True:
-            others = [m for m in self.models.values() if m is not hosted and m.state == "ready"]
-            free = total - sum(m.cost_bytes for m in others)
-            victims = pick_victims(others, need, free)
-            if victims is not None:
-                for victim in victims:
+            try:
+                placement = place(self.device_table(exclude=hosted), hosted.name, hosted.cost_bytes)
+            except NeverFits as exc:
+                raise ModelTooLarge(str(exc)) from None
+            if placement is not None:
+                for victim in placement.victims:
                     await self.evict(victim)  # type: ignore[arg-type]
-                return
+                return placement.device
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no room for {hosted.name}: the resident models are busy or pinned")
             self._released.clear()  # wait for a request to end, then look again
@@ -201,7 +222,9 @@ class ModelRegistry:
                 pass
 
     async def evict(self, hosted: HostedModel) -> None:
-        log.info("evicting model %s (idle, %d MB)", hosted.name, hosted.cost_bytes >> 20)
+        log.info(
+            "evicting model %s from %s (idle, %d MB)", hosted.name, hosted.device, hosted.cost_bytes >> 20
+        )
         hosted.state = "available"
         engine, embedder = hosted.engine, hosted.embedder
         hosted.engine = hosted.embedder = None
@@ -211,20 +234,22 @@ class ModelRegistry:
             await embedder.stop()
         del engine, embedder
         gc.collect()  # give the weights back now, not at some later collection
-        if self.budget.device.startswith("cuda"):  # pragma: no cover - no GPU in CI
+        if hosted.device and hosted.device.startswith("cuda"):  # pragma: no cover - no GPU in CI
             import torch
 
-            torch.cuda.empty_cache()
+            with torch.cuda.device(hosted.device):
+                torch.cuda.empty_cache()  # return the cached blocks, so mem_get_info sees them free
 
     async def _start(self, hosted: HostedModel, cfg: ModelConfig) -> None:
+        device = hosted.device or "cpu"
         if cfg.task == "chat":
             from budrt.engine.factory import create_text_engine
 
-            engine = await asyncio.to_thread(create_text_engine, cfg)
+            engine = await asyncio.to_thread(create_text_engine, cfg, device)
             await engine.start()
             hosted.engine = engine
         elif cfg.task == "embedding":
-            embedding_model = await asyncio.to_thread(EmbeddingModel, cfg)
+            embedding_model = await asyncio.to_thread(EmbeddingModel, cfg, device)
             batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens)
             batcher.start()
             hosted.embedder = batcher

@@ -14,37 +14,42 @@ CPU_DEFAULT_SHARE = 0.8  # of physical memory, when no budget is configured
 
 @dataclass(frozen=True)
 class MemoryBudget:
+    """What this server may fill on one device."""
+
     device: str  # "cpu" or "cuda:N"
     total_bytes: int
 
-    @classmethod
-    def for_server(cls, server: ModelServerConfig) -> MemoryBudget:
-        """CPU: the configured bytes (else a share of RAM); CUDA: device memory x utilization."""
-        if server.memory_budget_bytes is not None:
-            return cls("cpu", server.memory_budget_bytes)
-        cuda = _cuda_budget(server.memory_utilization)
-        if cuda is not None:  # pragma: no cover - no GPU in CI
-            return cuda
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return cls("cpu", int(physical * CPU_DEFAULT_SHARE))
+
+def server_budgets(server: ModelServerConfig) -> list[MemoryBudget]:
+    """CPU: the configured bytes (else a share of RAM), one device; CUDA: one budget per GPU."""
+    if server.memory_budget_bytes is not None:
+        return [MemoryBudget("cpu", server.memory_budget_bytes)]
+    gpus = cuda_budgets(_cuda_mem_info(), server.memory_utilization)
+    if gpus:  # pragma: no cover - no GPU in CI
+        return gpus
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return [MemoryBudget("cpu", int(physical * CPU_DEFAULT_SHARE))]
 
 
-def _cuda_budget(utilization: float) -> MemoryBudget | None:  # pragma: no cover - no GPU in CI
-    """The device with the most room: `mem_get_info` x utilization, minus what others already use."""
+def cuda_budgets(mem_info: list[tuple[int, int]], utilization: float) -> list[MemoryBudget]:
+    """Per GPU (`(free, total)` bytes each, as `torch.cuda.mem_get_info` gives): `utilization` of
+    the card minus what other processes already hold there."""
+    return [
+        MemoryBudget(f"cuda:{index}", max(int(total * utilization) - (total - free), 0))
+        for index, (free, total) in enumerate(mem_info)
+    ]
+
+
+def _cuda_mem_info() -> list[tuple[int, int]]:
+    """`(free, total)` of every visible GPU; empty without CUDA."""
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return None
-        best: MemoryBudget | None = None
-        for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
-            room = int(total * utilization) - (total - free)
-            if best is None or room > best.total_bytes:
-                best = MemoryBudget(f"cuda:{index}", max(room, 0))
-        return best
-    except Exception:
-        return None
+            return []
+        return [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]  # pragma: no cover
+    except Exception:  # a broken driver: serve from the CPU rather than not at all
+        return []
 
 
 class Resident(Protocol):

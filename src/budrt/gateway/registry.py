@@ -1,0 +1,287 @@
+"""Replicas that register themselves: model servers announce their models by heartbeat.
+
+`POST /admin/replicas/heartbeat` {"url", "models": [{"id", "aliases"}], "ttl_s"} adds the
+server's endpoint to each model's deployment (creating one, default strategy, for a model no
+configuration names) and moves its expiry to now + ttl. The models listed are the whole set: an
+endpoint for a model no longer listed is removed. A replica whose heartbeats stop is unroutable
+at its expiry and taken out by the health checker's next sweep; requests already sent to it
+finish. `"leaving": true` (or `DELETE /admin/replicas?url=...`) deregisters at once.
+
+Each gateway keeps its own table: with several gateways, a server heartbeats to each of them, so
+they share nothing. Registered endpoints are ordinary `Endpoint`s, so the balancer, the circuit
+breaker, failover and the active health check treat them like configured ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from yarl import URL
+
+from budrt.gateway.auth import Authenticator, require
+from budrt.gateway.routing import Deployment, Endpoint, Router
+from budrt.protocol.errors import APIError, invalid_request, parse_json_body
+from budrt.security.rbac import REPLICAS_LIST, REPLICAS_REGISTER, Principal
+from budrt.store.identity import IdentityStore
+
+log = logging.getLogger("budrt.gateway.registry")
+
+DEFAULT_TTL_S = 10.0
+MAX_TTL_S = 3600.0
+MAX_MODELS = 256  # per heartbeat; bounds the work one request can cause
+MAX_NAME = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    id: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    url: str
+    models: tuple[Announced, ...]
+    ttl_s: float
+    leaving: bool
+
+
+def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
+    """Validate a heartbeat body; a 400 names the offending `param`."""
+    url = normalize_url(data.get("url"))
+    leaving = data.get("leaving", False)
+    if not isinstance(leaving, bool):
+        raise invalid_request("'leaving' must be a boolean.", param="leaving")
+    ttl = data.get("ttl_s", DEFAULT_TTL_S)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
+        raise invalid_request(f"'ttl_s' must be a number of seconds in (0, {MAX_TTL_S:g}].", param="ttl_s")
+    raw = data.get("models")
+    if leaving and raw is None:
+        return Heartbeat(url, (), float(ttl), True)
+    if not isinstance(raw, list) or not raw:
+        raise invalid_request(
+            '\'models\' must be a non-empty list of {"id": ..., "aliases": [...]}.', param="models"
+        )
+    if len(raw) > MAX_MODELS:
+        raise invalid_request(f"'models' may list at most {MAX_MODELS} models.", param="models")
+    models: list[Announced] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        if isinstance(item, str):  # shorthand: just the id
+            item = {"id": item}
+        if not isinstance(item, dict):
+            raise invalid_request("Each model must be an object with an 'id'.", param=f"models[{i}]")
+        model_id = _name(item.get("id"), f"models[{i}].id")
+        aliases = item.get("aliases") or []
+        if not isinstance(aliases, list):
+            raise invalid_request("'aliases' must be a list of strings.", param=f"models[{i}].aliases")
+        names = tuple(_name(a, f"models[{i}].aliases") for a in aliases)
+        for name in (model_id, *names):
+            if name in seen:
+                raise invalid_request(f"Model name or alias {name!r} is listed twice.", param=f"models[{i}]")
+            seen.add(name)
+        models.append(Announced(model_id, names))
+    return Heartbeat(url, tuple(models), float(ttl), leaving)
+
+
+def normalize_url(value: Any, param: str = "url") -> str:
+    """An http(s) OpenAI base URL with a host and no query, without a trailing slash."""
+    if not isinstance(value, str) or not value.strip():
+        raise invalid_request(
+            f"'{param}' must be the replica's OpenAI base URL, e.g. http://host:port/v1.", param=param
+        )
+    try:
+        url = URL(value.strip())
+        ok = url.scheme in ("http", "https") and bool(url.host) and not url.query_string and not url.fragment
+        _ = url.port  # an out-of-range port raises here
+    except ValueError:
+        ok = False
+    if not ok or len(value) > 2048:
+        raise invalid_request(
+            f"'{param}' is not an http(s) base URL with a host: {value[:200]!r}.", param=param
+        )
+    return str(url).rstrip("/")
+
+
+def _name(value: Any, param: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > MAX_NAME
+        or any(c.isspace() for c in value)
+    ):
+        raise invalid_request(
+            f"'{param}' must be a model name: a non-empty string without spaces.", param=param
+        )
+    return value
+
+
+def _conflict(message: str, param: str) -> APIError:
+    return APIError(409, message, param=param, code="conflict")
+
+
+class ReplicaRegistry:
+    """Applies heartbeats to a `Router`; all of it synchronous, so it happens between requests."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def check(self, beat: Heartbeat) -> None:
+        """409 when a name is routed elsewhere; nothing is changed before every name passes."""
+        for i, model in enumerate(beat.models):
+            dep = self.router.resolve(model.id)
+            if dep is not None and dep.name != model.id:
+                raise _conflict(
+                    f"{model.id!r} is an alias of deployment {dep.name!r}; register the model by its name.",
+                    f"models[{i}].id",
+                )
+            for alias in model.aliases:
+                owner = self.router.resolve(alias)
+                if owner is not None and owner is not dep:
+                    raise _conflict(
+                        f"Alias {alias!r} is already used by deployment {owner.name!r}.",
+                        f"models[{i}].aliases",
+                    )
+
+    def heartbeat(self, beat: Heartbeat) -> tuple[list[Endpoint], bool]:
+        """Register or refresh; returns the replica's endpoints and whether it is new here."""
+        self.check(beat)
+        now, wall = time.monotonic(), time.time()
+        before = self.router.registered(beat.url)
+        listed = {m.id for m in beat.models}
+        for dep, ep in before:  # models the replica no longer serves
+            if dep.name not in listed:
+                dep.remove_endpoint(ep)
+        out: list[Endpoint] = []
+        for model in beat.models:
+            dep = self.router.resolve(model.id) or self.router.add_deployment(model.id)
+            for alias in model.aliases:
+                self.router.add_alias(dep, alias)
+            ep = dep.find(beat.url)
+            if ep is None:
+                ep = dep.add_endpoint(beat.url)
+                log.info("replica registered", extra={"fields": {"url": beat.url, "model": dep.name}})
+            elif not ep.registered:  # a configured endpoint at this URL: it stays as configured
+                continue
+            ep.expires = now + beat.ttl_s
+            ep.heartbeat_at = wall
+            ep.ready = True  # a server only heartbeats while ready; the health check may say otherwise
+            out.append(ep)
+        return out, not before and bool(out)
+
+    def deregister(self, url: str) -> list[tuple[Deployment, Endpoint]]:
+        gone = self.router.registered(url)
+        for dep, ep in gone:
+            dep.remove_endpoint(ep)
+        if gone:
+            log.info("replica left", extra={"fields": {"url": url, "models": [d.name for d, _ in gone]}})
+        return gone
+
+    def listing(self) -> list[dict[str, Any]]:
+        now, wall = time.monotonic(), time.time()
+        rows: dict[str, dict[str, Any]] = {}
+        for dep in self.router.deployments:
+            for ep in dep.endpoints:
+                if not ep.registered or ep.expires <= now:
+                    continue
+                row = rows.setdefault(ep.base_url, {"object": "replica", "url": ep.base_url, "models": []})
+                row["models"].append(
+                    {
+                        "id": dep.name,
+                        "aliases": list(dep.aliases),
+                        "ready": ep.ready,
+                        "ejected": ep.breaker.ejected,
+                        "outstanding": ep.outstanding,
+                    }
+                )
+                row["last_heartbeat"] = _iso(ep.heartbeat_at or wall)
+                row["expires_at"] = _iso(wall + ep.expires - now)
+        return list(rows.values())
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class ReplicaAPI:
+    """The admin routes; the router is the gateway's (`app.state.gateway`), so the admin API's
+    constructor does not change."""
+
+    def __init__(self, auth: Authenticator, identity: IdentityStore) -> None:
+        self.auth = auth
+        self.identity = identity
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/admin/replicas/heartbeat", self.heartbeat, methods=["POST"]),
+            Route("/admin/replicas", self.list_replicas, methods=["GET"]),
+            Route("/admin/replicas", self.delete, methods=["DELETE"]),
+        ]
+
+    @staticmethod
+    def _registry(request: Request) -> ReplicaRegistry:
+        return ReplicaRegistry(request.app.state.gateway.router)  # stateless: the router holds it all
+
+    async def heartbeat(self, request: Request) -> Response:
+        p = await self.auth.authenticate(request.headers)
+        beat = parse_heartbeat(parse_json_body(await request.body()))
+        registry = self._registry(request)
+        if beat.leaving:
+            return await self._leave(p, registry, beat.url)
+        for model in beat.models:
+            for name in (model.id, *model.aliases):
+                require(p, REPLICAS_REGISTER, f"model:{name}")
+        endpoints, new = registry.heartbeat(beat)
+        if new:
+            await self._audit(p, "replicas:register", beat.url, {"models": [m.id for m in beat.models]})
+        body = {
+            "object": "replica",
+            "url": beat.url,
+            "models": [m.id for m in beat.models],
+            "registered": len(endpoints),
+            "ttl_s": beat.ttl_s,
+            "expires_at": _iso(time.time() + beat.ttl_s),
+        }
+        return _json(body)
+
+    async def delete(self, request: Request) -> Response:
+        p = await self.auth.authenticate(request.headers)
+        url = normalize_url(request.query_params.get("url"))
+        registry = self._registry(request)
+        if not registry.router.registered(url):
+            raise APIError(404, f"No replica is registered at {url}.", param="url", code="not_found")
+        return await self._leave(p, registry, url)
+
+    async def _leave(self, p: Principal, registry: ReplicaRegistry, url: str) -> Response:
+        for dep, _ in registry.router.registered(url):
+            require(p, REPLICAS_REGISTER, f"model:{dep.name}")
+        gone = registry.deregister(url)
+        if gone:
+            await self._audit(p, "replicas:deregister", url, {"models": [d.name for d, _ in gone]})
+        return _json({"object": "replica", "url": url, "deregistered": [d.name for d, _ in gone]})
+
+    async def list_replicas(self, request: Request) -> Response:
+        p = await self.auth.authenticate(request.headers)
+        require(p, REPLICAS_LIST)
+        return _json({"object": "list", "data": self._registry(request).listing()})
+
+    async def _audit(self, p: Principal, action: str, url: str, detail: dict[str, Any]) -> None:
+        """New replicas and departures are audited; refreshing heartbeats are not (one per interval)."""
+        who = f"key:{p.key_id}" if p.kind == "key" else f"jwt:{p.user}"
+        try:
+            await run_in_threadpool(self.identity.record, who, action, f"replica:{url}", detail)
+        except Exception:  # the routing change stands; a lost audit line is logged, not fatal
+            log.exception("audit write failed", extra={"fields": {"url": url}})
