@@ -1,7 +1,7 @@
 """The gateway's added latency and throughput, versus the mock upstream called directly (and
 LiteLLM proxy when it is installed), in one invocation. Everything on 127.0.0.1.
 
-    .venv/bin/python bench/gateway_bench.py [--duration 10] [--rounds 5] [--save]
+    .venv/bin/python bench/gateway_bench.py [--duration 10] [--rounds 5] [--save] [--profile 15]
 
 One gateway process (`python -m budrt.gateway --runtime FILE`, pinned to CPU 0) with API-key
 auth, Redis rate limits (the key has rpm and tpm, so every request runs the acquire script and
@@ -32,6 +32,8 @@ sys.path.insert(0, str(HERE))
 from http_stack import LOADGEN_CPU, PATH, REQUEST_BODY, SERVER_CPU, machine, server_cmd, wrk  # noqa: E402
 
 LITELLM = Path("/tmp/litellm-venv/bin/litellm")
+# Where a sample's innermost frame lives -> the part of the stack it is charged to.
+PROFILE_GROUPS = ("budrt", "aiohttp", "uvicorn", "starlette", "sqlalchemy", "prometheus_client", "asyncio")
 
 
 def free_port() -> int:
@@ -193,12 +195,43 @@ def measure(targets: dict[str, tuple[str, str, int]], conns: int, args) -> dict[
     return out
 
 
+def profile(pid: int, url: str, lua: str, seconds: int, out: Path) -> dict[str, float]:
+    """py-spy samples of the gateway during `seconds` of c64 load, as % of its busy samples by
+    the package of the innermost frame (stdlib frames are charged to their caller's package).
+    The raw profile stays in `out` (`py-spy record --format raw`)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cmd = [spy, "record", "-r", "200", "--format", "raw", "-d", str(seconds), "-o", str(out), "-p", str(pid)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk(url, 64, seconds + 1, lua)
+    proc.wait(60)
+    groups: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or "Condition.wait" in frames[-1]:  # an idle worker thread
+            continue
+        group = "other (stdlib)"
+        if frames[-1].startswith("Runner.run (asyncio/"):
+            group = "event loop (uvloop, socket I/O)"
+        for frame in reversed(frames if group.startswith("other") else ()):
+            found = next((g for g in PROFILE_GROUPS if f"{g}/" in frame or f"({g}" in frame), None)
+            if found is not None and found != "asyncio":
+                group = found
+                break
+        groups[group] = groups.get(group, 0) + int(count)
+    total = sum(groups.values()) or 1
+    return {g: round(100 * n / total, 1) for g, n in sorted(groups.items(), key=lambda x: -x[1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10, help="seconds of load per target and level")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--save", action="store_true", help="write JSON to bench/results/")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="S", help="then py-spy the gateway for S seconds at c64"
+    )
     args = ap.parse_args()
     if not shutil.which("wrk") or not shutil.which("redis-server"):
         sys.exit("needs wrk and redis-server: apt-get install -y wrk redis-server")
@@ -230,12 +263,16 @@ def main() -> None:
         if LITELLM.exists() and not args.no_litellm:
             ll_url, master, ll_pid = start_litellm(stack, home, upstream)
             targets["litellm"] = (ll_url, lua_script(master), ll_pid)
-        else:
+        elif not args.no_litellm:
             print("LiteLLM not installed in /tmp/litellm-venv: skipping it", file=sys.stderr)
         try:
             for url, lua, _ in targets.values():
                 wrk(url, 64, 2, lua)  # warm-up
             c64, c1 = measure(targets, 64, args), measure(targets, 1, args)
+            if args.profile:
+                out = Path(tempfile.gettempdir()) / f"gateway-profile-{datetime.now():%Y%m%d-%H%M%S}.txt"
+                res["profile"] = {"raw": str(out)}
+                res["profile"]["share_pct"] = profile(gw_pid, gw_url, targets["budrt"][1], args.profile, out)
         finally:
             for _, lua, _ in targets.values():
                 os.unlink(lua)
@@ -277,6 +314,9 @@ def report(res: dict) -> None:
     )
     if "litellm" in r:
         print(f"budrt / litellm req/s at c64: {b['rps_c64'] / r['litellm']['rps_c64']:.1f}x")
+    if "profile" in res:
+        shares = ", ".join(f"{g} {pct}%" for g, pct in res["profile"]["share_pct"].items())
+        print(f"budrt gateway CPU samples at c64 by package: {shares}")
 
 
 if __name__ == "__main__":

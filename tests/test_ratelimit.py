@@ -4,8 +4,11 @@ real gateway processes sharing one key's limit through Redis."""
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -13,8 +16,10 @@ import pytest
 
 from budrt.config import DeploymentConfig, Settings
 from budrt.gateway.app import create_app
-from budrt.gateway.ratelimit import Limit, LimiterUnavailable, LocalLimiter, RateLimited
-from budrt.gateway.redis_limiter import RedisLimiter
+from budrt.gateway.local_limiter import LocalLimiter
+from budrt.gateway.ratelimit import Limit, LimiterUnavailable, RateLimited, periods
+from budrt.gateway.redis_limiter import CALENDAR, RedisLimiter
+from budrt.gateway.resp import RespClient
 from budrt.store.db import migrate
 from budrt.store.keys import KeyStore
 from tests.mock_upstream import MockUpstream, ServerThread, free_port
@@ -84,6 +89,24 @@ async def _exercise(limiter: LocalLimiter | RedisLimiter, tag: str) -> None:
     ticket = await limiter.acquire((Limit(f"{tag}:a", rpm=5),), 0)
     assert ticket.headers["x-ratelimit-remaining-requests"] == "3"
 
+    # Budgets per period: tokens reserved and settled like tpm; refused until the period ends.
+    day_end = periods(time.time())[2]
+    budget = (Limit(f"{tag}:budget", tokens_per_day=100, tokens_per_month=1000),)
+    ticket = await limiter.acquire(budget, 80)
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(budget, 30)
+    assert exc.value.kind == "tokens_per_day" and exc.value.code == "insufficient_quota"
+    assert abs(exc.value.retry_after_s - (day_end - time.time())) < 2
+    await limiter.release(ticket, 10)  # 70 come back
+    await limiter.acquire(budget, 30)
+    images = (Limit(f"{tag}:images", images_per_month=3),)
+    ticket = await limiter.acquire(images, 0, images=2)
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(images, 0, images=2)
+    assert exc.value.kind == "images_per_month" and "quota" in exc.value.message()
+    await limiter.release(ticket, 0)  # nothing was served: both images come back
+    await limiter.acquire(images, 0, images=3)
+
 
 def test_local_limiter() -> None:
     asyncio.run(_exercise(LocalLimiter(), "local"))
@@ -102,7 +125,7 @@ def test_redis_limiter(redis_server: RedisServer) -> None:
                 await limiter.acquire(rps, 0)
             assert exc.value.kind == "rps" and exc.value.retry_after_s <= 1
             # Every decision above came from Redis, none from the fail-open fallback.
-            assert not limiter.local._logs and not limiter.local._buckets
+            assert not limiter.local._logs and not limiter.local._buckets and not limiter.local._budgets
         finally:
             await limiter.close()
 
@@ -241,3 +264,52 @@ def test_token_reservation_is_settled_with_actual_usage(tmp_path: Path, upstream
     finally:
         server.stop()
         store.engine.dispose()
+
+
+def test_redis_calendar_agrees_with_python(redis_server: RedisServer) -> None:
+    """Budget periods are computed in Lua from Redis's clock: same days, months and ends."""
+    script = CALENDAR + "local a, b, c, d = calendar(tonumber(ARGV[1])) return {a, b, c, d}"
+    edges = [datetime(2024, 2, 29, 23, 59, 59), datetime(2023, 12, 31, 12), datetime(2100, 3, 1)]
+    times = [d.replace(tzinfo=UTC).timestamp() for d in edges] + [0.0]
+    rng = random.Random(5)
+    times += [rng.uniform(0, 4e9) for _ in range(200)]
+
+    async def run() -> None:
+        redis = RespClient(redis_server.url, timeout_s=2)
+        try:
+            for now in times:
+                micros = int(now * 1e6)
+                got = await redis.call("EVAL", script, 0, micros)
+                day, month, day_end, month_end = periods(micros / 1e6)
+                assert [int(x) for x in got] == [day, month, int(day_end * 1e6), int(month_end * 1e6)], now
+        finally:
+            await redis.close()
+
+    asyncio.run(run())
+
+
+def test_local_budgets_reset_at_midnight_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A day's budget ends at 00:00 UTC; a refund arriving after it leaves the new day alone."""
+    import types
+
+    import budrt.gateway.local_limiter as rl
+
+    clock = [datetime(2026, 1, 31, 23, 59, 50, tzinfo=UTC).timestamp()]
+    monkeypatch.setattr(rl, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
+    limiter = LocalLimiter()
+    day = (Limit("day", tokens_per_day=100, tokens_per_month=1000),)
+
+    async def run() -> None:
+        held = await limiter.acquire(day, 90)
+        with pytest.raises(RateLimited) as exc:
+            await limiter.acquire(day, 20)
+        assert exc.value.kind == "tokens_per_day" and exc.value.retry_after_s == pytest.approx(10)
+        clock[0] += 20  # 00:00:10 on February 1st: a new day and a new month
+        fresh = await limiter.acquire(day, 60)
+        await limiter.release(held, 0)  # yesterday's reservation refunded: today keeps its 60
+        with pytest.raises(RateLimited):
+            await limiter.acquire(day, 50)
+        await limiter.release(fresh, 10)
+        await limiter.acquire(day, 90)
+
+    asyncio.run(run())

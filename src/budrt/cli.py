@@ -128,6 +128,18 @@ def keys_create(
     admin: Annotated[bool, typer.Option("--admin", help="Give the key the admin role.")] = False,
     role: Annotated[str | None, typer.Option("--role", help="Role: developer (default), viewer...")] = None,
     user: Annotated[str | None, typer.Option("--user", help="Owner; the key never exceeds them.")] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option("--tokens-per-day", min=1, help="Token budget per UTC day.")
+    ] = None,
+    tokens_per_month: Annotated[
+        int | None, typer.Option("--tokens-per-month", min=1, help="Token budget per calendar month.")
+    ] = None,
+    images_per_day: Annotated[
+        int | None, typer.Option("--images-per-day", min=1, help="Images per UTC day.")
+    ] = None,
+    images_per_month: Annotated[
+        int | None, typer.Option("--images-per-month", min=1, help="Images per calendar month.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     home: Home = None,
     config: ConfigFile = None,
@@ -141,6 +153,12 @@ def keys_create(
     settings = _settings(config, home)
     migrate(settings.database_url_resolved)
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    budgets = {
+        "tokens_per_day": tokens_per_day,
+        "tokens_per_month": tokens_per_month,
+        "images_per_day": images_per_day,
+        "images_per_month": images_per_month,
+    }
     store = KeyStore.from_settings(settings)
     user_id = team_id = None
     run(IdentityStore(store.engine).check_roles, [role or "user"])
@@ -155,6 +173,7 @@ def keys_create(
             tpm=tpm,
             user_id=user_id,
             team_id=team_id,
+            budgets={name: value for name, value in budgets.items() if value is not None},
         )
     )
     IdentityStore(store.engine).record("cli", "keys:create", f"key:{record.id}", {"role": record.role})
@@ -228,6 +247,10 @@ def _record_json(record: Any) -> dict[str, Any]:
         "models": list(record.models) if record.models is not None else None,
         "rpm": record.rpm,
         "tpm": record.tpm,
+        "tokens_per_day": record.tokens_per_day,
+        "tokens_per_month": record.tokens_per_month,
+        "images_per_day": record.images_per_day,
+        "images_per_month": record.images_per_month,
         "created_at": record.created_at.isoformat() if record.created_at else None,
         "expires_at": record.expires_at.isoformat() if record.expires_at else None,
         "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,

@@ -23,6 +23,31 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 ACTOR = "cli"
 
 
+def _limit(flag: str, what: str) -> Any:
+    return Annotated[int | None, typer.Option(flag, min=0, help=f"{what}; 0 = unlimited.")]
+
+
+# Limits shared by every key of a user or team (a JWT naming them gets theirs too).
+Rpm = _limit("--rpm", "Requests per minute")
+Tpm = _limit("--tpm", "Tokens per minute")
+TokensDay = _limit("--tokens-per-day", "Token budget per UTC day")
+TokensMonth = _limit("--tokens-per-month", "Token budget per calendar month (UTC)")
+ImagesDay = _limit("--images-per-day", "Images per UTC day")
+ImagesMonth = _limit("--images-per-month", "Images per calendar month (UTC)")
+
+
+def limits(**given: int | None) -> dict[str, int | None]:
+    """The limit options that were given; 0 becomes None (unlimited)."""
+    return {name: (value or None) for name, value in given.items() if value is not None}
+
+
+def limits_line(data: dict[str, Any]) -> str:
+    from budrt.store.quotas import QUOTA_FIELDS
+
+    set_ = [f"{name}={data[name]}" for name in QUOTA_FIELDS if data.get(name)]
+    return " ".join(set_) or "no limits"
+
+
 def identity_store(config: Path | None, home: Path | None) -> Any:
     from budrt.cli import _settings
     from budrt.store.db import make_engine, migrate
@@ -57,14 +82,54 @@ def users_create(
     name: Annotated[str, typer.Option("--name", help="User name (what a JWT's user claim holds).")],
     team: Annotated[str | None, typer.Option("--team", help="Team the user belongs to.")] = None,
     roles: Annotated[str | None, typer.Option("--roles", help="Comma-separated roles.")] = "developer",
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    tokens_per_day: TokensDay = None,
+    tokens_per_month: TokensMonth = None,
+    images_per_day: ImagesDay = None,
+    images_per_month: ImagesMonth = None,
     as_json: AsJson = False,
     home: Home = None,
     config: ConfigFile = None,
 ) -> None:
     """Create a user."""
     store = identity_store(config, home)
-    user = run(store.create_user, name, team, split(roles), ACTOR)
+    quota = limits(
+        rpm=rpm,
+        tpm=tpm,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        images_per_day=images_per_day,
+        images_per_month=images_per_month,
+    )
+    user = run(store.create_user, name, team, split(roles), ACTOR, quota)
     show(user, as_json, f"created user {user['id']} {user['name']} roles={','.join(user['roles'])}")
+
+
+@users_app.command("set-limits")
+def users_set_limits(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    tokens_per_day: TokensDay = None,
+    tokens_per_month: TokensMonth = None,
+    images_per_day: ImagesDay = None,
+    images_per_month: ImagesMonth = None,
+    as_json: AsJson = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Set a user's limits (only the options given change; 0 removes one)."""
+    quota = limits(
+        rpm=rpm,
+        tpm=tpm,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        images_per_day=images_per_day,
+        images_per_month=images_per_month,
+    )
+    user = run(identity_store(config, home).update_user, name, quota, ACTOR)
+    show(user, as_json, f"user {user['name']}: {limits_line(user)}")
 
 
 @users_app.command("list")
@@ -96,13 +161,53 @@ def users_set_roles(
 @teams_app.command("create")
 def teams_create(
     name: Annotated[str, typer.Option("--name", help="Team name.")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    tokens_per_day: TokensDay = None,
+    tokens_per_month: TokensMonth = None,
+    images_per_day: ImagesDay = None,
+    images_per_month: ImagesMonth = None,
     as_json: AsJson = False,
     home: Home = None,
     config: ConfigFile = None,
 ) -> None:
     """Create a team."""
-    team = run(identity_store(config, home).create_team, name, ACTOR)
+    quota = limits(
+        rpm=rpm,
+        tpm=tpm,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        images_per_day=images_per_day,
+        images_per_month=images_per_month,
+    )
+    team = run(identity_store(config, home).create_team, name, ACTOR, quota)
     show(team, as_json, f"created team {team['id']} {team['name']}")
+
+
+@teams_app.command("set-limits")
+def teams_set_limits(
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    tokens_per_day: TokensDay = None,
+    tokens_per_month: TokensMonth = None,
+    images_per_day: ImagesDay = None,
+    images_per_month: ImagesMonth = None,
+    as_json: AsJson = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Set a team's limits, shared by all its users and keys (0 removes one)."""
+    quota = limits(
+        rpm=rpm,
+        tpm=tpm,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        images_per_day=images_per_day,
+        images_per_month=images_per_month,
+    )
+    team = run(identity_store(config, home).update_team, name, quota, ACTOR)
+    show(team, as_json, f"team {team['name']}: {limits_line(team)}")
 
 
 @teams_app.command("list")

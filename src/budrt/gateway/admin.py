@@ -18,10 +18,12 @@ from starlette.routing import Route
 from budrt.gateway.auth import Authenticator, forbidden, require
 from budrt.gateway.metering import Meter
 from budrt.gateway.params import int_field, key_json, parse_time, str_field, strs_field
+from budrt.gateway.registry import ReplicaAPI
 from budrt.protocol.errors import APIError, invalid_request, parse_json_body
 from budrt.security.rbac import PermissionSet, Principal
 from budrt.store.identity import Conflict, IdentityStore, NotFound
 from budrt.store.keys import KeyRecord, KeyStore
+from budrt.store.quotas import BUDGET_FIELDS, QUOTA_FIELDS
 from budrt.store.usage import UsageStore
 
 GROUPS = ("user", "team", "model", "key")
@@ -60,11 +62,14 @@ class AdminAPI:
             Route("/admin/users", self.create_user, methods=["POST"]),
             Route("/admin/users", self.list_users, methods=["GET"]),
             Route("/admin/users/{name}/roles", self.set_roles, methods=["PUT"]),
+            Route("/admin/users/{name}", self.update_user, methods=["PATCH"]),
             Route("/admin/teams", self.create_team, methods=["POST"]),
             Route("/admin/teams", self.list_teams, methods=["GET"]),
+            Route("/admin/teams/{name}", self.update_team, methods=["PATCH"]),
             Route("/admin/roles", self.create_role, methods=["POST"]),
             Route("/admin/roles", self.list_roles, methods=["GET"]),
             Route("/admin/audit", self.audit, methods=["GET"]),
+            *ReplicaAPI(self.auth, self.identity).routes(),  # model servers' heartbeats
         ]
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -126,6 +131,7 @@ class AdminAPI:
         role = str_field(data, "role") or "developer"
         models, permissions = strs_field(data, "models"), strs_field(data, "permissions")
         rpm, tpm, expires_in = int_field(data, "rpm"), int_field(data, "tpm"), int_field(data, "expires_in_s")
+        budgets = _limits(data, BUDGET_FIELDS)
         require(p, "keys:create", f"user:{user}" if user else f"team:{team}" if team else "key:*")
         if user is None:
             # An owned key is capped by its owner; an ownerless one is only capped by its role,
@@ -155,8 +161,10 @@ class AdminAPI:
                 user_id=user_id,
                 team_id=team_id,
                 permissions=permissions,
+                budgets=budgets,
             )
             detail = {"role": role, "user": user, "team": team, "models": models, "permissions": permissions}
+            detail.update(budgets)
             self.identity.record(actor(p), "keys:create", f"key:{record.id}", detail)
             return key, record
 
@@ -193,10 +201,22 @@ class AdminAPI:
         data = parse_json_body(await request.body())
         name, team = str_field(data, "name", required=True), str_field(data, "team")
         roles = strs_field(data, "roles") or []
+        quota = _limits(data, QUOTA_FIELDS)
         require(p, "users:create", f"user:{name}")
         for role in roles:
             require(p, "roles:assign", f"role:{role}")
-        return _json(await self._call(self.identity.create_user, name, team, roles, actor(p)), status=201)
+        user = await self._call(self.identity.create_user, name, team, roles, actor(p), quota)
+        return _json(user, status=201)
+
+    async def update_user(self, request: Request) -> Response:
+        """Set or clear (null) a user's limits: rpm, tpm, tokens/images per day/month."""
+        p = await self.auth.authenticate(request.headers)
+        name: str = request.path_params["name"]
+        quota = _quota_update(parse_json_body(await request.body()))
+        require(p, "users:update", f"user:{name}")
+        result = await self._call(self.identity.update_user, name, quota, actor(p))
+        self.auth.invalidate()  # this process applies them at once; others within the cache TTL
+        return _json(result)
 
     async def list_users(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
@@ -218,9 +238,21 @@ class AdminAPI:
 
     async def create_team(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
-        name = str_field(parse_json_body(await request.body()), "name", required=True)
+        data = parse_json_body(await request.body())
+        name = str_field(data, "name", required=True)
+        quota = _limits(data, QUOTA_FIELDS)
         require(p, "teams:create", f"team:{name}")
-        return _json(await self._call(self.identity.create_team, name, actor(p)), status=201)
+        return _json(await self._call(self.identity.create_team, name, actor(p), quota), status=201)
+
+    async def update_team(self, request: Request) -> Response:
+        """Set or clear (null) a team's limits, shared by all its keys and users."""
+        p = await self.auth.authenticate(request.headers)
+        name: str = request.path_params["name"]
+        quota = _quota_update(parse_json_body(await request.body()))
+        require(p, "teams:update", f"team:{name}")
+        result = await self._call(self.identity.update_team, name, quota, actor(p))
+        self.auth.invalidate()
+        return _json(result)
 
     async def list_teams(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
@@ -254,3 +286,20 @@ class AdminAPI:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _limits(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, int]:
+    """The limit fields present in a create request (each a positive integer)."""
+    found = {name: int_field(data, name) for name in names}
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _quota_update(data: dict[str, Any]) -> dict[str, int | None]:
+    """A PATCH body: limit fields only, each a positive integer or null (unlimited)."""
+    unknown = [name for name in data if name not in QUOTA_FIELDS]
+    if unknown:
+        allowed = ", ".join(QUOTA_FIELDS)
+        raise invalid_request(f"Unknown field '{unknown[0]}'; limits are {allowed}.", param=unknown[0])
+    if not data:
+        raise invalid_request(f"Give at least one of {', '.join(QUOTA_FIELDS)}.")
+    return {name: None if value is None else int_field(data, name) for name, value in data.items()}

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from budrt.config import Settings
 from budrt.gateway.admin import AdminAPI
@@ -23,15 +25,17 @@ from budrt.gateway.health import HealthChecker
 from budrt.gateway.jwt_auth import JWTVerifier
 from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered
 from budrt.gateway.metrics import RequestTracker
-from budrt.gateway.proxy import CLIENT_CLOSED, Proxy, UpstreamStream
+from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Router
-from budrt.gateway.traffic import Traffic, key_limits, make_limiter, reserve_tokens
+from budrt.gateway.stream import Buffered, UpstreamStream
+from budrt.gateway.traffic import Traffic, image_count, key_limits, make_limiter, model_limits, reserve_tokens
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.errors import APIError, internal_error, invalid_request, model_not_found, parse_json_body
 from budrt.security.rbac import ENDPOINT_ACTIONS
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
+from budrt.store.quotas import period_usage
 from budrt.store.usage import UsageStore
 
 log = logging.getLogger("budrt.gateway")
@@ -43,6 +47,7 @@ PROXIED_PATHS = {
     "/v1/embeddings": "/embeddings",
     "/v1/images/generations": "/images/generations",
 }
+IMAGES_PATH = "/v1/images/generations"
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -60,7 +65,9 @@ class Gateway:
         self.usage = UsageStore(store.engine)
         self.meter = Meter(self.usage, settings.metering) if settings.metering.enabled else None
         self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
-        self.limiter = make_limiter(settings.gateway)
+        # In process, budgets start from the usage recorded this period (survive a restart).
+        self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
+        self.model_limits = model_limits(settings.deployments)
         self.proxy = Proxy(settings.gateway)
         self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
@@ -99,14 +106,15 @@ class Gateway:
             raise model_not_found(model)
         return _json(self._model_object(model))
 
-    async def forward(self, request: Request) -> Response | UpstreamStream:
+    async def forward(self, request: Request, path: str) -> Response | Buffered | UpstreamStream:
+        """Handles a POST to `path`, one of PROXIED_PATHS; the caller sends the response."""
         tracker = RequestTracker(time.monotonic())
-        result: Response | UpstreamStream | None = None
+        result: Buffered | UpstreamStream | None = None
         status = 500
         try:
             key = await self.auth.authenticate(request.headers)
             request.scope[PRINCIPAL] = key  # for the meter
-            body = await request.body()
+            body = await read_body(request.receive)
             data = parse_json_body(body)
             model = data.get("model")
             if not isinstance(model, str) or not model:
@@ -116,16 +124,23 @@ class Gateway:
                 raise model_not_found(model)
             tracker.model = dep.name
             request.scope[MODEL] = dep.name
-            require_model(key, ENDPOINT_ACTIONS[request.url.path], model, dep.name, model)
+            require_model(key, ENDPOINT_ACTIONS[path], model, dep.name, model)
             limits = key_limits(key, self.settings.gateway.ratelimit)
+            if (model_limit := self.model_limits.get(dep.name)) is not None:
+                limits = (*limits, model_limit)
             ticket = None
             if limits:
-                reserve = reserve_tokens(len(body), data, self.settings.gateway.ratelimit.default_max_tokens)
-                ticket = await self.limiter.acquire(limits, reserve)
+                reserve, images = 0, 0
+                if path == IMAGES_PATH:  # images count against image budgets, not tokens
+                    images = image_count(data)
+                else:
+                    most = self.settings.gateway.ratelimit.default_max_tokens
+                    reserve = reserve_tokens(len(body), data, most)
+                ticket = await self.limiter.acquire(limits, reserve, images)
             if model != dep.name:  # an alias: upstream only knows the canonical name
                 data["model"] = dep.name
                 body = orjson.dumps(data)
-            upstream_path = PROXIED_PATHS[request.url.path]
+            upstream_path = PROXIED_PATHS[path]
             result = await self.traffic.send(
                 request.receive, request.headers, dep, upstream_path, data, body, tracker, ticket
             )
@@ -133,9 +148,9 @@ class Gateway:
             return result
         except RateLimited as exc:
             status = 429
-            return APIError(
-                429, exc.message(), code="rate_limit_exceeded", headers=exc.headers()
-            ).to_response()
+            # type = code = "insufficient_quota" for a spent budget, as OpenAI sends it.
+            kind = exc.code if exc.code == "insufficient_quota" else None
+            return APIError(429, exc.message(), type=kind, code=exc.code, headers=exc.headers()).to_response()
         except LimiterUnavailable:
             status = 503
             message = "Rate limits cannot be checked right now; retry shortly."
@@ -147,10 +162,69 @@ class Gateway:
             return exc.to_response()
         except ClientDisconnect:  # gone while sending the body: nobody to answer
             status = CLIENT_CLOSED
-            return Response(status_code=CLIENT_CLOSED)
+            return Buffered(CLIENT_CLOSED, b"", [])
         finally:
             if not isinstance(result, UpstreamStream):  # a stream is counted when it ends
                 tracker.done(status, time.monotonic())
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (usually one message); ClientDisconnect if the client left first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Proxied:
+    """The ASGI endpoint of one proxied path: `Gateway.forward`, then the response, metered."""
+
+    def __init__(self, gateway: Gateway, path: str) -> None:
+        self.gateway = gateway
+        self.path = path
+        self.endpoint = ENDPOINT_ACTIONS[path].split(":")[1]  # "chat", "embeddings"...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.monotonic()
+        gw = self.gateway
+        try:
+            response = await gw.forward(Request(scope, receive), self.path)
+        except Exception as exc:  # as Starlette's ServerErrorMiddleware would, before any byte
+            log.error("unhandled error", exc_info=exc, extra={"fields": {"path": self.path}})
+            response = internal_error().to_response()
+        try:
+            await metered(response, gw.meter, scope, self.endpoint, start)(scope, receive, send)
+        finally:
+            after = response.after if isinstance(response, Buffered) else None
+            if after is not None:
+                try:
+                    await after()
+                except Exception as exc:  # the client has its answer; only log
+                    log.error("settling after the response failed", exc_info=exc)
+
+
+class GatewayApp(Starlette):
+    """Starlette, except that POSTs to the proxied paths go straight to their endpoint.
+
+    Starlette's middleware and router layers cost about as much CPU per request as the
+    gateway's own work on the hot path; every other path goes through them as usual, and so
+    does everything once middleware is added (it must see every request).
+    """
+
+    proxied: dict[str, Proxied]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            endpoint = self.proxied.get(scope["path"])
+            if endpoint is not None and not self.user_middleware and self.max_body_size is None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -196,22 +270,21 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
             if key_store is None:
                 store.engine.dispose()
 
+    proxied = {path: Proxied(gw, path) for path in PROXIED_PATHS}
     routes = [
         Route("/health/live", gw.live, methods=["GET"]),
         Route("/health/ready", gw.ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
-        *(
-            Route(path, metered(gw.forward, gw.meter, ENDPOINT_ACTIONS[path].split(":")[1]), methods=["POST"])
-            for path in PROXIED_PATHS
-        ),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()),
         *gw.admin.routes(),
     ]
-    app = Starlette(
+    app = GatewayApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
     )
+    app.proxied = proxied
     app.state.gateway = gw
     return app

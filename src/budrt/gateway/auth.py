@@ -16,11 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from budrt.gateway.jwt_auth import JWTVerifier, looks_like_jwt
+from budrt.gateway.ratelimit import Limit, quota_limit
 from budrt.protocol.errors import APIError, unauthorized
 from budrt.security.keys import KEY_PREFIX
 from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, PermissionSet, Principal, role_permissions
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyRecord, KeyStore
+from budrt.store.quotas import Quota
 
 _MAX_CACHED = 10_000  # bounds memory if a client sprays random keys
 _CustomRoles = dict[str, tuple[str, ...]]
@@ -166,6 +168,9 @@ class Authenticator:
             rpm=record.rpm,
             tpm=record.tpm,
             expires_at=record.expires_at,
+            quotas=_quotas(
+                f"key:{record.id}", record.quota, owner.user, owner.user_quota, owner.team, owner.team_quota
+            ),
         )
 
     def _read_key(self, key: str):  # type: ignore[no-untyped-def]
@@ -178,6 +183,7 @@ class Authenticator:
         assert self.jwt is not None
         ident = await self.jwt.verify(token)  # raises a 401 saying what is wrong
         custom = await self._custom_roles() if _needs_custom(ident.roles) else {}
+        user_quota, team_quota = await run_in_threadpool(self.identity.quotas, ident.user, ident.team)
         expires = datetime.fromtimestamp(ident.expires_at, UTC) if ident.expires_at is not None else None
         return Principal(
             kind="jwt",
@@ -188,6 +194,7 @@ class Authenticator:
             roles=ident.roles,
             grants=(self._set(role_permissions(ident.roles, custom)),),
             expires_at=expires,
+            quotas=_quotas(None, None, ident.user, user_quota, ident.team, team_quota),
         )
 
     async def _custom_roles(self) -> _CustomRoles:
@@ -203,3 +210,21 @@ class Authenticator:
         if len(self._sets) > 1024:
             self._sets.clear()
         return shared
+
+
+def _quotas(
+    key: str | None,
+    key_quota: Quota | None,
+    user: str | None,
+    user_quota: Quota | None,
+    team: str | None,
+    team_quota: Quota | None,
+) -> tuple[Limit, ...]:
+    """The stored limits of a principal's scopes, the key's first (its are the headers sent)."""
+    scopes = (
+        (key, key_quota),
+        (f"user:{user}" if user else None, user_quota),
+        (f"team:{team}" if team else None, team_quota),
+    )
+    found = (quota_limit(scope, quota) for scope, quota in scopes if scope)
+    return tuple(lim for lim in found if lim is not None)

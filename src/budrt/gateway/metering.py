@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import Counter
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from budrt.config import MeteringConfig
+from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.gateway.usage import STREAM_TAIL_BYTES, find_usage
 from budrt.security.rbac import Principal
 from budrt.store.usage import Usage, UsageStore
@@ -30,9 +29,10 @@ log = logging.getLogger("budrt.gateway.metering")
 DROPPED = Counter("budrt_gateway_usage_dropped_total", "Usage records dropped (queue full or DB error)")
 WRITTEN = Counter("budrt_gateway_usage_written_total", "Usage records written to the database")
 
-# What the request path queues: (unix time, principal, model, endpoint, raw usage bytes,
-# latency ms, status, cache hit). A plain tuple: building it costs next to nothing.
-Pending = tuple[float, Principal, str | None, str, bytes | None, float, int, bool]
+# What the request path queues: (unix time, principal, model, endpoint, usage (the object, or
+# the raw bytes that hold it), latency ms, status, cache hit). A plain tuple: building it costs
+# next to nothing.
+Pending = tuple[float, Principal, str | None, str, dict[str, Any] | bytes | None, float, int, bool]
 
 # Where the request handler leaves what the meter needs (request.scope keys).
 PRINCIPAL = "budrt.principal"
@@ -112,6 +112,19 @@ class _Metered:
         self.tail = b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        inner = self.inner
+        # The gateway's own responses say what the meter needs once sent: no wrapper around
+        # `send` (a coroutine layer per message) for them.
+        if isinstance(inner, Buffered | UpstreamStream):
+            try:
+                await inner(scope, receive, send)
+            finally:
+                self.status = inner.status_code
+                self.cache_hit = (b"x-budrt-cache", b"hit") in inner.raw_headers
+                self.tail = inner.body if isinstance(inner, Buffered) else inner.tail
+                self._record()
+            return
+
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.body":
                 body = message.get("body", b"")
@@ -127,7 +140,7 @@ class _Metered:
             await send(message)
 
         try:
-            await self.inner(scope, receive, watch)
+            await inner(scope, receive, watch)
         finally:
             self._record()
 
@@ -135,8 +148,10 @@ class _Metered:
         # Only cheap work here; the usage object is located now but decoded by the writer.
         usage = None
         if self.status == 200:
-            pos = self.tail.rfind(b'"usage"')
-            usage = self.tail[pos:] if pos >= 0 else None
+            usage = getattr(self.inner, "usage", None)  # found already by the proxy
+            if usage is None:
+                pos = self.tail.rfind(b'"usage"')
+                usage = self.tail[pos:] if pos >= 0 else None
         latency_ms = (time.monotonic() - self.start) * 1000
         self.meter.add(
             (
@@ -154,7 +169,7 @@ class _Metered:
 
 def _usage(pending: Pending) -> Usage:
     at, principal, model, endpoint, raw, latency_ms, status, cache_hit = pending
-    usage = find_usage(raw) if raw else None
+    usage = (raw if isinstance(raw, dict) else find_usage(raw)) if raw else None
     prompt = completion = 0
     if usage:
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -175,19 +190,13 @@ def _usage(pending: Pending) -> Usage:
     )
 
 
-def metered(handler: Callable[[Request], Awaitable[Any]], meter: Meter | None, endpoint: str) -> Any:
-    """A route endpoint that runs `handler` and records the request once its response is sent.
+def metered(response: Any, meter: Meter | None, scope: Scope, endpoint: str, start: float) -> Any:
+    """`response`, wrapped to record the request once it is sent.
 
-    `handler` leaves the principal (and model, once routed) in `request.scope`; requests that
-    never authenticated are not metered.
+    The request handler leaves the principal (and the model, once routed) in `scope`; requests
+    that never authenticated are not metered.
     """
-
-    async def endpoint_fn(request: Request) -> Any:
-        start = time.monotonic()
-        response = await handler(request)
-        principal = request.scope.get(PRINCIPAL)
-        if meter is None or principal is None:
-            return response
-        return _Metered(response, meter, principal, request.scope.get(MODEL), endpoint, start)
-
-    return endpoint_fn
+    principal = scope.get(PRINCIPAL)
+    if meter is None or principal is None:
+        return response
+    return _Metered(response, meter, principal, scope.get(MODEL), endpoint, start)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("budrt_gateway_requests_total", "Requests answered by the gateway", ["model", "status"])
@@ -20,6 +22,24 @@ CLIENT_DISCONNECTS = Counter(
     "budrt_gateway_client_disconnects_total", "Requests abandoned by the client", ["model"]
 )
 
+# Label children by label values. `labels()` validates and joins its arguments on every call
+# (several µs, three times per request); the label values here are deployment names and
+# status codes, so these maps stay small. Cleared if they ever grow past _MAX_CHILDREN
+# (deployments registered and removed at run time).
+_MAX_CHILDREN = 4096
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up in a dict after the first call."""
+    key = (metric, *values)
+    found = _children.get(key)
+    if found is None:
+        if len(_children) >= _MAX_CHILDREN:
+            _children.clear()
+        found = _children[key] = metric.labels(*values)
+    return found
+
 
 class RequestTracker:
     """Counts one request: in flight from creation until `done`, which is idempotent."""
@@ -37,5 +57,5 @@ class RequestTracker:
             return
         self._open = False
         IN_FLIGHT.dec()
-        REQUESTS.labels(self.model, str(status)).inc()
-        LATENCY.labels(self.model).observe(now - self.start)
+        child(REQUESTS, self.model, str(status)).inc()
+        child(LATENCY, self.model).observe(now - self.start)

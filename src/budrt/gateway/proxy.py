@@ -12,13 +12,12 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-from starlette.responses import Response
 from starlette.types import Receive
 
 from budrt.config import GatewayConfig
-from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTracker
+from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTracker, child
 from budrt.gateway.routing import Deployment, Endpoint, cancelled_for_hang
-from budrt.gateway.stream import UpstreamStream, pass_headers
+from budrt.gateway.stream import Buffered, RawHeaders, UpstreamStream, encode_headers, pass_headers
 from budrt.gateway.usage import record_usage
 from budrt.protocol.errors import APIError
 
@@ -26,6 +25,7 @@ log = logging.getLogger("budrt.gateway.proxy")
 
 CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in metrics
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
+WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -45,8 +45,10 @@ class Proxy:
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
         # No total timeout: streams may run for minutes. Per-deployment read timeouts apply.
+        # No cookie jar: one session serves every client, so upstream cookies must not stick.
         self.session = aiohttp.ClientSession(
             connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s),
             auto_decompress=False,
         )
@@ -76,62 +78,77 @@ class Proxy:
         tracker: RequestTracker,
         extra_headers: dict[str, str],
         affinity: str | None = None,
-    ) -> Response | UpstreamStream:
+    ) -> Buffered | UpstreamStream:
         """Send to an endpoint of `chain[0]` (then its fallbacks); a client that disconnects
         cancels the upstream request, and so does the request deadline (-> 504)."""
         dep = chain[0]
+        extra = encode_headers(extra_headers) if extra_headers else []
+        task = asyncio.current_task()
+        assert task is not None
         loop = asyncio.get_running_loop()
-        disconnected = asyncio.ensure_future(wait_disconnect(receive))
-        attempt = asyncio.ensure_future(self._attempts(chain, path, bodies, stream, affinity, extra_headers))
-        # Plain callbacks instead of asyncio.wait and asyncio.timeout: together they were ~10% of
-        # the gateway's CPU samples per request; this does the same with one future and one timer.
-        expired = False
+        # The attempts run in this task; a client disconnect or the deadline cancels it (and
+        # the upstream request with it): no second task, no asyncio.wait/asyncio.timeout, which
+        # were a visible share of the gateway's CPU per request. The disconnect watcher (a task
+        # blocked in `receive`) starts only once the upstream has taken WATCH_AFTER_S: most
+        # short requests never need one, and a long generation is still cut off at once.
+        why: list[str] = []  # "client" or "deadline" once this task was cancelled by us
+        watcher: asyncio.Future[None] | None = None
+
+        def on_disconnect(_: asyncio.Future[None]) -> None:
+            if not why:
+                why.append("client")
+                task.cancel()
 
         def on_deadline() -> None:
-            nonlocal expired
-            expired = True
-            attempt.cancel()
+            if not why:
+                why.append("deadline")
+                task.cancel()
 
-        timer = loop.call_later(self.config.request_deadline_s, on_deadline)
-        first_done = loop.create_future()
+        def watch(left: float) -> None:
+            nonlocal watcher, timer
+            watcher = asyncio.ensure_future(wait_disconnect(receive))
+            watcher.add_done_callback(on_disconnect)
+            timer = loop.call_later(left, on_deadline)
 
-        def wake(_: asyncio.Future[object]) -> None:
-            if not first_done.done():
-                first_done.set_result(None)
-
-        attempt.add_done_callback(wake)
-        disconnected.add_done_callback(wake)
+        timer: asyncio.TimerHandle  # one timer at a time: first `watch`, then the deadline
+        deadline = self.config.request_deadline_s
+        if deadline > WATCH_AFTER_S:
+            timer = loop.call_later(WATCH_AFTER_S, watch, deadline - WATCH_AFTER_S)
+        else:
+            watch(deadline)
+        handed_off = taken_back = False
         try:
-            await first_done
+            result = await self._attempts(chain, path, bodies, stream, affinity, extra)
+            if isinstance(result, Buffered):
+                return result
+            served, ep, resp, first = result
+            disconnected = watcher or asyncio.ensure_future(wait_disconnect(receive))
+            handed_off = True  # the stream watches `disconnected` from now on
+            return UpstreamStream(served.name, ep, resp, first, extra, disconnected, tracker)
         except asyncio.CancelledError:
-            timer.cancel()
-            attempt.cancel()
-            disconnected.cancel()
-            raise
-        timer.cancel()
-        disconnected.remove_done_callback(wake)
-        if not attempt.done():
-            attempt.cancel()  # closes the upstream connection
-            CLIENT_DISCONNECTS.labels(dep.name).inc()
-            tracker.done(CLIENT_CLOSED, time.monotonic())
-            return Response(status_code=CLIENT_CLOSED)
-        try:
-            result = attempt.result()
-        except asyncio.CancelledError:
-            disconnected.cancel()
-            if expired:
+            if not why:
+                raise
+            taken_back = True
+            if task.uncancel() > 0:  # cancelled by someone else too (e.g. server shutdown)
+                raise
+            if why[0] == "deadline":
                 raise APIError(
                     504, f"The model `{dep.name}` did not answer in time.", code="upstream_timeout"
                 ) from None
-            raise
-        except BaseException:
-            disconnected.cancel()
-            raise
-        if isinstance(result, Response):
-            disconnected.cancel()
-            return result
-        served, ep, resp, first = result
-        return UpstreamStream(served.name, ep, resp, first, extra_headers, disconnected, tracker)
+            child(CLIENT_DISCONNECTS, dep.name).inc()
+            tracker.done(CLIENT_CLOSED, time.monotonic())
+            return Buffered(CLIENT_CLOSED, b"", [])
+        finally:
+            if why and not taken_back:
+                task.uncancel()  # our cancel was absorbed below without reaching here
+            # A callback scheduled already (the watcher finished just now) must not cancel
+            # this task later, while it sends the response: `why` is no longer empty.
+            why.append("done")
+            timer.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(on_disconnect)
+                if not handed_off:
+                    watcher.cancel()
 
     async def _attempts(
         self,
@@ -140,12 +157,12 @@ class Proxy:
         bodies: BodyFor,
         stream: bool,
         affinity: str | None,
-        extra: dict[str, str],
-    ) -> Response | tuple[Deployment, Endpoint, aiohttp.ClientResponse, bytes]:
+        extra: RawHeaders,
+    ) -> Buffered | tuple[Deployment, Endpoint, aiohttp.ClientResponse, bytes]:
         assert self.session is not None, "Proxy.start() was not called"
         task = asyncio.current_task()
         assert task is not None
-        last_5xx: Response | None = None
+        last_5xx: Buffered | None = None
         timed_out = False
         failures = 0
         for dep in chain:
@@ -179,22 +196,23 @@ class Proxy:
                         return dep, ep, resp, first
                     data = await resp.read()
                     if resp.status >= 500:
-                        UPSTREAM_ERRORS.labels(dep.name, f"http_{resp.status}").inc()
+                        child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
                         breaker.failure()
                         failures += 1
                         last_5xx = _buffered(resp, data, extra)
                         continue
                     if breaker.failures:
                         breaker.success()
+                    out = _buffered(resp, data, extra)
                     if resp.status == 200:
-                        record_usage(dep.name, data)
-                    return _buffered(resp, data, extra)
+                        out.usage = record_usage(dep.name, data)
+                    return out
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     read_timeout = isinstance(exc, TimeoutError) and not isinstance(
                         exc, aiohttp.ConnectionTimeoutError
                     )
                     timed_out = timed_out or read_timeout
-                    UPSTREAM_ERRORS.labels(dep.name, "timeout" if read_timeout else "connect").inc()
+                    child(UPSTREAM_ERRORS, dep.name, "timeout" if read_timeout else "connect").inc()
                     log.warning(
                         "upstream attempt failed",
                         extra={"fields": {"url": ep.base_url, "error": type(exc).__name__}},
@@ -214,7 +232,7 @@ class Proxy:
                             breaker.probing = False  # let the next request probe instead
                         raise
                     # Nothing reached the client yet: try another replica.
-                    UPSTREAM_ERRORS.labels(dep.name, "hung").inc()
+                    child(UPSTREAM_ERRORS, dep.name, "hung").inc()
                     log.warning("upstream stopped answering", extra={"fields": {"url": ep.base_url}})
                     failures += 1
                     breaker.failure()
@@ -237,8 +255,5 @@ class Proxy:
         )
 
 
-def _buffered(resp: aiohttp.ClientResponse, data: bytes, extra: dict[str, str]) -> Response:
-    headers = pass_headers(resp)
-    if extra:  # merged here: setting headers on a built Response costs more per header
-        headers.update(extra)
-    return Response(data, status_code=resp.status, headers=headers)
+def _buffered(resp: aiohttp.ClientResponse, data: bytes, extra: RawHeaders) -> Buffered:
+    return Buffered(resp.status, data, pass_headers(resp), extra)

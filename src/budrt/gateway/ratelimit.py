@@ -1,25 +1,31 @@
-"""Rate limits and quotas: requests per second/minute, tokens per minute, concurrent requests.
+"""Rate limits and quotas: requests per second/minute, tokens per minute, concurrent requests,
+and budgets per calendar period (tokens and images per day / month, UTC).
 
 A request is checked against a list of `Limit`s (one per scope: key, user, team, model...), all
 or nothing. Requests per window use an exact sliding-window log, so no window of that length
 ever admits more than the limit; tokens use a token bucket that the caller reserves from before
 the call (prompt estimate + max_tokens) and settles with the actual usage after it. Concurrency
-is a set of leases that expire, so a crashed gateway cannot leak slots forever.
+is a set of leases that expire, so a crashed gateway cannot leak slots forever. Budgets are
+counters per period: tokens are reserved and settled like tpm, images count the request's `n`;
+a refused request waits for the period to end (00:00 UTC, or the 1st of the month).
 
-`LocalLimiter` keeps this in process memory; `budrt.gateway.redis_limiter.RedisLimiter` does the
-same in one atomic Lua script per call, exact across every gateway sharing the Redis.
+`budrt.gateway.local_limiter.LocalLimiter` keeps this in process memory;
+`budrt.gateway.redis_limiter.RedisLimiter` does the same in one atomic Lua script per call, exact
+across every gateway sharing the Redis.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import math
-import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 LEASE_S = 600.0  # a concurrency slot not released within this is reclaimed
+BUDGETS = ("tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")
+log = logging.getLogger("budrt.gateway.ratelimit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,26 +37,86 @@ class Limit:
     rps: int | None = None
     tpm: int | None = None
     concurrent: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    images_per_day: int | None = None
+    images_per_month: int | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(
+            self.tokens_per_day or self.tokens_per_month or self.images_per_day or self.images_per_month
+        )
+
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self.tpm or self.tokens_per_day or self.tokens_per_month)
+
+
+def quota_limit(scope: str, quota: Any) -> Limit | None:
+    """The `Limit` of a stored quota (key, user or team: rpm, tpm and budgets); None if empty."""
+    if not quota:
+        return None
+    return Limit(
+        scope,
+        rpm=quota.rpm,
+        tpm=quota.tpm,
+        tokens_per_day=quota.tokens_per_day,
+        tokens_per_month=quota.tokens_per_month,
+        images_per_day=quota.images_per_day,
+        images_per_month=quota.images_per_month,
+    )
 
 
 @dataclass(slots=True)
 class Ticket:
-    """What an admitted request holds until `release`: its token reservation and lease."""
+    """What an admitted request holds until `release`: its reservations and lease."""
 
     limits: tuple[Limit, ...]
     lease: str
     reserved: int
     headers: dict[str, str]
     local: bool = True  # False: held in Redis
+    images: int = 0  # charged to image budgets; refunded when nothing was served
+    day: int = 0  # the budget periods charged (a refund after a reset must not touch the new one)
+    month: int = 0
+
+    @property
+    def settles(self) -> bool:
+        """True when release needs the actual token usage (tpm or token budgets, image refunds)."""
+        return any(lim.counts_tokens or lim.has_budget for lim in self.limits)
+
+
+def periods(now: float) -> tuple[int, int, float, float]:
+    """(day id, month id, day end, month end) of unix time `now`, in UTC calendar periods.
+
+    Day id: days since the epoch; month id: year * 12 + month - 1 (the Lua script agrees).
+    """
+    day = int(now // 86400)
+    date = datetime.fromtimestamp(day * 86400, UTC)
+    month = date.year * 12 + date.month - 1
+    year, index = divmod(month + 1, 12)
+    month_end = datetime(year, index + 1, 1, tzinfo=UTC).timestamp()
+    return day, month, (day + 1) * 86400.0, month_end
+
+
+def month_start(month: int) -> datetime:
+    year, index = divmod(month, 12)
+    return datetime(year, index + 1, 1, tzinfo=UTC)
 
 
 class RateLimited(Exception):
     def __init__(self, scope: str, kind: str, limit: int, retry_after_s: float) -> None:
         super().__init__("rate limited")
         self.scope = scope
-        self.kind = kind  # "requests", "tokens" or "concurrent"
+        self.kind = kind  # "rpm", "rps", "tpm", "concurrent" or one of BUDGETS
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+    @property
+    def code(self) -> str:
+        """OpenAI's error codes: a rate limit passes soon, a quota only when its period ends."""
+        return "insufficient_quota" if self.kind in BUDGETS else "rate_limit_exceeded"
 
     def message(self) -> str:
         what = {
@@ -58,8 +124,19 @@ class RateLimited(Exception):
             "rps": "requests per second",
             "tpm": "tokens per minute",
             "concurrent": "concurrent requests",
+            "tokens_per_day": "tokens per day",
+            "tokens_per_month": "tokens per month",
+            "images_per_day": "images per day",
+            "images_per_month": "images per month",
         }[self.kind]
-        return f"Rate limit reached: {self.limit} {what} for this {self.scope.split(':')[0]}."
+        scope = self.scope.split(":")[0]
+        if self.kind in BUDGETS:
+            reset = "00:00 UTC" if self.kind.endswith("day") else "00:00 UTC on the 1st of next month"
+            return (
+                f"You exceeded your current quota: {self.limit} {what} for this {scope}. "
+                f"It resets at {reset}."
+            )
+        return f"Rate limit reached: {self.limit} {what} for this {scope}."
 
     def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
@@ -79,7 +156,7 @@ class LimiterUnavailable(Exception):
 
 
 class Limiter(Protocol):
-    async def acquire(self, limits: tuple[Limit, ...], tokens: int) -> Ticket: ...
+    async def acquire(self, limits: tuple[Limit, ...], tokens: int, images: int = 0) -> Ticket: ...
 
     async def release(self, ticket: Ticket, used_tokens: int | None) -> None: ...
 
@@ -109,93 +186,5 @@ def limit_headers(limit: Limit, remaining_requests: int, reset_requests: float, 
     return headers
 
 
-class _Bucket:
-    __slots__ = ("tokens", "at")
-
-    def __init__(self, capacity: int, now: float) -> None:
-        self.tokens = float(capacity)
-        self.at = now
-
-    def refill(self, capacity: int, now: float) -> float:
-        self.tokens = min(float(capacity), self.tokens + (now - self.at) * capacity / 60.0)
-        self.at = now
-        return self.tokens
-
-
-class LocalLimiter:
-    """In-process limits: exact for one gateway process (and the fail-open fallback)."""
-
-    def __init__(self) -> None:
-        self._logs: dict[tuple[str, float], deque[float]] = {}
-        self._buckets: dict[str, _Bucket] = {}
-        self._leases: dict[str, dict[str, float]] = {}
-        self._ids = itertools.count()
-
-    def _log(self, scope: str, window: float, now: float) -> deque[float]:
-        log = self._logs.get((scope, window))
-        if log is None:
-            log = self._logs[(scope, window)] = deque()
-        cutoff = now - window
-        while log and log[0] <= cutoff:
-            log.popleft()
-        return log
-
-    def try_acquire(self, limits: tuple[Limit, ...], tokens: int) -> Ticket:
-        now = time.monotonic()
-        # Check every scope before changing any, so a refusal costs nothing anywhere.
-        for lim in limits:
-            for kind, window, rate in (("rps", 1.0, lim.rps), ("rpm", 60.0, lim.rpm)):
-                if rate:
-                    log = self._log(lim.scope, window, now)
-                    if len(log) >= rate:
-                        raise RateLimited(lim.scope, kind, rate, log[-rate] + window - now)
-            if lim.tpm:
-                bucket = self._buckets.get(lim.scope)
-                have = bucket.refill(lim.tpm, now) if bucket else float(lim.tpm)
-                need = min(tokens, lim.tpm)  # a request larger than the whole budget waits for a full one
-                if have < need:
-                    raise RateLimited(lim.scope, "tpm", lim.tpm, (need - have) * 60.0 / lim.tpm)
-            if lim.concurrent:
-                leases = self._leases.get(lim.scope, {})
-                for lease, expires in list(leases.items()):
-                    if expires <= now:
-                        del leases[lease]
-                if len(leases) >= lim.concurrent:
-                    raise RateLimited(lim.scope, "concurrent", lim.concurrent, 1.0)
-        lease = f"l{next(self._ids)}"
-        for lim in limits:
-            for window, rate in ((1.0, lim.rps), (60.0, lim.rpm)):
-                if rate:
-                    self._logs[(lim.scope, window)].append(now)
-            if lim.tpm:
-                bucket = self._buckets.get(lim.scope)
-                if bucket is None:
-                    bucket = self._buckets[lim.scope] = _Bucket(lim.tpm, now)
-                bucket.tokens -= tokens
-            if lim.concurrent:
-                self._leases.setdefault(lim.scope, {})[lease] = now + LEASE_S
-        headers = {}
-        if limits:
-            first = limits[0]
-            rate, window = (first.rpm, 60.0) if first.rpm else (first.rps, 1.0)
-            log = self._logs.get((first.scope, window)) if rate else None
-            remaining = rate - len(log) if rate and log else 0
-            reset = log[0] + window - now if log else 0.0
-            bucket = self._buckets.get(first.scope)
-            headers = limit_headers(first, remaining, reset, bucket.tokens if bucket else 0.0)
-        return Ticket(limits, lease, tokens, headers)
-
-    async def acquire(self, limits: tuple[Limit, ...], tokens: int) -> Ticket:
-        return self.try_acquire(limits, tokens)
-
-    def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
-        for lim in ticket.limits:
-            if lim.tpm and used_tokens is not None:
-                bucket = self._buckets.get(lim.scope)
-                if bucket is not None:
-                    bucket.tokens = min(float(lim.tpm), bucket.tokens + ticket.reserved - used_tokens)
-            if lim.concurrent:
-                self._leases.get(lim.scope, {}).pop(ticket.lease, None)
-
-    async def release(self, ticket: Ticket, used_tokens: int | None) -> None:
-        self.settle(ticket, used_tokens)
+# What seeds an in-process budget: (tokens, images) used by a scope since a time.
+Seed = Callable[[str, datetime], tuple[int, int]]

@@ -1,4 +1,5 @@
-"""Relaying an upstream SSE stream to the client chunk by chunk, as received."""
+"""Sending upstream responses to the client: whole (`Buffered`), or an SSE stream relayed
+chunk by chunk as received (`UpstreamStream`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -22,10 +24,36 @@ log = logging.getLogger("budrt.gateway.proxy")
 _DROP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server"}
 )
+_DROP_RAW = frozenset(name.encode() for name in _DROP_HEADERS)
+
+RawHeaders = list[tuple[bytes, bytes]]
 
 
-def pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_HEADERS}
+def pass_headers(resp: aiohttp.ClientResponse) -> RawHeaders:
+    """The upstream's response headers to relay, as ASGI wants them (lower-case names, bytes),
+    from the raw header list: no decoding to str and back, and repeated headers survive."""
+    out = []
+    for name, value in resp.raw_headers:
+        name = name.lower()
+        if name not in _DROP_RAW:
+            out.append((name, value))
+    return out
+
+
+_NAMES: dict[str, bytes] = {}  # header names the gateway adds, encoded once
+
+
+def encode_headers(headers: dict[str, str]) -> RawHeaders:
+    """The gateway's own headers (rate limits, cache) for a raw header list."""
+    out = []
+    for name, value in headers.items():
+        raw = _NAMES.get(name)
+        if raw is None:
+            raw = name.lower().encode("latin-1")
+            if len(_NAMES) < 1024:
+                _NAMES[name] = raw
+        out.append((raw, value.encode("latin-1")))
+    return out
 
 
 class UpstreamStream:
@@ -37,7 +65,7 @@ class UpstreamStream:
         ep: Endpoint,
         resp: aiohttp.ClientResponse,
         first: bytes,
-        extra_headers: dict[str, str],
+        extra_headers: RawHeaders,
         disconnected: asyncio.Future[None],
         tracker: RequestTracker,
     ) -> None:
@@ -46,9 +74,9 @@ class UpstreamStream:
         self.resp = resp
         self.first = first
         self.status_code = resp.status
-        headers = pass_headers(resp)
-        headers.update(extra_headers)
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = pass_headers(resp)
+        if extra_headers:
+            _merge(self.raw_headers, extra_headers)
         self.disconnected = disconnected
         self.tracker = tracker
         # Set by the caller before serving: `capture` > 0 keeps the whole stream (up to that
@@ -130,3 +158,43 @@ async def _send_quietly(send: Send, body: bytes, more_body: bool = True) -> None
         await send({"type": "http.response.body", "body": body, "more_body": more_body})
     except OSError:
         pass
+
+
+def _merge(headers: RawHeaders, extra: RawHeaders) -> None:
+    """Add `extra` to `headers`, replacing headers of the same name (the gateway's win)."""
+    names = {name for name, _ in extra}
+    if any(name in names for name, _ in headers):
+        headers[:] = [h for h in headers if h[0] not in names]
+    headers += extra
+
+
+class Buffered:
+    """A whole response (an upstream's, a cached one, or a 499 marker) sent as two ASGI
+    messages: cheaper than a Starlette `Response`, and it keeps the upstream's raw headers."""
+
+    __slots__ = ("status_code", "body", "raw_headers", "usage", "after")
+
+    def __init__(
+        self, status_code: int, body: bytes, raw_headers: RawHeaders, extra: RawHeaders | None = None
+    ) -> None:
+        self.status_code = status_code
+        self.body = body
+        if extra:
+            _merge(raw_headers, extra)
+        if status_code >= 200 and status_code not in (204, 304):
+            raw_headers.append((b"content-length", b"%d" % len(body)))
+        self.raw_headers = raw_headers
+        # Token usage found in the body, if someone looked already (None: not looked or none).
+        self.usage: dict[str, Any] | None = None
+        # Run by whoever sends this response, once it is sent (settling rate limits).
+        self.after: Callable[[], Awaitable[None]] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.raw_headers:
+            if key == name:
+                return value
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})

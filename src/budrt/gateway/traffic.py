@@ -2,46 +2,75 @@
 
 `Traffic.send` owns an admitted request's rate-limit `Ticket` from then on and releases it
 exactly once: with the actual token usage when the upstream reported it, with 0 (a full
-refund) when no upstream answered or the cache did.
+refund) when no upstream answered or the cache did. For a whole upstream response the release
+is handed to the response's sender as `Buffered.after`, run once the response is out; a stream
+releases when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
-from starlette.responses import Response
 from starlette.types import Receive
 
-from budrt.config import GatewayConfig, RateLimitConfig
+from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig
 from budrt.gateway.balancer import affinity_key
 from budrt.gateway.cache import CACHE_LOOKUPS, ResponseCache, cache_control, cache_key, make_cache
+from budrt.gateway.local_limiter import LocalLimiter
 from budrt.gateway.metrics import RequestTracker
-from budrt.gateway.proxy import Proxy, UpstreamStream
-from budrt.gateway.ratelimit import Limit, Limiter, LocalLimiter, Ticket
+from budrt.gateway.proxy import Proxy
+from budrt.gateway.ratelimit import Limit, Limiter, Seed, Ticket
 from budrt.gateway.routing import Deployment, Router
+from budrt.gateway.stream import Buffered, UpstreamStream, encode_headers
 from budrt.gateway.usage import find_usage
 
 CACHE_HEADER = "x-budrt-cache"
 
 
-def make_limiter(config: GatewayConfig) -> Limiter:
+def make_limiter(config: GatewayConfig, seed: Seed | None = None) -> Limiter:
+    """Redis when configured (budgets live there); else in process, budgets seeded by `seed`."""
     if config.redis_url:
         from budrt.gateway.redis_limiter import RedisLimiter
 
         return RedisLimiter(config.redis_url, config.ratelimit.fail_mode)
-    return LocalLimiter()
+    return LocalLimiter(seed)
 
 
 def key_limits(key: Any, config: RateLimitConfig) -> tuple[Limit, ...]:
-    """The limits of an API key. Callers append user/team/model scopes to this tuple."""
-    rpm, tpm = getattr(key, "rpm", None), getattr(key, "tpm", None)
+    """The limits of a principal: its key's (plus the configured per-key rps and concurrency),
+    then its user's and team's. Callers append the model's scope to this tuple."""
+    quotas: tuple[Limit, ...] = getattr(key, "quotas", ())
+    if not quotas and (getattr(key, "rpm", None) or getattr(key, "tpm", None)):
+        quotas = (Limit(f"key:{key.id}", rpm=key.rpm, tpm=key.tpm),)  # built without quotas
     rps, concurrent = config.key_rps, config.key_concurrency
-    if not (rpm or tpm or rps or concurrent):
-        return ()
-    return (Limit(f"key:{key.id}", rpm=rpm, rps=rps, tpm=tpm, concurrent=concurrent),)
+    if not (rps or concurrent):
+        return quotas
+    scope = f"key:{key.id}"
+    if quotas and quotas[0].scope == scope:
+        return (replace(quotas[0], rps=rps, concurrent=concurrent), *quotas[1:])
+    return (Limit(scope, rps=rps, concurrent=concurrent), *quotas)
+
+
+def model_limits(deployments: list[DeploymentConfig]) -> dict[str, Limit]:
+    """`model:<name>` limits of the deployments that set any (shared by every caller)."""
+    found = {}
+    for d in deployments:
+        if d.rpm or d.rps or d.tpm or d.max_concurrent:
+            found[d.model] = Limit(
+                f"model:{d.model}", rpm=d.rpm, rps=d.rps, tpm=d.tpm, concurrent=d.max_concurrent
+            )
+    return found
+
+
+def image_count(data: dict[str, Any]) -> int:
+    """Images a generation request asks for: its `n`, default 1 (what image budgets count)."""
+    n = data.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def reserve_tokens(body_len: int, data: dict[str, Any], default_max_tokens: int) -> int:
@@ -53,8 +82,9 @@ def reserve_tokens(body_len: int, data: dict[str, Any], default_max_tokens: int)
     return body_len // 4 + most * (n if isinstance(n, int) and n > 0 else 1)
 
 
-def used_tokens(data: bytes | bytearray) -> int | None:
-    usage = find_usage(data)
+def used_tokens(data: bytes | bytearray, usage: dict[str, Any] | None = None) -> int | None:
+    """Total tokens of the usage object in `data` (or `usage`, when the caller found it already)."""
+    usage = usage or find_usage(data)
     if not usage:
         return None
     total = usage.get("total_tokens")
@@ -97,7 +127,7 @@ class Traffic:
         body: bytes,
         tracker: RequestTracker,
         ticket: Ticket | None,
-    ) -> Response | UpstreamStream:
+    ) -> Buffered | UpstreamStream:
         stream = data.get("stream") is True
         extra = ticket.headers if ticket is not None else {}
         ckey = None
@@ -108,7 +138,8 @@ class Traffic:
             if hit is not None:
                 if ticket is not None:
                     self._release_later(ticket, 0)
-                return Response(hit[1], media_type=hit[0], headers={**extra, CACHE_HEADER: "hit"})
+                headers = [(b"content-type", hit[0].encode("latin-1"))]
+                return Buffered(200, hit[1], headers, encode_headers({**extra, CACHE_HEADER: "hit"}))
             extra = {**extra, CACHE_HEADER: "miss"}
             ckey = ckey if write else None
 
@@ -132,10 +163,13 @@ class Traffic:
             return result
         ok = result.status_code == 200
         if ckey is not None and ok and len(result.body) <= self.config.cache.max_entry_bytes:
-            await self.cache.set(ckey, result.headers.get("content-type", "application/json"), result.body)
+            ctype = result.header(b"content-type") or b"application/json"
+            await self.cache.set(ckey, ctype.decode("latin-1"), result.body)
         if ticket is not None:
-            used = (used_tokens(result.body) if ok else 0) if any(x.tpm for x in ticket.limits) else None
-            self._release_later(ticket, used)  # settled after the response, off its latency
+            used = (used_tokens(result.body, result.usage) if ok else 0) if ticket.settles else None
+            # Settled by the caller once the response is sent: off its latency, and in the
+            # request's own task (a task per request for this was a visible cost).
+            result.after = partial(self.limiter.release, ticket, used)
         return result
 
     async def _stream_ended(self, stream: UpstreamStream, ticket: Ticket | None, ckey: str | None) -> None:

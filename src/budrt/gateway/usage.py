@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from budrt.gateway.metrics import TOKENS
+from budrt.gateway.metrics import TOKENS, child
 
 _USAGE = b'"usage"'
 STREAM_TAIL_BYTES = 8192  # the final chunk with usage is far smaller than this
@@ -45,13 +45,15 @@ def find_usage(data: bytes | bytearray) -> dict[str, Any] | None:
             return usage if isinstance(usage, dict) else None
 
 
-def record_usage(model: str, data: bytes | bytearray) -> None:
+def record_usage(model: str, data: bytes | bytearray) -> dict[str, Any] | None:
+    """Count the usage found in `data` in Prometheus; returns it, so callers need not look again."""
     usage = find_usage(data)
     if not usage:
-        return
+        return None
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens")
     if isinstance(prompt, int) and prompt > 0:
-        TOKENS.labels(model, "prompt").inc(prompt)
+        child(TOKENS, model, "prompt").inc(prompt)
     if isinstance(completion, int) and completion > 0:
-        TOKENS.labels(model, "completion").inc(completion)
+        child(TOKENS, model, "completion").inc(completion)
+    return usage

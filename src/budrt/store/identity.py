@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, ROLE_NAME, PermissionSet
 from budrt.store.db import session_factory
+from budrt.store.quotas import Quota, check_quota, quota_of
 from budrt.store.tables import AuditEntry, Role, Team, User
 
 
@@ -35,6 +36,8 @@ class Owner:
     user: str | None
     team: str | None
     roles: tuple[str, ...] | None  # None: the key has no owning user
+    user_quota: Quota | None = None  # limits every key of the user shares
+    team_quota: Quota | None = None
 
 
 def _now() -> datetime:
@@ -67,7 +70,16 @@ class IdentityStore:
                 user.name if user else None,
                 team.name if team else None,
                 tuple(user.roles) if user else None,
+                quota_of(user) if user else None,
+                quota_of(team) if team else None,
             )
+
+    def quotas(self, user: str | None, team: str | None) -> tuple[Quota | None, Quota | None]:
+        """The limits of a user and a team by name (a JWT names them); None where unknown."""
+        with self._sessions() as session:
+            u = session.scalars(select(User).where(User.name == user)).first() if user else None
+            t = session.scalars(select(Team).where(Team.name == team)).first() if team else None
+            return (quota_of(u) if u else None), (quota_of(t) if t else None)
 
     def custom_roles(self) -> dict[str, tuple[str, ...]]:
         with self._sessions() as session:
@@ -75,31 +87,61 @@ class IdentityStore:
 
     # -- admin operations --
 
-    def create_team(self, name: str, actor: str) -> dict[str, Any]:
+    def create_team(self, name: str, actor: str, quota: dict[str, Any] | None = None) -> dict[str, Any]:
+        limits = check_quota(quota or {})
         with self._sessions.begin() as session:
-            team = Team(name=name, created_at=_now())
+            team = Team(name=name, created_at=_now(), **limits)
             session.add(team)
             _flush_unique(session, f"team {name!r} already exists")
-            audit(session, actor, "teams:create", f"team:{name}")
-            return {"id": team.id, "name": team.name, "created_at": _iso(team.created_at)}
+            audit(session, actor, "teams:create", f"team:{name}", limits or None)
+            return _team_json(team)
 
     def list_teams(self) -> list[dict[str, Any]]:
         with self._sessions() as session:
-            return [
-                {"id": t.id, "name": t.name, "created_at": _iso(t.created_at)}
-                for t in session.scalars(select(Team).order_by(Team.id))
-            ]
+            return [_team_json(t) for t in session.scalars(select(Team).order_by(Team.id))]
 
-    def create_user(self, name: str, team: str | None, roles: Sequence[str], actor: str) -> dict[str, Any]:
+    def update_team(self, name: str, quota: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Set (a value) or clear (None) the given limits of a team."""
+        limits = check_quota(quota)
+        with self._sessions.begin() as session:
+            team = self._team(session, name)
+            for field, value in limits.items():
+                setattr(team, field, value)
+            audit(session, actor, "teams:update", f"team:{name}", limits)
+            return _team_json(team)
+
+    def create_user(
+        self,
+        name: str,
+        team: str | None,
+        roles: Sequence[str],
+        actor: str,
+        quota: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        limits = check_quota(quota or {})
         with self._sessions.begin() as session:
             self._check_roles(session, roles)
             team_row = self._team(session, team) if team else None
-            user = User(name=name, team_id=team_row.id if team_row else None, roles=list(roles))
+            user = User(name=name, team_id=team_row.id if team_row else None, roles=list(roles), **limits)
             user.created_at = _now()
             session.add(user)
             _flush_unique(session, f"user {name!r} already exists")
-            audit(session, actor, "users:create", f"user:{name}", {"team": team, "roles": list(roles)})
+            detail = {"team": team, "roles": list(roles), **limits}
+            audit(session, actor, "users:create", f"user:{name}", detail)
             return _user_json(user, team)
+
+    def update_user(self, name: str, quota: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Set (a value) or clear (None) the given limits of a user."""
+        limits = check_quota(quota)
+        with self._sessions.begin() as session:
+            user = session.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                raise NotFound(f"user {name!r} does not exist")
+            for field, value in limits.items():
+                setattr(user, field, value)
+            audit(session, actor, "users:update", f"user:{name}", limits)
+            team = session.get(Team, user.team_id) if user.team_id else None
+            return _user_json(user, team.name if team else None)
 
     def list_users(self) -> list[dict[str, Any]]:
         with self._sessions() as session:
@@ -204,4 +246,9 @@ def _user_json(user: User, team: str | None) -> dict[str, Any]:
         "team": team,
         "roles": list(user.roles),
         "created_at": _iso(user.created_at),
+        **quota_of(user).as_dict(),
     }
+
+
+def _team_json(team: Team) -> dict[str, Any]:
+    return {"id": team.id, "name": team.name, "created_at": _iso(team.created_at), **quota_of(team).as_dict()}

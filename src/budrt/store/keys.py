@@ -18,6 +18,7 @@ from budrt.config import Settings
 from budrt.security.keys import generate_api_key, hash_api_key, key_prefix, load_or_create_secret
 from budrt.security.rbac import ROLE_NAME
 from budrt.store.db import make_engine, session_factory
+from budrt.store.quotas import BUDGET_FIELDS, Quota, quota_of
 from budrt.store.tables import ApiKey
 
 Role = str  # "admin", "user" (= developer, the default), or any built-in or custom role name
@@ -43,6 +44,14 @@ class KeyRecord:
     user_id: int | None = None  # owner: the key can do at most what this user can
     team_id: int | None = None
     permissions: tuple[str, ...] | None = None  # a subset of the role's; None = all of them
+    tokens_per_day: int | None = None  # budgets per calendar period (UTC); None = unlimited
+    tokens_per_month: int | None = None
+    images_per_day: int | None = None
+    images_per_month: int | None = None
+
+    @property
+    def quota(self) -> Quota:
+        return quota_of(self)
 
     @property
     def is_admin(self) -> bool:
@@ -83,10 +92,17 @@ class KeyStore:
         user_id: int | None = None,
         team_id: int | None = None,
         permissions: Sequence[str] | None = None,
+        budgets: dict[str, int | None] | None = None,
     ) -> tuple[str, KeyRecord]:
-        """Create a key; returns the plaintext (shown once) and its record."""
+        """Create a key; returns the plaintext (shown once) and its record.
+
+        `budgets`: any of tokens_per_day, tokens_per_month, images_per_day, images_per_month.
+        """
         if not ROLE_NAME.match(role):
             raise ValueError(f"invalid role {role!r}")
+        unknown = set(budgets or ()) - set(BUDGET_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown budget {sorted(unknown)[0]!r}")
         key = plaintext or generate_api_key()
         row = ApiKey(
             name=name,
@@ -101,6 +117,7 @@ class KeyStore:
             user_id=user_id,
             team_id=team_id,
             permissions=list(permissions) if permissions is not None else None,
+            **(budgets or {}),
         )
         with self._sessions.begin() as session:
             session.add(row)
@@ -216,4 +233,5 @@ def _record(row: ApiKey) -> KeyRecord:
         user_id=row.user_id,
         team_id=row.team_id,
         permissions=tuple(row.permissions) if row.permissions is not None else None,
+        **{name: getattr(row, name) for name in BUDGET_FIELDS},
     )

@@ -1,0 +1,200 @@
+"""`LocalLimiter`: the limits of `budrt.gateway.ratelimit` kept in process memory — exact for one
+gateway process, and the fail-open fallback when Redis is unreachable."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from datetime import UTC, datetime
+
+from starlette.concurrency import run_in_threadpool
+
+from budrt.gateway.ratelimit import (
+    LEASE_S,
+    Limit,
+    RateLimited,
+    Seed,
+    Ticket,
+    limit_headers,
+    log,
+    month_start,
+    periods,
+)
+
+
+class _Bucket:
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.tokens = float(capacity)
+        self.at = now
+
+    def refill(self, capacity: int, now: float) -> float:
+        self.tokens = min(float(capacity), self.tokens + (now - self.at) * capacity / 60.0)
+        self.at = now
+        return self.tokens
+
+
+class LocalLimiter:
+    """In-process limits: exact for one gateway process (and the fail-open fallback).
+
+    `seed`, when given, is asked once per budget scope for the usage already recorded in the
+    current periods, so a restarted gateway does not hand out a spent budget again.
+    """
+
+    def __init__(self, seed: Seed | None = None) -> None:
+        self._logs: dict[tuple[str, float], deque[float]] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        # scope -> [day, month, tokens today, tokens this month, images today, images this month]
+        self._budgets: dict[str, list[int]] = {}
+        self._ids = itertools.count()
+        self.seed = seed
+        self._calendar_memo = (-1, 0, 0.0, 0.0)  # periods() of the current day: one datetime a day
+
+    def _log(self, scope: str, window: float, now: float) -> deque[float]:
+        log = self._logs.get((scope, window))
+        if log is None:
+            log = self._logs[(scope, window)] = deque()
+        cutoff = now - window
+        while log and log[0] <= cutoff:
+            log.popleft()
+        return log
+
+    def _calendar(self, wall: float) -> tuple[int, int, float, float]:
+        if int(wall // 86400) != self._calendar_memo[0]:
+            self._calendar_memo = periods(wall)
+        return self._calendar_memo
+
+    def _budget(self, scope: str, day: int, month: int) -> list[int]:
+        """The scope's counters, reset to 0 for a period that has ended."""
+        b = self._budgets.get(scope)
+        if b is None:
+            b = self._budgets[scope] = [day, month, 0, 0, 0, 0]
+        if b[0] != day:
+            b[0], b[2], b[4] = day, 0, 0
+        if b[1] != month:
+            b[1], b[3], b[5] = month, 0, 0
+        return b
+
+    def try_acquire(self, limits: tuple[Limit, ...], tokens: int, images: int = 0) -> Ticket:
+        now = time.monotonic()
+        day = month = 0
+        # Check every scope before changing any, so a refusal costs nothing anywhere.
+        for lim in limits:
+            for kind, window, rate in (("rps", 1.0, lim.rps), ("rpm", 60.0, lim.rpm)):
+                if rate:
+                    log = self._log(lim.scope, window, now)
+                    if len(log) >= rate:
+                        raise RateLimited(lim.scope, kind, rate, log[-rate] + window - now)
+            if lim.tpm:
+                bucket = self._buckets.get(lim.scope)
+                have = bucket.refill(lim.tpm, now) if bucket else float(lim.tpm)
+                need = min(tokens, lim.tpm)  # a request larger than the whole budget waits for a full one
+                if have < need:
+                    raise RateLimited(lim.scope, "tpm", lim.tpm, (need - have) * 60.0 / lim.tpm)
+            if lim.concurrent:
+                leases = self._leases.get(lim.scope, {})
+                for lease, expires in list(leases.items()):
+                    if expires <= now:
+                        del leases[lease]
+                if len(leases) >= lim.concurrent:
+                    raise RateLimited(lim.scope, "concurrent", lim.concurrent, 1.0)
+            if lim.has_budget:
+                wall = time.time()
+                day, month, day_end, month_end = self._calendar(wall)
+                self._check_budget(
+                    lim, self._budget(lim.scope, day, month), tokens, images, wall, day_end, month_end
+                )
+        lease = f"l{next(self._ids)}"
+        for lim in limits:
+            for window, rate in ((1.0, lim.rps), (60.0, lim.rpm)):
+                if rate:
+                    self._logs[(lim.scope, window)].append(now)
+            if lim.tpm:
+                bucket = self._buckets.get(lim.scope)
+                if bucket is None:
+                    bucket = self._buckets[lim.scope] = _Bucket(lim.tpm, now)
+                bucket.tokens -= tokens
+            if lim.concurrent:
+                self._leases.setdefault(lim.scope, {})[lease] = now + LEASE_S
+            if lim.has_budget:
+                b = self._budgets[lim.scope]
+                b[2] += tokens
+                b[3] += tokens
+                b[4] += images
+                b[5] += images
+        headers = {}
+        if limits:
+            first = limits[0]
+            rate, window = (first.rpm, 60.0) if first.rpm else (first.rps, 1.0)
+            log = self._logs.get((first.scope, window)) if rate else None
+            remaining = rate - len(log) if rate and log else 0
+            reset = log[0] + window - now if log else 0.0
+            bucket = self._buckets.get(first.scope)
+            headers = limit_headers(first, remaining, reset, bucket.tokens if bucket else 0.0)
+        return Ticket(limits, lease, tokens, headers, images=images, day=day, month=month)
+
+    @staticmethod
+    def _check_budget(
+        lim: Limit, b: list[int], tokens: int, images: int, wall: float, day_end: float, month_end: float
+    ) -> None:
+        # Like tpm, a reservation larger than the whole budget only needs an unused budget.
+        # A request reserving nothing of a kind (no tokens, no images) is not held by its budget.
+        if tokens:
+            for kind, budget, used, end in (
+                ("tokens_per_day", lim.tokens_per_day, b[2], day_end),
+                ("tokens_per_month", lim.tokens_per_month, b[3], month_end),
+            ):
+                if budget and used + min(tokens, budget) > budget:
+                    raise RateLimited(lim.scope, kind, budget, end - wall)
+        if images:
+            for kind, budget, used, end in (
+                ("images_per_day", lim.images_per_day, b[4], day_end),
+                ("images_per_month", lim.images_per_month, b[5], month_end),
+            ):
+                if budget and used + images > budget:
+                    raise RateLimited(lim.scope, kind, budget, end - wall)
+
+    async def acquire(self, limits: tuple[Limit, ...], tokens: int, images: int = 0) -> Ticket:
+        if self.seed is not None:
+            for lim in limits:
+                if lim.has_budget and lim.scope not in self._budgets:
+                    await self._seed(lim.scope)
+        return self.try_acquire(limits, tokens, images)
+
+    async def _seed(self, scope: str) -> None:
+        day, month, _, _ = periods(time.time())
+        assert self.seed is not None
+        try:
+            day_tokens, day_images = await run_in_threadpool(
+                self.seed, scope, datetime.fromtimestamp(day * 86400, UTC)
+            )
+            month_tokens, month_images = await run_in_threadpool(self.seed, scope, month_start(month))
+        except Exception as exc:  # the usage store is down: count from zero rather than refuse all
+            log.warning("budget usage not loaded", extra={"fields": {"scope": scope, "error": repr(exc)}})
+            day_tokens = day_images = month_tokens = month_images = 0
+        # setdefault: a request admitted while this one waited on the DB keeps its charge.
+        self._budgets.setdefault(scope, [day, month, day_tokens, month_tokens, day_images, month_images])
+
+    def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
+        refund = ticket.reserved - used_tokens if used_tokens is not None else 0
+        image_refund = ticket.images if used_tokens == 0 else 0  # 0: nothing was served
+        for lim in ticket.limits:
+            if lim.tpm and used_tokens is not None:
+                bucket = self._buckets.get(lim.scope)
+                if bucket is not None:
+                    bucket.tokens = min(float(lim.tpm), bucket.tokens + refund)
+            if lim.concurrent:
+                self._leases.get(lim.scope, {}).pop(ticket.lease, None)
+            if lim.has_budget and (refund or image_refund):
+                b = self._budgets.get(lim.scope)
+                if b is not None:
+                    if b[0] == ticket.day:
+                        b[2], b[4] = max(0, b[2] - refund), max(0, b[4] - image_refund)
+                    if b[1] == ticket.month:
+                        b[3], b[5] = max(0, b[3] - refund), max(0, b[5] - image_refund)
+
+    async def release(self, ticket: Ticket, used_tokens: int | None) -> None:
+        self.settle(ticket, used_tokens)

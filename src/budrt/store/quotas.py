@@ -1,0 +1,80 @@
+"""Per-scope limits stored on keys, users and teams, and the usage that counts against budgets.
+
+A `Quota` is what an admin sets (rates and per-period budgets); the gateway turns it into a
+`budrt.gateway.ratelimit.Limit` for the scope. `period_usage` reads the usage records of the
+current period so an in-process limiter can start where the last gateway process stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from budrt.store.tables import UsageRecord
+
+# Columns shared by api_keys (rpm/tpm predate the others), users and teams.
+QUOTA_FIELDS = ("rpm", "tpm", "tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")
+BUDGET_FIELDS = QUOTA_FIELDS[2:]
+IMAGE_ENDPOINT = "image"  # the metering endpoint name of /v1/images/generations
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Limits of one key, user or team; None = unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    images_per_day: int | None = None
+    images_per_month: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in QUOTA_FIELDS}
+
+
+def quota_of(row: Any) -> Quota:
+    """The quota columns of a table row (or any object with those attributes)."""
+    return Quota(**{name: getattr(row, name, None) for name in QUOTA_FIELDS})
+
+
+def check_quota(values: dict[str, Any]) -> dict[str, int | None]:
+    """Validates quota fields from an admin request: positive integers, or None to clear."""
+    out: dict[str, int | None] = {}
+    for name, value in values.items():
+        if name not in QUOTA_FIELDS:
+            raise ValueError(f"unknown limit {name!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"'{name}' must be a positive integer or null")
+        out[name] = value
+    return out
+
+
+def period_usage(engine: Engine, scope: str, start: datetime) -> tuple[int, int]:
+    """(tokens, images) recorded for `scope` ("key:12", "user:alice", "team:ml") since `start`.
+
+    Counts successful requests not answered from the cache, as the limiter charges them.
+    Images: one per successful request (the record does not keep `n`), a lower bound.
+    """
+    kind, _, name = scope.partition(":")
+    column = {"key": UsageRecord.key_id, "user": UsageRecord.user, "team": UsageRecord.team}.get(kind)
+    if column is None or (kind == "key" and not name.isdigit()):
+        return 0, 0
+    value: int | str = int(name) if kind == "key" else name
+    tokens = func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0)
+    images = func.count().filter(UsageRecord.endpoint == IMAGE_ENDPOINT)
+    query = select(tokens, images).where(
+        column == value,
+        UsageRecord.at >= start,
+        UsageRecord.status == 200,
+        UsageRecord.cache_hit.is_(False),
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).one()
+    return int(row[0] or 0), int(row[1] or 0)
