@@ -55,7 +55,13 @@ def test_models_start_available_and_concurrent_first_requests_share_one_load(ser
     assert {m["state"] for m in now.values()} == {"available"}
 
     async def burst() -> list[httpx.Response]:
-        body = {"model": "tiny-a", "max_tokens": 3, "messages": [{"role": "user", "content": "hello"}]}
+        # ignore_eos: a random model may sample its EOS token at any step.
+        body = {
+            "model": "tiny-a",
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "hello"}],
+        }
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(
                 *(client.post(f"{server}/v1/chat/completions", json=body) for _ in range(20))
