@@ -228,6 +228,33 @@ def test_token_budget_per_day_survives_a_restart(gateway: Gateway) -> None:
     assert abs(int(refused.headers["retry-after"]) - math.ceil(to_midnight)) <= 2
 
 
+def test_key_limits_change_through_the_admin_api(gateway: Gateway) -> None:
+    admin, _ = gateway.store.create("admin", role="admin")
+    created = gateway.call(admin, "POST", "/admin/keys", {"name": "k", "rpm": 1}).json()
+    key, key_id = created["key"], created["id"]
+    assert gateway.post(key, CHAT, _chat_body()).status_code == 200
+    _refused(
+        gateway.post(key, CHAT, _chat_body()), "rate_limit_exceeded", "1 requests per minute for this key"
+    )
+    changed = gateway.call(admin, "PATCH", f"/admin/keys/{key_id}", {"rpm": None, "tokens_per_day": 10})
+    assert changed.status_code == 200 and (changed.json()["rpm"], changed.json()["tokens_per_day"]) == (
+        None,
+        10,
+    )
+    # Applied at once: no rpm any more, and the new day budget holds (a reservation above the
+    # whole budget is admitted while it is unused, as for tpm; then the budget is spent).
+    assert gateway.post(key, CHAT, _chat_body()).status_code == 200
+    _refused(gateway.post(key, CHAT, _chat_body()), "insufficient_quota", "tokens per day for this key")
+    assert gateway.call(admin, "PATCH", f"/admin/keys/{key_id}", {"tokens_per_day": None}).status_code == 200
+    assert gateway.post(key, CHAT, _chat_body()).status_code == 200
+    assert gateway.call(admin, "PATCH", f"/admin/keys/{key_id}", {"rpm": 0}).status_code == 400
+    assert gateway.call(key, "PATCH", f"/admin/keys/{key_id}", {"rpm": None}).status_code == 403
+    assert gateway.call(admin, "DELETE", f"/admin/keys/{key_id}").status_code == 200
+    assert gateway.call(admin, "PATCH", f"/admin/keys/{key_id}", {"rpm": 5}).status_code == 404
+    audit = gateway.call(admin, "GET", "/admin/audit").json()["data"]
+    assert any(entry["action"] == "keys:update" and entry["target"] == f"key:{key_id}" for entry in audit)
+
+
 def test_image_budget_counts_n_and_refunds_failures(gateway: Gateway) -> None:
     admin, _ = gateway.store.create("admin", role="admin")
     created = gateway.call(
@@ -321,6 +348,10 @@ def test_cli_sets_limits_and_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyP
     key = json.loads(cli("keys", "create", "--name", "k", "--user", "alice", *flags, "--json"))
     budgets = [key[f] for f in ("tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")]
     assert budgets == [100, 2000, 3, 30]
+    changed = json.loads(
+        cli("keys", "set-limits", str(key["id"]), "--tokens-per-day", "0", "--rpm", "7", "--json")
+    )
+    assert (changed["tokens_per_day"], changed["rpm"], changed["tokens_per_month"]) == (None, 7, 2000)
     users = json.loads(cli("users", "list", "--json"))
     assert (users[0]["rpm"], users[0]["images_per_day"]) == (None, 4)
     bad = runner.invoke(

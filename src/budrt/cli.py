@@ -10,7 +10,17 @@ from typing import Annotated, Any
 
 import typer
 
-from budrt.cli_identity import roles_app, teams_app, users_app
+from budrt.cli_identity import (
+    ImagesDay,
+    ImagesMonth,
+    Rpm,
+    TokensDay,
+    TokensMonth,
+    Tpm,
+    roles_app,
+    teams_app,
+    users_app,
+)
 from budrt.cli_models import models_app
 from budrt.config import Settings, load_settings
 
@@ -227,6 +237,49 @@ def keys_revoke(
 
     IdentityStore(KeyStore.from_settings(settings).engine).record("cli", "keys:revoke", f"key:{record.id}")
     typer.echo(f"revoked key {record.id} ({record.prefix})")
+
+
+@keys_app.command("set-limits")
+def keys_set_limits(
+    key_id: Annotated[int, typer.Argument(help="Numeric id of the key.")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    tokens_per_day: TokensDay = None,
+    tokens_per_month: TokensMonth = None,
+    images_per_day: ImagesDay = None,
+    images_per_month: ImagesMonth = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    home: Home = None,
+    config: ConfigFile = None,
+) -> None:
+    """Set a key's limits (only the options given change; 0 removes one). Every gateway applies
+    them within a second."""
+    from budrt.cli_identity import limits, limits_line, run
+    from budrt.store.db import migrate
+    from budrt.store.identity import IdentityStore
+    from budrt.store.keys import KeyStore
+
+    settings = _settings(config, home)
+    migrate(settings.database_url_resolved)
+    quota = limits(
+        rpm=rpm,
+        tpm=tpm,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        images_per_day=images_per_day,
+        images_per_month=images_per_month,
+    )
+    if not quota:
+        typer.echo("error: give at least one limit option (see --help)", err=True)
+        raise typer.Exit(2)
+    store = KeyStore.from_settings(settings)
+    record = run(store.update_limits, key_id, quota)
+    if record is None:
+        typer.echo(f"error: no active key with id {key_id}", err=True)
+        raise typer.Exit(1)
+    IdentityStore(store.engine).record("cli", "keys:update", f"key:{key_id}", quota)
+    data = _record_json(record)
+    typer.echo(json.dumps(data) if as_json else f"key {record.id}: {limits_line(data)}")
 
 
 @config_app.command("show")

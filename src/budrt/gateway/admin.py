@@ -59,6 +59,7 @@ class AdminAPI:
             Route("/admin/keys", self.create_key, methods=["POST"]),
             Route("/admin/keys", self.list_keys, methods=["GET"]),
             Route("/admin/keys/{key_id:int}", self.revoke_key, methods=["DELETE"]),
+            Route("/admin/keys/{key_id:int}", self.update_key, methods=["PATCH"]),
             Route("/admin/users", self.create_user, methods=["POST"]),
             Route("/admin/users", self.list_users, methods=["GET"]),
             Route("/admin/users/{name}/roles", self.set_roles, methods=["PUT"]),
@@ -192,6 +193,28 @@ class AdminAPI:
         if record is None:
             raise APIError(404, f"No active key with id {key_id}.", code="not_found")
         self.auth.invalidate()  # this process refuses it at once; others within the cache TTL
+        return _json(key_json(record))
+
+    async def update_key(self, request: Request) -> Response:
+        """Set or clear (null) a key's limits: rpm, tpm, tokens/images per day/month."""
+        p = await self.auth.authenticate(request.headers)
+        key_id: int = request.path_params["key_id"]
+        quota = _quota_update(parse_json_body(await request.body()))
+        require(p, "keys:update", f"key:{key_id}")
+
+        def update() -> KeyRecord | None:
+            try:
+                record = self.keys.update_limits(key_id, quota)
+            except ValueError as exc:
+                raise invalid_request(str(exc)) from None
+            if record is not None:
+                self.identity.record(actor(p), "keys:update", f"key:{key_id}", quota)
+            return record
+
+        record = await self._call(update)
+        if record is None:
+            raise APIError(404, f"No active key with id {key_id}.", code="not_found")
+        self.auth.invalidate()  # this process applies them at once; others within the cache TTL
         return _json(key_json(record))
 
     # -- users, teams, roles --

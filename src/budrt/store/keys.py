@@ -18,7 +18,7 @@ from budrt.config import Settings
 from budrt.security.keys import generate_api_key, hash_api_key, key_prefix, load_or_create_secret
 from budrt.security.rbac import ROLE_NAME
 from budrt.store.db import make_engine, session_factory
-from budrt.store.quotas import BUDGET_FIELDS, Quota, quota_of
+from budrt.store.quotas import BUDGET_FIELDS, Quota, check_quota, quota_of
 from budrt.store.tables import ApiKey
 
 Role = str  # "admin", "user" (= developer, the default), or any built-in or custom role name
@@ -167,6 +167,18 @@ class KeyStore:
                 raise ValueError(f"{ident!r} matches {len(rows)} keys; use the numeric id")
             rows[0].revoked_at = datetime.now(UTC)
             return _record(rows[0])
+
+    def update_limits(self, key_id: int, quota: dict[str, int | None]) -> KeyRecord | None:
+        """Set (a value) or clear (None) limits of an active key; None if there is no such key.
+        Raises ValueError for an unknown field or a value that is not a positive integer."""
+        values = check_quota(quota)
+        with self._sessions.begin() as session:
+            row = session.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            for field, value in values.items():
+                setattr(row, field, value)
+            return _record(row)
 
     def has_admin(self) -> bool:
         with self._sessions() as session:
