@@ -1,14 +1,15 @@
 """Optional C++ kernels for the CPU engine, compiled on this machine once.
 
 The decode attention kernel (csrc/paged_attention.cpp) reads keys/values straight from the paged
-cache through the block tables; the torch path it replaces gathers a padded copy first. It is
-built with torch's JIT extension loader (needs a C++ compiler and ninja, no network) into
-`$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
-build. `make` builds it at install (`python -m budrt.engine.kernels`); otherwise the first
-`prepare()` does (about a minute) — a model server calls it before it reports ready, never in the
-middle of serving: a process switching paths mid-run would change bf16 outputs (and so seeded
-sampling) from one request to the next. If the build fails (one warning), decode attention takes
-the torch path for good. `BUDRT_ENGINE_KERNELS=torch` forces the torch path.
+cache through the block tables; the torch path it replaces gathers a padded copy first. The bf16
+RMSNorm (csrc/rms_norm.cpp, with the residual add fused in) replaces about twelve small ops per
+norm. Both are one extension, built with torch's JIT extension loader (needs a C++ compiler and
+ninja, no network) into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later
+processes load the cached build. `make` builds it at install (`python -m budrt.engine.kernels`);
+otherwise the first `prepare()` does (about a minute). A model server calls it before it reports
+ready, never in the middle of serving: a process switching paths mid-run would change bf16
+outputs (and so seeded sampling) from one request to the next. If the build fails (one warning),
+the engine takes the torch paths for good. `BUDRT_ENGINE_KERNELS=torch` forces them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp")]
+FUNCTIONS = ["paged_decode_attention", "rms_norm", "add_rms_norm"]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_paged_attention"
 
@@ -95,7 +97,8 @@ def _load_library(path: Path) -> ModuleType:
 
 def _library_path() -> Path:
     """Where the build for this source, compiler flags, torch, Python and CPU is kept."""
-    key = "\0".join([SOURCE.read_text(), *_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
+    sources = [source.read_text() for source in SOURCES]
+    key = "\0".join([*sources, *_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
     return cache_directory() / f"{_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -130,8 +133,8 @@ def _compile(library: Path) -> ModuleType:
     try:
         module = load_inline(
             name=_NAME,
-            cpp_sources=[SOURCE.read_text()],
-            functions=["paged_decode_attention"],
+            cpp_sources=[source.read_text() for source in SOURCES],
+            functions=FUNCTIONS,
             extra_cflags=_flags(),
             # Resolves to the libgomp torch has already loaded (same soname): one thread pool.
             extra_ldflags=["-fopenmp"],
@@ -161,7 +164,7 @@ def prepare(compile_missing: bool = True) -> bool:
             if library.exists():
                 _module = _load_library(library)
             elif compile_missing:
-                log.info("compiling the paged attention kernel (once per machine, about a minute)")
+                log.info("compiling the CPU kernels (once per machine, about a minute)")
                 _module = _compile(library)
         except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
             _failed = True
@@ -205,6 +208,26 @@ def paged_decode_attention(
     return _module.paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale)
 
 
-if __name__ == "__main__":  # `make` builds the kernel at install so no server waits for it
+def use_norm_kernel(x: torch.Tensor) -> bool:
+    """Whether RMSNorm of `x` goes through the C++ kernel: bf16 on CPU, extension loaded."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _module is not None and enabled()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis of a contiguous bf16 `x`; the caller checks `use_norm_kernel`."""
+    assert _module is not None
+    return _module.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta)) in bf16; the caller checks `use_norm_kernel`."""
+    assert _module is not None
+    total, normed = _module.add_rms_norm(x, delta, weight, eps)
+    return total, normed
+
+
+if __name__ == "__main__":  # `make` builds the kernels at install so no server waits for it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("paged attention kernel:", "ready" if prepare() else "unavailable (torch path)")
+    print("CPU kernels (paged attention, RMSNorm):", "ready" if prepare() else "unavailable (torch path)")

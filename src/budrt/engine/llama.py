@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budrt.engine import quant
+from budrt.engine import kernels, quant
 from budrt.engine.attention import AttentionContext, paged_attention
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.packed_linear import SmallWeights
@@ -48,6 +48,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):  # bf16 on CPU: one C++ pass, same math (csrc/rms_norm.cpp)
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 like transformers does: bf16 variance loses too much precision.
         dtype = x.dtype
         if dtype != torch.float32:  # one fused kernel; fp32 keeps transformers' exact op order
@@ -55,6 +57,16 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm): the residual stream and the next sublayer's input."""
+        if self._use_kernel(x) and delta.is_contiguous():
+            return kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        total = x + delta
+        return total, self(total)
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return x.is_contiguous() and self.weight.dtype == x.dtype and kernels.use_norm_kernel(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -160,10 +172,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, cache: KVCache
-    ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, ctx, cache)
-        return x + self.mlp(self.post_attn_norm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: AttentionContext,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x` is the previous layer's MLP output and `residual` the stream it adds to (for the
+        first layer: the embeddings and None). Returns this layer's pair. Each add is done with
+        the norm that follows it, so bf16 on CPU runs both in one kernel call."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            residual, h = self.input_norm.add_and_norm(residual, x)
+        residual, h = self.post_attn_norm.add_and_norm(residual, self.attn(h, cos, sin, ctx, cache))
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -191,8 +216,11 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx, cache)
+            x, residual = layer(x, residual, cos, sin, ctx, cache)
+        if residual is not None:
+            x = residual + x  # the last layer's MLP output joins the stream
         if ctx.logits_rows is not None:
             x = x[ctx.logits_rows]
             if x.shape[0] == 0:  # only mid-prompt chunks this step: nothing to sample
