@@ -12,7 +12,23 @@ class Base(DeclarativeBase):
     pass
 
 
-class ApiKey(Base):
+class BudgetColumns:
+    """Budgets per calendar period (UTC), added by revision 0004 (quotas); None = unlimited."""
+
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    images_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    images_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class QuotaColumns(BudgetColumns):
+    """Rates and budgets of a user or team, shared by all its keys (revision 0004)."""
+
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ApiKey(BudgetColumns, Base):
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -32,29 +48,17 @@ class ApiKey(Base):
     user_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     team_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     permissions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None = the role's
-    # Added by revision 0004 (quotas): budgets per calendar period (UTC); None = unlimited.
-    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    images_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    images_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
-class Team(Base):
+class Team(QuotaColumns, Base):
     __tablename__ = "teams"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # Added by revision 0004 (quotas): limits shared by all keys of the team; None = unlimited.
-    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    images_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    images_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
-class User(Base):
+class User(QuotaColumns, Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -62,13 +66,6 @@ class User(Base):
     team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"), nullable=True)
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # Added by revision 0004 (quotas): limits shared by all keys of the user; None = unlimited.
-    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    images_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    images_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Role(Base):

