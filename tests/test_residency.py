@@ -49,6 +49,15 @@ def chat(url: str, model: str, max_tokens: int = 4) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
 
+def sse_data(stream: httpx.Response) -> Iterator[str]:
+    """The `data:` payloads of an SSE stream, split only at "\n" as SSE does: a random model's
+    text may hold characters (U+0085, U+2028...) where httpx's iter_lines (str.splitlines) splits."""
+    buffer = b""
+    for chunk in stream.iter_bytes():
+        *lines, buffer = (buffer + chunk).split(b"\n")
+        yield from (line[6:].decode() for line in lines if line.startswith(b"data: "))
+
+
 def test_models_start_available_and_concurrent_first_requests_share_one_load(server: str) -> None:
     now = states(server)
     assert now.pop("tiny-pinned")["state"] == "resident"
@@ -105,11 +114,11 @@ def test_a_model_with_an_active_stream_is_not_evicted(server: str) -> None:
         client.stream("POST", f"{server}/v1/chat/completions", json=body) as stream,
     ):
         assert stream.status_code == 200
-        lines = stream.iter_lines()
-        assert next(lines).startswith("data: ")
+        events = sse_data(stream)
+        assert next(events)
         assert states(server)["tiny-a"]["in_flight"] == 1
         assert chat(server, "tiny-c").status_code == 200
-        chunks = [orjson.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        chunks = [orjson.loads(data) for data in events if data.startswith("{")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     now = states(server)
     assert [now[n]["state"] for n in NAMES] == ["resident", "available", "resident"]
