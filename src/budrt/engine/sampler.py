@@ -3,10 +3,11 @@
 Everything is vectorized over the batch except what is inherently per request: logit_bias (sparse),
 and the random noise of seeded requests (each has its own torch.Generator).
 
-Sampling uses the "exponential race": argmax(p / E) with E ~ Exp(1) i.i.d. is a sample from p. The
-noise for a row is drawn independently of every other row, so a seeded request consumes exactly
-`vocab` draws per step from its own generator whatever else is in the batch, and its output is
-reproducible across batch mixes.
+Sampling inverts each row's cumulative distribution at one uniform draw. The draw for a row is
+independent of every other row, so a seeded request consumes exactly one draw per step from its
+own generator whatever else is in the batch, and its output is reproducible across batch mixes.
+(An "exponential race", argmax(p / E) with E ~ Exp(1) per vocabulary entry, needs 49k random
+draws per row and step for SmolLM2: about 2 ms of a 15-20 ms decode step at one stream.)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Sampler:
         if not bool(greedy.all()):
             probs = torch.softmax(logits / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
             probs = self._truncate(probs, seqs)
-            sampled = (probs / self._noise(seqs, logits.shape[1], greedy)).argmax(dim=-1)
+            sampled = self._invert(probs, self._uniforms(seqs, greedy))
             tokens = torch.where(greedy, tokens, sampled)
         token_ids = tokens.tolist()
         return SampleResult(token_ids, self._logprobs(logits, token_ids, seqs))
@@ -104,17 +105,27 @@ class Sampler:
             probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
         return probs
 
-    def _noise(self, seqs: list[Sequence], vocab: int, greedy: torch.Tensor) -> torch.Tensor:
-        noise = torch.empty((len(seqs), vocab), dtype=torch.float32)
+    def _uniforms(self, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+        """One U[0, 1) draw per sampling row: from the request's own generator if it has a seed,
+        else from the shared one; greedy rows draw nothing."""
+        draws = torch.zeros(len(seqs), dtype=torch.float64)
         shared = [i for i, s in enumerate(seqs) if s.generator is None and not bool(greedy[i])]
         if shared:
-            noise[shared] = torch.empty((len(shared), vocab)).exponential_(generator=self.generator)
+            draws[shared] = torch.rand(len(shared), dtype=torch.float64, generator=self.generator)
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not bool(greedy[i]):
-                noise[i].exponential_(generator=seq.generator)
-            elif bool(greedy[i]):
-                noise[i] = 1.0
-        return noise
+                draws[i] = torch.rand(1, dtype=torch.float64, generator=seq.generator)[0]
+        return draws
+
+    @staticmethod
+    def _invert(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The token of each row whose cumulative-probability interval holds `draw x row total`.
+        In float64, so the ~49k-term sum loses nothing that matters; zero-probability tokens
+        (truncated away) have empty intervals and are never chosen."""
+        cdf = probs.double().cumsum(dim=-1)
+        target = (draws * cdf[:, -1]).unsqueeze(1)
+        chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return chosen.clamp_(max=probs.shape[1] - 1)
 
     def _logprobs(
         self, logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence]
