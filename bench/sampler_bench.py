@@ -1,8 +1,10 @@
-"""Cost of drawing a token from each row's distribution: `python bench/sampler_bench.py`.
+"""Cost of the sampler's per-step work: `python bench/sampler_bench.py`.
 
-Compares the sampler's inverse-CDF draw (engine/sampler.py: one uniform per row) with the
-"exponential race" it replaced (argmax of p / E, E ~ Exp(1) drawn per vocabulary entry), on
-SmolLM2's vocabulary (49,152), for a few batch sizes. Both in one process, interleaved.
+On SmolLM2's vocabulary (49,152), for a few batch sizes, old and new in one process, interleaved:
+- drawing: the inverse-CDF draw (engine/sampler.py: one uniform per row) vs the "exponential
+  race" it replaced (argmax of p / E, E ~ Exp(1) drawn per vocabulary entry);
+- top_p = 0.9: the windowed cut (`Sampler._nucleus`) vs sorting the whole vocabulary, on
+  softmax(randn x scale) rows: scale 3 is flat (nuclei of ~2,000 tokens), 10 is peaked (a few).
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     return (time.perf_counter() - start) / repeat * 1e3
 
 
+def full_sort_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    ordered, order = probs.sort(dim=-1, descending=True)
+    drop = ordered.cumsum(dim=-1) - ordered >= top_p * ordered.sum(dim=-1, keepdim=True)
+    drop[:, 0] = False
+    return probs.scatter(1, order, ordered.masked_fill(drop, 0.0))
+
+
+def compare(
+    label: str, old: Callable[[], object], new: Callable[[], object], rounds: int, repeat: int
+) -> None:
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        times["old"].append(timed(old, repeat))
+        times["new"].append(timed(new, repeat))
+    a, b = statistics.median(times["old"]), statistics.median(times["new"])
+    print(f"{label}: old {a:8.3f} ms, new {b:8.3f} ms ({b / a:.3f}x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=49_152)
@@ -43,17 +63,22 @@ def main() -> None:
             draws = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator)
             return Sampler._invert(probs, draws)
 
-        times: dict[str, list[float]] = {"exponential race": [], "inverse CDF": []}
-        for _ in range(args.rounds):
-            times["exponential race"].append(timed(race, repeat))
-            times["inverse CDF"].append(timed(inverse_cdf, repeat))
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        print(
-            f"rows {rows:3d}: exponential race {medians['exponential race']:7.3f} ms, "
-            f"inverse CDF {medians['inverse CDF']:7.3f} ms "
-            f"({medians['inverse CDF'] / medians['exponential race']:.3f}x)",
-            flush=True,
-        )
+        compare(f"draw, {rows:3d} rows (race -> inverse CDF)", race, inverse_cdf, args.rounds, repeat)
+        for scale in (3.0, 10.0):
+            peaked = torch.softmax(torch.randn(rows, args.vocab) * scale, dim=-1)
+            top_k = torch.full((rows,), args.vocab)
+            top_p = torch.full((rows,), 0.9)
+
+            def old(peaked: torch.Tensor = peaked) -> torch.Tensor:
+                return full_sort_top_p(peaked, 0.9)
+
+            def new(
+                peaked: torch.Tensor = peaked, k: torch.Tensor = top_k, p: torch.Tensor = top_p
+            ) -> torch.Tensor:
+                return Sampler._nucleus(peaked, k, p)
+
+            label = f"top_p 0.9, {rows:3d} rows, scale {scale:>4} (full sort -> window)"
+            compare(label, old, new, args.rounds, max(3, repeat // 4))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,20 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch() -> None:
     mixed = [sample(shared, rows(k % 5) + mixed_row + rows(2, seed=k))[k % 5] for k in range(50)]
     assert mixed == alone
     assert len(set(alone)) > 1  # it really sampled
+
+
+def test_windowed_nucleus_equals_a_full_sort() -> None:
+    """The top-k/top-p cut tried on a window of the largest entries first gives exactly what
+    sorting the whole vocabulary gives, for cuts inside the first window, the second and beyond."""
+    torch.manual_seed(0)
+    vocab = 49_152
+    top_k = torch.tensor([vocab, 5, 300, 5000] * 2)
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.5, 0.99, 0.3, 1.0, 0.8])
+    for scale in (0.1, 1.0, 3.0, 10.0):  # flat to peaked: nuclei of ~40k down to a few tokens
+        probs = torch.softmax(torch.randn(len(top_k), vocab) * scale, dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        drop = torch.arange(vocab).unsqueeze(0) >= top_k.unsqueeze(1)
+        drop |= ordered.cumsum(dim=-1) - ordered >= top_p.unsqueeze(1) * ordered.sum(dim=-1, keepdim=True)
+        drop[:, 0] = False
+        expected = probs.scatter(1, order, ordered.masked_fill(drop, 0.0))
+        assert torch.equal(Sampler._nucleus(probs, top_k, top_p), expected), scale
