@@ -7,6 +7,7 @@ machine's noise falls on both sides alike. Prints min and median ms per step of 
 Comparisons:
 - `norm`: the C++ RMSNorm (+ residual add) vs the torch ops it replaces;
 - `attention`: the C++ paged decode attention vs gather + SDPA;
+- `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart;
 - `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
   `q4_decode_rows` never use them, so both sides are equal there).
 """
@@ -47,6 +48,12 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
             "kernel": lambda: setattr(kernels, "use_paged_kernel", real_attention),
             "torch": lambda: setattr(kernels, "use_paged_kernel", lambda q, cache: False),
         }
+    if compare == "fused":
+        real_fused = kernels.use_fused_decode
+        return {
+            "kernel": lambda: setattr(kernels, "use_fused_decode", real_fused),
+            "torch": lambda: setattr(kernels, "use_fused_decode", lambda qkv, cache: False),
+        }
     if compare == "q4":
         model = engine.runner.model
         switch = model.small_weights
@@ -63,7 +70,7 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "q4"])
+    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "fused", "q4"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

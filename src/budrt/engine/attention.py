@@ -37,6 +37,7 @@ class AttentionContext:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context: int = 0  # longest context among the single-token rows
     decode_lengths: torch.Tensor | None = None  # [num_decode] int64 context of each row
+    decode_only: bool = False  # every row decodes one token (no prefill chunk) this step
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_context]; None if all equal
     # One decoding row whose blocks are consecutive in the cache: attend over a view from this block.
     decode_first_block: int | None = None

@@ -3,7 +3,8 @@
 The decode attention kernel (csrc/paged_attention.cpp) reads keys/values straight from the paged
 cache through the block tables; the torch path it replaces gathers a padded copy first. The bf16
 RMSNorm (csrc/rms_norm.cpp, with the residual add fused in) replaces about twelve small ops per
-norm. Both are one extension, built with torch's JIT extension loader (needs a C++ compiler and
+norm; csrc/rope_cache.cpp does a decode-only step's RoPE, cache write and attention in one call
+per layer. All are one extension, built with torch's JIT extension loader (needs a C++ compiler and
 ninja, no network) into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later
 processes load the cached build. `make` builds it at install (`python -m budrt.engine.kernels`);
 otherwise the first `prepare()` does (about a minute). A model server calls it before it reports
@@ -31,8 +32,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp")]
-FUNCTIONS = ["paged_decode_attention", "rms_norm", "add_rms_norm"]
+# One translation unit, in this order: rope_cache.cpp calls paged_attention.cpp's function.
+SOURCES = [
+    Path(__file__).with_name("csrc") / name
+    for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")
+]
+FUNCTIONS = ["paged_decode_attention", "rms_norm", "add_rms_norm", "rope_cache_decode_attention"]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_paged_attention"
 
@@ -228,6 +233,40 @@ def add_rms_norm(
     return total, normed
 
 
+def use_fused_decode(qkv: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether a decode-only step's RoPE + cache write + attention go through one C++ call."""
+    return (
+        qkv.dtype == torch.bfloat16
+        and cache.dtype == torch.bfloat16
+        and qkv.device.type == "cpu"
+        and _module is not None
+        and enabled()
+    )
+
+
+def rope_cache_decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """qkv `[N, (heads + 2 kv_heads) * D]` -> attention output `[N, heads * D]`, after writing the
+    RoPE'd keys and the values at `slots`; the caller checks `use_fused_decode`."""
+    assert _module is not None
+    return _module.rope_cache_decode_attention(
+        qkv, cos, sin, k_cache, v_cache, slots, block_tables, lengths, num_heads, scale
+    )
+
+
 if __name__ == "__main__":  # `make` builds the kernels at install so no server waits for it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("CPU kernels (paged attention, RMSNorm):", "ready" if prepare() else "unavailable (torch path)")
+    print(
+        "CPU kernels (paged attention, RMSNorm, RoPE + cache):",
+        "ready" if prepare() else "unavailable (torch path)",
+    )

@@ -129,6 +129,23 @@ class Attention(nn.Module):
             # Fused at load: one matmul instead of three, and q and k (adjacent in its output)
             # get RoPE in one go, which halves the per-layer elementwise ops.
             qkv = self.qkv_proj(x)
+            if ctx.decode_only and kernels.use_fused_decode(qkv, cache.data):
+                # bf16 on CPU: RoPE, cache write and attention in one C++ call (same math).
+                assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
+                keys, values = cache.layer(self.layer_idx)
+                attended = kernels.rope_cache_decode_attention(
+                    qkv,
+                    cos.view(n, -1),
+                    sin.view(n, -1),
+                    keys,
+                    values,
+                    ctx.slots,
+                    ctx.decode_block_tables,
+                    ctx.decode_lengths,
+                    self.num_heads,
+                    self.head_dim**-0.5,
+                )
+                return self.o_proj(attended)
             qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
             qk = apply_rope(qkv[:, :qk_width].view(n, -1, self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]

@@ -80,6 +80,7 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logits_rows.append(row + n - 1)
                 samplers.append(seq)
+        ctx.decode_only = bool(decodes) and not chunks
         ctx.positions = torch.tensor(positions, dtype=torch.long, device=dev)
         ctx.slots = torch.tensor(slots, dtype=torch.long, device=dev)
         if len(logits_rows) != len(ids):

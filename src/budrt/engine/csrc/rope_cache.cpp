@@ -1,0 +1,86 @@
+// One call per layer for a decode-only step on CPU: RoPE on q and k, k and v written into the paged
+// cache at their slots, then paged decode attention (paged_attention.cpp) over the cache.
+//
+// The torch path does the same in about fifteen small ops per layer (slices, roll, two multiplies
+// and an add for RoPE, two index_copy_ for the cache, the attention call), each costing more
+// dispatch than arithmetic at one decoding row. RoPE here rounds exactly as torch's bf16 ops do:
+// x * cos and roll(x) * signed_sin are each rounded to bf16, then their sum.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+at::Tensor paged_decode_attention(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& lengths, double scale);
+
+namespace budrt_rope {
+
+using bf16 = at::BFloat16;
+
+inline bf16 round_bf16(float x) { return static_cast<bf16>(x); }
+
+// dst[d] = x[d] * cos[d] + x[(d + D/2) % D] * signed_sin[d], with torch's bf16 roundings.
+inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, bf16* dst, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t d = 0; d < dim; ++d) {
+    const bf16 rolled = x[d < half ? d + half : d - half];
+    const float a = static_cast<float>(round_bf16(static_cast<float>(x[d]) * static_cast<float>(cos[d])));
+    const float b = static_cast<float>(round_bf16(static_cast<float>(rolled) * static_cast<float>(sin[d])));
+    dst[d] = round_bf16(a + b);
+  }
+}
+
+}  // namespace budrt_rope
+
+// qkv `[N, (heads + 2 kv_heads) * D]` (the fused projection's output), cos/signed sin `[N, D]`,
+// k/v cache `[num_blocks, block_size, kv_heads, D]`, slots `[N]` int64, block_tables and lengths
+// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16.
+at::Tensor rope_cache_decode_attention(
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
+    const at::Tensor& lengths, int64_t num_heads, double scale) {
+  using namespace budrt_rope;
+  for (const at::Tensor* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
+                "rope_cache_decode_attention: bf16 contiguous CPU tensors only");
+  }
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, "rope_cache_decode_attention: slots int64 [N]");
+  const int64_t rows = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t width = (num_heads + 2 * kv_heads) * dim;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == width, "rope_cache_decode_attention: qkv must be [N, ", width, "]");
+  TORCH_CHECK(cos.numel() == rows * dim && sin.numel() == rows * dim, "rope_cache_decode_attention: cos/sin [N, D]");
+  TORCH_CHECK(slots.size(0) == rows && dim % 2 == 0, "rope_cache_decode_attention: bad slots or head_dim");
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  const auto slot_ids = slots.contiguous();
+  const int64_t* slot = slot_ids.data_ptr<int64_t>();
+  for (int64_t n = 0; n < rows; ++n) {
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < capacity, "rope_cache_decode_attention: slot ", slot[n], " out of range");
+  }
+  auto q = at::empty({rows, num_heads, dim}, qkv.options());
+  const bf16* src = qkv.data_ptr<bf16>();
+  const bf16* c = cos.data_ptr<bf16>();
+  const bf16* s = sin.data_ptr<bf16>();
+  bf16* q_out = q.data_ptr<bf16>();
+  bf16* keys = k_cache.data_ptr<bf16>();
+  bf16* values = v_cache.data_ptr<bf16>();
+  const int64_t slot_stride = kv_heads * dim;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16* row = src + n * width;
+      const bf16* cn = c + n * dim;
+      const bf16* sn = s + n * dim;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        rope_head(row + h * dim, cn, sn, q_out + (n * num_heads + h) * dim, dim);
+      }
+      bf16* k_dst = keys + slot[n] * slot_stride;
+      bf16* v_dst = values + slot[n] * slot_stride;
+      for (int64_t j = 0; j < kv_heads; ++j) {
+        rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
+        const bf16* v_src = row + (num_heads + kv_heads + j) * dim;
+        std::copy(v_src, v_src + dim, v_dst + j * dim);
+      }
+    }
+  });
+  return paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale).view({rows, num_heads * dim});
+}

@@ -1,0 +1,129 @@
+"""The fused decode call (RoPE + cache write + paged attention) against the torch ops it replaces."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from budrt.config import ModelConfig
+from budrt.engine import kernels
+from budrt.engine.factory import create_text_engine
+from budrt.engine.interface import SamplingParams
+from budrt.engine.kv_cache import KVCache
+from budrt.engine.llama import RotaryEmbedding, apply_rope
+from budrt.engine.llm_engine import LLMEngine
+
+HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+
+
+def test_matches_rope_write_and_attention_done_apart() -> None:
+    torch.manual_seed(0)
+    lengths = [1, 17, 40]  # the new token included
+    rotary = RotaryEmbedding(DIM, 10000.0, 512)
+    positions = torch.tensor([n - 1 for n in lengths])
+    cos, sin = rotary(positions, torch.bfloat16)
+    qkv = torch.randn(len(lengths), (HEADS + 2 * KV_HEADS) * DIM).to(torch.bfloat16)
+    tables = torch.tensor([[5, 0, 0], [1, 2, 0], [3, 6, 7]])  # rows' blocks, padded with 0
+    slots = torch.tensor(
+        [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for i, p in enumerate(positions.tolist())]
+    )
+    lens = torch.tensor(lengths)
+
+    def cache_with_history() -> KVCache:
+        cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+        cache.data.normal_(generator=torch.Generator().manual_seed(1))
+        return cache
+
+    fused_cache, torch_cache = cache_with_history(), cache_with_history()
+    keys, values = fused_cache.layer(0)
+    fused = kernels.rope_cache_decode_attention(
+        qkv, cos.view(3, -1), sin.view(3, -1), keys, values, slots, tables, lens, HEADS, DIM**-0.5
+    )
+
+    n = len(lengths)
+    qk = apply_rope(qkv[:, : (HEADS + KV_HEADS) * DIM].view(n, -1, DIM), cos, sin)
+    q, k = qk[:, :HEADS], qk[:, HEADS:]
+    v = qkv[:, (HEADS + KV_HEADS) * DIM :].view(n, KV_HEADS, DIM)
+    torch_cache.write(0, slots, k, v)
+    keys, values = torch_cache.layer(0)
+    expected = kernels.paged_decode_attention(q.contiguous(), keys, values, tables, lens, DIM**-0.5)
+
+    assert torch.equal(fused_cache.data, torch_cache.data)  # same RoPE'd keys and values, same slots
+    assert torch.equal(fused, expected.reshape(n, HEADS * DIM))
+
+
+def test_refuses_a_slot_outside_the_cache() -> None:
+    cache = KVCache(1, 2, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+    keys, values = cache.layer(0)
+    qkv = torch.zeros(1, (HEADS + 2 * KV_HEADS) * DIM, dtype=torch.bfloat16)
+    cos = torch.ones(1, DIM, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.rope_cache_decode_attention(
+            qkv,
+            cos,
+            cos,
+            keys,
+            values,
+            torch.tensor([2 * BLOCK]),
+            torch.tensor([[0]]),
+            torch.tensor([1]),
+            HEADS,
+            1.0,
+        )
+
+
+def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
+    gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ModelConfig(
+        name="smollm2-135m-instruct",
+        task="chat",
+        format="gguf",
+        source=str(gguf_path),
+        dtype="bfloat16",
+        max_model_len=256,
+        max_num_seqs=4,
+        kv_cache_bytes=16 * 1024**2,
+    )
+    engine = create_text_engine(cfg)
+    assert isinstance(engine, LLMEngine)
+    prompts = ["What is the capital of France?", "Count from one to ten.", "Name three colours."]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def generate() -> list[list[int]]:
+        async def one(i: int, prompt: str) -> list[int]:
+            chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            tokens: list[int] = []
+            async for out in engine.generate(
+                f"fused-{i}-{len(calls)}", engine.tokenizer.encode(chat), params
+            ):
+                tokens.extend(out.token_ids)
+            return tokens
+
+        async def run() -> list[list[int]]:
+            # One at a time: a step's mix of rows depends on arrival timing, and the mix decides
+            # which weights a step uses (see SmallWeights), so only lone requests repeat exactly.
+            await engine.start()
+            try:
+                return [await one(i, p) for i, p in enumerate(prompts)]
+            finally:
+                await engine.stop()
+
+        return asyncio.run(run())
+
+    calls: list[int] = []
+    real = kernels.rope_cache_decode_attention
+    monkeypatch.setattr(kernels, "rope_cache_decode_attention", lambda *a: calls.append(1) or real(*a))
+    fused = generate()
+    assert calls, "the fused call was not used"
+    monkeypatch.setattr(kernels, "use_fused_decode", lambda qkv, cache: False)
+    assert generate() == fused
