@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from budrt.engine import openmp
 from budrt.engine.block_manager import BlockManager
 from budrt.engine.interface import (
     Engine,
@@ -197,6 +198,7 @@ class LLMEngine(Engine):
             while not self._stopping:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    openmp.release_thread_pool()  # idle: let other threads' pools spin (openmp.py)
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue

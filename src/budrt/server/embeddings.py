@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from budrt.config import ModelConfig
+from budrt.engine import openmp
 from budrt.engine.source import resolve_source
 
 
@@ -133,7 +134,8 @@ class EmbeddingBatcher:
             if not jobs:
                 continue
             try:
-                result = await asyncio.to_thread(self._forward, [j.inputs for j in jobs])
+                # Released after each batch: a text engine in this process keeps its workers spinning.
+                result = await asyncio.to_thread(openmp.released(self._forward), [j.inputs for j in jobs])
             except Exception as exc:  # fail these requests, keep serving others
                 for job in jobs:
                     if not job.future.done():
