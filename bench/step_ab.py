@@ -8,6 +8,8 @@ Comparisons:
 - `norm`: the C++ RMSNorm (+ residual add) vs the torch ops it replaces;
 - `attention`: the C++ paged decode attention vs gather + SDPA;
 - `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart;
+- `stack`: all layers of a small 4-bit decode step in one C++ call vs the Python layers (same
+  ops; batches above `q4_decode_rows` never use it);
 - `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
   `q4_decode_rows` never use them, so both sides are equal there).
 """
@@ -54,6 +56,14 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
             "kernel": lambda: setattr(kernels, "use_fused_decode", real_fused),
             "torch": lambda: setattr(kernels, "use_fused_decode", lambda qkv, cache: False),
         }
+    if compare == "stack":
+        model = engine.runner.model
+        stack = model.decode_stack
+        assert stack is not None, "this model does not fit the one-call kernel"
+        return {
+            "stack": lambda: setattr(model, "decode_stack", stack),
+            "layers": lambda: setattr(model, "decode_stack", None),
+        }
     if compare == "q4":
         model = engine.runner.model
         switch = model.small_weights
@@ -70,7 +80,7 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "fused", "q4"])
+    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "fused", "stack", "q4"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

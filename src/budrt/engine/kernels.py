@@ -1,16 +1,15 @@
-"""Optional C++ kernels for the CPU engine, compiled on this machine once.
+"""Optional C++ kernels for the CPU engine, compiled on this machine once (csrc/, one extension).
 
-The decode attention kernel (csrc/paged_attention.cpp) reads keys/values straight from the paged
-cache through the block tables; the torch path it replaces gathers a padded copy first. The bf16
-RMSNorm (csrc/rms_norm.cpp, with the residual add fused in) replaces about twelve small ops per
-norm; csrc/rope_cache.cpp does a decode-only step's RoPE, cache write and attention in one call
-per layer. All are one extension, built with torch's JIT extension loader (needs a C++ compiler and
-ninja, no network) into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later
-processes load the cached build. `make` builds it at install (`python -m budrt.engine.kernels`);
-otherwise the first `prepare()` does (about a minute). A model server calls it before it reports
-ready, never in the middle of serving: a process switching paths mid-run would change bf16
-outputs (and so seeded sampling) from one request to the next. If the build fails (one warning),
-the engine takes the torch paths for good. `BUDRT_ENGINE_KERNELS=torch` forces them.
+- paged_attention.cpp: decode attention straight from the paged cache through the block tables;
+- rms_norm.cpp: bf16 RMSNorm with the residual add fused in (about twelve small ops per norm);
+- rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer;
+- decode_stack.cpp: all layers of a small 4-bit decode step in one call (decode_stack.py).
+Built with torch's JIT extension loader (a C++ compiler and ninja, no network) into
+`$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
+build. `make` builds it (`python -m budrt.engine.kernels`), else the first `prepare()` does (about
+a minute). A model server calls it before it reports ready, never mid-serving: switching paths
+mid-run would change bf16 outputs (and so seeded sampling) between requests. If the build fails
+(one warning) the engine takes the torch paths for good; `BUDRT_ENGINE_KERNELS=torch` forces them.
 """
 
 from __future__ import annotations
@@ -32,12 +31,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# One translation unit, in this order: rope_cache.cpp calls paged_attention.cpp's function.
+# One translation unit, in this order: each file calls functions of the files before it.
 SOURCES = [
     Path(__file__).with_name("csrc") / name
-    for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")
+    for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp", "decode_stack.cpp")
 ]
-FUNCTIONS = ["paged_decode_attention", "rms_norm", "add_rms_norm", "rope_cache_decode_attention"]
+FUNCTIONS = [
+    "paged_decode_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "rope_cache_decode_attention",
+    "q4_decode_layers",
+]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_paged_attention"
 
@@ -108,8 +113,7 @@ def _library_path() -> Path:
 
 
 def _flags() -> list[str]:
-    # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without the
-    # flag it compiles to a serial loop.
+    # -fopenmp: at::parallel_for is a header over `#pragma omp parallel` (else a serial loop).
     return ["-O3", "-fopenmp", *_vector_flags()]
 
 
@@ -262,6 +266,30 @@ def rope_cache_decode_attention(
     return _module.rope_cache_decode_attention(
         qkv, cos, sin, k_cache, v_cache, slots, block_tables, lengths, num_heads, scale
     )
+
+
+def q4_decode_layers(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    norms: list[torch.Tensor],
+    packed: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    num_heads: int,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer of a decode-only step on 4-bit weights: (MLP output, residual); the
+    caller checks `use_fused_decode` (same conditions)."""
+    assert _module is not None
+    hidden, residual = _module.q4_decode_layers(
+        x, cos, sin, cache, slots, block_tables, lengths, norms, packed, scales, num_heads, scale, eps
+    )
+    return hidden, residual
 
 
 if __name__ == "__main__":  # `make` builds the kernels at install so no server waits for it

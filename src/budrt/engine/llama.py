@@ -17,6 +17,7 @@ from torch import nn
 
 from budrt.engine import kernels, quant
 from budrt.engine.attention import AttentionContext, paged_attention
+from budrt.engine.decode_stack import Q4DecodeStack
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.packed_linear import SmallWeights
 from budrt.engine.rope import rope_attention_factor, rope_inv_freq
@@ -224,6 +225,8 @@ class LlamaForCausalLM(nn.Module):
         # Set when the linears are packed with small (4-bit/int8) weight copies: the runner
         # decides per step whether they may be used.
         self.small_weights: SmallWeights | None = None
+        # Set with them when every layer fits the one-call kernel for small decode steps.
+        self.decode_stack: Q4DecodeStack | None = None
 
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
         """Logits (fp32) `[len(ctx.logits_rows), vocab]` for a flat batch `input_ids` `[N]`.
@@ -234,8 +237,11 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx, cache)
+        if self.decode_stack is not None and self.decode_stack.applies(x, ctx, cache):
+            x, residual = self.decode_stack(x, cos, sin, ctx, cache)
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, cos, sin, ctx, cache)
         if residual is not None:
             x = residual + x  # the last layer's MLP output joins the stream
         if ctx.logits_rows is not None:
