@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--q4-rows", type=int, help="the model's q4_decode_rows (default: the config's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels.prepare()
@@ -91,7 +92,10 @@ def main() -> None:
         cfg = ModelConfig(
             name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
         )
-        engine = create_text_engine(cfg.model_copy(update={"max_num_seqs": max(batch, 1)}))
+        update: dict[str, int] = {"max_num_seqs": max(batch, 1)}
+        if args.q4_rows is not None:
+            update["q4_decode_rows"] = args.q4_rows
+        engine = create_text_engine(cfg.model_copy(update=update))
         assert isinstance(engine, LLMEngine)
         params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
         for i in range(batch):

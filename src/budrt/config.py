@@ -45,8 +45,9 @@ class ModelConfig(_Section):
     # two streams, slightly different outputs); 0 = off.
     int8_decode_rows: int = 0
     # bf16 CPU, Q4_0/Q4_1 GGUF: steps of at most this many tokens use the file's own 4-bit weights
-    # (the same values, a quarter of the bytes to read; engine/quant.py); 0 = off.
-    q4_decode_rows: int = 4
+    # (the same values, a quarter of the bytes to read; engine/quant.py), all layers in one C++ call
+    # (engine/decode_stack.py); faster than bf16 up to ~8-10 rows here (docs/benchmarks.md); 0 = off.
+    q4_decode_rows: int = 8
     default_max_tokens: int | None = None  # chat: None = up to the context length
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model

@@ -91,7 +91,7 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
 
 
 def test_steps_the_stack_does_not_take(gguf_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = make_engine(gguf_path, max_num_seqs=8)
+    engine = make_engine(gguf_path, max_num_seqs=16)
     calls: list[int] = []
     real = kernels.q4_decode_layers
     monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(1) or real(*a))
@@ -99,6 +99,9 @@ def test_steps_the_stack_does_not_take(gguf_path: Path, monkeypatch: pytest.Monk
     # A seeded request's steps stay on bf16 (SmallWeights), so never on the 4-bit stack.
     decode(engine, [prompt], 6, SamplingParams(max_tokens=6, temperature=1.0, seed=7))
     assert not calls
-    # Five rows (that finish together): above q4_decode_rows (4), so bf16 steps.
-    decode(engine, [prompt] * 5, 6, SamplingParams(max_tokens=6, temperature=0.0))
+    # More rows than q4_decode_rows (that finish together): bf16 steps.
+    stack = engine.runner.model.decode_stack
+    assert stack is not None
+    rows = stack.rows + 1
+    decode(engine, [prompt] * rows, 6, SamplingParams(max_tokens=6, temperature=0.0))
     assert not calls
