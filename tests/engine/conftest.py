@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,26 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return resolve_source(DEFAULT_SOURCE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(gguf_path: Path) -> Callable[..., ModelConfig]:
+    """A config factory for SmolLM2 in bf16 with a small cache; keyword arguments override."""
+
+    def make(**overrides: Any) -> ModelConfig:
+        fields: dict[str, Any] = {
+            "name": "smollm2-135m-instruct",
+            "task": "chat",
+            "format": "gguf",
+            "source": str(gguf_path),
+            "dtype": "bfloat16",
+            "max_model_len": 256,
+            "max_num_seqs": 4,
+            "kv_cache_bytes": 16 * 1024**2,
+        }
+        return ModelConfig(**(fields | overrides))
+
+    return make
 
 
 @pytest.fixture(scope="session")

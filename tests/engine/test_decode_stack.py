@@ -3,7 +3,7 @@ Python layers it replaces."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,19 +25,8 @@ def built() -> None:
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
-def make_engine(gguf_path: Path, max_num_seqs: int = 4) -> LLMEngine:
-    cfg = ModelConfig(
-        name="smollm2-135m-instruct",
-        task="chat",
-        format="gguf",
-        source=str(gguf_path),
-        dtype="bfloat16",
-        max_model_len=256,
-        max_num_seqs=max_num_seqs,
-        kv_cache_bytes=16 * 1024**2,
-        enable_prefix_caching=False,
-    )
-    engine = create_text_engine(cfg)
+def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4) -> LLMEngine:
+    engine = create_text_engine(config(max_num_seqs=max_num_seqs, enable_prefix_caching=False))
     assert isinstance(engine, LLMEngine)
     return engine
 
@@ -61,9 +50,9 @@ def decode(
 
 
 def test_small_decode_steps_give_the_same_tokens_with_the_stack(
-    gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(gguf_path)
+    engine = make_engine(smollm2_bf16)
     model = engine.runner.model
     assert model.decode_stack is not None, "SmolLM2's GGUF should fit the one-call kernel"
     chats = ["What is the capital of France?", "Count from one to ten.", "Name three colours."]
@@ -90,8 +79,10 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
     assert "Paris" in engine.tokenizer.decode(decode(engine, prompts[:1], 20, greedy)[0])
 
 
-def test_steps_the_stack_does_not_take(gguf_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = make_engine(gguf_path, max_num_seqs=16)
+def test_steps_the_stack_does_not_take(
+    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(smollm2_bf16, max_num_seqs=16)
     calls: list[int] = []
     real = kernels.q4_decode_layers
     monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(1) or real(*a))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,18 +108,9 @@ def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> 
 
 @needs_bf16
 def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
-    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_bf16: Callable[..., ModelConfig]
 ) -> None:
-    cfg = ModelConfig(
-        name="smollm2-135m-instruct",
-        task="chat",
-        format="gguf",
-        source=str(gguf_path),
-        dtype="bfloat16",
-        max_model_len=256,
-        max_num_seqs=2,
-        kv_cache_bytes=16 * 1024**2,
-    )
+    cfg = smollm2_bf16(max_num_seqs=2)
     cached = dequantized_source(cfg, gguf_path, tmp_path)
     assert cached.format == "safetensors"
     engine = create_text_engine(cached)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -82,18 +82,9 @@ def test_refuses_a_slot_outside_the_cache() -> None:
 
 
 def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
-    gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = ModelConfig(
-        name="smollm2-135m-instruct",
-        task="chat",
-        format="gguf",
-        source=str(gguf_path),
-        dtype="bfloat16",
-        max_model_len=256,
-        max_num_seqs=4,
-        kv_cache_bytes=16 * 1024**2,
-    )
+    cfg = smollm2_bf16()
     engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
     # The Python layers: small 4-bit steps would otherwise run the whole stack in C++
