@@ -78,7 +78,7 @@ async def main() -> None:
         name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
     )
     # Loaded off the main thread and released, as the server's registry does.
-    engine = await asyncio.to_thread(openmp.released(create_text_engine), cfg, "cpu")
+    engine = await openmp.to_thread(create_text_engine, cfg, "cpu")
     assert isinstance(engine, LLMEngine)
     await engine.start()
     orders: queue.Queue[str] = queue.Queue()

@@ -85,8 +85,6 @@ class Q4DecodeStack:
             ctx.decode_only
             and x.shape[0] <= self.rows
             and self.small_weights.allowed
-            and ctx.decode_block_tables is not None
-            and ctx.decode_lengths is not None
             and kernels.use_fused_decode(x, cache.data)
         )
 

@@ -7,45 +7,39 @@ and are woken for each of the ~250 parallel ops of a decode step. A model server
 in one thread and steps it in another, which is exactly that case: a one-row SmolLM2 step
 measured 13 -> 18 ms with ~250 context switches per step, and ~0 with the idle pools released.
 
-So every thread that runs torch outside an engine's step loop releases its pool when it is done
-(`released`), and an engine's loop releases its own while it waits for work. Releasing is
+So torch work run off the event loop goes through `to_thread`, which releases the worker thread's
+pool when the work is done, and an engine's loop releases its own while it waits for work. Releasing is
 `omp_pause_resource_all`, which frees the calling thread's pool; the next parallel op builds it
 again (tens of microseconds).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
-import logging
-import threading
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import torch
 
-log = logging.getLogger(__name__)
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _OMP_PAUSE_SOFT = 1
-_lock = threading.Lock()
-_pause: Callable[[int], int] | None = None
-_looked_up = False
 
 
-def _find_pause() -> Callable[[int], int] | None:
+@functools.cache
+def _pause_function() -> Callable[[int], int] | None:
     """`omp_pause_resource_all` of the libgomp torch runs on; None for other backends."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    candidates = [Path(torch.__file__).parent / "lib" / "libgomp.so.1", Path("libgomp.so.1")]
-    for path in candidates:
+    for path in (Path(torch.__file__).parent / "lib" / "libgomp.so.1", Path("libgomp.so.1")):
         try:
             # RTLD_NOLOAD: only the copy already in this process, never a second runtime.
-            library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL | 4)
-            function = library.omp_pause_resource_all
+            function = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD).omp_pause_resource_all
         except (OSError, AttributeError):
             continue
         function.argtypes = [ctypes.c_int]
@@ -56,22 +50,12 @@ def _find_pause() -> Callable[[int], int] | None:
 
 def release_thread_pool() -> bool:
     """Free the calling thread's OpenMP workers; True if there was a runtime to ask."""
-    global _pause, _looked_up
-    if not _looked_up:
-        with _lock:
-            if not _looked_up:
-                _pause = _find_pause()
-                _looked_up = True
-                if _pause is None:
-                    log.debug("no libgomp with omp_pause_resource_all; OpenMP pools stay")
-    if _pause is None:
-        return False
-    return _pause(_OMP_PAUSE_SOFT) == 0
+    pause = _pause_function()
+    return pause is not None and pause(_OMP_PAUSE_SOFT) == 0
 
 
 def released(function: Callable[P, R]) -> Callable[P, R]:
-    """`function`, then release this thread's OpenMP pool (for torch work run off the step loop,
-    e.g. loading a model in an executor thread)."""
+    """`function`, then release this thread's OpenMP pool."""
 
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -81,3 +65,9 @@ def released(function: Callable[P, R]) -> Callable[P, R]:
             release_thread_pool()
 
     return wrapper
+
+
+async def to_thread(function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`asyncio.to_thread` for torch work (loading a model, an embeddings batch): the executor
+    thread lives on, so its OpenMP pool is released when the work ends."""
+    return await asyncio.to_thread(released(function), *args, **kwargs)

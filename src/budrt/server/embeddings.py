@@ -134,8 +134,7 @@ class EmbeddingBatcher:
             if not jobs:
                 continue
             try:
-                # Released after each batch: a text engine in this process keeps its workers spinning.
-                result = await asyncio.to_thread(openmp.released(self._forward), [j.inputs for j in jobs])
+                result = await openmp.to_thread(self._forward, [j.inputs for j in jobs])
             except Exception as exc:  # fail these requests, keep serving others
                 for job in jobs:
                     if not job.future.done():

@@ -186,9 +186,7 @@ class ModelRegistry:
                 hosted.cost_bytes = await asyncio.to_thread(estimate_cost, local, path, kind)
                 hosted.device = await self._make_room(hosted)
                 if self.dequantized_dir is not None:
-                    local = await asyncio.to_thread(
-                        openmp.released(dequantized_source), local, path, self.dequantized_dir
-                    )
+                    local = await openmp.to_thread(dequantized_source, local, path, self.dequantized_dir)
                 await self._start(hosted, local)
                 hosted.loads += 1
                 hosted.state, hosted.loaded_at = "ready", time.time()
@@ -248,11 +246,11 @@ class ModelRegistry:
         if cfg.task == "chat":
             from budrt.engine.factory import create_text_engine
 
-            engine = await asyncio.to_thread(openmp.released(create_text_engine), cfg, device)
+            engine = await openmp.to_thread(create_text_engine, cfg, device)
             await engine.start()
             hosted.engine = engine
         elif cfg.task == "embedding":
-            embedding_model = await asyncio.to_thread(openmp.released(EmbeddingModel), cfg, device)
+            embedding_model = await openmp.to_thread(EmbeddingModel, cfg, device)
             batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens)
             batcher.start()
             hosted.embedder = batcher
