@@ -10,6 +10,9 @@ Comparisons:
 - `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart;
 - `stack`: all layers of a small 4-bit decode step in one C++ call vs the Python layers (same
   ops; batches above `q4_decode_rows` never use it);
+- `pointwise`: the C++ SiLU(gate) * up and greedy argmax vs torch's ops (steps above
+  `q4_decode_rows`; the one-call stack below it always uses the kernel);
+- `q8`: the logits matmul on the GGUF's Q8_0 lm_head vs bf16, for small decode steps;
 - `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
   `q4_decode_rows` never use them, so both sides are equal there).
 """
@@ -64,6 +67,24 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
             "stack": lambda: setattr(model, "decode_stack", stack),
             "layers": lambda: setattr(model, "decode_stack", None),
         }
+    if compare == "pointwise":
+        real_silu, real_argmax = kernels.use_silu_kernel, kernels.argmax_rows
+
+        def torch_ops() -> None:
+            kernels.use_silu_kernel = lambda gate_up: False
+            kernels.argmax_rows = lambda logits: None
+
+        def kernel_ops() -> None:
+            kernels.use_silu_kernel, kernels.argmax_rows = real_silu, real_argmax
+
+        return {"kernel": kernel_ops, "torch": torch_ops}
+    if compare == "q8":
+        head = engine.runner.model.lm_head
+        small_rows = head.small_rows
+        return {
+            "q8": lambda: setattr(head, "small_rows", small_rows),
+            "bf16": lambda: setattr(head, "small_rows", 0),  # every step above the small ones
+        }
     if compare == "q4":
         model = engine.runner.model
         switch = model.small_weights
@@ -80,7 +101,9 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--compare", default="norm", choices=["norm", "attention", "fused", "stack", "q4"])
+    ap.add_argument(
+        "--compare", default="norm", choices=["norm", "attention", "fused", "stack", "pointwise", "q8", "q4"]
+    )
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

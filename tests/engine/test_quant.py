@@ -1,4 +1,5 @@
-"""The GGUF's own 4-bit weights: read exactly, kept through the gguf cache, used for small steps."""
+"""The GGUF's own 4-bit (and Q8_0 lm_head) weights: read exactly, kept through the gguf cache,
+used for small steps."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from budrt.engine.factory import create_text_engine
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import SamplingParams
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.packed_linear import PackedLinear, can_pack
+from budrt.engine.packed_linear import Q8_ROWS, PackedLinear, can_pack
 from budrt.server.gguf_cache import dequantized_source
 
 needs_bf16 = pytest.mark.skipif(
@@ -45,12 +46,75 @@ def test_other_types_are_not_q4() -> None:
     assert quant.from_gguf(raw, GGMLQuantizationType.Q8_0, (2, 32)) is None
 
 
-def test_smollm2_q4_weights_equal_the_dequantized_ones(gguf_path: Path) -> None:
+def test_q8_blocks_decode_to_the_files_values() -> None:
+    rng = np.random.default_rng(2)
+    raw = quantize(rng.standard_normal((40, 96)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (40, 96))
+    assert q8 is not None and q8.values.dtype == torch.int8 and q8.scales.shape == (40, 3)
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0).astype(np.float32))
+    assert torch.equal(q8.dequantize(), expected)
+    assert quant.q8_from_gguf(raw, GGMLQuantizationType.Q4_1, (40, 96)) is None
+
+
+def test_smollm2_quantized_weights_equal_the_dequantized_ones(gguf_path: Path) -> None:
     model = load_gguf(gguf_path)
-    # Every linear of every layer (q/k rows unpermuted alike): 7 per layer, all Q4_1 in this file.
-    assert len(model.quantized) == 7 * model.args.num_layers
-    for name, q4 in model.quantized.items():
-        assert torch.equal(q4.dequantize(), model.weights[name]), name
+    # Every linear of every layer (q/k rows unpermuted alike): 7 per layer, all Q4_1 in this file;
+    # and the token embedding (the tied lm_head), Q8_0.
+    assert len(model.quantized) == 7 * model.args.num_layers + 1
+    assert isinstance(model.quantized["embed_tokens.weight"], quant.Q8Weight)
+    for name, copy in model.quantized.items():
+        assert torch.equal(copy.dequantize(), model.weights[name]), name
+
+
+@needs_bf16
+def test_packed_linear_uses_q8_for_small_steps() -> None:
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here")
+    rng = np.random.default_rng(3)
+    raw = quantize(rng.standard_normal((300, 128)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (300, 128))
+    assert q8 is not None
+    linear = nn.Linear(128, 300, bias=False)
+    linear.weight.data = q8.dequantize()
+    linear = linear.to(torch.bfloat16)
+    linear.q8 = q8  # type: ignore[attr-defined]
+    packed = PackedLinear(linear, q4_rows=8)
+    assert packed.q8_rows == min(8, Q8_ROWS) and packed.q4_rows == 0
+    with torch.inference_mode():
+        for rows in (1, 3, packed.q8_rows, 9, 40):
+            x = torch.randn(rows, 128, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), q8.dequantize())
+            out = packed(x)
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, 300)
+            error = ((out.float() - ref).norm() / ref.norm()).item()
+            # Small steps: the file's values in fp32, rounded to bf16 once at the end (bf16's
+            # relative step is 2**-8); larger ones: bf16 weights.
+            assert error < (2**-8 if rows <= packed.q8_rows else 0.01), (rows, error)
+    # Breaking the 8-bit copy changes the small steps only: proof that they ran on it.
+    q8.scales.zero_()
+    with torch.inference_mode():
+        assert packed(torch.randn(2, 128, dtype=torch.bfloat16)).abs().max() == 0
+        assert packed(torch.randn(9, 128, dtype=torch.bfloat16)).float().abs().max() > 0.1
+
+
+def test_tied_lm_head_takes_the_embeddings_q8() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = nn.Embedding(64, 32)
+            self.lm_head = nn.Linear(32, 64, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight
+
+    raw = quantize(np.ones((64, 32), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (64, 32))
+    assert q8 is not None
+    model = Tied()
+    quant.attach(model, {"embed_tokens.weight": q8})
+    assert model.lm_head.q8 is q8  # type: ignore[attr-defined]
+    untied = Tied()
+    untied.lm_head.weight = nn.Parameter(torch.zeros(64, 32))
+    quant.attach(untied, {"embed_tokens.weight": q8})
+    assert not hasattr(untied.lm_head, "q8")
 
 
 @needs_bf16
@@ -116,8 +180,11 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
     engine = create_text_engine(cached)
     assert isinstance(engine, LLMEngine)
     linears = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
-    # 2 fused + 2 plain linears per layer carry the 4-bit weights; lm_head (Q8_0 here) does not.
+    # 2 fused + 2 plain linears per layer carry the 4-bit weights; lm_head its Q8_0 ones.
     assert sum(m.q4_rows > 0 for m in linears) == 4 * engine.runner.model.args.num_layers
+    assert engine.runner.model.lm_head.q8_rows > 0
+    real_q8 = kernels.q8_linear
+    monkeypatch.setattr(kernels, "q8_linear", lambda *a: calls.append(1) or real_q8(*a))
     calls: list[int] = []
     real = quant.matmul
     monkeypatch.setattr(quant, "matmul", lambda *a: calls.append(1) or real(*a))

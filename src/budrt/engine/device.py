@@ -24,9 +24,10 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     """Move `model` (already in its serving dtype) to a non-CPU `device`; no-op on CPU."""
     if device.type == "cpu":
         return model
-    for module in model.modules():  # CPU int4-kernel copies (engine/quant.py): unused off the CPU
-        if hasattr(module, "q4"):
-            del module.q4
+    for module in model.modules():  # CPU kernels' quantized copies (engine/quant.py): unused off the CPU
+        for name in ("q4", "q8"):
+            if hasattr(module, name):
+                delattr(module, name)
     return model.to(device)
 
 

@@ -59,7 +59,8 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
     elif cfg.format == "safetensors":
         args, weights = load_safetensors(path)
-        quantized = quant.split_q4(weights)  # present in the gguf cache's directories
+        # Present in the gguf cache's directories.
+        quantized = {**quant.split_q4(weights), **quant.split_q8(weights)}
         tokenizer = TextTokenizer.from_directory(path)
     else:
         raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")

@@ -46,7 +46,7 @@ class GGUFModel:
     weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
     metadata: dict[str, Any]  # every key/value field of the file (tokenizer.*, general.*, ...)
     # The file's own 4-bit blocks of Q4_0/Q4_1 linear weights, by parameter name (see engine/quant.py).
-    quantized: dict[str, quant.Q4Weight] = dataclasses.field(default_factory=dict)
+    quantized: dict[str, quant.Q4Weight | quant.Q8Weight] = dataclasses.field(default_factory=dict)
 
 
 def read_metadata(path: Path | str, reader: GGUFReader | None = None) -> dict[str, Any]:
@@ -124,13 +124,17 @@ def load_gguf(path: Path | str) -> GGUFModel:
     permuted = meta["general.architecture"] == "llama"
 
     weights: dict[str, torch.Tensor] = {}
-    quantized: dict[str, quant.Q4Weight] = {}
+    quantized: dict[str, quant.Q4Weight | quant.Q8Weight] = {}
     for tensor in reader.tensors:
         # gguf dequantizes to numpy in PyTorch's [out, in] order already. Unquantized tensors come
         # back as read-only views of the memory-mapped file, hence the copy.
         value = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
         if tensor.name in _GLOBAL_NAMES:
             weights[_GLOBAL_NAMES[tensor.name]] = value
+            shape = tuple(value.shape)
+            q8 = quant.q8_from_gguf(tensor.data, tensor.tensor_type, shape) if value.dim() == 2 else None
+            if q8 is not None:  # the token embedding / lm_head, for small decode steps' logits
+                quantized[_GLOBAL_NAMES[tensor.name]] = q8
             continue
         if tensor.name == "rope_freqs.weight":
             # Llama 3.1+ RoPE scaling, as llama.cpp stores it: one divisor per rotary frequency.

@@ -2,10 +2,13 @@
 
 - paged_attention.cpp: decode attention straight from the paged cache through the block tables;
 - rms_norm.cpp: bf16 RMSNorm with the residual add fused in (about twelve small ops per norm);
+- silu_mul.cpp: the MLP's SiLU(gate) * up in one pass over the fused gate/up output;
+- argmax.cpp: greedy tokens, each row's first maximum, in vector lanes;
+- q8_linear.cpp: a linear on GGUF Q8_0 weights as stored (the logits of small decode steps);
 - rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer;
 - decode_stack.cpp: all layers of a small 4-bit decode step in one call (decode_stack.py).
-Built with torch's JIT extension loader (a C++ compiler and ninja, no network) into
-`$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
+Built with torch's JIT extension loader (a C++ compiler and ninja, no network; kernel_build.py)
+into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
 build. `make` builds it (`python -m budrt.engine.kernels`), else the first `prepare()` does (about
 a minute). A model server calls it before it reports ready, never mid-serving: switching paths
 mid-run would change bf16 outputs (and so seeded sampling) between requests. If the build fails
@@ -14,148 +17,21 @@ mid-run would change bf16 outputs (and so seeded sampling) between requests. If 
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import os
-import platform
-import shutil
-import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-log = logging.getLogger(__name__)
+from budrt.engine import kernel_build
+from budrt.engine.kernel_build import ENV_SWITCH as ENV_SWITCH
+from budrt.engine.kernel_build import enabled
 
-# One translation unit, in this order: each file calls functions of the files before it.
-SOURCES = [
-    Path(__file__).with_name("csrc") / name
-    for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp", "decode_stack.cpp")
-]
-FUNCTIONS = [
-    "paged_decode_attention",
-    "rms_norm",
-    "add_rms_norm",
-    "rope_cache_decode_attention",
-    "q4_decode_layers",
-]
-ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
-_NAME = "budrt_paged_attention"
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()  # one build per process, however many threads ask
 _module: ModuleType | None = None
 _failed = False
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "auto").strip().lower() != "torch"
-
-
-def cache_directory() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-        Path.home() / ".cache" / "budrt" / "torch_extensions"
-    )
-    return Path(root) / "budrt"
-
-
-def _vector_flags() -> list[str]:
-    """Make ATen's Vectorized<float> as wide as the vector code torch itself dispatches to here."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX512", "AVX2"):
-        return ["-march=native", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-    return ["-march=native", "-DCPU_CAPABILITY=DEFAULT"]
-
-
-def _ensure_ninja_on_path() -> None:
-    # The `ninja` wheel puts its binary next to the interpreter's scripts, which is not on PATH
-    # when the venv's python is run without activating the venv.
-    if shutil.which("ninja"):
-        return
-    candidates = [Path(sys.executable).parent]
-    try:
-        import ninja  # type: ignore[import-not-found]
-
-        candidates.insert(0, Path(ninja.BIN_DIR))
-    except ImportError:
-        pass
-    for folder in candidates:
-        if (folder / "ninja").exists():
-            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
-            return
-
-
-def _cpu_model() -> str:
-    # -march=native code must not be reused on another CPU sharing this home directory.
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _load_library(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(_NAME, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _library_path() -> Path:
-    """Where the build for this source, compiler flags, torch, Python and CPU is kept."""
-    sources = [source.read_text() for source in SOURCES]
-    key = "\0".join([*sources, *_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
-    return cache_directory() / f"{_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def _flags() -> list[str]:
-    # -fopenmp: at::parallel_for is a header over `#pragma omp parallel` (else a serial loop).
-    return ["-O3", "-fopenmp", *_vector_flags()]
-
-
-def _remove_stale_builds(folder: Path) -> None:
-    # Build directories of processes killed mid-build (a day is longer than any build).
-    cutoff = time.time() - 86400
-    for stale in folder.glob("build-*"):
-        try:
-            if stale.stat().st_mtime < cutoff:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _compile(library: Path) -> ModuleType:
-    """Build in a fresh directory and rename the library into place. Processes that build at once
-    then never share torch's lock file: one killed mid-build would leave that lock behind, and
-    every later process would wait on it for ever."""
-    from torch.utils.cpp_extension import load_inline
-
-    _ensure_ninja_on_path()
-    folder = library.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(folder)
-    workdir = Path(tempfile.mkdtemp(prefix=f"build-{library.stem.rsplit('-', 1)[-1]}-", dir=folder))
-    try:
-        module = load_inline(
-            name=_NAME,
-            cpp_sources=[source.read_text() for source in SOURCES],
-            functions=FUNCTIONS,
-            extra_cflags=_flags(),
-            # Resolves to the libgomp torch has already loaded (same soname): one thread pool.
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(workdir),
-            verbose=False,
-        )
-        staged = folder / f".{library.name}.{os.getpid()}"
-        shutil.copyfile(workdir / f"{_NAME}.so", staged)
-        os.replace(staged, library)  # atomic: others see no library or a whole one
-        return module
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def prepare(compile_missing: bool = True) -> bool:
@@ -169,12 +45,7 @@ def prepare(compile_missing: bool = True) -> bool:
         if _module is not None or _failed:
             return _module is not None
         try:
-            library = _library_path()
-            if library.exists():
-                _module = _load_library(library)
-            elif compile_missing:
-                log.info("compiling the CPU kernels (once per machine, about a minute)")
-                _module = _compile(library)
+            _module = kernel_build.load(compile_missing)
         except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
             _failed = True
             log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
@@ -235,6 +106,36 @@ def add_rms_norm(
     assert _module is not None
     total, normed = _module.add_rms_norm(x, delta, weight, eps)
     return total, normed
+
+
+def use_silu_kernel(gate_up: torch.Tensor) -> bool:
+    """Whether the MLP's SiLU(gate) * up goes through the C++ kernel: contiguous bf16 on CPU."""
+    return gate_up.is_contiguous() and use_norm_kernel(gate_up)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up from `gate_up` `[N, 2 * I]` -> `[N, I]`, bf16; the caller checks
+    `use_silu_kernel`."""
+    assert _module is not None
+    return _module.silu_mul(gate_up)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """`logits.max(dim=-1).indices` for fp32 CPU `[M, V]` logits, or None where the kernel does not
+    apply (then the caller takes torch's)."""
+    if _module is None or not enabled() or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return None
+    if logits.dim() != 2 or logits.shape[1] == 0 or logits.stride(1) != 1:
+        return None
+    return _module.argmax_rows(logits)
+
+
+def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """`x` bf16 `[M, K]` @ W^T with W in Q8_0 (`values` int8 `[N, K]`, `scales` fp32 `[N, K / 32]`)
+    -> bf16 `[M, N]`, or None where the kernel is not built (the caller uses its bf16 weights)."""
+    if _module is None or not enabled():
+        return None
+    return _module.q8_linear(x, values, scales)
 
 
 def use_fused_decode(qkv: torch.Tensor, cache: torch.Tensor) -> bool:

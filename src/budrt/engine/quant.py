@@ -1,4 +1,5 @@
-"""A GGUF's own 4-bit weights (Q4_0 / Q4_1), kept as they are for small decode steps.
+"""A GGUF's own quantized weights (Q4_0 / Q4_1 linears, a Q8_0 lm_head), kept as they are for
+small decode steps.
 
 Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's linears are
 ~270 MB per step, in 4 bits ~70 MB. GGUF Q4_1 stores each row in groups of 32 as
@@ -7,8 +8,12 @@ Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's 
 `w = (q - 8) * scale + zero`, so the file's values map onto it exactly: scale = d,
 zero = m + 8d (Q4_1) or 0 (Q4_0). The weights are therefore the file's, not a requantization.
 
+Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
+lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
+
 Kept in the gguf cache's safetensors next to the dequantized weights under `<name>.q4_values`
-(uint8, one value per byte), `.q4_scales` and `.q4_mins` (fp32, `[out, in / 32]`).
+(uint8, one value per byte), `.q4_scales` and `.q4_mins` (fp32, `[out, in / 32]`), or
+`<name>.q8_values` (int8) and `.q8_scales` (fp32).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 
 GROUP = 32
 SUFFIXES = (".q4_values", ".q4_scales", ".q4_mins")
+Q8_SUFFIXES = (".q8_values", ".q8_scales")
 
 
 @dataclass
@@ -42,6 +48,41 @@ class Q4Weight:
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
         parts = (self.values, self.scales, self.mins)
         return {name + suffix: part.contiguous() for suffix, part in zip(SUFFIXES, parts, strict=True)}
+
+
+@dataclass
+class Q8Weight:
+    values: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # fp32 [out, in / 32]: w = values * scale
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.values.shape
+        return (self.values.float().view(out, inp // GROUP, GROUP) * self.scales[..., None]).view(out, inp)
+
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        parts = (self.values, self.scales)
+        return {name + suffix: part.contiguous() for suffix, part in zip(Q8_SUFFIXES, parts, strict=True)}
+
+
+def q8_from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q8Weight | None:
+    """The Q8_0 blocks of a GGUF tensor (fp16 d, then 32 int8 values), or None for any other type."""
+    if kind != GGMLQuantizationType.Q8_0:
+        return None
+    out, inp = shape
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(out, inp // GROUP, 2 + GROUP)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    values = blocks[..., 2:].copy().view(np.int8).reshape(out, inp)
+    return Q8Weight(torch.from_numpy(values), torch.from_numpy(d))
+
+
+def split_q8(weights: dict[str, torch.Tensor]) -> dict[str, Q8Weight]:
+    """Remove the `.q8_*` entries from a state dict; returns them as `{weight name: Q8Weight}`."""
+    found: dict[str, Q8Weight] = {}
+    for key in [k for k in weights if k.endswith(Q8_SUFFIXES[0])]:
+        base = key.removesuffix(Q8_SUFFIXES[0])
+        values, scales = (weights.pop(base + s) for s in Q8_SUFFIXES)
+        found[base] = Q8Weight(values.to(torch.int8), scales.float())
+    return found
 
 
 def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Weight | None:
@@ -76,13 +117,18 @@ def split_q4(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight]:
     return found
 
 
-def attach(model: nn.Module, quantized: dict[str, Q4Weight]) -> None:
-    """Hang each Q4Weight on its `nn.Linear` (as `.q4`) for fusing and packing later."""
+def attach(model: nn.Module, quantized: dict[str, Q4Weight | Q8Weight]) -> None:
+    """Hang each quantized copy on its `nn.Linear` (as `.q4` or `.q8`) for fusing and packing
+    later. An embedding's copy goes to the lm_head that shares its weight (tied embeddings)."""
     modules = dict(model.named_modules())
-    for name, q4 in quantized.items():
+    lm_head = modules.get("lm_head")
+    for name, copy in quantized.items():
         module = modules.get(name.removesuffix(".weight"))
+        tied = isinstance(lm_head, nn.Linear) and lm_head.weight is getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) and tied:
+            module = lm_head
         if isinstance(module, nn.Linear):
-            module.q4 = q4  # type: ignore[attr-defined]
+            setattr(module, "q4" if isinstance(copy, Q4Weight) else "q8", copy)
 
 
 def concat(parts: list[Q4Weight | None]) -> Q4Weight | None:

@@ -87,8 +87,8 @@ def load_safetensors(directory: Path | str) -> tuple[LlamaArgs, dict[str, torch.
         for name, tensor in load_file(str(file)).items():
             for old, new in _RENAMES:
                 name = name.replace(old, new)
-            # Floats load as fp32 (cast later to the serving dtype); the gguf cache's 4-bit values
-            # (uint8, engine/quant.py) stay as they are.
+            # Floats load as fp32 (cast later to the serving dtype); the gguf cache's quantized
+            # values (uint8 / int8, engine/quant.py) stay as they are.
             weights[name] = tensor.float() if tensor.is_floating_point() else tensor
     args = _args_from_config(config, has_lm_head="lm_head.weight" in weights)
     if args.tie_word_embeddings:

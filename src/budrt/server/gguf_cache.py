@@ -23,7 +23,7 @@ from pathlib import Path
 from budrt.config import ModelConfig
 
 log = logging.getLogger(__name__)
-VERSION = 2  # bump when the layout written here changes
+VERSION = 3  # bump when the layout written here changes
 _CHECK_TEXT = "Hello, world! 123 — ünïcode <|im_start|>"
 
 
@@ -81,8 +81,8 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
         if check != name:
             raise ValueError(f"no round-trip name for {name}")
         weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
-    for name, q4 in gguf.quantized.items():  # the file's 4-bit blocks, exact (engine/quant.py)
-        weights.update(q4.to_tensors(_to_hf_name(name)))
+    for name, copy in gguf.quantized.items():  # the file's quantized blocks, exact (engine/quant.py)
+        weights.update(copy.to_tensors(_to_hf_name(name)))
     config = {
         "model_type": "qwen3" if args.qk_norm else "llama",
         "vocab_size": args.vocab_size,

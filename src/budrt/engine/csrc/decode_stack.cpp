@@ -5,7 +5,8 @@
 // costs about as much again. This runs the same ops in the same order as llama.py's DecoderLayer
 // for that case (add + RMSNorm, fused q/k/v matmul, RoPE + cache write + paged attention, output
 // matmul, add + RMSNorm, gate/up matmul, SiLU(gate) * up, down matmul), through the same kernels
-// (rms_norm.cpp, rope_cache.cpp, ATen's int4 matmul), so the tokens are exactly the same.
+// (rms_norm.cpp, rope_cache.cpp, silu_mul.cpp, ATen's int4 matmul), so the tokens are exactly the
+// same.
 
 #include <torch/extension.h>
 
@@ -14,6 +15,7 @@
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 std::vector<torch::Tensor> add_rms_norm(
     const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
 at::Tensor rope_cache_decode_attention(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
@@ -68,9 +70,7 @@ std::vector<at::Tensor> q4_decode_layers(
     auto pair = add_rms_norm(residual, projected, norms[2 * l + 1], eps);
     residual = pair[0];
     const at::Tensor gate_up = q4_linear(pair[1], packed[w + 2], scales[w + 2]);
-    const auto halves = gate_up.chunk(2, -1);
-    const at::Tensor activated = at::silu(halves[0]) * halves[1];
-    hidden = q4_linear(activated, packed[w + 3], scales[w + 3]);
+    hidden = q4_linear(silu_mul(gate_up), packed[w + 3], scales[w + 3]);
   }
   return {hidden, residual};
 }

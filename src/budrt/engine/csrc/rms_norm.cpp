@@ -3,13 +3,15 @@
 // The torch path (engine/llama.py RMSNorm) upcasts to fp32, normalizes with five or six small
 // ops, casts back and multiplies by the weight: about twelve op dispatches per norm, two norms per
 // layer, which at one decoding row cost more than the arithmetic. This computes the same values in
-// the same order as transformers' LlamaRMSNorm: the row in fp32, its mean square, x * rsqrt(ms +
-// eps) rounded to bf16, then times the bf16 weight, rounded to bf16. The add is x + delta rounded
-// to bf16, as torch's bf16 add does.
+// the same order as transformers' LlamaRMSNorm: the row in fp32, its mean square (summed in vector
+// lanes), x * rsqrt(ms + eps) rounded to bf16, then times the bf16 weight, rounded to bf16. The
+// add is x + delta rounded to bf16, as torch's bf16 add does.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <vector>
@@ -17,19 +19,49 @@
 namespace budrt_norm {
 
 using bf16 = at::BFloat16;
+using FVec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<bf16>;
+constexpr int64_t kStep = BVec::size();  // bf16 elements per vector (two float vectors)
 
-// One row: `out = weight * bf16(row * rsqrt(mean(row^2) + eps))`.
+// One row: `out = weight * bf16(row * rsqrt(mean(row^2) + eps))`. The sum of squares runs in
+// vector lanes (as torch's own mean does), so its fp32 rounding may differ from a sequential sum.
 inline void norm_row(const bf16* row, const bf16* weight, bf16* out, int64_t width, float eps) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < width; ++i) {
-    const float v = static_cast<float>(row[i]);
+  FVec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= width; i += kStep) {
+    auto [x0, x1] = at::vec::convert_to_float<bf16>(BVec::loadu(row + i));
+    acc0 = at::vec::fmadd(x0, x0, acc0);
+    acc1 = at::vec::fmadd(x1, x1, acc1);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](FVec& a, FVec& b) { return a + b; }, acc0 + acc1);
+  for (int64_t j = i; j < width; ++j) {
+    const float v = static_cast<float>(row[j]);
     sum += v * v;
   }
   const float scale = 1.f / std::sqrt(sum / static_cast<float>(width) + eps);
-  for (int64_t i = 0; i < width; ++i) {
+  const FVec vscale(scale);
+  for (i = 0; i + kStep <= width; i += kStep) {
+    auto [x0, x1] = at::vec::convert_to_float<bf16>(BVec::loadu(row + i));
+    // Round the normalized row to bf16 first, as the torch path's `.to(dtype)` does.
+    auto [n0, n1] = at::vec::convert_to_float<bf16>(at::vec::convert_from_float<bf16>(x0 * vscale, x1 * vscale));
+    auto [w0, w1] = at::vec::convert_to_float<bf16>(BVec::loadu(weight + i));
+    at::vec::convert_from_float<bf16>(w0 * n0, w1 * n1).store(out + i);
+  }
+  for (; i < width; ++i) {
     const bf16 normed = static_cast<bf16>(static_cast<float>(row[i]) * scale);
     out[i] = static_cast<bf16>(static_cast<float>(weight[i]) * static_cast<float>(normed));
   }
+}
+
+// h = bf16(a + b), elementwise over one row.
+inline void add_row(const bf16* a, const bf16* b, bf16* h, int64_t width) {
+  int64_t i = 0;
+  for (; i + kStep <= width; i += kStep) {
+    auto [a0, a1] = at::vec::convert_to_float<bf16>(BVec::loadu(a + i));
+    auto [b0, b1] = at::vec::convert_to_float<bf16>(BVec::loadu(b + i));
+    at::vec::convert_from_float<bf16>(a0 + b0, a1 + b1).store(h + i);
+  }
+  for (; i < width; ++i) h[i] = static_cast<bf16>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
 }
 
 void check(const torch::Tensor& t, const char* name) {
@@ -83,9 +115,7 @@ std::vector<torch::Tensor> add_rms_norm(
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * width;
-      for (int64_t i = 0; i < width; ++i) {
-        h[o + i] = static_cast<bf16>(static_cast<float>(a[o + i]) + static_cast<float>(b[o + i]));
-      }
+      add_row(a + o, b + o, h + o, width);
       norm_row(h + o, w, dst + o, width, static_cast<float>(eps));
     }
   });
