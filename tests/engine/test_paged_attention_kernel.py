@@ -72,7 +72,8 @@ def reference(
 def test_kernel_matches_gather_sdpa(module, dtype: torch.dtype, ratio: int) -> None:  # type: ignore[no-untyped-def]
     kv_heads = 3 if ratio != 4 else 2
     heads = kv_heads * ratio
-    for dim in (64, 48):  # 48: not a whole number of vector registers, the scalar path
+    # 48: not a whole number of vector registers (the scalar path); 128: fewer heads share a pass
+    for dim in (64, 48, 128):
         cache, q, tables, lengths = make_case(LENGTHS, heads, kv_heads, dim, dtype, seed=ratio * 100 + dim)
         for layer in (0, 1):
             k, v = cache.layer(layer)
@@ -83,8 +84,9 @@ def test_kernel_matches_gather_sdpa(module, dtype: torch.dtype, ratio: int) -> N
 
 
 def test_int32_tables_and_threads(module) -> None:  # type: ignore[no-untyped-def]
-    """int32 tables give the same result, and so does a single thread (different work split)."""
-    cache, q, tables, lengths = make_case(LENGTHS * 3, 9, 3, 64, torch.float32, seed=7)
+    """int32 tables give the same result, and so does a single thread (different work split, so
+    each task looks ahead at a different next one; an empty sequence among them)."""
+    cache, q, tables, lengths = make_case([*LENGTHS, 0, *LENGTHS * 2], 9, 3, 64, torch.float32, seed=7)
     k, v = cache.layer(0)
     out = kernels.paged_decode_attention(q, k, v, tables, lengths, 0.125)
     out32 = kernels.paged_decode_attention(q, k, v, tables.int(), lengths.int(), 0.125)

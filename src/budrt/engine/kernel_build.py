@@ -69,7 +69,7 @@ def _vector_flags() -> list[str]:
     return ["-march=native", "-DCPU_CAPABILITY=DEFAULT"]
 
 
-def _ensure_ninja_on_path() -> None:
+def ensure_ninja_on_path() -> None:
     # The `ninja` wheel puts its binary next to the interpreter's scripts, which is not on PATH
     # when the venv's python is run without activating the venv.
     if shutil.which("ninja"):
@@ -107,11 +107,11 @@ def _load_library(path: Path) -> ModuleType:
 def _library_path() -> Path:
     """Where the build for this source, compiler flags, torch, Python and CPU is kept."""
     sources = [source.read_text() for source in SOURCES]
-    key = "\0".join([*sources, *_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
+    key = "\0".join([*sources, *compile_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
     return cache_directory() / f"{_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _flags() -> list[str]:
+def compile_flags() -> list[str]:
     # -fopenmp: at::parallel_for is a header over `#pragma omp parallel` (else a serial loop).
     return ["-O3", "-fopenmp", *_vector_flags()]
 
@@ -133,7 +133,7 @@ def _compile(library: Path) -> ModuleType:
     every later process would wait on it for ever."""
     from torch.utils.cpp_extension import load_inline
 
-    _ensure_ninja_on_path()
+    ensure_ninja_on_path()
     folder = library.parent
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(folder)
@@ -143,7 +143,7 @@ def _compile(library: Path) -> ModuleType:
             name=_NAME,
             cpp_sources=[source.read_text() for source in SOURCES],
             functions=FUNCTIONS,
-            extra_cflags=_flags(),
+            extra_cflags=compile_flags(),
             # Resolves to the libgomp torch has already loaded (same soname): one thread pool.
             extra_ldflags=["-fopenmp"],
             build_directory=str(workdir),
