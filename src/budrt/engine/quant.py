@@ -5,8 +5,9 @@ Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's 
 ~270 MB per step, in 4 bits ~70 MB. GGUF Q4_1 stores each row in groups of 32 as
 `w = q * d + m` (q in 0..15); Q4_0 as `w = (q - 8) * d`. PyTorch's CPU int4 matmul
 (`_weight_int4pack_mm_for_cpu`, groups along the input dimension) computes
-`w = (q - 8) * scale + zero`, so the file's values map onto it exactly: scale = d,
-zero = m + 8d (Q4_1) or 0 (Q4_0). The weights are therefore the file's, not a requantization.
+`w = (q - 8) * scale + zero`, so the file's blocks map onto it: scale = d, zero = m + 8d (Q4_1)
+or 0 (Q4_0). The 4-bit values are the file's, not a requantization; the kernel takes scale and
+zero in the activations' dtype, so in bf16 they lose the last bits of the file's fp16.
 
 Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
 lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
