@@ -2,8 +2,9 @@
 
 `python bench/attention_ab.py --base HEAD~1 --cases 64x290 64x150 16x290 1x400`
 
-Builds `csrc/paged_attention.cpp` as it is at `--base` and as it is in the working tree (two
-extensions, the same flags as engine/kernel_build.py), fills 30 layers of SmolLM2-shaped bf16 caches
+Builds the decode-attention sources (`csrc/attention_loops.cpp`, where the revision has it, then
+`csrc/paged_attention.cpp`) as they are at `--base` and in the working tree (two extensions, the
+same flags as engine/kernel_build.py), fills 30 layers of SmolLM2-shaped bf16 caches
 (9 query heads, 3 kv heads, head_dim 64, blocks of 16) whose blocks are shuffled through memory, and
 times a step's worth of attention (every layer once) with each kernel, alternately, `--rounds`
 times. `BxL` is B sequences of random lengths in [L/2, L]. Checks that both give the same output.
@@ -24,8 +25,14 @@ from torch.utils.cpp_extension import load_inline
 
 from budrt.engine import kernel_build
 
-SOURCE = "src/budrt/engine/csrc/paged_attention.cpp"
+SOURCES = ["src/budrt/engine/csrc/attention_loops.cpp", "src/budrt/engine/csrc/paged_attention.cpp"]
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def revision_text(revision: str, path: str) -> str:
+    """`path` as it is at `revision`; empty if the file did not exist there."""
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else ""
 
 
 def build(name: str, source: str, folder: Path) -> ModuleType:
@@ -67,13 +74,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base_source = subprocess.run(
-        ["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    base_source = "\n".join(revision_text(args.base, path) for path in SOURCES)
+    new_source = "\n".join((ROOT / path).read_text() for path in SOURCES)
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {
             "base": build("attention_ab_base", base_source, Path(tmp) / "base"),
-            "new": build("attention_ab_new", (ROOT / SOURCE).read_text(), Path(tmp) / "new"),
+            "new": build("attention_ab_new", new_source, Path(tmp) / "new"),
         }
         for spec in args.cases:
             batch, length = (int(x) for x in spec.split("x"))

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).with_name("csrc") / name
     for name in (
+        "attention_loops.cpp",
         "paged_attention.cpp",
         "rms_norm.cpp",
         "silu_mul.cpp",

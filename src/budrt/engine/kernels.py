@@ -1,6 +1,7 @@
 """Optional C++ kernels for the CPU engine, compiled on this machine once (csrc/, one extension).
 
-- paged_attention.cpp: decode attention straight from the paged cache through the block tables;
+- paged_attention.cpp (+ attention_loops.cpp, its inner loops): decode attention straight from the
+  paged cache through the block tables;
 - rms_norm.cpp: bf16 RMSNorm with the residual add fused in (about twelve small ops per norm);
 - silu_mul.cpp: the MLP's SiLU(gate) * up in one pass over the fused gate/up output;
 - argmax.cpp: greedy tokens, each row's first maximum, in vector lanes;
