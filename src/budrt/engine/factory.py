@@ -59,8 +59,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
     elif cfg.format == "safetensors":
         args, weights = load_safetensors(path)
-        # Present in the gguf cache's directories.
-        quantized = {**quant.split_q4(weights), **quant.split_q8(weights)}
+        quantized = quant.split(weights)  # present in the gguf cache's directories
         tokenizer = TextTokenizer.from_directory(path)
     else:
         raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")

@@ -97,17 +97,19 @@ class PackedLinear(nn.Module):
         # The engine's flat `[N, hidden]` batch goes straight to the kernels: a decode step runs
         # ~120 linears, and every extra op costs microseconds at batch 1.
         rows = x.shape[0]
-        if rows > self.small_rows or not self.small_weights.allowed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if rows <= self.small_rows and self.small_weights.allowed:
+            out = self._small(x, rows)
+            if out is not None:
+                return out if self.bias is None else out + self.bias
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def _small(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """x @ W^T on the small copy (no bias); None where its C++ kernel is not built."""
         if self.q8 is not None:  # rows <= q8_rows here
-            out = kernels.q8_linear(x, self.q8.values, self.q8.scales)
-            if out is None:  # kernels not built: the bf16 weights
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        elif rows <= self.q4_rows:
-            out = quant.matmul(x, self.q4_weight, self.q4_scales)
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.qscale)
-        return out if self.bias is None else out + self.bias
+            return kernels.q8_linear(x, self.q8.values, self.q8.scales)
+        if rows <= self.q4_rows:
+            return quant.matmul(x, self.q4_weight, self.q4_scales)
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.qscale)
 
 
 def pack_linears(model: nn.Module, int8_rows: int = 0, q4_rows: int = 0) -> SmallWeights:

@@ -76,16 +76,6 @@ def q8_from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int,
     return Q8Weight(torch.from_numpy(values), torch.from_numpy(d))
 
 
-def split_q8(weights: dict[str, torch.Tensor]) -> dict[str, Q8Weight]:
-    """Remove the `.q8_*` entries from a state dict; returns them as `{weight name: Q8Weight}`."""
-    found: dict[str, Q8Weight] = {}
-    for key in [k for k in weights if k.endswith(Q8_SUFFIXES[0])]:
-        base = key.removesuffix(Q8_SUFFIXES[0])
-        values, scales = (weights.pop(base + s) for s in Q8_SUFFIXES)
-        found[base] = Q8Weight(values.to(torch.int8), scales.float())
-    return found
-
-
 def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Weight | None:
     """The Q4 blocks of a GGUF tensor (`data`: its raw bytes, one row per output), or None for
     any other type."""
@@ -108,13 +98,18 @@ def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, in
     return Q4Weight(torch.from_numpy(values), torch.from_numpy(d), torch.from_numpy(np.asarray(m)))
 
 
-def split_q4(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight]:
-    """Remove the `.q4_*` entries from a state dict; returns them as `{weight name: Q4Weight}`."""
-    found: dict[str, Q4Weight] = {}
-    for key in [k for k in weights if k.endswith(SUFFIXES[0])]:
-        base = key.removesuffix(SUFFIXES[0])
-        parts = [weights.pop(base + s) for s in SUFFIXES]
-        found[base] = Q4Weight(parts[0].to(torch.uint8), parts[1].float(), parts[2].float())
+def split(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight | Q8Weight]:
+    """Remove the `.q4_*` and `.q8_*` entries from a state dict; returns them by weight name."""
+    found: dict[str, Q4Weight | Q8Weight] = {}
+    for key in [k for k in weights if k.endswith((SUFFIXES[0], Q8_SUFFIXES[0]))]:
+        if key.endswith(SUFFIXES[0]):
+            base = key.removesuffix(SUFFIXES[0])
+            values, scales, mins = (weights.pop(base + s) for s in SUFFIXES)
+            found[base] = Q4Weight(values.to(torch.uint8), scales.float(), mins.float())
+        else:
+            base = key.removesuffix(Q8_SUFFIXES[0])
+            values, scales = (weights.pop(base + s) for s in Q8_SUFFIXES)
+            found[base] = Q8Weight(values.to(torch.int8), scales.float())
     return found
 
 
