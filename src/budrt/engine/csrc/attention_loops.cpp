@@ -115,44 +115,62 @@ struct Geometry {
 // The next task's cached rows, asked for (into L2) a few cache lines at a time while this task
 // computes. Alone, a task waits for its rows, then computes on them; with this, one task's
 // arithmetic overlaps the next one's reads (64 x 290 positions: ~20% less time per step).
+// A block's rows are walked as runs of contiguous lines: the whole block when the task takes
+// every kv head (its rows are adjacent), else one run per row.
 template <typename T, typename Index>
 struct Lookahead {
   const T* caches[2] = {nullptr, nullptr};  // keys, then values
   const Index* table = nullptr;
   const Geometry* g = nullptr;
   int64_t len = 0;         // positions of the next task
-  int64_t row_lines = 0;   // cache lines of one position's span
+  int64_t span = 0;        // elements of one position that the task reads
   int which = 2;           // the cache being fetched; 2 = done (or no next task)
-  int64_t position = 0, block = 0, row = 0, line = 0;  // the next line to ask for
+  int64_t block = 0;       // the block being fetched
+  const char* run = nullptr;  // the current run of lines; nullptr = the block is not entered yet
+  int64_t run_lines = 0, runs_left = 0, line = 0;
 
-  void start(const T* keys, const T* values, const Index* next_table, int64_t next_len, int64_t span,
+  void start(const T* keys, const T* values, const Index* next_table, int64_t next_len, int64_t span_elems,
              const Geometry& geometry) {
     caches[0] = keys;
     caches[1] = values;
     table = next_table;
     g = &geometry;
     len = next_len;
-    row_lines = (span * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    span = span_elems;
     which = next_len > 0 ? 0 : 2;
-    position = block = row = line = 0;
+    block = 0;
+    run = nullptr;
   }
 
-  int64_t total_lines() const { return 2 * len * row_lines; }
+  int64_t total_lines() const {
+    return 2 * len * ((span * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  }
 
   void advance(int64_t lines) {
-    constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-    for (; lines > 0 && which < 2; --lines) {
-      const T* p = caches[which] + static_cast<int64_t>(table[block]) * g->cache_block_stride +
-                   row * g->cache_row_stride + line * kLine;
-      __builtin_prefetch(p, 0, 2);  // locality 2: L2 and below
-      if (++line < row_lines) continue;
+    while (lines > 0 && which < 2) {
+      if (run == nullptr) {  // enter the block: where its runs start, how many, how long
+        const int64_t rows = std::min(g->block_size, len - block * g->block_size);
+        run = reinterpret_cast<const char*>(caches[which] + static_cast<int64_t>(table[block]) * g->cache_block_stride);
+        const bool adjacent = span == g->cache_row_stride;
+        const int64_t run_elems = adjacent ? rows * span : span;
+        run_lines = (run_elems * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+        runs_left = adjacent ? 1 : rows;
+        line = 0;
+      }
+      const int64_t n = std::min(lines, run_lines - line);
+      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(run + 64 * (line + i), 0, 2);  // L2 and below
+      line += n;
+      lines -= n;
+      if (line < run_lines) return;
       line = 0;
-      if (++position == len) {  // on to the values (or done)
-        position = block = row = 0;
+      if (--runs_left > 0) {
+        run += g->cache_row_stride * static_cast<int64_t>(sizeof(T));
+        continue;
+      }
+      run = nullptr;
+      if (++block * g->block_size >= len) {  // on to the values (or done)
+        block = 0;
         ++which;
-      } else if (++row == g->block_size) {
-        row = 0;
-        ++block;
       }
     }
   }
