@@ -46,8 +46,8 @@ class ModelConfig(_Section):
     int8_decode_rows: int = 0
     # bf16 CPU, Q4_0/Q4_1 GGUF: steps of at most this many tokens use the file's own 4-bit weights
     # (the same values, a quarter of the bytes to read; engine/quant.py), all layers in one C++ call
-    # (engine/decode_stack.py); faster than bf16 up to ~12-16 rows here (docs/benchmarks.md); 0 = off.
-    q4_decode_rows: int = 12
+    # (engine/decode_stack.py); faster than bf16 up to at least 16 rows here (docs/benchmarks.md); 0 = off.
+    q4_decode_rows: int = 16
     default_max_tokens: int | None = None  # chat: None = up to the context length
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model

@@ -82,11 +82,11 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
 def test_steps_the_stack_does_not_take(
     smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_bf16, max_num_seqs=16)
+    engine = make_engine(smollm2_bf16, max_num_seqs=32)  # room for q4_decode_rows + 1 rows
     calls: list[int] = []
     real = kernels.q4_decode_layers
     monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(1) or real(*a))
-    prompt = list(range(100, 140))
+    prompt = list(range(100, 120))  # short: q4_decode_rows + 1 of them prefill in one step
     # A seeded request's steps stay on bf16 (SmallWeights), so never on the 4-bit stack.
     decode(engine, [prompt], 6, SamplingParams(max_tokens=6, temperature=1.0, seed=7))
     assert not calls

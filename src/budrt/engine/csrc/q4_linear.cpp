@@ -29,8 +29,8 @@ namespace budrt_q4 {
 constexpr int64_t kGroup = 32;       // inputs per block
 constexpr int64_t kTile = 16;        // output rows per tile: one per vector lane
 constexpr int64_t kTileBlockBytes = kTile * kGroup / 2;  // one block of a tile: 256 bytes
-constexpr int64_t kRowsAtOnce = 4;
-constexpr int64_t kAhead = 2048;  // bytes: the weights stream in order, fetched this far ahead   // rows of x sharing one unpacking of the weights
+constexpr int64_t kRowsAtOnce = 8;  // rows of x sharing one unpacking of the weights
+constexpr int64_t kAhead = 2048;    // bytes: the weights stream in order, fetched this far ahead
 
 #if defined(BUDRT_Q4_TILES)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -133,7 +133,11 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, at
           case 1: tile_rows<1, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
           case 2: tile_rows<2, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
           case 3: tile_rows<3, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
-          default: tile_rows<4, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
+          case 4: tile_rows<4, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
+          case 5: tile_rows<5, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
+          case 6: tile_rows<6, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
+          case 7: tile_rows<7, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
+          default: tile_rows<8, T>(w, d, blocks, qr, dxr, sr, k, o, n); break;
         }
       }
     }
