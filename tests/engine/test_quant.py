@@ -29,6 +29,24 @@ needs_bf16 = pytest.mark.skipif(
 )
 
 
+def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
+    rng = np.random.default_rng(seed)
+    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
+    assert q4 is not None
+    return q4
+
+
+def _bf16_linear(copy: quant.Q4Weight | quant.Q8Weight, bias: bool = False) -> nn.Linear:
+    """A bf16 linear holding `copy`'s values, with the copy attached as the loader attaches it."""
+    out, inp = copy.values.shape
+    linear = nn.Linear(inp, out, bias=bias)
+    linear.weight.data = copy.dequantize()
+    linear = linear.to(torch.bfloat16)
+    setattr(linear, "q4" if isinstance(copy, quant.Q4Weight) else "q8", copy)
+    return linear
+
+
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
 def test_q4_blocks_decode_to_the_files_values(kind: GGMLQuantizationType) -> None:
     rng = np.random.default_rng(0)
@@ -74,11 +92,7 @@ def test_packed_linear_uses_q8_for_small_steps() -> None:
     raw = quantize(rng.standard_normal((300, 128)).astype(np.float32), GGMLQuantizationType.Q8_0)
     q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (300, 128))
     assert q8 is not None
-    linear = nn.Linear(128, 300, bias=False)
-    linear.weight.data = q8.dequantize()
-    linear = linear.to(torch.bfloat16)
-    linear.q8 = q8  # type: ignore[attr-defined]
-    packed = PackedLinear(linear, q4_rows=8)
+    packed = PackedLinear(_bf16_linear(q8), q4_rows=8)
     assert packed.q8_rows == min(8, Q8_ROWS) and packed.q4_rows == 0
     with torch.inference_mode():
         for rows in (1, 3, packed.q8_rows, 9, 40):
@@ -121,14 +135,8 @@ def test_tied_lm_head_takes_the_embeddings_q8() -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_uses_q4_for_small_steps(bias: bool) -> None:
     torch.manual_seed(0)
-    rng = np.random.default_rng(1)
-    raw = quantize(rng.standard_normal((96, 128)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (96, 128))
-    assert q4 is not None
-    linear = nn.Linear(128, 96, bias=bias)
-    linear.weight.data = q4.dequantize()
-    linear = linear.to(torch.bfloat16)
-    linear.q4 = q4  # type: ignore[attr-defined]
+    q4 = _random_q4(96, 128, seed=1)
+    linear = _bf16_linear(q4, bias=bias)
     packed = PackedLinear(linear, q4_rows=2)
     assert packed.q4_rows == 2
     with torch.inference_mode():
@@ -209,14 +217,6 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
     assert alone == again == mixed
 
 
-def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
-    rng = np.random.default_rng(seed)
-    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
-    assert q4 is not None
-    return q4
-
-
 @pytest.fixture
 def tiles() -> None:
     if not (kernels.prepare() and kernels.q4_tiles_available()):
@@ -260,11 +260,7 @@ def test_q4_pack_uses_atens_layout_without_the_tile_kernel(monkeypatch: pytest.M
 
 @needs_bf16
 def test_packed_linear_keeps_bf16_for_rows_not_in_whole_tiles() -> None:
-    q4 = _random_q4(40, 64, seed=2)  # both 4-bit kernels take output rows in groups of 16
-    linear = nn.Linear(64, 40, bias=False)
-    linear.weight.data = q4.dequantize()
-    linear = linear.to(torch.bfloat16)
-    linear.q4 = q4  # type: ignore[attr-defined]
+    linear = _bf16_linear(_random_q4(40, 64, seed=2))  # not whole tiles of 16 output rows
     packed = PackedLinear(linear, q4_rows=4)
     assert packed.q4_rows == 0 and packed.small_rows == 0
     with torch.inference_mode():
