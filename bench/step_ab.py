@@ -1,15 +1,17 @@
 """Engine step time, A/B in one process: `python bench/step_ab.py --batch 1 64 --compare norm`.
 
-Loads SmolLM2-135M (bf16) once, fills a batch of `--batch` decoding sequences, and times engine
-steps alternately with each side of the comparison, `--rounds` times, so that this shared
-machine's noise falls on both sides alike. Prints min and median ms per step of each side.
+Loads SmolLM2-135M (bf16) once, fills a batch of `--batch` decoding sequences (with `--prompt N`,
+each step also prefills a new N-token prompt), and times engine steps alternately with each side
+of the comparison, `--rounds` times, so that this shared machine's noise falls on both sides alike.
+Prints min and median ms per step of each side.
 
 Comparisons:
 - `norm`: the C++ RMSNorm (+ residual add) vs the torch ops it replaces;
 - `attention`: the C++ paged decode attention vs gather + SDPA;
-- `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart;
-- `stack`: all layers of a small 4-bit decode step in one C++ call vs the Python layers (same
-  ops; batches above `q4_decode_rows` never use it);
+- `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart (with
+  `--prompt N`: a step with a prompt chunk, its RoPE + cache write in one call vs the ops apart);
+- `stack`: all layers of a decode step in one C++ call vs the Python layers (same ops: the 4-bit
+  weights up to `q4_decode_rows` rows, the packed bf16 ones above);
 - `pointwise`: the C++ SiLU(gate) * up and greedy argmax vs torch's ops (steps above
   `q4_decode_rows`; the one-call stack below it always uses the kernel);
 - `q8`: the logits matmul on the GGUF's Q8_0 lm_head vs bf16, for small decode steps;
@@ -22,6 +24,7 @@ Comparisons:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine import kernels  # noqa: E402
-from budrt.engine.decode_stack import Q4DecodeStack  # noqa: E402
+from budrt.engine.decode_stack import DecodeStack  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.interface import SamplingParams  # noqa: E402
 from budrt.engine.llm_engine import LLMEngine  # noqa: E402
@@ -62,10 +65,10 @@ def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) ->
             "torch": lambda: setattr(kernels, "use_paged_kernel", lambda q, cache: False),
         }
     if compare == "fused":
-        real_fused = kernels.use_fused_decode
+        real_fused = kernels.use_fused_rope
         return {
-            "kernel": lambda: setattr(kernels, "use_fused_decode", real_fused),
-            "torch": lambda: setattr(kernels, "use_fused_decode", lambda qkv, cache: False),
+            "kernel": lambda: setattr(kernels, "use_fused_rope", real_fused),
+            "torch": lambda: setattr(kernels, "use_fused_rope", lambda qkv, cache: False),
         }
     if compare == "stack":
         model = engine.runner.model
@@ -114,7 +117,7 @@ def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) ->
         def use(name: str) -> None:
             for (mine, _), (weight, scales) in zip(pairs, layouts[name], strict=True):
                 mine.q4_weight, mine.q4_scales = weight, scales
-            model.decode_stack = Q4DecodeStack.build(model)
+            model.decode_stack = DecodeStack.build(model)
 
         return {name: lambda name=name: use(name) for name in layouts}
     if compare == "q4":
@@ -130,6 +133,20 @@ def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) ->
     raise SystemExit(f"unknown comparison {compare!r}")
 
 
+def step(engine: LLMEngine, prompt: int, counter: itertools.count) -> None:
+    """One engine step; with `prompt` > 0 a new prompt of that many tokens joins it (one no other
+    shares, so no prefix-cache hits), finished once its prefill has sampled a token."""
+    if prompt:
+        k = next(counter)
+        ids = [1000 + (97 * k + j) % 40_000 for j in range(prompt)]
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        sink = lambda output: None  # noqa: E731
+        engine.scheduler.add(
+            make_sequence(f"p{k}", ids, params, engine.tokenizer, 2048, engine.vocab_size, sink)
+        )
+    engine.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
@@ -142,6 +159,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--q4-rows", type=int, help="the model's q4_decode_rows (default: the config's)")
+    ap.add_argument(
+        "--prompt",
+        type=int,
+        default=0,
+        help="a new N-token prompt joins every step (prefilled with the decodes)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels.prepare()
@@ -149,7 +172,7 @@ def main() -> None:
         cfg = ModelConfig(
             name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
         )
-        update: dict[str, int] = {"max_num_seqs": max(batch, 1)}
+        update: dict[str, int] = {"max_num_seqs": max(batch, 1) + (1 if args.prompt else 0)}
         if args.q4_rows is not None:
             update["q4_decode_rows"] = args.q4_rows
 
@@ -169,15 +192,17 @@ def main() -> None:
         engine.scheduler.max_num_batched_tokens = 100_000
         engine.step()  # every prompt's prefill in one step; then each step decodes `batch` tokens
         sides = switches(engine, args.compare, build)
+        prompts = itertools.count()
+
         times: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.rounds):
             for name, select in sides.items():
                 select()
                 for _ in range(2):
-                    engine.step()
+                    step(engine, args.prompt, prompts)
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    engine.step()
+                    step(engine, args.prompt, prompts)
                 times[name].append((time.perf_counter() - start) / args.steps * 1e3)
         next(iter(sides.values()))()  # leave the state as found: the first side is the real one
         for name, values in times.items():

@@ -1,5 +1,5 @@
-"""decode_stack.py: all layers of a small 4-bit decode step in one C++ call, exactly equal to the
-Python layers it replaces."""
+"""decode_stack.py: all layers of a decode-only step in one C++ call (4-bit weights for small
+steps, packed bf16 above), exactly equal to the Python layers it replaces."""
 
 from __future__ import annotations
 
@@ -79,20 +79,67 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
     assert "Paris" in engine.tokenizer.decode(decode(engine, prompts[:1], 20, greedy)[0])
 
 
-def test_steps_the_stack_does_not_take(
+def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(kernel, rows) of every one-call stack run from now on."""
+    calls: list[tuple[str, int]] = []
+    for name in ("q4_decode_layers", "bf16_decode_layers"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0])) or _r(*a)
+        )
+    return calls
+
+
+def test_larger_and_seeded_steps_give_the_same_tokens_on_the_bf16_stack(
     smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_bf16, max_num_seqs=32)  # room for q4_decode_rows + 1 rows
-    calls: list[int] = []
-    real = kernels.q4_decode_layers
-    monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(1) or real(*a))
-    prompt = list(range(100, 120))  # short: q4_decode_rows + 1 of them prefill in one step
-    # A seeded request's steps stay on bf16 (SmallWeights), so never on the 4-bit stack.
-    decode(engine, [prompt], 6, SamplingParams(max_tokens=6, temperature=1.0, seed=7))
+    engine = make_engine(smollm2_bf16, max_num_seqs=32)
+    model = engine.runner.model
+    stack = model.decode_stack
+    assert stack is not None and stack.q4 is not None
+    calls = record_calls(monkeypatch)
+    prompts = [list(range(100 + i, 120 + i)) for i in range(stack.q4.rows + 1)]
+    cases = [
+        # More rows than q4_decode_rows: the Python layers take the bf16 weights, so does the stack.
+        (prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
+        # A seeded request's steps stay on bf16 (SmallWeights) at any row count.
+        (prompts[:1], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)),
+    ]
+    for batch, params in cases:
+        calls.clear()
+        with_stack = decode(engine, batch, 8, params)
+        assert calls and {name for name, _ in calls} == {"bf16_decode_layers"}
+        assert {rows for _, rows in calls} == {len(batch)}
+        model.decode_stack = None
+        try:
+            without = decode(engine, batch, 8, params)
+        finally:
+            model.decode_stack = stack
+        assert with_stack == without
+        assert all(len(tokens) == 8 for tokens in with_stack)
+
+
+def test_steps_with_a_prompt_chunk_keep_the_python_layers(
+    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(smollm2_bf16)
+    calls = record_calls(monkeypatch)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def add(name: str) -> None:
+        seq = make_sequence(
+            name, list(range(100, 130)), params, engine.tokenizer, 256, engine.vocab_size, print
+        )
+        engine.scheduler.add(seq)
+
+    add("first")
+    engine.step()  # its prompt
     assert not calls
-    # More rows than q4_decode_rows (that finish together): bf16 steps.
-    stack = engine.runner.model.decode_stack
-    assert stack is not None
-    rows = stack.rows + 1
-    decode(engine, [prompt] * rows, 6, SamplingParams(max_tokens=6, temperature=0.0))
-    assert not calls
+    engine.step()  # a decode-only step
+    assert calls == [("q4_decode_layers", 1)]
+    add("second")
+    engine.step()  # the first decodes while the second's prompt is prefilled: one flat batch
+    assert calls == [("q4_decode_layers", 1)]
+    while engine.scheduler.has_work():
+        engine.step()
+    assert ("q4_decode_layers", 2) in calls  # both decoding, no prompt: the stack again

@@ -1,4 +1,5 @@
-"""The fused decode call (RoPE + cache write + paged attention) against the torch ops it replaces."""
+"""The fused calls (RoPE + cache write, + paged attention for decode-only steps) against the torch
+ops they replace."""
 
 from __future__ import annotations
 
@@ -61,6 +62,29 @@ def test_matches_rope_write_and_attention_done_apart() -> None:
     assert torch.equal(fused, expected.reshape(n, HEADS * DIM))
 
 
+def test_rope_cache_write_matches_rope_and_write_done_apart() -> None:
+    # A step with prompt chunks: rows at any positions, their slots in any blocks.
+    torch.manual_seed(2)
+    positions = torch.tensor([7, 0, 1, 2, 3, 4, 33])
+    n = len(positions)
+    cos, sin = RotaryEmbedding(DIM, 10000.0, 512)(positions, torch.bfloat16)
+    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * DIM).to(torch.bfloat16)
+    slots = torch.tensor(
+        [5 * BLOCK + 7, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3, 2 * BLOCK + 4, 17]
+    )
+    fused_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+    torch_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+    keys, values = fused_cache.layer(0)
+    q, k = kernels.rope_cache_write(qkv, cos.view(n, -1), sin.view(n, -1), keys, values, slots, HEADS)
+
+    qk = apply_rope(qkv[:, : (HEADS + KV_HEADS) * DIM].view(n, -1, DIM), cos, sin)
+    v = qkv[:, (HEADS + KV_HEADS) * DIM :].view(n, KV_HEADS, DIM)
+    torch_cache.write(0, slots, qk[:, HEADS:], v)
+    assert torch.equal(q, qk[:, :HEADS])
+    assert torch.equal(k, qk[:, HEADS:])
+    assert torch.equal(fused_cache.data, torch_cache.data)
+
+
 def test_refuses_a_slot_outside_the_cache() -> None:
     cache = KVCache(1, 2, BLOCK, KV_HEADS, DIM, torch.bfloat16)
     keys, values = cache.layer(0)
@@ -79,6 +103,8 @@ def test_refuses_a_slot_outside_the_cache() -> None:
             HEADS,
             1.0,
         )
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.rope_cache_write(qkv, cos, cos, keys, values, torch.tensor([-1]), HEADS)
 
 
 def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
@@ -116,10 +142,13 @@ def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
 
         return asyncio.run(run())
 
-    calls: list[int] = []
-    real = kernels.rope_cache_decode_attention
-    monkeypatch.setattr(kernels, "rope_cache_decode_attention", lambda *a: calls.append(1) or real(*a))
+    calls: list[str] = []
+    for name in ("rope_cache_decode_attention", "rope_cache_write"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)
+        )
     fused = generate()
-    assert calls, "the fused call was not used"
-    monkeypatch.setattr(kernels, "use_fused_decode", lambda qkv, cache: False)
+    assert {"rope_cache_decode_attention", "rope_cache_write"} <= set(calls), "a fused call was not used"
+    monkeypatch.setattr(kernels, "use_fused_rope", lambda qkv, cache: False)
     assert generate() == fused

@@ -46,11 +46,19 @@ class AttentionContext:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: AttentionContext,
+    cache: KVCache,
+    layer: int,
+    written: bool = False,
 ) -> torch.Tensor:
-    """q `[N, heads, D]`, k/v `[N, kv_heads, D]` (already RoPE'd) -> `[N, heads * D]`."""
+    """q `[N, heads, D]`, k/v `[N, kv_heads, D]` (already RoPE'd) -> `[N, heads * D]`. `written`:
+    k and v are in the cache already (kernels.rope_cache_write)."""
     n, heads, dim = q.shape
-    cache.write(layer, ctx.slots, k, v)
+    if not written:
+        cache.write(layer, ctx.slots, k, v)
     if ctx.num_decode == n and not ctx.prefills:
         return _decode(q, ctx, cache, layer).reshape(n, heads * dim)
     out = torch.empty_like(q)

@@ -10,7 +10,7 @@ import torch
 
 from budrt.config import ModelConfig
 from budrt.engine import kernels, quant
-from budrt.engine.decode_stack import Q4DecodeStack
+from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
@@ -76,7 +76,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     if can_pack(dtype, target):  # CPU only
         kernels.prepare()  # before packing: the 4-bit layout depends on which kernels are built
         model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
-        model.decode_stack = Q4DecodeStack.build(model)
+        model.decode_stack = DecodeStack.build(model)
     num_blocks = num_blocks_for(
         cfg.kv_cache_bytes,
         args.num_layers,

@@ -48,7 +48,9 @@ FUNCTIONS = [
     "q4_tiles_supported",
     "q4_tiles_linear",
     "rope_cache_decode_attention",
+    "rope_cache_write",
     "q4_decode_layers",
+    "bf16_decode_layers",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_paged_attention"

@@ -7,8 +7,9 @@
 - argmax.cpp: greedy tokens, each row's first maximum, in vector lanes;
 - q8_linear.cpp: a linear on GGUF Q8_0 weights as stored (the logits of small decode steps);
 - q4_linear.cpp: a linear on GGUF Q4 weights by int8 dot products (small decode steps; quant.py);
-- rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer;
-- decode_stack.cpp: all layers of a small 4-bit decode step in one call (decode_stack.py).
+- rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer (and
+  the RoPE and cache write alone for steps with prompt chunks);
+- decode_stack.cpp: all layers of a decode-only step in one call (decode_stack.py).
 Built with torch's JIT extension loader (a C++ compiler and ninja, no network; kernel_build.py)
 into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
 build. `make` builds it (`python -m budrt.engine.kernels`), else the first `prepare()` does (about
@@ -152,8 +153,9 @@ def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor) -> 
     return _module.q4_tiles_linear(x, packed, dm)
 
 
-def use_fused_decode(qkv: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether a decode-only step's RoPE + cache write + attention go through one C++ call."""
+def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether a step's RoPE + cache write (+ attention, for a decode-only step) go through one C++
+    call per layer."""
     return (
         qkv.dtype == torch.bfloat16
         and cache.dtype == torch.bfloat16
@@ -176,11 +178,26 @@ def rope_cache_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """qkv `[N, (heads + 2 kv_heads) * D]` -> attention output `[N, heads * D]`, after writing the
-    RoPE'd keys and the values at `slots`; the caller checks `use_fused_decode`."""
+    RoPE'd keys and the values at `slots`; the caller checks `use_fused_rope`."""
     assert _module is not None
     return _module.rope_cache_decode_attention(
         qkv, cos, sin, k_cache, v_cache, slots, block_tables, lengths, num_heads, scale
     )
+
+
+def rope_cache_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv `[N, (heads + 2 kv_heads) * D]` -> RoPE'd (q `[N, heads, D]`, keys `[N, kv_heads, D]`),
+    after writing the keys and the values at `slots`; the caller checks `use_fused_rope`."""
+    assert _module is not None
+    return _module.rope_cache_write(qkv, cos, sin, k_cache, v_cache, slots, num_heads)
 
 
 def q4_decode_layers(
@@ -199,10 +216,32 @@ def q4_decode_layers(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoder layer of a decode-only step on 4-bit weights: (MLP output, residual); the
-    caller checks `use_fused_decode` (same conditions)."""
+    caller checks `use_fused_rope` (same conditions)."""
     assert _module is not None
     hidden, residual = _module.q4_decode_layers(
         x, cos, sin, cache, slots, block_tables, lengths, norms, packed, scales, num_heads, scale, eps
+    )
+    return hidden, residual
+
+
+def bf16_decode_layers(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    norms: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    num_heads: int,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `q4_decode_layers`, on the oneDNN-packed bf16 weights (`PackedLinear.weight`)."""
+    assert _module is not None
+    hidden, residual = _module.bf16_decode_layers(
+        x, cos, sin, cache, slots, block_tables, lengths, norms, weights, num_heads, scale, eps
     )
     return hidden, residual
 

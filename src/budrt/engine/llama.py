@@ -17,7 +17,7 @@ from torch import nn
 
 from budrt.engine import kernels, quant
 from budrt.engine.attention import AttentionContext, paged_attention
-from budrt.engine.decode_stack import Q4DecodeStack
+from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.packed_linear import SmallWeights
 from budrt.engine.rope import rope_attention_factor, rope_inv_freq
@@ -130,10 +130,18 @@ class Attention(nn.Module):
             # Fused at load: one matmul instead of three, and q and k (adjacent in its output)
             # get RoPE in one go, which halves the per-layer elementwise ops.
             qkv = self.qkv_proj(x)
-            if ctx.decode_only and kernels.use_fused_decode(qkv, cache.data):
-                # bf16 on CPU: RoPE, cache write and attention in one C++ call (same math).
-                assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
+            qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
+            v = qkv[:, qk_width:].view(n, self.num_kv_heads, self.head_dim)
+            if kernels.use_fused_rope(qkv, cache.data):
+                # bf16 on CPU: RoPE and cache write in one C++ call (same math), and for a
+                # decode-only step the attention too.
                 keys, values = cache.layer(self.layer_idx)
+                if not ctx.decode_only:
+                    q, k = kernels.rope_cache_write(
+                        qkv, cos.view(n, -1), sin.view(n, -1), keys, values, ctx.slots, self.num_heads
+                    )
+                    return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx, written=True))
+                assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
                 attended = kernels.rope_cache_decode_attention(
                     qkv,
                     cos.view(n, -1),
@@ -147,10 +155,8 @@ class Attention(nn.Module):
                     self.head_dim**-0.5,
                 )
                 return self.o_proj(attended)
-            qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
             qk = apply_rope(qkv[:, :qk_width].view(n, -1, self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-            v = qkv[:, qk_width:].view(n, self.num_kv_heads, self.head_dim)
             return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -229,8 +235,8 @@ class LlamaForCausalLM(nn.Module):
         # Set when the linears are packed with small (4-bit/int8) weight copies: the runner
         # decides per step whether they may be used.
         self.small_weights: SmallWeights | None = None
-        # Set with them when every layer fits the one-call kernel for small decode steps.
-        self.decode_stack: Q4DecodeStack | None = None
+        # Set with them when every layer fits the one-call kernel for decode-only steps.
+        self.decode_stack: DecodeStack | None = None
 
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
         """Logits (fp32) `[len(ctx.logits_rows), vocab]` for a flat batch `input_ids` `[N]`.
@@ -241,8 +247,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
         residual = None
-        if self.decode_stack is not None and self.decode_stack.applies(x, ctx, cache):
-            x, residual = self.decode_stack(x, cos, sin, ctx, cache)
+        stack = self.decode_stack
+        stack_weights = stack.weights_for(x, ctx, cache) if stack is not None else None
+        if stack is not None and stack_weights is not None:
+            x, residual = stack(stack_weights, x, cos, sin, ctx, cache)
         else:
             for layer in self.layers:
                 x, residual = layer(x, residual, cos, sin, ctx, cache)

@@ -1,5 +1,6 @@
 // One call per layer for a decode-only step on CPU: RoPE on q and k, k and v written into the paged
-// cache at their slots, then paged decode attention (paged_attention.cpp) over the cache.
+// cache at their slots, then paged decode attention (paged_attention.cpp) over the cache. Steps
+// with prompt chunks take the RoPE and the cache write alone (rope_cache_write).
 //
 // The torch path does the same in about fifteen small ops per layer (slices, roll, two multiplies
 // and an add for RoPE, two index_copy_ for the cache, the attention call), each costing more
@@ -33,29 +34,29 @@ inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, bf16* dst
 
 }  // namespace budrt_rope
 
-// qkv `[N, (heads + 2 kv_heads) * D]` (the fused projection's output), cos/signed sin `[N, D]`,
-// k/v cache `[num_blocks, block_size, kv_heads, D]`, slots `[N]` int64, block_tables and lengths
-// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16.
-at::Tensor rope_cache_decode_attention(
+namespace budrt_rope {
+
+// RoPE'd q `[N, heads, D]`, after writing each row's RoPE'd key and value at its slot of the cache;
+// the RoPE'd keys also go to `keys_out` (`[N, kv_heads, D]`) when it is given.
+at::Tensor rope_and_write(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-    const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
-    const at::Tensor& lengths, int64_t num_heads, double scale) {
-  using namespace budrt_rope;
+    const at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads, bf16* keys_out, const char* who) {
   for (const at::Tensor* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
-                "rope_cache_decode_attention: bf16 contiguous CPU tensors only");
+                who, ": bf16 contiguous CPU tensors only");
   }
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, "rope_cache_decode_attention: slots int64 [N]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, who, ": slots int64 [N]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), who, ": k/v cache [blocks, block_size, kv_heads, D]");
   const int64_t rows = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
   const int64_t width = (num_heads + 2 * kv_heads) * dim;
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == width, "rope_cache_decode_attention: qkv must be [N, ", width, "]");
-  TORCH_CHECK(cos.numel() == rows * dim && sin.numel() == rows * dim, "rope_cache_decode_attention: cos/sin [N, D]");
-  TORCH_CHECK(slots.size(0) == rows && dim % 2 == 0, "rope_cache_decode_attention: bad slots or head_dim");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == width, who, ": qkv must be [N, ", width, "]");
+  TORCH_CHECK(cos.numel() == rows * dim && sin.numel() == rows * dim, who, ": cos/sin [N, D]");
+  TORCH_CHECK(slots.size(0) == rows && dim % 2 == 0, who, ": bad slots or head_dim");
   const int64_t capacity = k_cache.size(0) * k_cache.size(1);
   const auto slot_ids = slots.contiguous();
   const int64_t* slot = slot_ids.data_ptr<int64_t>();
   for (int64_t n = 0; n < rows; ++n) {
-    TORCH_CHECK(slot[n] >= 0 && slot[n] < capacity, "rope_cache_decode_attention: slot ", slot[n], " out of range");
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < capacity, who, ": slot ", slot[n], " out of range");
   }
   auto q = at::empty({rows, num_heads, dim}, qkv.options());
   const bf16* src = qkv.data_ptr<bf16>();
@@ -77,10 +78,38 @@ at::Tensor rope_cache_decode_attention(
       bf16* v_dst = values + slot[n] * slot_stride;
       for (int64_t j = 0; j < kv_heads; ++j) {
         rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
+        if (keys_out != nullptr) std::copy(k_dst + j * dim, k_dst + (j + 1) * dim, keys_out + (n * kv_heads + j) * dim);
         const bf16* v_src = row + (num_heads + kv_heads + j) * dim;
         std::copy(v_src, v_src + dim, v_dst + j * dim);
       }
     }
   });
+  return q;
+}
+
+}  // namespace budrt_rope
+
+// qkv `[N, (heads + 2 kv_heads) * D]` (the fused projection's output), cos/signed sin `[N, D]`,
+// k/v cache `[num_blocks, block_size, kv_heads, D]`, slots `[N]` int64, block_tables and lengths
+// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16.
+at::Tensor rope_cache_decode_attention(
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
+    const at::Tensor& lengths, int64_t num_heads, double scale) {
+  const auto q = budrt_rope::rope_and_write(
+      qkv, cos, sin, k_cache, v_cache, slots, num_heads, nullptr, "rope_cache_decode_attention");
+  const int64_t rows = qkv.size(0), dim = k_cache.size(3);
   return paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale).view({rows, num_heads * dim});
+}
+
+// The same RoPE and cache write for a step with prompt chunks, whose attention is done apart
+// (engine/attention.py): -> (q `[N, heads, D]`, keys `[N, kv_heads, D]`), both RoPE'd.
+std::tuple<at::Tensor, at::Tensor> rope_cache_write(
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads) {
+  TORCH_CHECK(k_cache.dim() == 4, "rope_cache_write: k/v cache [blocks, block_size, kv_heads, D]");
+  auto keys = at::empty({qkv.size(0), k_cache.size(2), k_cache.size(3)}, qkv.options());
+  auto q = budrt_rope::rope_and_write(
+      qkv, cos, sin, k_cache, v_cache, slots, num_heads, keys.data_ptr<budrt_rope::bf16>(), "rope_cache_write");
+  return {q, keys};
 }
