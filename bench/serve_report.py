@@ -50,7 +50,22 @@ def baseline_table(result: dict[str, Any]) -> list[str]:
             f"| roofline: {roof['matmul_gflops']:.0f} GFLOP/s {roof['dtype']} matmul / (2 x "
             f"{roof['parameters'] / 1e6:.1f} M params) | | | {roof['tokens_per_s']:.0f} |"
         )
+        after = result.get("serving", {}).get("closed_loop", {}).get("64", {}).get("matmul_gflops_after")
+        if after:
+            lines.append(
+                f"| roofline right after the c=64 phase: {after:.0f} GFLOP/s | | | "
+                f"{after * 1e9 / (2 * roof['parameters']):.0f} |"
+            )
     return lines
+
+
+def roofline_tokens(result: dict[str, Any]) -> float | None:
+    """The roofline's tokens/s: the higher of its two readings (end of run, right after c=64)."""
+    roof = result.get("baselines", {}).get("roofline")
+    if not roof:
+        return None
+    after = result.get("serving", {}).get("closed_loop", {}).get("64", {}).get("matmul_gflops_after", 0.0)
+    return max(roof["matmul_gflops"], after) * 1e9 / (2 * roof["parameters"])
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -62,9 +77,9 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if c64 and "hf_static_batch" in b:
         ratio = c64["output_throughput"] / b["hf_static_batch"]["output_throughput"]
         out.append(("output tok/s @ c=64 >= 4x static batch", f"{ratio:.2f}x", ratio >= 4))
-    if c64 and "roofline" in b:
-        frac = c64["total_token_throughput"] / b["roofline"]["tokens_per_s"]
-        out.append(("total tok/s @ c=64 >= 50% of roofline", f"{frac:.0%}", frac >= 0.5))
+    if c64 and (roof := roofline_tokens(result)):
+        frac = c64["total_token_throughput"] / roof
+        out.append(("total tok/s @ c=64 >= 50% of roofline (the higher reading)", f"{frac:.0%}", frac >= 0.5))
     if c1 and c1["tpot_ms"]["mean"] == c1["tpot_ms"]["mean"]:
         rate = 1000 / c1["tpot_ms"]["mean"]
         out.append(
