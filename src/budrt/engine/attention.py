@@ -27,6 +27,9 @@ class PrefillChunk:
     context: int  # positions attended to: cached prefix + this chunk
     block_table: torch.Tensor | None  # [1, blocks]; None when nothing is cached before the chunk
     mask: torch.Tensor | None  # [length, context] bool, causal with the prefix offset
+    # A seeded request's chunk: each row attends alone through the decode kernel, over this many
+    # positions (`[length]`), so its values do not depend on how the prompt was cut into chunks.
+    row_lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,6 +69,14 @@ def paged_attention(
         out[: ctx.num_decode] = _decode(q[: ctx.num_decode], ctx, cache, layer)
     for chunk in ctx.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
+        if chunk.row_lengths is not None and kernels.use_paged_kernel(q, cache.data):
+            assert chunk.block_table is not None
+            keys, values = cache.layer(layer)
+            tables = chunk.block_table.expand(chunk.length, -1).contiguous()
+            out[rows] = kernels.paged_decode_attention(
+                q[rows], keys, values, tables, chunk.row_lengths, dim**-0.5
+            )
+            continue
         qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, D]
         if chunk.block_table is None:  # fresh prompt: attend over the chunk's own k/v
             kc = k[rows].transpose(0, 1).unsqueeze(0)

@@ -56,8 +56,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
-    def _chain_hash(self, parent: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((parent, self.identity, tokens))
+    def _chain_hash(self, parent: int | None, tokens: tuple[int, ...], seeded: bool = False) -> int:
+        # A seeded request's prompt is computed row by row (runner.py) so that a seed gives the same
+        # output whatever else runs; other prompts' blocks round differently, so the two kinds of
+        # blocks are never shared (seeded ones are, among themselves: n > 1, repeated prompts).
+        return hash((parent, self.identity, seeded, tokens))
 
     def _take_free(self, block_id: int) -> Block:
         """Take a specific free block (a prefix-cache hit) or the LRU one (block_id = -1)."""
@@ -85,10 +88,11 @@ class BlockManager:
         parent: int | None = None
         cached = 0
         miss = not self.enable_prefix_caching
+        seeded = seq.params.seed is not None
         for i in range(self.blocks_needed(len(tokens))):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
             full = len(chunk) == self.block_size
-            h = self._chain_hash(parent, chunk) if full and self.enable_prefix_caching else None
+            h = self._chain_hash(parent, chunk, seeded) if full and self.enable_prefix_caching else None
             block_id = self.hash_to_block.get(h, -1) if (h is not None and not miss) else -1
             if block_id >= 0 and self.blocks[block_id].token_ids != chunk:
                 block_id = -1  # hash collision
@@ -154,7 +158,10 @@ class BlockManager:
                 parent = self.blocks[seq.block_table[i - 1]].hash
             if block.hash is None:  # a block filled by decoding
                 chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-                block.hash, block.token_ids = self._chain_hash(parent, chunk), chunk
+                block.hash, block.token_ids = (
+                    self._chain_hash(parent, chunk, seq.params.seed is not None),
+                    chunk,
+                )
                 self.hash_to_block.setdefault(block.hash, block.block_id)
             block.computed = True
         seq.num_sealed_blocks = max(seq.num_sealed_blocks, num_full)

@@ -9,7 +9,8 @@ activations and cache are bf16 on CPU and the extension is loaded; then its line
 - the GGUF's 4-bit weights (`q4_decode_layers`) when the Python layers would take them too: at
   most `q4_rows` rows and the small weights allowed (`SmallWeights`: no seeded request);
 - else the packed bf16 weights (`bf16_decode_layers`), unless some linear would take another
-  small copy (int8 or Q8_0) at this row count: such steps keep the Python layers.
+  small copy (int8 or Q8_0) at this row count, or a seeded request shares a step of more than
+  `EXACT_ROWS` rows (SmallWeights.exact): such steps keep the Python layers.
 Models with QK-norm or biases (Qwen) keep the Python layers.
 """
 
@@ -22,7 +23,7 @@ import torch
 from budrt.engine import kernels
 from budrt.engine.attention import AttentionContext
 from budrt.engine.kv_cache import KVCache
-from budrt.engine.packed_linear import PackedLinear, SmallWeights
+from budrt.engine.packed_linear import EXACT_ROWS, PackedLinear, SmallWeights
 
 
 @dataclass
@@ -99,6 +100,8 @@ class DecodeStack:
         if not ctx.decode_only or not kernels.use_fused_rope(x, cache.data):
             return None
         rows = x.shape[0]
+        if self.small_weights.exact and rows > EXACT_ROWS:
+            return None  # the Python layers split each linear (SmallWeights.exact)
         if rows > self.small_rows or not self.small_weights.allowed:
             return "bf16"
         if self.q4 is not None and rows <= self.q4.rows:

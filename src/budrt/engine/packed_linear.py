@@ -35,9 +35,18 @@ class SmallWeights:
     The 4-bit (or int8) weights approximate the file's values differently from bf16, so a row's
     logits depend on which copy computed it. Only steps that decode a few unseeded streams use
     them: a seeded request, or a prompt being prefilled, always takes the bf16 path, whatever else
-    shares its step — the same seed gives the same output under any batch mix."""
+    shares its step — the same seed gives the same output under any batch mix.
+
+    For the same reason a step with a seeded request runs its bf16 linears `EXACT_ROWS` rows at a
+    time (`exact`): oneDNN rounds a row of some shapes (SmolLM2's fused q/k/v, the vocabulary
+    projection) differently above 32 rows than at 1 to 32, so a seeded row computed in a bigger
+    step would not match the same row computed alone."""
 
     allowed: bool = True
+    exact: bool = False
+
+
+EXACT_ROWS = 32
 
 
 # Steps of at most this many rows use a Q8_0 copy: above it, widening the 8-bit values costs
@@ -101,6 +110,12 @@ class PackedLinear(nn.Module):
             out = self._small(x, rows)
             if out is not None:
                 return out if self.bias is None else out + self.bias
+        if self.small_weights.exact and rows > EXACT_ROWS:
+            parts = [
+                torch.ops.mkldnn._linear_pointwise(part, self.weight, self.bias, "none", [], "")
+                for part in x.split(EXACT_ROWS)
+            ]
+            return torch.cat(parts)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def _small(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:

@@ -71,12 +71,15 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
-            table = mask = None
+            table = mask = row_lengths = None
+            if seq.params.seed is not None:  # see PrefillChunk.row_lengths
+                table = torch.tensor([self._table(seq, end)], dtype=torch.long, device=dev)
+                row_lengths = torch.arange(start + 1, end + 1, dtype=torch.long, device=dev)
             if start > 0:  # attend over the cached prefix too: gather it, mask causally with offset
                 table = torch.tensor([self._table(seq, end)], dtype=torch.long, device=dev)
                 q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
                 mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos
-            ctx.prefills.append(PrefillChunk(row, n, end, table, mask))
+            ctx.prefills.append(PrefillChunk(row, n, end, table, mask, row_lengths))
             if end == seq.num_tokens:
                 logits_rows.append(row + n - 1)
                 samplers.append(seq)
@@ -92,9 +95,9 @@ class ModelRunner:
         """One forward over the step's tokens: logits `[S, vocab]` of the S sequences that sample."""
         input_ids, ctx, samplers = self.prepare(batch)
         if self.model.small_weights is not None:  # see SmallWeights: which steps may use them
-            self.model.small_weights.allowed = not ctx.prefills and all(
-                seq.params.seed is None for seq, _ in batch
-            )
+            seeded = any(seq.params.seed is not None for seq, _ in batch)
+            self.model.small_weights.allowed = not ctx.prefills and not seeded
+            self.model.small_weights.exact = seeded
         if not samplers:  # only middle-of-prompt chunks: nothing to sample, skip the vocab matmul
             ctx.logits_rows = torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.model(input_ids, ctx, self.cache)
