@@ -29,6 +29,20 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_kernels() -> None:
+    """Skips a test where the bf16 CPU paths (packed linears, C++ kernels) cannot run here."""
+    import torch
+
+    from budrt.engine import kernels
+    from budrt.engine.packed_linear import can_pack
+
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("bf16 packed linears need AVX512-BF16/AMX")
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+
+
+@pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return resolve_source(DEFAULT_SOURCE)
 

@@ -13,16 +13,9 @@ from budrt.engine import kernels
 from budrt.engine.factory import create_text_engine
 from budrt.engine.interface import SamplingParams
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.packed_linear import can_pack
 from budrt.engine.sequence import make_sequence
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    if not can_pack(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("bf16 packed linears need AVX512-BF16/AMX")
-    if not kernels.prepare():
-        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+pytestmark = pytest.mark.usefixtures("bf16_kernels")
 
 
 def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4) -> LLMEngine:
@@ -49,6 +42,35 @@ def decode(
     return out
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(kernel, rows) of every one-call stack run from now on: "q4_decode_layers" or
+    "bf16_decode_layers", as `kernels.decode_layers` picks."""
+    calls: list[tuple[str, int]] = []
+    real = kernels.decode_layers
+
+    def recording(weights: str, x: torch.Tensor, *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((f"{weights}_decode_layers", x.shape[0]))
+        return real(weights, x, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_layers", recording)
+    return calls
+
+
+def with_and_without_stack(
+    engine: LLMEngine, batch: list[list[int]], steps: int, params: SamplingParams
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`decode` of `batch` with the model's one-call stack, then with the Python layers."""
+    model = engine.runner.model
+    with_stack = decode(engine, batch, steps, params)
+    stack = model.decode_stack
+    model.decode_stack = None
+    try:
+        without = decode(engine, batch, steps, params)
+    finally:
+        model.decode_stack = stack
+    return with_stack, without
+
+
 def test_small_decode_steps_give_the_same_tokens_with_the_stack(
     smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,33 +83,15 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
         for c in chats
     ]
     greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    calls: list[int] = []
-    real = kernels.q4_decode_layers
-    monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    recorded = record_calls(monkeypatch)
     for batch in (prompts[:1], prompts):  # one row, and three rows in every decode step
-        calls.clear()
-        with_stack = decode(engine, batch, 20, greedy)
+        recorded.clear()
+        with_stack, without = with_and_without_stack(engine, batch, 20, greedy)
+        calls = [rows for name, rows in recorded if name == "q4_decode_layers"]
         assert calls and set(calls) == {len(batch)}, "the small decode steps did not use the stack"
-        stack = model.decode_stack
-        model.decode_stack = None
-        try:
-            without = decode(engine, batch, 20, greedy)
-        finally:
-            model.decode_stack = stack
         assert with_stack == without
         assert all(len(tokens) == 20 for tokens in with_stack)
     assert "Paris" in engine.tokenizer.decode(decode(engine, prompts[:1], 20, greedy)[0])
-
-
-def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """(kernel, rows) of every one-call stack run from now on."""
-    calls: list[tuple[str, int]] = []
-    for name in ("q4_decode_layers", "bf16_decode_layers"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(
-            kernels, name, lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0])) or _r(*a)
-        )
-    return calls
 
 
 def test_larger_and_seeded_steps_give_the_same_tokens_on_the_bf16_stack(
@@ -107,14 +111,9 @@ def test_larger_and_seeded_steps_give_the_same_tokens_on_the_bf16_stack(
     ]
     for batch, params in cases:
         calls.clear()
-        with_stack = decode(engine, batch, 8, params)
+        with_stack, without = with_and_without_stack(engine, batch, 8, params)
         assert calls and {name for name, _ in calls} == {"bf16_decode_layers"}
         assert {rows for _, rows in calls} == {len(batch)}
-        model.decode_stack = None
-        try:
-            without = decode(engine, batch, 8, params)
-        finally:
-            model.decode_stack = stack
         assert with_stack == without
         assert all(len(tokens) == 8 for tokens in with_stack)
 

@@ -197,8 +197,12 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
     real = quant.matmul
     monkeypatch.setattr(quant, "matmul", lambda *a: calls.append(1) or real(*a))
     # Small decode steps may instead run all layers in one C++ call on the same weights.
-    real_stack = kernels.q4_decode_layers
-    monkeypatch.setattr(kernels, "q4_decode_layers", lambda *a: calls.append(1) or real_stack(*a))
+    real_stack = kernels.decode_layers
+    monkeypatch.setattr(
+        kernels,
+        "decode_layers",
+        lambda weights, *a: (weights == "q4" and calls.append(1)) or real_stack(weights, *a),
+    )
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     [tokens] = _generate(engine, [("What is the capital of France?", greedy)])
     assert "Paris" in engine.tokenizer.decode(tokens)

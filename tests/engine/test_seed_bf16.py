@@ -12,23 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from budrt.config import ModelConfig
-from budrt.engine import kernels
 from budrt.engine.factory import create_text_engine
 from budrt.engine.interface import SamplingParams
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.packed_linear import can_pack
 from budrt.engine.sequence import make_sequence
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    if not can_pack(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("bf16 packed linears need AVX512-BF16/AMX")
-    if not kernels.prepare():
-        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+pytestmark = pytest.mark.usefixtures("bf16_kernels")
 
 
 def test_seeded_tokens_do_not_depend_on_the_batch_in_bf16(smollm2_bf16: Callable[..., ModelConfig]) -> None:

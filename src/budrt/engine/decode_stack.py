@@ -6,9 +6,9 @@ qualifies, `LlamaForCausalLM.forward` hands the whole layer loop to the kernel, 
 same ops in the same order through the same kernels, so the tokens are exactly those of the
 Python layers (tested). A step qualifies when every row decodes one token (no prefill chunk),
 activations and cache are bf16 on CPU and the extension is loaded; then its linears are
-- the GGUF's 4-bit weights (`q4_decode_layers`) when the Python layers would take them too: at
+- the GGUF's 4-bit weights ("q4") when the Python layers would take them too: at
   most `q4_rows` rows and the small weights allowed (`SmallWeights`: no seeded request);
-- else the packed bf16 weights (`bf16_decode_layers`), unless some linear would take another
+- else the packed bf16 weights ("bf16"), unless some linear would take another
   small copy (int8 or Q8_0) at this row count, or a seeded request shares a step of more than
   `EXACT_ROWS` rows (SmallWeights.exact): such steps keep the Python layers.
 Models with QK-norm or biases (Qwen) keep the Python layers.
@@ -120,19 +120,20 @@ class DecodeStack:
         """(last layer's MLP output, residual stream) for embeddings `x` `[N, hidden]`."""
         n = x.shape[0]
         assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
-        step = (x, cos.view(n, -1), sin.view(n, -1), cache.data, ctx.slots, ctx.decode_block_tables)
-        if weights == "q4":
-            assert self.q4 is not None
-            return kernels.q4_decode_layers(
-                *step,
-                ctx.decode_lengths,
-                self.norms,
-                self.q4.packed,
-                self.q4.scales,
-                self.num_heads,
-                self.scale,
-                self.eps,
-            )
-        return kernels.bf16_decode_layers(
-            *step, ctx.decode_lengths, self.norms, self.bf16_weights, self.num_heads, self.scale, self.eps
+        q4 = self.q4 if weights == "q4" else None
+        return kernels.decode_layers(
+            weights,
+            x,
+            cos.view(n, -1),
+            sin.view(n, -1),
+            cache.data,
+            ctx.slots,
+            ctx.decode_block_tables,
+            ctx.decode_lengths,
+            self.norms,
+            q4.packed if q4 is not None else self.bf16_weights,
+            q4.scales if q4 is not None else [],
+            self.num_heads,
+            self.scale,
+            self.eps,
         )

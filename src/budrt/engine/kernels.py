@@ -200,7 +200,8 @@ def rope_cache_write(
     return _module.rope_cache_write(qkv, cos, sin, k_cache, v_cache, slots, num_heads)
 
 
-def q4_decode_layers(
+def decode_layers(
+    weights: str,
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -209,40 +210,21 @@ def q4_decode_layers(
     block_tables: torch.Tensor,
     lengths: torch.Tensor,
     norms: list[torch.Tensor],
-    packed: list[torch.Tensor],
+    linears: list[torch.Tensor],
     scales: list[torch.Tensor],
     num_heads: int,
     scale: float,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every decoder layer of a decode-only step on 4-bit weights: (MLP output, residual); the
-    caller checks `use_fused_rope` (same conditions)."""
+    """Every decoder layer of a decode-only step: (MLP output, residual). `weights` "q4": `linears`
+    and `scales` are quant.pack's 4-bit weights; "bf16": `linears` are the oneDNN-packed weights
+    (`PackedLinear.weight`) and `scales` is unused. The caller checks `use_fused_rope`."""
     assert _module is not None
-    hidden, residual = _module.q4_decode_layers(
-        x, cos, sin, cache, slots, block_tables, lengths, norms, packed, scales, num_heads, scale, eps
-    )
-    return hidden, residual
-
-
-def bf16_decode_layers(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    cache: torch.Tensor,
-    slots: torch.Tensor,
-    block_tables: torch.Tensor,
-    lengths: torch.Tensor,
-    norms: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    num_heads: int,
-    scale: float,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `q4_decode_layers`, on the oneDNN-packed bf16 weights (`PackedLinear.weight`)."""
-    assert _module is not None
-    hidden, residual = _module.bf16_decode_layers(
-        x, cos, sin, cache, slots, block_tables, lengths, norms, weights, num_heads, scale, eps
-    )
+    step = (x, cos, sin, cache, slots, block_tables, lengths, norms, linears)
+    if weights == "q4":
+        hidden, residual = _module.q4_decode_layers(*step, scales, num_heads, scale, eps)
+    else:
+        hidden, residual = _module.bf16_decode_layers(*step, num_heads, scale, eps)
     return hidden, residual
 
 

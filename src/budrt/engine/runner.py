@@ -72,11 +72,12 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
             table = mask = row_lengths = None
-            if seq.params.seed is not None:  # see PrefillChunk.row_lengths
+            seeded = seq.params.seed is not None
+            if start > 0 or seeded:
                 table = torch.tensor([self._table(seq, end)], dtype=torch.long, device=dev)
+            if seeded:  # see PrefillChunk.row_lengths
                 row_lengths = torch.arange(start + 1, end + 1, dtype=torch.long, device=dev)
             if start > 0:  # attend over the cached prefix too: gather it, mask causally with offset
-                table = torch.tensor([self._table(seq, end)], dtype=torch.long, device=dev)
                 q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
                 mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos
             ctx.prefills.append(PrefillChunk(row, n, end, table, mask, row_lengths))
