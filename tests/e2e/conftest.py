@@ -124,7 +124,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
     worker = threading.Thread(target=request_during_shutdown)
     worker.start()
-    time.sleep(0.5)  # the request is being generated now
+    _wait_in_flight(root)  # SIGTERM only once the gateway holds the request (not on a timer)
     started = time.time()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -160,3 +160,17 @@ def client(platform: Platform):
     from openai import OpenAI
 
     return OpenAI(base_url=platform.base_url, api_key=platform.admin_key, max_retries=0, timeout=120)
+
+
+def _wait_in_flight(root: str, timeout_s: float = 10.0) -> None:
+    """Until the gateway reports a request in flight (a busy machine may take a while to send it)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        metrics = httpx.get(f"{root}/metrics", timeout=2).text
+        if any(
+            line.startswith("budrt_gateway_in_flight_requests ") and float(line.split()[1]) >= 1
+            for line in metrics.splitlines()
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no request reached the gateway within {timeout_s} s")
