@@ -370,6 +370,18 @@ def test_redis_limiter_huge_values_and_integer_counters(redis_server: RedisServe
             for key in ("huge-tpm-0:t", "huge-tpm-1:t", "huge-budget:b", "neg:t", "neg:b"):
                 stored = await redis.call("HGETALL", f"budrt:rl:redis:{key}")
                 assert stored and all(re.fullmatch(rb"-?\d+", v) for v in stored[1::2]), (key, stored)
+            # A counter an older script wrote as a float neither breaks the script (which would
+            # count as an outage) nor frees the budget; it is rewritten as an integer.
+            day, month, _, _ = periods(time.time())
+            poisoned = ("td", "1.8446744073709552e+19", "tm", "12.5", "id", "-3", "im", "0")
+            await redis.call("HSET", "budrt:rl:redis:legacy:b", "d", day, "m", month, *poisoned)
+            with pytest.raises(RateLimited) as exc:
+                await limiter.acquire((Limit("redis:legacy", tokens_per_day=1000),), 10)
+            assert exc.value.kind == "tokens_per_day"
+            await limiter.acquire((Limit("redis:legacy", tokens_per_month=1000, images_per_day=5),), 10, 1)
+            stored = await redis.call("HMGET", "budrt:rl:redis:legacy:b", "tm", "id")
+            assert stored == [b"22", b"1"]
+            assert not limiter.local._budgets  # Redis decided, not the fail-open fallback
             # A bucket of whole tokens still keeps the fraction earned between two requests.
             tpm = (Limit("redis:fraction", tpm=60),)  # one token a second
             await limiter.acquire(tpm, 60)

@@ -267,8 +267,8 @@ class Traffic:
         """Before fallback `dep` is tried: charge its own `model:` limits, as if it had been asked
         for; False (skip it) when they refuse. `tickets[own:]` holds the charge of the fallback
         tried before, which served nothing: it is refunded first."""
-        if len(tickets) > own:
-            await self.limiter.release(tickets.pop(), 0)
+        if len(tickets) > own:  # in a task: a cancel arriving now must not lose the ticket
+            self._release_later([tickets.pop()], 0)
         limit = self.model_limits.get(dep.name)
         if limit is None:
             return True
