@@ -198,7 +198,7 @@ class Traffic:
                 receive, headers, chain, path, data, body, tracker, tickets, stream, cost
             )
         except BaseException:
-            self._release_later(tickets, 0)  # nothing was served: a full refund
+            self._release_later(tickets, 0)  # no answer reaches the client: a full refund
             raise
         if isinstance(result, UpstreamStream):
             if tickets or ckey is not None:
@@ -215,10 +215,6 @@ class Traffic:
                 result.after = partial(self.limiter.release, tickets[0], used)
             else:
                 result.after = partial(self._release, tickets, used)
-        if ckey is not None and ok and len(result.body) <= self.config.cache.max_entry_bytes:
-            assert self.cache is not None
-            ctype = result.header(b"content-type") or b"application/json"
-            await self.cache.set(ckey, ctype.decode("latin-1"), result.body)
         return result
 
     async def _send(
@@ -234,8 +230,9 @@ class Traffic:
         stream: bool,
         cost: tuple[int, int],
     ) -> tuple[Buffered | UpstreamStream, str | None]:
-        """The response (from the cache or upstream) and the cache key to store it under.
-        `tickets` gains the ticket of the fallback that served, if one has limits."""
+        """The response (from the cache, or upstream and then cached) and the cache key a stream
+        is to be stored under. `tickets` gains the ticket of the fallback tried last, if it has
+        limits, and loses all on a cache hit (released)."""
         dep = chain[0]
         extra = tickets[0].headers if tickets else {}
         ckey = None
@@ -259,6 +256,10 @@ class Traffic:
         result = await self.proxy.forward(
             receive, chain, path, body_for, stream, tracker, extra, affinity, admit
         )
+        if ckey is not None and isinstance(result, Buffered):
+            if result.status_code == 200 and len(result.body) <= self.config.cache.max_entry_bytes:
+                ctype = result.header(b"content-type") or b"application/json"
+                await self.cache.set(ckey, ctype.decode("latin-1"), result.body)
         return result, ckey
 
     async def _admit_fallback(
