@@ -165,18 +165,9 @@ class Gateway:
                 body = dump_body(data)
             # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
-            upstream_path = PROXIED_PATHS[path]
+            upstream, receive = PROXIED_PATHS[path], request.receive
             result = await self.traffic.send(
-                request.receive,
-                request.headers,
-                chain,
-                upstream_path,
-                data,
-                body,
-                tracker,
-                ticket,
-                stream,
-                cost,
+                receive, request.headers, chain, upstream, data, body, tracker, ticket, stream, cost
             )
             status = result.status_code
             return result
