@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ from budrt.gateway.ratelimit import periods
 from budrt.store.db import migrate
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
+from budrt.store.quotas import period_usage
 from tests.mock_upstream import ServerThread
 from tests.procs import RedisServer, start_gateway, stop
 
 CHAT = "/v1/chat/completions"
 IMAGES = "/v1/images/generations"
+EMBEDDINGS = "/v1/embeddings"
 JWT_SECRET = "budget-test-secret-0123456789-0123456789"
 
 
@@ -59,12 +62,19 @@ async def _images(request: Request) -> Response:
     return _json({"created": 1, "data": [{"b64_json": "AA=="}] * int(body.get("n", 1))})
 
 
+async def _embeddings(request: Request) -> Response:
+    raw = await request.body()
+    usage = {"prompt_tokens": len(raw) // 4, "total_tokens": len(raw) // 4}  # what the gateway reserves
+    return _json({"object": "list", "data": [{"embedding": [0.0], "index": 0}], "usage": usage})
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", _chat, methods=["POST"]),
             Route("/v1/images/generations", _images, methods=["POST"]),
+            Route("/v1/embeddings", _embeddings, methods=["POST"]),
         ]
     )
     server = ServerThread(app).start()
@@ -358,3 +368,63 @@ def test_cli_sets_limits_and_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyP
         app, ["keys", "create", "--name", "x", "--tokens-per-day", "0", "--home", str(tmp_path)]
     )
     assert bad.exit_code == 2
+
+
+def test_embeddings_reserve_their_input_only(gateway: Gateway) -> None:
+    """Embeddings generate nothing: `max_tokens` and `n` (any value) do not count."""
+    key, _ = gateway.store.create("emb", tpm=1000, budgets={"tokens_per_day": 1000})
+    body = orjson.dumps({"model": "m", "input": "hello", "max_tokens": 10**9, "n": 10**6})
+    for _ in range(3):
+        resp = gateway.post(key, EMBEDDINGS, body)
+        assert resp.status_code == 200, resp.text
+        assert int(resp.headers["x-ratelimit-remaining-tokens"]) >= 1000 - 3 * (len(body) // 4) - 1
+    ignored = gateway.post(key, EMBEDDINGS, {"model": "m", "input": "x", "max_tokens": "many", "n": True})
+    assert ignored.status_code == 200, ignored.text
+
+
+def test_image_count_must_be_a_positive_integer(gateway: Gateway) -> None:
+    """The model server may read "3" or 2.0 as a number: the image budget must count the same."""
+    key, _ = gateway.store.create("img-n", budgets={"images_per_day": 3})
+    for n in ("3", True, 0, -1, 2.5, [2]):
+        resp = gateway.post(key, IMAGES, {"model": "img", "prompt": "a cat", "n": n})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", (n, resp.text)
+    for n in (2**64 - 1, 1e30):  # more than the budget: refused, and nothing is charged
+        _refused(
+            gateway.post(key, IMAGES, {"model": "img", "prompt": "a cat", "n": n}), "insufficient_quota", ""
+        )
+    assert gateway.post(key, IMAGES, {"model": "img", "prompt": "a cat", "n": 2.0}).status_code == 200
+    _refused(gateway.post(key, IMAGES, {"model": "img", "prompt": "a cat", "n": 2}), "insufficient_quota", "")
+    assert gateway.post(key, IMAGES, {"model": "img", "prompt": "a cat"}).status_code == 200
+
+
+def test_redis_outage_keeps_budgets_through_the_gateway(tmp_path: Path, upstream: str) -> None:
+    """Redis stops mid-test: a request with a budget fails closed (503) by default, plain rate
+    limits fail open; with budget_fail_mode "open" the fallback starts from the usage records."""
+    redis = RedisServer().start()
+    settings = _settings(tmp_path, upstream, gateway={"redis_url": redis.url})
+    lenient = settings.model_copy(deep=True)
+    lenient.gateway.ratelimit.budget_fail_mode = "open"
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    body = _chat_body(20)
+    budgeted, record = store.create("budget", budgets={"tokens_per_day": 3 * _reserved(body)})
+    plain, _ = store.create("plain", rpm=100)
+    strict_gw, lenient_gw = Gateway(settings, store), Gateway(lenient, store)
+    try:
+        assert [strict_gw.post(budgeted, CHAT, body).status_code for _ in range(2)] == [200, 200]
+        deadline = time.monotonic() + 10  # metered (in batches): both requests are on record
+        start = datetime.fromtimestamp(periods(time.time())[0] * 86400, UTC)
+        while period_usage(store.engine, f"key:{record.id}", start)[0] < 2 * _reserved(body):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        redis.stop()
+        refused = strict_gw.post(budgeted, CHAT, body)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert strict_gw.post(plain, CHAT, body).status_code == 200
+        assert lenient_gw.post(budgeted, CHAT, body).status_code == 200  # the third of three
+        _refused(lenient_gw.post(budgeted, CHAT, body), "insufficient_quota", "tokens per day")
+    finally:
+        strict_gw.close()
+        lenient_gw.server.stop()
+        redis.stop()

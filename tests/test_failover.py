@@ -177,3 +177,66 @@ def test_requests_waiting_on_a_hung_replica_are_not_left_hanging(tmp_path: Path)
         for p in procs:
             p.send_signal(signal.SIGCONT)
             stop(p)
+
+
+def test_fallbacks_respect_the_callers_models_rbac_and_their_own_limits(tmp_path: Path) -> None:
+    """A fallback serves only a caller who may use it (model list, RBAC), within its own model
+    limits, charged when it is tried: skipped otherwise, leaving the primary's own failure."""
+    backup = MockUpstream("backup")
+    upstream = ServerThread(backup.app).start()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    deployments = [
+        DeploymentConfig(model="primary", endpoints=[dead], fallbacks=["backup"]),
+        DeploymentConfig(model="backup", endpoints=[upstream.url + "/v1"], rpm=3, max_concurrent=1),
+    ]
+    settings = Settings(home=tmp_path, secret_key="test-secret-test-secret", deployments=deployments)
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    listed, _ = store.create("listed", models=["primary"])  # its model list names only the primary
+    rbac, _ = store.create("rbac", permissions=["inference:*@model:primary"])  # RBAC: only the primary
+    both, _ = store.create("both")
+    server = ServerThread(create_app(settings, key_store=store)).start()
+
+    def post(key: str, body: dict[str, object]) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.post(server.url + CHAT, json=body, headers=headers, timeout=10)
+
+    try:
+        for key in (listed, rbac):
+            resp = post(key, _chat("primary"))
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "no_healthy_upstream"
+            assert resp.json()["error"]["message"].count("`primary`") == 1
+            assert post(key, _chat("backup")).status_code in (403, 404)
+        assert backup.requests == 0  # never asked on their behalf
+
+        resp = post(both, _chat("primary"))
+        assert resp.status_code == 200 and resp.json()["served_by"] == "backup"
+        with httpx.stream(
+            "POST",
+            server.url + CHAT,
+            json=_chat("primary", stream=True),
+            headers={"Authorization": f"Bearer {both}"},
+        ) as streamed:
+            assert streamed.status_code == 200 and b"[DONE]" in streamed.read()
+        # backup's one concurrency slot came back after each: a third fallback fits...
+        assert post(both, _chat("primary")).status_code == 200
+        # ...but backup's rpm (3) is spent by the requests that fell back to it.
+        resp = post(both, _chat("primary"))
+        assert resp.status_code == 503 and backup.requests == 3
+        refused = post(both, _chat("backup"))
+        assert refused.status_code == 429 and "3 requests per minute for this model" in refused.text
+
+        # A body that cannot be written again for the fallback: a 400, not a 500.
+        deep = b'{"model": "primary", "messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+        resp = httpx.post(
+            server.url + CHAT,
+            content=deep,
+            headers={"Authorization": f"Bearer {both}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert resp.status_code == 400, resp.text
+    finally:
+        server.stop()
+        upstream.stop()
+        store.engine.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -313,3 +314,239 @@ def test_local_budgets_reset_at_midnight_utc(monkeypatch: pytest.MonkeyPatch) ->
         await limiter.acquire(day, 90)
 
     asyncio.run(run())
+
+
+async def _huge_values(limiter: LocalLimiter | RedisLimiter, tag: str) -> None:
+    """`max_tokens` near 2**64 (or `n` huge): every counter stays exact and usable."""
+    for i, huge in enumerate((2**64 - 1, 2**64 * 32, 10**30)):
+        tpm = (Limit(f"{tag}:huge-tpm-{i}", tpm=1000),)
+        ticket = await limiter.acquire(tpm, huge)  # admitted on a full bucket, charged the bucket
+        assert ticket.headers["x-ratelimit-remaining-tokens"] == "0"
+        await limiter.release(ticket, 7)  # it used 7: the rest comes back
+        ticket = await limiter.acquire(tpm, 100)  # the next normal request fits at once
+        assert 893 <= int(ticket.headers["x-ratelimit-remaining-tokens"]) <= 895
+
+    # A budget: the first huge request is admitted on the unused budget; its usage is kept.
+    budget = (Limit(f"{tag}:huge-budget", tokens_per_day=1000, tokens_per_month=10_000),)
+    admitted = 0
+    for _ in range(5):
+        try:
+            ticket = await limiter.acquire(budget, 2**64 - 1)
+        except RateLimited as exc:
+            assert exc.kind == "tokens_per_day"
+            continue
+        admitted += 1
+        await limiter.release(ticket, 300)
+    assert admitted == 1
+    await limiter.acquire(budget, 700)  # 300 + 700: the whole budget
+    with pytest.raises(RateLimited) as exc:
+        await limiter.acquire(budget, 1)
+    assert exc.value.kind == "tokens_per_day"
+
+    # Negative amounts charge nothing and credit nothing.
+    neg = (Limit(f"{tag}:neg", tpm=100, tokens_per_day=100, images_per_day=2),)
+    ticket = await limiter.acquire(neg, -(10**20), images=-5)
+    assert ticket.headers["x-ratelimit-remaining-tokens"] == "100"
+    await limiter.release(ticket, -50)
+    await limiter.acquire(neg, 100, images=2)
+    with pytest.raises(RateLimited):
+        await limiter.acquire(neg, 1)
+    with pytest.raises(RateLimited):
+        await limiter.acquire((Limit(f"{tag}:neg", images_per_day=2),), 0, images=1)
+
+
+def test_local_limiter_huge_values() -> None:
+    asyncio.run(_huge_values(LocalLimiter(), "local"))
+
+
+def test_redis_limiter_huge_values_and_integer_counters(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        limiter = RedisLimiter(redis_server.url)
+        redis = RespClient(redis_server.url, timeout_s=2)
+        try:
+            await _huge_values(limiter, "redis")
+            assert not limiter.local._buckets and not limiter.local._budgets  # all from Redis
+            # Every counter is integer text (HINCRBY's), whatever the requests asked for.
+            for key in ("huge-tpm-0:t", "huge-tpm-1:t", "huge-budget:b", "neg:t", "neg:b"):
+                stored = await redis.call("HGETALL", f"budrt:rl:redis:{key}")
+                assert stored and all(re.fullmatch(rb"-?\d+", v) for v in stored[1::2]), (key, stored)
+            # A counter an older script wrote as a float neither breaks the script (which would
+            # count as an outage) nor frees the budget; it is rewritten as an integer.
+            day, month, _, _ = periods(time.time())
+            poisoned = ("td", "1.8446744073709552e+19", "tm", "12.5", "id", "-3", "im", "0")
+            await redis.call("HSET", "budrt:rl:redis:legacy:b", "d", day, "m", month, *poisoned)
+            with pytest.raises(RateLimited) as exc:
+                await limiter.acquire((Limit("redis:legacy", tokens_per_day=1000),), 10)
+            assert exc.value.kind == "tokens_per_day"
+            await limiter.acquire((Limit("redis:legacy", tokens_per_month=1000, images_per_day=5),), 10, 1)
+            stored = await redis.call("HMGET", "budrt:rl:redis:legacy:b", "tm", "id")
+            assert stored == [b"22", b"1"]
+            assert not limiter.local._budgets  # Redis decided, not the fail-open fallback
+            # A bucket of whole tokens still keeps the fraction earned between two requests.
+            tpm = (Limit("redis:fraction", tpm=60),)  # one token a second
+            await limiter.acquire(tpm, 60)
+            await asyncio.sleep(0.6)
+            with pytest.raises(RateLimited) as exc:
+                await limiter.acquire(tpm, 1)
+            assert exc.value.retry_after_s <= 0.4
+            await asyncio.sleep(0.6)
+            await limiter.acquire(tpm, 1)
+        finally:
+            await redis.close()
+            await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_local_tpm_bucket_keeps_fractions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import budrt.gateway.local_limiter as rl
+
+    clock = [1000.0]
+    monkeypatch.setattr(rl, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    limiter = LocalLimiter()
+    tpm = (Limit("fraction", tpm=60),)  # one token a second
+    limiter.try_acquire(tpm, 60)
+    for _ in range(3):
+        clock[0] += 0.5
+        with pytest.raises(RateLimited) as exc:
+            limiter.try_acquire(tpm, 1)  # half a token
+        assert exc.value.retry_after_s == pytest.approx(0.5)
+        clock[0] += 0.5
+        assert limiter.try_acquire(tpm, 1).headers["x-ratelimit-remaining-tokens"] == "0"
+    assert isinstance(limiter._buckets["fraction"].tokens, int)
+
+
+def test_rate_limited_headers_stay_finite() -> None:
+    for retry in (float("inf"), float("nan"), 1e300, -5.0):
+        for kind in ("tpm", "rpm", "tokens_per_day"):
+            headers = RateLimited("key:1", kind, 10, retry).headers()
+            assert 1 <= int(headers["Retry-After"]) <= 31 * 86400, headers
+            assert not any(w in v for v in headers.values() for w in ("nan", "inf", "-")), headers
+
+
+def test_redis_outage_keeps_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail-open falls back to budgets seeded from the usage records (again for each outage);
+    by default a request with a budget is refused instead, while plain rate limits fail open."""
+    import budrt.gateway.redis_limiter as rl
+
+    monkeypatch.setattr(rl, "RETRY_REDIS_AFTER_S", 0.1)
+    server = RedisServer().start()
+    recorded = {"key:1": 0}  # what the usage records hold for the scope this day and month
+
+    def seed(scope: str, since: datetime) -> tuple[int, int]:
+        return recorded.get(scope, 0), 0
+
+    budget = (Limit("key:1", rpm=100, tokens_per_day=1000),)
+    plain = (Limit("key:2", rpm=100),)
+
+    async def run() -> None:
+        strict = RedisLimiter(server.url, "open", seed=seed)
+        lenient = RedisLimiter(server.url, "open", seed=seed, budget_fail_mode="open")
+        try:
+            ticket = await lenient.acquire(budget, 600)
+            assert not ticket.local
+            await lenient.release(ticket, 600)
+            recorded["key:1"] = 600  # metered
+            server.stop()  # Redis goes away
+            with pytest.raises(LimiterUnavailable):
+                await strict.acquire(budget, 10)  # budgets fail closed
+            assert (await strict.acquire(plain, 10)).local  # plain rate limits fail open
+            ticket = await lenient.acquire(budget, 300)  # 600 recorded + 300
+            assert ticket.local
+            with pytest.raises(RateLimited) as exc:
+                await lenient.acquire(budget, 200)
+            assert exc.value.kind == "tokens_per_day"
+            await lenient.release(ticket, 300)
+
+            server.start()  # back: Redis counts again (it missed the 300 used meanwhile)
+            await asyncio.sleep(0.15)
+            assert not (await lenient.acquire(budget, 50)).local
+            recorded["key:1"] = 950
+            server.stop()  # a new outage: the fallback's budget is loaded afresh (950, not 900)
+            await asyncio.sleep(0.15)
+            with pytest.raises(RateLimited):
+                await lenient.acquire(budget, 100)
+            assert (await lenient.acquire(budget, 50)).local
+        finally:
+            await strict.close()
+            await lenient.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_counts_in_requests_through_the_gateway(
+    tmp_path: Path, upstream: str, redis_server: RedisServer, shared: bool
+) -> None:
+    """`max_tokens`, `max_completion_tokens`, `n` and `stream` of any type: a 400 naming the
+    field, or (huge) a reservation clamped to the tpm bucket that the actual usage settles."""
+    extra = {"redis_url": redis_server.url} if shared else {}
+    settings = _settings(tmp_path, upstream, **extra)
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    keys = [store.create(f"counts-{i}", tpm=1000, budgets={"tokens_per_day": 10_000})[0] for i in range(4)]
+    server = ServerThread(create_app(settings, key_store=store)).start()
+    bad = [
+        ("max_tokens", "100"),
+        ("max_tokens", True),
+        ("max_tokens", -1),
+        ("max_tokens", 1.5),
+        ("max_completion_tokens", [1]),
+        ("n", 0),
+        ("n", "2"),
+        ("n", False),
+        ("stream", "true"),
+        ("stream", 1),
+    ]
+    huge = [{"max_tokens": 2**64 - 1}, {"max_tokens": 2**64 - 1, "n": 2**63}, {"n": 1e30}]
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            auth = {"Authorization": f"Bearer {keys[0]}"}
+            for field, value in bad:
+                resp = c.post(CHAT, json={**BODY, field: value}, headers=auth)
+                assert resp.status_code == 400, (field, value, resp.text)
+                assert resp.json()["error"]["param"] == field
+            for key, fields in zip(keys[1:], huge, strict=True):
+                auth = {"Authorization": f"Bearer {key}"}
+                resp = c.post(CHAT, json={**BODY, **fields}, headers=auth)
+                assert resp.status_code == 200, resp.text
+                assert resp.headers["x-ratelimit-remaining-tokens"] == "0"  # the whole bucket, no more
+                # The mock used 7 tokens: the rest came back, so a normal request fits at once.
+                resp = c.post(CHAT, json={**BODY, "max_tokens": 100}, headers=auth)
+                assert resp.status_code == 200, resp.text
+                assert int(resp.headers["x-ratelimit-remaining-tokens"]) > 800
+    finally:
+        server.stop()
+        store.engine.dispose()
+
+
+def test_a_body_too_deep_to_forward_is_400_and_leaks_no_slot(tmp_path: Path, upstream: str) -> None:
+    """orjson reads deeper nesting than it writes: an alias (renamed, so written again) once
+    raised a 500 after the limits were taken, and the key's concurrency slot was never given back."""
+    settings = Settings(
+        home=tmp_path,
+        secret_key="test-secret-test-secret",
+        deployments=[DeploymentConfig(model="m", aliases=["alias"], endpoints=[upstream])],
+        gateway={"ratelimit": {"key_concurrency": 1}},
+    )
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("deep")
+    server = ServerThread(create_app(settings, key_store=store)).start()
+    deep = b'{"model": "alias", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 300
+    deep += b"]" * 300 + b"}"
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+            for _ in range(2):
+                resp = c.post(CHAT, content=deep, headers={"Content-Type": "application/json"})
+                assert resp.status_code == 400, resp.text
+                assert "nested too deeply" in resp.json()["error"]["message"]
+            assert c.post(CHAT, json={**BODY, "model": "alias"}).status_code == 200
+    finally:
+        server.stop()
+        store.engine.dispose()

@@ -103,6 +103,9 @@ class DeploymentConfig(_Section):
 
 class RateLimitConfig(_Section):
     fail_mode: Literal["open", "closed"] = "open"  # Redis unreachable: local limiter, or refuse (503)
+    # Redis unreachable, fail_mode "open", and the request's limits include a budget: refuse (503),
+    # or admit within budgets seeded from the usage records (each gateway process on its own).
+    budget_fail_mode: Literal["open", "closed"] = "closed"
     key_rps: int | None = None  # requests per second per key, on top of the key's own rpm/tpm
     key_concurrency: int | None = None  # requests in flight per key
     default_max_tokens: int = 256  # reserved for tpm when a request sets no max_tokens

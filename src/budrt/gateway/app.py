@@ -27,12 +27,21 @@ from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
-from budrt.gateway.routing import Router
+from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
-from budrt.gateway.traffic import Traffic, image_count, key_limits, make_limiter, model_limits, reserve_tokens
+from budrt.gateway.traffic import (
+    Traffic,
+    dump_body,
+    image_count,
+    key_limits,
+    make_limiter,
+    model_limits,
+    reserve_tokens,
+    stream_flag,
+)
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.errors import APIError, internal_error, invalid_request, model_not_found, parse_json_body
-from budrt.security.rbac import ENDPOINT_ACTIONS
+from budrt.security.rbac import ENDPOINT_ACTIONS, Principal
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
 from budrt.store.quotas import period_usage
@@ -48,6 +57,7 @@ PROXIED_PATHS = {
     "/v1/images/generations": "/images/generations",
 }
 IMAGES_PATH = "/v1/images/generations"
+EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -69,7 +79,7 @@ class Gateway:
         self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
         self.model_limits = model_limits(settings.deployments)
         self.proxy = Proxy(settings.gateway)
-        self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter)
+        self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
         self.created = int(time.time())
 
@@ -106,6 +116,22 @@ class Gateway:
             raise model_not_found(model)
         return _json(self._model_object(model))
 
+    def _fallback_chain(self, key: Principal, action: str, dep: Deployment) -> list[Deployment]:
+        """`dep`, then the fallbacks (and theirs) this caller may use: like the model asked for,
+        each must be on the key's model list and allow `action` on one of its names. The others
+        are skipped, so a failure of `dep` never serves the caller from a model it may not use."""
+        return [
+            d for d in self.router.chain(dep) if d is dep or key.can_use_model(action, d.name, *d.aliases)
+        ]
+
+    def _cost(self, path: str, body: bytes, data: dict[str, Any]) -> tuple[int, int]:
+        """(tokens, images) a request is charged before the call; 400 for a bad `max_tokens`/`n`.
+        Images count against image budgets, not tokens; embeddings reserve their input only."""
+        if path == IMAGES_PATH:
+            return 0, image_count(data)
+        most = self.settings.gateway.ratelimit.default_max_tokens
+        return reserve_tokens(len(body), data, most, embeddings=path == EMBEDDINGS_PATH), 0
+
     async def forward(self, request: Request, path: str) -> Response | Buffered | UpstreamStream:
         """Handles a POST to `path`, one of PROXIED_PATHS; the caller sends the response."""
         tracker = RequestTracker(time.monotonic())
@@ -124,25 +150,24 @@ class Gateway:
                 raise model_not_found(model)
             tracker.model = dep.name
             request.scope[MODEL] = dep.name
-            require_model(key, ENDPOINT_ACTIONS[path], model, dep.name, model)
+            action = ENDPOINT_ACTIONS[path]
+            require_model(key, action, model, dep.name, model)
+            stream = stream_flag(data)
+            chain = [dep] if not dep.fallbacks else self._fallback_chain(key, action, dep)
             limits = key_limits(key, self.settings.gateway.ratelimit)
             if (model_limit := self.model_limits.get(dep.name)) is not None:
                 limits = (*limits, model_limit)
-            ticket = None
-            if limits:
-                reserve, images = 0, 0
-                if path == IMAGES_PATH:  # images count against image budgets, not tokens
-                    images = image_count(data)
-                else:
-                    most = self.settings.gateway.ratelimit.default_max_tokens
-                    reserve = reserve_tokens(len(body), data, most)
-                ticket = await self.limiter.acquire(limits, reserve, images)
+            cost = (0, 0)
+            if limits or len(chain) > 1:
+                cost = self._cost(path, body, data)
             if model != dep.name:  # an alias: upstream only knows the canonical name
                 data["model"] = dep.name
-                body = orjson.dumps(data)
-            upstream_path = PROXIED_PATHS[path]
+                body = dump_body(data)
+            # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
+            ticket = await self.limiter.acquire(limits, *cost) if limits else None
+            upstream, receive = PROXIED_PATHS[path], request.receive
             result = await self.traffic.send(
-                request.receive, request.headers, dep, upstream_path, data, body, tracker, ticket
+                receive, request.headers, chain, upstream, data, body, tracker, ticket, stream, cost
             )
             status = result.status_code
             return result

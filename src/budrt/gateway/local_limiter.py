@@ -16,6 +16,7 @@ from budrt.gateway.ratelimit import (
     RateLimited,
     Seed,
     Ticket,
+    charge,
     limit_headers,
     log,
     month_start,
@@ -24,16 +25,31 @@ from budrt.gateway.ratelimit import (
 
 
 class _Bucket:
+    """A tpm bucket of whole tokens: a refill adds only whole tokens and moves `at` forward by
+    just the time they took, so the fraction of a token earned since is kept, not lost."""
+
     __slots__ = ("tokens", "at")
 
     def __init__(self, capacity: int, now: float) -> None:
-        self.tokens = float(capacity)
+        self.tokens = capacity
         self.at = now
 
-    def refill(self, capacity: int, now: float) -> float:
-        self.tokens = min(float(capacity), self.tokens + (now - self.at) * capacity / 60.0)
-        self.at = now
+    def refill(self, capacity: int, now: float) -> int:
+        tokens = self.tokens
+        if tokens >= capacity:  # full (or above a capacity just lowered)
+            self.tokens, self.at = capacity, now
+            return capacity
+        gained = int((now - self.at) * capacity / 60.0)
+        if tokens + gained >= capacity:
+            self.tokens, self.at = capacity, now
+        elif gained > 0:
+            self.tokens = tokens + gained
+            self.at += gained * 60.0 / capacity
         return self.tokens
+
+    def wait_s(self, capacity: int, need: int, now: float) -> float:
+        """Seconds until the bucket (refilled at `now`) holds `need` tokens."""
+        return (need - self.tokens) * 60.0 / capacity - (now - self.at)
 
 
 class LocalLimiter:
@@ -79,6 +95,7 @@ class LocalLimiter:
         return b
 
     def try_acquire(self, limits: tuple[Limit, ...], tokens: int, images: int = 0) -> Ticket:
+        tokens, images = charge(tokens), charge(images)
         now = time.monotonic()
         day = month = 0
         # Check every scope before changing any, so a refusal costs nothing anywhere.
@@ -90,10 +107,11 @@ class LocalLimiter:
                         raise RateLimited(lim.scope, kind, rate, log[-rate] + window - now)
             if lim.tpm:
                 bucket = self._buckets.get(lim.scope)
-                have = bucket.refill(lim.tpm, now) if bucket else float(lim.tpm)
+                have = bucket.refill(lim.tpm, now) if bucket else lim.tpm
                 need = min(tokens, lim.tpm)  # a request larger than the whole budget waits for a full one
                 if have < need:
-                    raise RateLimited(lim.scope, "tpm", lim.tpm, (need - have) * 60.0 / lim.tpm)
+                    assert bucket is not None
+                    raise RateLimited(lim.scope, "tpm", lim.tpm, bucket.wait_s(lim.tpm, need, now))
             if lim.concurrent:
                 leases = self._leases.get(lim.scope, {})
                 for lease, expires in list(leases.items()):
@@ -116,7 +134,7 @@ class LocalLimiter:
                 bucket = self._buckets.get(lim.scope)
                 if bucket is None:
                     bucket = self._buckets[lim.scope] = _Bucket(lim.tpm, now)
-                bucket.tokens -= tokens
+                bucket.tokens -= min(tokens, lim.tpm)  # at most the whole bucket: never below 0 here
             if lim.concurrent:
                 self._leases.setdefault(lim.scope, {})[lease] = now + LEASE_S
             if lim.has_budget:
@@ -133,7 +151,7 @@ class LocalLimiter:
             remaining = rate - len(log) if rate and log else 0
             reset = log[0] + window - now if log else 0.0
             bucket = self._buckets.get(first.scope)
-            headers = limit_headers(first, remaining, reset, bucket.tokens if bucket else 0.0)
+            headers = limit_headers(first, remaining, reset, bucket.tokens if bucket else 0)
         return Ticket(limits, lease, tokens, headers, images=images, day=day, month=month)
 
     @staticmethod
@@ -164,6 +182,10 @@ class LocalLimiter:
                     await self._seed(lim.scope)
         return self.try_acquire(limits, tokens, images)
 
+    def forget_budgets(self) -> None:
+        """Drop every budget counter: each is loaded again through `seed` on its next use."""
+        self._budgets.clear()
+
     async def _seed(self, scope: str) -> None:
         day, month, _, _ = periods(time.time())
         assert self.seed is not None
@@ -179,13 +201,15 @@ class LocalLimiter:
         self._budgets.setdefault(scope, [day, month, day_tokens, month_tokens, day_images, month_images])
 
     def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
-        refund = ticket.reserved - used_tokens if used_tokens is not None else 0
-        image_refund = ticket.images if used_tokens == 0 else 0  # 0: nothing was served
+        used = charge(used_tokens) if used_tokens is not None else None
+        refund = ticket.reserved - used if used is not None else 0
+        image_refund = ticket.images if used == 0 else 0  # 0: nothing was served
         for lim in ticket.limits:
-            if lim.tpm and used_tokens is not None:
+            if lim.tpm and used is not None:
                 bucket = self._buckets.get(lim.scope)
-                if bucket is not None:
-                    bucket.tokens = min(float(lim.tpm), bucket.tokens + refund)
+                if bucket is not None:  # the bucket was charged min(reserved, tpm)
+                    back = min(ticket.reserved, lim.tpm) - used
+                    bucket.tokens = min(lim.tpm, bucket.tokens + back)
             if lim.concurrent:
                 self._leases.get(lim.scope, {}).pop(ticket.lease, None)
             if lim.has_budget and (refund or image_refund):

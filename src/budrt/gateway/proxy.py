@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from starlette.types import Receive
@@ -25,6 +25,7 @@ log = logging.getLogger("budrt.gateway.proxy")
 
 CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in metrics
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
+Admit = Callable[[Deployment], Awaitable[bool]]  # may this fallback be tried? (its own limits)
 WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched
 
 
@@ -78,9 +79,11 @@ class Proxy:
         tracker: RequestTracker,
         extra_headers: dict[str, str],
         affinity: str | None = None,
+        admit: Admit | None = None,
     ) -> Buffered | UpstreamStream:
-        """Send to an endpoint of `chain[0]` (then its fallbacks); a client that disconnects
-        cancels the upstream request, and so does the request deadline (-> 504)."""
+        """Send to an endpoint of `chain[0]` (then its fallbacks, each only if `admit` says so);
+        a client that disconnects cancels the upstream request, and so does the request
+        deadline (-> 504)."""
         dep = chain[0]
         extra = encode_headers(extra_headers) if extra_headers else []
         task = asyncio.current_task()
@@ -118,7 +121,7 @@ class Proxy:
             watch(deadline)
         handed_off = taken_back = False
         try:
-            result = await self._attempts(chain, path, bodies, stream, affinity, extra)
+            result = await self._attempts(chain, path, bodies, stream, affinity, extra, admit)
             if isinstance(result, Buffered):
                 return result
             served, ep, resp, first = result
@@ -158,6 +161,7 @@ class Proxy:
         stream: bool,
         affinity: str | None,
         extra: RawHeaders,
+        admit: Admit | None = None,
     ) -> Buffered | tuple[Deployment, Endpoint, aiohttp.ClientResponse, bytes]:
         assert self.session is not None, "Proxy.start() was not called"
         task = asyncio.current_task()
@@ -168,6 +172,9 @@ class Proxy:
         for dep in chain:
             timeout = self._timeout(dep)
             body = bodies(dep)
+            if admit is not None and dep is not chain[0]:  # a fallback: one that can answer, if admitted
+                if dep.pick(None, affinity) is None or not await admit(dep):
+                    continue
             tried: set[Endpoint] = set()
             for _ in range(self.config.retries + 1):
                 ep = dep.pick(tried, affinity)

@@ -9,6 +9,11 @@ is a set of leases that expire, so a crashed gateway cannot leak slots forever. 
 counters per period: tokens are reserved and settled like tpm, images count the request's `n`;
 a refused request waits for the period to end (00:00 UTC, or the 1st of the month).
 
+Every counter is an integer, in process and in Redis: what one request is charged (tokens,
+images, the usage it settles with) is clamped to 0 ... MAX_CHARGE on entry to a limiter, and a
+tpm bucket is charged at most its own capacity, so no request value can overflow a counter,
+lose precision in Lua's doubles, or leave a bucket locked.
+
 `budrt.gateway.local_limiter.LocalLimiter` keeps this in process memory;
 `budrt.gateway.redis_limiter.RedisLimiter` does the same in one atomic Lua script per call, exact
 across every gateway sharing the Redis.
@@ -24,6 +29,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 LEASE_S = 600.0  # a concurrency slot not released within this is reclaimed
+# The most tokens (or images) one request is charged, whatever it asks for: above any model's
+# context x n (reservations are settled with the actual usage anyway), and small enough that
+# counters summing millions of such charges stay exact integers in Lua's doubles (< 2**53) and
+# far from HINCRBY's int64 overflow.
+MAX_CHARGE = 1 << 30
+MAX_RETRY_S = 31 * 86400.0  # Retry-After is at most a month (the longest budget period)
 BUDGETS = ("tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")
 log = logging.getLogger("budrt.gateway.ratelimit")
 
@@ -105,13 +116,24 @@ def month_start(month: int) -> datetime:
     return datetime(year, index + 1, 1, tzinfo=UTC)
 
 
+def charge(amount: int) -> int:
+    """What a limiter counts for `amount` tokens or images: an int in 0 ... MAX_CHARGE."""
+    if amount.__class__ is int and 0 <= amount <= MAX_CHARGE:  # the usual case, kept cheap
+        return amount
+    if not isinstance(amount, int | float) or amount != amount:  # NaN
+        return 0
+    return int(min(max(amount, 0), MAX_CHARGE))
+
+
 class RateLimited(Exception):
     def __init__(self, scope: str, kind: str, limit: int, retry_after_s: float) -> None:
         super().__init__("rate limited")
         self.scope = scope
         self.kind = kind  # "rpm", "rps", "tpm", "concurrent" or one of BUDGETS
         self.limit = limit
-        self.retry_after_s = retry_after_s
+        # Finite and bounded: it becomes the Retry-After and x-ratelimit-reset-* headers.
+        ok = math.isfinite(retry_after_s)
+        self.retry_after_s = min(max(retry_after_s, 0.0), MAX_RETRY_S) if ok else MAX_RETRY_S
 
     @property
     def code(self) -> str:
@@ -163,6 +185,8 @@ class Limiter(Protocol):
 
 def duration(seconds: float) -> str:
     """OpenAI's reset format: `20ms`, `1s`, `6m0s`."""
+    if not seconds < MAX_RETRY_S:  # also NaN
+        seconds = MAX_RETRY_S
     if seconds < 1:
         return f"{max(0, round(seconds * 1000))}ms"
     if seconds < 60:
@@ -171,7 +195,7 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s"
 
 
-def limit_headers(limit: Limit, remaining_requests: int, reset_requests: float, tokens_left: float) -> dict:
+def limit_headers(limit: Limit, remaining_requests: int, reset_requests: float, tokens_left: int) -> dict:
     """`x-ratelimit-*` headers for the first scope (the key), as OpenAI sends them."""
     headers: dict[str, str] = {}
     rate = limit.rpm or limit.rps
@@ -181,7 +205,7 @@ def limit_headers(limit: Limit, remaining_requests: int, reset_requests: float, 
         headers["x-ratelimit-reset-requests"] = duration(reset_requests)
     if limit.tpm:
         headers["x-ratelimit-limit-tokens"] = str(limit.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, int(tokens_left)))
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, tokens_left))
         headers["x-ratelimit-reset-tokens"] = duration(max(0.0, limit.tpm - tokens_left) * 60 / limit.tpm)
     return headers
 

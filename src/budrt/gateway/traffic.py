@@ -24,20 +24,23 @@ from budrt.gateway.cache import CACHE_LOOKUPS, ResponseCache, cache_control, cac
 from budrt.gateway.local_limiter import LocalLimiter
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import Proxy
-from budrt.gateway.ratelimit import Limit, Limiter, Seed, Ticket
+from budrt.gateway.ratelimit import Limit, Limiter, LimiterUnavailable, RateLimited, Seed, Ticket
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream, encode_headers
 from budrt.gateway.usage import find_usage
+from budrt.protocol.errors import invalid_request
 
 CACHE_HEADER = "x-budrt-cache"
 
 
 def make_limiter(config: GatewayConfig, seed: Seed | None = None) -> Limiter:
-    """Redis when configured (budgets live there); else in process, budgets seeded by `seed`."""
+    """Redis when configured (budgets live there; its fail-open fallback seeds them by `seed`);
+    else in process, budgets seeded by `seed`."""
     if config.redis_url:
         from budrt.gateway.redis_limiter import RedisLimiter
 
-        return RedisLimiter(config.redis_url, config.ratelimit.fail_mode)
+        rl = config.ratelimit
+        return RedisLimiter(config.redis_url, rl.fail_mode, seed=seed, budget_fail_mode=rl.budget_fail_mode)
     return LocalLimiter(seed)
 
 
@@ -67,38 +70,89 @@ def model_limits(deployments: list[DeploymentConfig]) -> dict[str, Limit]:
     return found
 
 
+def _count(data: dict[str, Any], name: str, least: int) -> int | None:
+    """`data[name]` as an integer >= `least` (an integral float counts); None when absent or
+    null. Anything else is a 400 here: the model server may read "100" or true as a number
+    while the reservation would not, so the limits would not hold what is generated."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
+    if value.__class__ is not int or value < least:
+        raise invalid_request(f"`{name}` must be an integer of at least {least}.", param=name)
+    return value
+
+
 def image_count(data: dict[str, Any]) -> int:
     """Images a generation request asks for: its `n`, default 1 (what image budgets count)."""
-    n = data.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return _count(data, "n", 1) or 1
 
 
-def reserve_tokens(body_len: int, data: dict[str, Any], default_max_tokens: int) -> int:
-    """Tokens to hold before the call: ~4 bytes per prompt token plus the completion budget."""
-    most = data.get("max_completion_tokens") or data.get("max_tokens")
-    if not isinstance(most, int) or most <= 0:
-        most = default_max_tokens
-    n = data.get("n")
-    return body_len // 4 + most * (n if isinstance(n, int) and n > 0 else 1)
+def reserve_tokens(
+    body_len: int, data: dict[str, Any], default_max_tokens: int, embeddings: bool = False
+) -> int:
+    """Tokens to hold before the call: ~4 bytes per prompt token plus the completion budget
+    (`max_tokens` x `n`). Embeddings generate nothing: the input estimate only. The limiters
+    clamp what they charge (`ratelimit.charge`), so a huge `max_tokens` or `n` costs at most
+    MAX_CHARGE here, and a tpm bucket at most its whole capacity."""
+    if embeddings:
+        return body_len // 4
+    most = _count(data, "max_completion_tokens", 0)
+    fallback = _count(data, "max_tokens", 0)
+    if most is None:
+        most = fallback if fallback is not None else default_max_tokens
+    return body_len // 4 + most * (_count(data, "n", 1) or 1)
+
+
+def dump_body(data: dict[str, Any]) -> bytes:
+    """`data` as a body again (an alias or fallback renames the model); 400 when it nests deeper
+    than orjson writes (it reads deeper than it writes), not a 500."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        raise invalid_request("The request body is nested too deeply.") from None
+
+
+def stream_flag(data: dict[str, Any]) -> bool:
+    """The request's `stream`; 400 unless a boolean (a server reading "true" as true would
+    stream to a gateway relaying the answer as one body)."""
+    stream = data.get("stream")
+    if stream is True:
+        return True
+    if stream is None or stream is False:
+        return False
+    raise invalid_request("`stream` must be a boolean.", param="stream")
 
 
 def used_tokens(data: bytes | bytearray, usage: dict[str, Any] | None = None) -> int | None:
-    """Total tokens of the usage object in `data` (or `usage`, when the caller found it already)."""
+    """Total tokens of the usage object in `data` (or `usage`, when the caller found it already);
+    None when there is none or it holds no usable count."""
     usage = usage or find_usage(data)
     if not usage:
         return None
     total = usage.get("total_tokens")
-    if isinstance(total, int):
-        return total
-    return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    if total.__class__ is int:
+        return total if total >= 0 else None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    counts = [c for c in (prompt, completion) if c.__class__ is int and c >= 0]
+    return sum(counts) if counts else None
 
 
 class Traffic:
-    def __init__(self, config: GatewayConfig, router: Router, proxy: Proxy, limiter: Limiter) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        proxy: Proxy,
+        limiter: Limiter,
+        model_limits: dict[str, Limit] | None = None,
+    ) -> None:
         self.config = config
         self.router = router
         self.proxy = proxy
         self.limiter = limiter
+        self.model_limits = model_limits or {}  # a fallback model's own limits apply when it serves
         self.cache: ResponseCache | None = make_cache(config.cache, config.redis_url)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -111,69 +165,122 @@ class Traffic:
         if close is not None:
             await close()
 
-    def _release_later(self, ticket: Ticket, used: int | None) -> None:
+    def _release_later(self, tickets: list[Ticket], used: int | None) -> None:
         """Release without awaiting (e.g. while being cancelled); the task is kept referenced."""
-        task = asyncio.ensure_future(self.limiter.release(ticket, used))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        for ticket in tickets:
+            task = asyncio.ensure_future(self.limiter.release(ticket, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release(self, tickets: list[Ticket], used: int | None) -> None:
+        for ticket in tickets:
+            await self.limiter.release(ticket, used)
 
     async def send(
         self,
         receive: Receive,
         headers: Headers,
-        dep: Deployment,
+        chain: list[Deployment],
         path: str,
         data: dict[str, Any],
         body: bytes,
         tracker: RequestTracker,
         ticket: Ticket | None,
+        stream: bool,
+        cost: tuple[int, int] = (0, 0),
     ) -> Buffered | UpstreamStream:
-        stream = data.get("stream") is True
-        extra = ticket.headers if ticket is not None else {}
+        """Serve a request admitted with `ticket` by `chain[0]`, else by the fallbacks after it
+        (only those the caller may use); a fallback's own limits are charged `cost` (tokens,
+        images) when it is about to be tried (`_admit_fallback`)."""
+        tickets = [ticket] if ticket is not None else []
+        try:
+            result, ckey = await self._send(
+                receive, headers, chain, path, data, body, tracker, tickets, stream, cost
+            )
+        except BaseException:
+            self._release_later(tickets, 0)  # no answer reaches the client: a full refund
+            raise
+        if isinstance(result, UpstreamStream):
+            if tickets or ckey is not None:
+                result.capture = self.config.cache.max_entry_bytes if ckey is not None else 0
+                result.on_end = partial(self._stream_ended, tickets=tickets, ckey=ckey)
+            return result
+        ok = result.status_code == 200
+        if tickets:
+            settles = tickets[0].settles if len(tickets) == 1 else any(t.settles for t in tickets)
+            used = (used_tokens(result.body, result.usage) if ok else 0) if settles else None
+            # Settled by the caller once the response is sent: off its latency, and in the
+            # request's own task (a task per request for this was a visible cost).
+            if len(tickets) == 1:
+                result.after = partial(self.limiter.release, tickets[0], used)
+            else:
+                result.after = partial(self._release, tickets, used)
+        return result
+
+    async def _send(
+        self,
+        receive: Receive,
+        headers: Headers,
+        chain: list[Deployment],
+        path: str,
+        data: dict[str, Any],
+        body: bytes,
+        tracker: RequestTracker,
+        tickets: list[Ticket],
+        stream: bool,
+        cost: tuple[int, int],
+    ) -> tuple[Buffered | UpstreamStream, str | None]:
+        """The response (from the cache, or upstream and then cached) and the cache key a stream
+        is to be stored under. `tickets` gains the ticket of the fallback tried last, if it has
+        limits, and loses all on a cache hit (released)."""
+        dep = chain[0]
+        extra = tickets[0].headers if tickets else {}
         ckey = None
         if self.cache is not None and (ckey := cache_key(path, dep.name, data)) is not None:
             read, write = cache_control(headers)
             hit = await self.cache.get(ckey) if read else None
             CACHE_LOOKUPS.labels("hit" if hit else "miss" if read else "bypass").inc()
             if hit is not None:
-                if ticket is not None:
-                    self._release_later(ticket, 0)
+                self._release_later(tickets, 0)
+                tickets.clear()
                 headers = [(b"content-type", hit[0].encode("latin-1"))]
-                return Buffered(200, hit[1], headers, encode_headers({**extra, CACHE_HEADER: "hit"}))
+                return Buffered(200, hit[1], headers, encode_headers({**extra, CACHE_HEADER: "hit"})), None
             extra = {**extra, CACHE_HEADER: "miss"}
             ckey = ckey if write else None
 
         def body_for(d: Deployment) -> bytes:  # a fallback deployment gets its own model name
-            return body if d is dep else orjson.dumps({**data, "model": d.name})
+            return body if d is dep else dump_body({**data, "model": d.name})
 
-        chain = self.router.chain(dep) if dep.fallbacks else [dep]
+        admit = partial(self._admit_fallback, tickets, len(tickets), cost) if len(chain) > 1 else None
         affinity = affinity_key(data, dep.affinity_key) if dep.strategy == "affinity" else None
-        try:
-            result = await self.proxy.forward(
-                receive, chain, path, body_for, stream, tracker, extra, affinity
-            )
-        except BaseException:
-            if ticket is not None:
-                self._release_later(ticket, 0)
-            raise
-        if isinstance(result, UpstreamStream):
-            if ticket is not None or ckey is not None:
-                result.capture = self.config.cache.max_entry_bytes if ckey is not None else 0
-                result.on_end = lambda s: self._stream_ended(s, ticket, ckey)
-            return result
-        ok = result.status_code == 200
-        if ckey is not None and ok and len(result.body) <= self.config.cache.max_entry_bytes:
-            ctype = result.header(b"content-type") or b"application/json"
-            await self.cache.set(ckey, ctype.decode("latin-1"), result.body)
-        if ticket is not None:
-            used = (used_tokens(result.body, result.usage) if ok else 0) if ticket.settles else None
-            # Settled by the caller once the response is sent: off its latency, and in the
-            # request's own task (a task per request for this was a visible cost).
-            result.after = partial(self.limiter.release, ticket, used)
-        return result
+        result = await self.proxy.forward(
+            receive, chain, path, body_for, stream, tracker, extra, affinity, admit
+        )
+        if ckey is not None and isinstance(result, Buffered):
+            if result.status_code == 200 and len(result.body) <= self.config.cache.max_entry_bytes:
+                ctype = result.header(b"content-type") or b"application/json"
+                await self.cache.set(ckey, ctype.decode("latin-1"), result.body)
+        return result, ckey
 
-    async def _stream_ended(self, stream: UpstreamStream, ticket: Ticket | None, ckey: str | None) -> None:
+    async def _admit_fallback(
+        self, tickets: list[Ticket], own: int, cost: tuple[int, int], dep: Deployment
+    ) -> bool:
+        """Before fallback `dep` is tried: charge its own `model:` limits, as if it had been asked
+        for; False (skip it) when they refuse. `tickets[own:]` holds the charge of the fallback
+        tried before, which served nothing: it is refunded first."""
+        if len(tickets) > own:  # in a task: a cancel arriving now must not lose the ticket
+            self._release_later([tickets.pop()], 0)
+        limit = self.model_limits.get(dep.name)
+        if limit is None:
+            return True
+        try:
+            tickets.append(await self.limiter.acquire((limit,), *cost))
+        except (RateLimited, LimiterUnavailable):
+            return False
+        return True
+
+    async def _stream_ended(self, stream: UpstreamStream, tickets: list[Ticket], ckey: str | None) -> None:
         if ckey is not None and stream.completed and stream.captured is not None and self.cache is not None:
             await self.cache.set(ckey, "text/event-stream", bytes(stream.captured))
-        if ticket is not None:
-            await self.limiter.release(ticket, used_tokens(stream.tail))
+        if tickets:
+            await self._release(tickets, used_tokens(stream.tail))
