@@ -260,6 +260,8 @@ class ReplicaAPI:
     async def delete(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         url = normalize_url(request.query_params.get("url"))
+        if not p.may(REPLICAS_REGISTER):  # 403 before telling whether the URL is registered
+            require(p, REPLICAS_REGISTER, "model:*")
         registry = self._registry(request)
         if not registry.router.registered(url):
             raise APIError(404, f"No replica is registered at {url}.", param="url", code="not_found")
