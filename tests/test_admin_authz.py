@@ -172,6 +172,13 @@ ROUTES: list[tuple[str, str, str, Body | None, tuple[int, int, int, int, int]]] 
         lambda w, v: {"url": f"http://127.0.0.1:9/{w}/v1", "models": [f"new-{w}"]},
         ADMIN,
     ),
+    (
+        "leave unknown replica",
+        "POST",
+        "/admin/replicas/heartbeat",
+        lambda w, v: {"url": "http://127.0.0.1:9/gone/v1", "leaving": True},
+        ADMIN,
+    ),
     ("list replicas", "GET", "/admin/replicas", None, ADMIN),
     ("deregister replica", "DELETE", "/admin/replicas?url={replica}", None, ADMIN),
     ("deregister unknown", "DELETE", "/admin/replicas?url=http://127.0.0.1:9/none/v1", None, ADMIN_MISSING),

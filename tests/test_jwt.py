@@ -114,6 +114,13 @@ def test_hs256() -> None:
     assert _refused(verifier, jwt.encode(claims, "another-secret-0123456789-0123456789")) == (
         "Invalid bearer token."
     )
+    # A user claim no name could be (it is stored with usage records) is refused; such a team
+    # claim is ignored.
+    for odd in ("x" * 201, "a\u0000b"):
+        assert _refused(verifier, jwt.encode({**claims, "sub": odd}, HS_SECRET)) == (
+            "The bearer token's user is not a valid name."
+        )
+    assert _verify(verifier, jwt.encode({**claims, "team": "t\n"}, HS_SECRET)).team is None
     # No JWKS configured: an asymmetric token has no key to be checked with.
     assert "unknown signing key" in _refused(verifier, ec_signer("x").token())
 

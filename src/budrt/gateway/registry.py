@@ -238,6 +238,8 @@ class ReplicaAPI:
     async def heartbeat(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         beat = parse_heartbeat(parse_json_body(await request.body()))
+        if not p.may(REPLICAS_REGISTER):  # also a `leaving` beat for a URL nobody registered
+            require(p, REPLICAS_REGISTER, "model:*")
         registry = self._registry(request)
         if beat.leaving:
             return await self._leave(p, registry, beat.url)
