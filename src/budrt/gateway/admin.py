@@ -199,8 +199,8 @@ class AdminAPI:
             require(p, "keys:create", f"user:{user}")  # before telling whether the user exists
         try:
             member: Member = await self._call(self.identity.member, user)
-        except APIError as exc:  # a user it could not reach anyway: not told whether it exists
-            if exc.status == 404 and team is None:
+        except APIError as exc:  # unless it may reach the user by name: not told it is missing
+            if exc.status == 404:
                 require(p, "keys:create", f"user:{user}")
             raise
         if team is None:
@@ -217,11 +217,13 @@ class AdminAPI:
         _require_listing(p, "keys:list")
         records = await self._call(self.keys.list)
         users, teams = await self._call(self.identity.directory)
-        shown = [
-            key_json(r)
-            for r in records
-            if p.can_any("keys:list", _key_resources(r.id, users.get(r.user_id), teams.get(r.team_id)))  # type: ignore[arg-type]
-        ]
+
+        def visible(r: KeyRecord) -> bool:
+            user = users.get(r.user_id) if r.user_id is not None else None
+            team = teams.get(r.team_id) if r.team_id is not None else None
+            return p.can_any("keys:list", _key_resources(r.id, user, team))
+
+        shown = [key_json(r) for r in records if visible(r)]
         return _json({"object": "list", "data": shown})
 
     async def _authorize_key(self, p: Principal, action: str, key_id: int) -> None:
