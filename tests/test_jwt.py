@@ -114,6 +114,13 @@ def test_hs256() -> None:
     assert _refused(verifier, jwt.encode(claims, "another-secret-0123456789-0123456789")) == (
         "Invalid bearer token."
     )
+    # A user claim no name could be (it is stored with usage records) is refused; such a team
+    # claim is ignored.
+    for odd in ("x" * 201, "a\u0000b"):
+        assert _refused(verifier, jwt.encode({**claims, "sub": odd}, HS_SECRET)) == (
+            "The bearer token's user is not a valid name."
+        )
+    assert _verify(verifier, jwt.encode({**claims, "team": "t\n"}, HS_SECRET)).team is None
     # No JWKS configured: an asymmetric token has no key to be checked with.
     assert "unknown signing key" in _refused(verifier, ec_signer("x").token())
 
@@ -212,3 +219,30 @@ def test_gateway_with_jwt(provider: tuple[Provider, str], tmp_path: Any) -> None
     finally:
         g.stop()
         upstream.stop()
+
+
+def test_weak_jwt_settings_refuse_to_start(tmp_path: Any) -> None:
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from budrt.cli import app
+    from budrt.config import Settings
+
+    url = "https://idp.test/jwks"
+    # A JWKS without audience and issuer accepts any token the provider signs, for anyone.
+    for partial in ({}, {"audience": AUD}, {"issuer": ISS}, {"audience": "", "issuer": ISS}):
+        with pytest.raises(ValidationError, match="audience and issuer are required"):
+            JWTConfig(jwks_url=url, **partial)
+    assert JWTConfig(jwks_url=url, audience=AUD, issuer=ISS).enabled
+    # An HS256 secret shorter than 32 bytes can be brute-forced from one token.
+    for short in ("secret", "x" * 31):
+        with pytest.raises(ValidationError, match="at least 32 bytes"):
+            JWTConfig(secret=short)
+    assert JWTConfig(secret="x" * 32).enabled and JWTConfig(secret="é" * 16).enabled  # bytes, not chars
+    with pytest.raises(ValidationError):
+        Settings(home=tmp_path, auth={"jwt": {"secret": "too-short"}})
+    # Through the CLI: a clear error, no traceback, a non-zero exit.
+    env = {"BUDRT_HOME": str(tmp_path), "BUDRT_AUTH__JWT__JWKS_URL": url}
+    result = CliRunner().invoke(app, ["config", "show"], env=env)
+    assert result.exit_code == 2 and "audience and issuer are required" in result.output
+    assert "Traceback" not in result.output

@@ -16,7 +16,7 @@ from budrt.config import Settings
 from budrt.gateway.auth import Authenticator, extract_key
 from budrt.gateway.main import prepare
 from budrt.protocol.errors import APIError
-from budrt.security.keys import generate_api_key, hash_api_key, load_or_create_secret
+from budrt.security.keys import generate_api_key, hash_api_key, load_or_create_secret, well_formed
 from budrt.store.db import migrate
 from budrt.store.keys import KeyStore
 
@@ -39,6 +39,7 @@ def test_generated_keys() -> None:
     assert len(keys) == 1000
     for key in list(keys)[:50]:
         assert re.fullmatch(r"budrt-[A-Za-z0-9_-]{43}", key)  # 32 random bytes, base64url
+        assert well_formed(key)
 
 
 def test_hash_depends_on_secret() -> None:
@@ -70,17 +71,22 @@ def test_verify(store: KeyStore) -> None:
 
 
 def test_ensure_admin_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BUDRT_ADMIN_KEY", "my-admin-key-123")
+    chosen = "budrt-my-admin-key-0123456789"
+    monkeypatch.setenv("BUDRT_ADMIN_KEY", chosen)
     settings = Settings(home=tmp_path)
     migrate(settings.database_url_resolved)
     store = KeyStore.from_settings(settings)
     assert not store.has_admin()
-    assert store.ensure_admin(settings) == "my-admin-key-123"
+    # A chosen key the gateway would refuse unread (not shaped like a key) is refused here.
+    with pytest.raises(ValueError, match="BUDRT_ADMIN_KEY"):
+        store.ensure_admin(Settings(home=tmp_path, admin_key="my-admin-key-123"))
+    assert not store.has_admin()
+    assert store.ensure_admin(settings) == chosen
     assert store.has_admin()
-    record = store.verify("my-admin-key-123")
+    record = store.verify(chosen)
     assert record is not None and record.is_admin
     path = tmp_path / "admin.key"
-    assert path.read_text().strip() == "my-admin-key-123" and _mode(path) == 0o600
+    assert path.read_text().strip() == chosen and _mode(path) == 0o600
     assert store.ensure_admin(settings) is None
     store.engine.dispose()
 
@@ -140,8 +146,87 @@ def test_authenticator_caches(store: KeyStore, monkeypatch: pytest.MonkeyPatch) 
         records = await asyncio.gather(*(auth.authenticate(headers) for _ in range(20)))
         assert {r.name for r in records} == {"cached"}
         with pytest.raises(APIError) as exc:
-            await auth.authenticate(Headers({"authorization": "Bearer wrong"}))
+            await auth.authenticate(Headers({"authorization": f"Bearer {unknown}"}))
         assert exc.value.status == 401
 
+    unknown = generate_api_key()
     asyncio.run(run())
-    assert calls == [key, "wrong"]  # concurrent misses share one DB read
+    assert calls == [key, unknown]  # concurrent misses share one DB read
+
+
+def _bearer(key: str) -> Headers:
+    return Headers({"authorization": f"Bearer {key}"})
+
+
+async def _refused(auth: Authenticator, key: str) -> None:
+    with pytest.raises(APIError) as exc:
+        await auth.authenticate(_bearer(key))
+    assert exc.value.status == 401 and exc.value.code == "invalid_api_key"
+
+
+def test_garbage_keys_cost_no_reads_and_evict_nothing(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sprayed keys: malformed ones are refused unread, unknown ones are read once and then
+    remembered apart (bounded), and neither kind pushes a valid key out of the cache."""
+    import budrt.gateway.auth as auth_module
+
+    monkeypatch.setattr(auth_module, "_MAX_CACHED", 50)
+    monkeypatch.setattr(auth_module, "_MAX_MISSES", 50)
+    key, _ = store.create("valid")
+    calls: list[str] = []
+    verify = store.verify
+    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    auth = Authenticator(store, ttl_s=60)
+    malformed = [
+        "wrong",
+        "",
+        "budrt-",
+        "budrt-short",
+        "budrt-" + "a" * 129,
+        "x" * 10_000,
+        "budrt-" + "é" * 43,
+    ]
+    malformed += ["budrt-" + "a" * 42 + "!", "sk-" + "a" * 48, "eyJhbGciOiJIUzI1NiJ9.e30.sig"]
+    unknown = [generate_api_key() for _ in range(200)]  # 4x the negative cache's bound
+
+    async def run() -> None:
+        assert (await auth.authenticate(_bearer(key))).name == "valid"
+        for bad in malformed * 3:
+            if bad:
+                await _refused(auth, bad)
+        assert calls == [key]  # not one read for a malformed key
+        for bad in unknown:
+            await _refused(auth, bad)
+        assert calls == [key, *unknown]  # one read each...
+        for bad in unknown[-50:]:
+            await _refused(auth, bad)
+        assert len(calls) == 1 + len(unknown)  # ...and none again while remembered
+        assert len(auth._misses) == 50  # bounded: the least recently seen went first
+        await _refused(auth, unknown[0])
+        assert len(calls) == 2 + len(unknown)
+        assert (await auth.authenticate(_bearer(key))).name == "valid"
+        assert calls.count(key) == 1  # the valid key's entry survived all of it
+
+    asyncio.run(run())
+
+
+def test_positive_cache_is_bounded_without_flushing(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import budrt.gateway.auth as auth_module
+
+    monkeypatch.setattr(auth_module, "_MAX_CACHED", 5)
+    keys = [store.create(f"k{i}")[0] for i in range(8)]
+    calls: list[str] = []
+    verify = store.verify
+    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    auth = Authenticator(store, ttl_s=60)
+
+    async def run() -> None:
+        for k in keys:
+            await auth.authenticate(_bearer(k))
+        assert len(auth._cache) == 5
+        for k in keys[-5:]:  # the five loaded last are all still cached: one entry went per insert
+            await auth.authenticate(_bearer(k))
+        assert calls == keys
+
+    asyncio.run(run())

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import time
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import httpx
 import pytest
 
-from budrt.security.rbac import BUILTIN_ROLES, PermissionSet, Principal, parse_permission, role_permissions
+from budrt.security.rbac import (
+    BUILTIN_ROLES,
+    PermissionSet,
+    Principal,
+    parse_permission,
+    pattern_covers,
+    role_permissions,
+)
 from tests.gateway.identity import CHAT, Gateway, chat, settings, start
 from tests.mock_upstream import MockUpstream, ServerThread
 
@@ -31,6 +41,50 @@ def test_permission_wildcards() -> None:
             parse_permission(bad)
     # Pattern characters are wildcards only where written: '.' and '+' are literal.
     assert not PermissionSet(["x@model:a.b"]).allows("x", "model:aXb")
+
+
+def test_pattern_covers_is_sound() -> None:
+    # The unsound shortcut: a literal "a*" matches the pattern "a?", but "a?" does not hold "a*".
+    assert PermissionSet(["a?"]).allows("a*", "*")
+    assert not pattern_covers("a?", "a*") and not PermissionSet(["a?"]).covers("a*", "*")
+    assert pattern_covers("a*", "a?") and pattern_covers("*", "x*y[0-9]?")
+    assert pattern_covers("model:smollm2-*", "model:smollm2-1*")
+    assert not pattern_covers("model:smollm2-*", "model:smollm*")
+    assert pattern_covers("a[ab]", "aa") and not pattern_covers("a[ab]", "a?")
+    assert not pattern_covers("a[ab]", "a[ab]")  # conservative: a class only by '?' or '*'
+    assert pattern_covers("a?", "a[xy]") and not pattern_covers("a", "a[a]")
+    assert pattern_covers("a[", "a[") and not pattern_covers("a[", "a[b]")  # unclosed: literal
+    assert not pattern_covers("", "*") and pattern_covers("*", "")
+    # Action and resource are covered separately, by one granted permission.
+    team = PermissionSet(["keys:create@team:research", "usage:read:*"])
+    assert team.covers("keys:create", "team:research") and team.covers("usage:read:team", "*")
+    assert not team.covers("keys:create", "team:*") and not team.covers("keys:*", "team:research")
+    assert team.covers("usage:read:team", "team:x")  # usage:read:* is on every resource
+    admin, dev = role_permissions(["admin"], {}), role_permissions(["developer"], {})
+    owned = Principal(kind="key", id=1, name="k", grants=(admin, dev))  # an admin key owned by a developer
+    assert owned.covers("inference:chat@model:x-*") and not owned.covers("keys:create")
+    assert not Principal(kind="key", id=2, name="k").covers("models:list")
+    assert PermissionSet(["x@y"]).allows_action("x") and not PermissionSet(["x@y"]).allows_action("z")
+    # NUL and other control characters never reach a pattern or split action from resource.
+    for bad in ("a\0b", "a@b\x01"):
+        with pytest.raises(ValueError):
+            parse_permission(bad)
+    assert not PermissionSet(["*@user:bob"]).allows("users:update\0user:x", "user:bob")
+
+
+def test_pattern_covers_never_grants_more() -> None:
+    """Whatever `granted` is said to cover, every string `wanted` matches, `granted` matches
+    (random patterns over wildcard-heavy characters, every string up to 4 characters)."""
+    rng = random.Random(14)
+    texts = ["".join(c) for n in range(5) for c in itertools.product("ab[]!-", repeat=n)]
+    covered = 0
+    for _ in range(4000):
+        granted, wanted = ("".join(rng.choices("ab*?[]!-", k=rng.randint(0, 5))) for _ in range(2))
+        if pattern_covers(granted, wanted):
+            covered += 1
+            for text in texts:
+                assert not fnmatchcase(text, wanted) or fnmatchcase(text, granted), (granted, wanted, text)
+    assert covered > 100  # the check was exercised, not vacuous
 
 
 ACTIONS = [
@@ -250,3 +304,37 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     actions = [(e["actor"], e["action"]) for e in IdentityStore(engine).audit_log()]
     engine.dispose()
     assert ("cli", "keys:revoke") in actions and ("cli", "keys:create") in actions
+
+
+def test_cli_refuses_limits_beyond_their_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from budrt.cli import app
+
+    monkeypatch.setenv("BUDRT_HOME", str(tmp_path))
+    runner = CliRunner()
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, [*args, "--home", str(tmp_path)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.exit_code, result.output
+
+    assert cli("teams", "create", "--name", "t")[0] == 0
+    assert cli("users", "create", "--name", "u", "--team", "t")[0] == 0
+    assert cli("keys", "create", "--name", "ok", "--tokens-per-day", str(2**63 - 1))[0] == 0
+    refused = [
+        ("keys", "create", "--name", "a", "--rpm", str(2**63)),
+        ("keys", "create", "--name", "a", "--tokens-per-day", str(2**63)),
+        ("keys", "create", "--name", "a", "--tpm", str(2**31)),
+        ("keys", "set-limits", "1", "--images-per-day", str(2**31)),
+        ("users", "set-limits", "u", "--tokens-per-month", str(2**64)),
+        ("users", "create", "--name", "v", "--rpm", str(2**63)),
+        ("teams", "set-limits", "t", "--tpm", str(10**30)),
+        ("teams", "create", "--name", "t2", "--images-per-month", str(2**40)),
+    ]
+    for args in refused:
+        code, out = cli(*args)
+        assert code == 2 and "error:" in out and "must be an integer from 1 to" in out, (args, out)
+    for args in (("keys", "set-limits", str(2**70), "--rpm", "5"), ("keys", "revoke", str(2**70))):
+        code, out = cli(*args)
+        assert code == 1 and "error: no active key" in out, (args, out)

@@ -61,7 +61,11 @@ def _prepare_store(settings: Settings) -> None:
     from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
 
     migrate(settings.database_url_resolved)
-    admin = KeyStore.from_settings(settings).ensure_admin(settings)
+    try:
+        admin = KeyStore.from_settings(settings).ensure_admin(settings)
+    except ValueError as exc:  # a BUDRT_ADMIN_KEY no gateway would accept
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if admin is not None:
         typer.echo(f"admin key: {admin} (saved to {settings.home / ADMIN_KEY_FILE})")
 

@@ -155,6 +155,15 @@ class JWTConfig(_Section):
     def enabled(self) -> bool:
         return self.secret is not None or self.jwks_url is not None
 
+    @model_validator(mode="after")
+    def _check_strength(self) -> JWTConfig:
+        # Any IdP's token would pass a JWKS check without them; a short HMAC secret is guessable.
+        if self.jwks_url is not None and (not self.audience or not self.issuer):
+            raise ValueError("auth.jwt: with jwks_url, audience and issuer are required")
+        if self.secret is not None and len(self.secret.get_secret_value().encode()) < 32:
+            raise ValueError("auth.jwt.secret must be at least 32 bytes (HS256)")
+        return self
+
 
 class AuthConfig(_Section):
     cache_ttl_s: float = 1.0  # how long an authenticated key is trusted; also the revocation delay

@@ -3,13 +3,17 @@
 Both kinds of credential end as a `Principal` holding its resolved permissions, so a warm
 request does no database work: keys are cached by HMAC digest for `ttl_s` (which is also how
 long a revocation takes to reach this process), tokens by their text until `ttl_s` or `exp`.
+Garbage cannot hurt that cache: a token not shaped like a key is refused without a lookup, and
+unknown keys are remembered apart (bounded, least recently seen dropped first), so spraying
+keys neither evicts valid ones nor costs a database read per repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
 from starlette.concurrency import run_in_threadpool
@@ -18,13 +22,14 @@ from starlette.datastructures import Headers
 from budrt.gateway.jwt_auth import JWTVerifier, looks_like_jwt
 from budrt.gateway.ratelimit import Limit, quota_limit
 from budrt.protocol.errors import APIError, unauthorized
-from budrt.security.keys import KEY_PREFIX
+from budrt.security.keys import KEY_PREFIX, MAX_KEY_LEN, well_formed
 from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, PermissionSet, Principal, role_permissions
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyRecord, KeyStore
 from budrt.store.quotas import Quota
 
-_MAX_CACHED = 10_000  # bounds memory if a client sprays random keys
+_MAX_CACHED = 10_000  # valid principals; beyond it the longest-loaded (likely expired) goes
+_MAX_MISSES = 10_000  # unknown keys remembered; beyond it the least recently seen goes
 _CustomRoles = dict[str, tuple[str, ...]]
 
 
@@ -47,6 +52,13 @@ def require(principal: Principal, action: str, resource: str = "*") -> None:
     if not principal.can(action, resource):
         what = f" on {resource}" if resource != "*" else ""
         raise forbidden(f"This {_kind(principal)} is not allowed to {action}{what}.")
+
+
+def require_any(principal: Principal, action: str, resources: Sequence[str]) -> None:
+    """403 unless `principal` may do `action` on one of an object's `resources` (its own name
+    first, then its owner's and team's); the message names the first."""
+    if not principal.can_any(action, resources):
+        require(principal, action, resources[0])
 
 
 def require_model(principal: Principal, action: str, model: str, *names: str) -> None:
@@ -79,7 +91,8 @@ class Authenticator:
         self.identity = identity or IdentityStore(store.engine)
         self.jwt = jwt
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: dict[str, tuple[float, Principal]] = {}  # insertion order = load order
+        self._misses: OrderedDict[str, float] = OrderedDict()  # digest -> until (monotonic)
         self._pending: dict[str, asyncio.Future[Principal | None]] = {}
         self._sets: dict[tuple[str, ...], PermissionSet] = {}  # shared: their memos warm up once
         self._custom: tuple[float, _CustomRoles] = (-float("inf"), {})
@@ -87,6 +100,7 @@ class Authenticator:
     def invalidate(self) -> None:
         """Forget every cached principal (after a change made through this process)."""
         self._cache.clear()
+        self._misses.clear()
         self._custom = (-float("inf"), {})
 
     async def authenticate(self, headers: Headers) -> Principal:
@@ -98,17 +112,30 @@ class Authenticator:
             if principal is None:
                 raise unauthorized("Invalid bearer token.")
             return principal
+        if len(token) > MAX_KEY_LEN:
+            raise unauthorized("Incorrect API key provided.")
         digest = self.store.hash(token)
         hit = self._cache.get(digest)  # the warm path, inlined: no coroutine calls
-        if hit is not None and hit[0] > time.monotonic() and hit[1] is not None and hit[1].expires_at is None:
+        if hit is not None and hit[0] > time.monotonic() and hit[1].expires_at is None:
             return hit[1]
-        principal = await self._cached(digest, token, self._load_key)
+        principal = await self.lookup(token, digest)
         if principal is None:
             raise unauthorized("Incorrect API key provided.")
         return principal
 
-    async def lookup(self, key: str) -> Principal | None:
-        return await self._cached(self.store.hash(key), key, self._load_key)
+    async def lookup(self, key: str, digest: str | None = None) -> Principal | None:
+        """The key's principal; None for a malformed key (no database read), a recently seen
+        unknown one (no read either) or one the database does not know (remembered)."""
+        if not well_formed(key):
+            return None
+        digest = digest or self.store.hash(key)
+        until = self._misses.get(digest)
+        if until is not None:
+            if until > time.monotonic():
+                self._misses.move_to_end(digest)
+                return None
+            del self._misses[digest]
+        return await self._cached(digest, key, self._load_key)
 
     async def _cached(
         self, cache_key: str, secret: str, load: Callable[[str], Awaitable[Principal | None]]
@@ -118,7 +145,7 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             principal = hit[1]
             # Expiry is checked on every hit so an expiring key stops at its exact time.
-            if principal is None or principal.expires_at is None:
+            if principal.expires_at is None:
                 return principal
             return principal if principal.expires_at > datetime.now(UTC) else None
         pending = self._pending.get(cache_key)
@@ -128,9 +155,7 @@ class Authenticator:
         self._pending[cache_key] = future
         try:
             principal = await load(secret)
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.clear()
-            self._cache[cache_key] = (time.monotonic() + self.ttl_s, principal)
+            self._remember(cache_key, principal)
             future.set_result(principal)
             return principal
         except asyncio.CancelledError:
@@ -142,6 +167,19 @@ class Authenticator:
             raise
         finally:
             del self._pending[cache_key]
+
+    def _remember(self, cache_key: str, principal: Principal | None) -> None:
+        until = time.monotonic() + self.ttl_s
+        if principal is None:
+            self._misses[cache_key] = until
+            self._misses.move_to_end(cache_key)
+            if len(self._misses) > _MAX_MISSES:
+                self._misses.popitem(last=False)
+            return
+        self._cache.pop(cache_key, None)  # re-inserted last: the dict's order is load order
+        self._cache[cache_key] = (until, principal)
+        if len(self._cache) > _MAX_CACHED:
+            del self._cache[next(iter(self._cache))]
 
     async def _load_key(self, key: str) -> Principal | None:
         found = await run_in_threadpool(self._read_key, key)

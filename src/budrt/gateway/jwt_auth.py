@@ -17,6 +17,7 @@ import aiohttp
 import jwt
 
 from budrt.config import JWTConfig
+from budrt.gateway.params import valid_name
 from budrt.protocol.errors import unauthorized
 
 log = logging.getLogger("budrt.gateway.jwt")
@@ -166,7 +167,11 @@ class JWTVerifier:
         user = claim(claims, cfg.user_claim)
         if not isinstance(user, str | int) or user == "":
             raise unauthorized("The bearer token names no user.")
+        if not valid_name(str(user)):  # it is stored with every usage record, as a name
+            raise unauthorized("The bearer token's user is not a valid name.")
         team = claim(claims, cfg.team_claim)
+        if isinstance(team, str | int) and not valid_name(str(team)):
+            team = None  # a team no name could be: no team's rights, no team's usage
         roles = claim(claims, cfg.roles_claim)
         if isinstance(roles, str):
             roles = roles.split()  # OAuth-style space-separated scope string

@@ -22,7 +22,10 @@ def prepare(settings: Settings) -> KeyStore:
     """Migrate the database and create the first admin key (printed once to stdout)."""
     migrate(settings.database_url_resolved)
     store = KeyStore.from_settings(settings)
-    admin = store.ensure_admin(settings)
+    try:
+        admin = store.ensure_admin(settings)
+    except ValueError as exc:  # a BUDRT_ADMIN_KEY no gateway would accept: say so, no traceback
+        raise SystemExit(f"error: {exc}") from None
     if admin is not None:
         print(f"admin key: {admin} (saved to {Path(settings.home) / ADMIN_KEY_FILE})", flush=True)
     return store

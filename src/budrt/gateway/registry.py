@@ -238,6 +238,8 @@ class ReplicaAPI:
     async def heartbeat(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         beat = parse_heartbeat(parse_json_body(await request.body()))
+        if not p.may(REPLICAS_REGISTER):  # also a `leaving` beat for a URL nobody registered
+            require(p, REPLICAS_REGISTER, "model:*")
         registry = self._registry(request)
         if beat.leaving:
             return await self._leave(p, registry, beat.url)
@@ -260,6 +262,8 @@ class ReplicaAPI:
     async def delete(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         url = normalize_url(request.query_params.get("url"))
+        if not p.may(REPLICAS_REGISTER):  # 403 before telling whether the URL is registered
+            require(p, REPLICAS_REGISTER, "model:*")
         registry = self._registry(request)
         if not registry.router.registered(url):
             raise APIError(404, f"No replica is registered at {url}.", param="url", code="not_found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -23,6 +24,16 @@ _SECRET_BYTES = 32
 def generate_api_key() -> str:
     """A new plaintext key: `budrt-` + 32 random bytes, base64url (43 chars)."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+# What a key can look like: generated ones are `budrt-` + 43 base64url characters; a chosen
+# BUDRT_ADMIN_KEY may be 16-128 of them. Anything else is refused without a database read.
+KEY_SHAPE = re.compile(r"budrt-[A-Za-z0-9_-]{16,128}")
+MAX_KEY_LEN = 6 + 128
+
+
+def well_formed(key: str) -> bool:
+    return len(key) <= MAX_KEY_LEN and KEY_SHAPE.fullmatch(key) is not None
 
 
 def key_prefix(key: str) -> str:

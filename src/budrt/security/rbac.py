@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from fnmatch import translate
+from fnmatch import fnmatchcase, translate
 from typing import Any, Literal
 
 # Gateway endpoint -> action checked on `model:<name>`.
@@ -39,6 +39,7 @@ BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
 # Keys created before roles existed (and by `budrt keys create`) carry role "user".
 LEGACY_ROLES = {"user": "developer"}
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+MAX_PERMISSION = 512  # characters; bounds what one granted pattern costs to match and compare
 
 
 def parse_permission(text: str | dict[str, Any]) -> tuple[str, str]:
@@ -49,8 +50,11 @@ def parse_permission(text: str | dict[str, Any]) -> tuple[str, str]:
         action, _, resource = str(text).partition("@")
         resource = resource or "*"
     action, resource = action.strip(), resource.strip()
-    if not action or any(c.isspace() for c in action + resource):
-        raise ValueError(f"invalid permission {text!r}: expected 'action@resource'")
+    # Printable only: a NUL would let a pattern reach across the action/resource boundary.
+    if not action or any(c.isspace() or not c.isprintable() for c in action + resource):
+        raise ValueError(f"invalid permission {str(text)[:100]!r}: expected 'action@resource'")
+    if len(action) + len(resource) > MAX_PERMISSION:
+        raise ValueError(f"invalid permission {str(text)[:100]!r}: longer than {MAX_PERMISSION} characters")
     return action, resource
 
 
@@ -74,13 +78,87 @@ class PermissionSet:
     def allows(self, action: str, resource: str) -> bool:
         hit = self._memo.get((action, resource))
         if hit is None:
-            hit = self._regex is not None and self._regex.fullmatch(f"{action}\0{resource}") is not None
+            # A NUL in a name (a path parameter) could make "action\0resource" split elsewhere.
+            ok = self._regex is not None and "\0" not in action and "\0" not in resource
+            hit = ok and self._regex.fullmatch(f"{action}\0{resource}") is not None  # type: ignore[union-attr]
             if len(self._memo) < 4096:  # resources come from config, but bound it anyway
                 self._memo[(action, resource)] = hit
         return hit
 
+    def allows_action(self, action: str) -> bool:
+        """True when some pattern allows `action` on some resource (a listing may show rows)."""
+        return any(fnmatchcase(action, a) for a, _ in self.permissions)
+
+    def covers(self, action: str, resource: str) -> bool:
+        """True when every (action, resource) the patterns match is allowed by one of these.
+
+        Conservative: one granted pattern must contain the new one (`a[ab]` is not covered by
+        `aa` + `ab` together); never unsound (`a?` does not cover `a*`).
+        """
+        return any(pattern_covers(a, action) and pattern_covers(r, resource) for a, r in self.permissions)
+
     def strings(self) -> list[str]:
         return [format_permission(a, r) for a, r in self.permissions]
+
+
+def _tokens(pattern: str) -> list[tuple[str, str]]:
+    """A pattern split as `fnmatch.translate` reads it: ("star"|"one"|"set"|"lit", text)."""
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1][0] != "star":
+                out.append(("star", c))
+        elif c == "?":
+            out.append(("one", c))
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal '['
+                out.append(("lit", c))
+            else:
+                out.append(("set", pattern[i - 1 : j + 1]))
+                i = j + 1
+        else:
+            out.append(("lit", c))
+    return out
+
+
+def _token_covers(granted: tuple[str, str], wanted: tuple[str, str]) -> bool:
+    """One granted single-character token against one token of the new pattern."""
+    kind, text = granted
+    if wanted[0] == "star":
+        return False  # only a granted '*' covers any string
+    if kind == "one":
+        return True  # a literal, '?' or a class: each exactly one character
+    if wanted[0] != "lit":
+        return False
+    return text == wanted[1] if kind == "lit" else fnmatchcase(wanted[1], text)
+
+
+def pattern_covers(granted: str, wanted: str) -> bool:
+    """True when every string fnmatch-pattern `wanted` matches, `granted` matches too.
+
+    The new pattern's wildcards are treated as symbols that only a granted wildcard at least as
+    wide can stand for: `*` only by `*`, `?` and `[...]` by `?` or `*` (sound, may say no to a
+    class covered by a wider class). Dynamic programming over both token lists.
+    """
+    want = _tokens(wanted)
+    reach = [True] + [False] * len(want)  # reach[j]: the granted prefix so far yields want[:j]
+    for token in _tokens(granted):
+        if token[0] == "star":
+            for j in range(1, len(reach)):
+                reach[j] = reach[j] or reach[j - 1]
+        else:
+            reach = [False] + [reach[j] and _token_covers(token, want[j]) for j in range(len(want))]
+    return reach[-1]
 
 
 def role_permissions(roles: Iterable[str], custom: dict[str, Sequence[str]]) -> PermissionSet:
@@ -127,6 +205,20 @@ class Principal:
             if len(self._memo) < 1024:
                 self._memo[(action, resource)] = hit
         return hit
+
+    def can_any(self, action: str, resources: Iterable[str]) -> bool:
+        """Allowed on at least one of `resources` (an object known by several names)."""
+        return any(self.can(action, r) for r in resources)
+
+    def may(self, action: str) -> bool:
+        """Every layer allows `action` on some resource: a listing may have rows to show."""
+        return bool(self.grants) and all(g.allows_action(action) for g in self.grants)
+
+    def covers(self, permission: str | dict[str, Any]) -> bool:
+        """Every layer contains the whole of `permission`: it may be handed on (a new role, a
+        key's permission list) without granting anything its giver lacks."""
+        action, resource = parse_permission(permission)
+        return bool(self.grants) and all(g.covers(action, resource) for g in self.grants)
 
     def can_use_model(self, action: str, *names: str) -> bool:
         """Allowed on any of the model's names, and the key's model list includes one of them."""

@@ -6,7 +6,7 @@ misses a change that happened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +38,20 @@ class Owner:
     roles: tuple[str, ...] | None  # None: the key has no owning user
     user_quota: Quota | None = None  # limits every key of the user shares
     team_quota: Quota | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user as an authorization check sees it."""
+
+    id: int
+    name: str
+    team_id: int | None
+    team: str | None
+    roles: tuple[str, ...]
+
+
+MemberCheck = Callable[[Member], None]  # raises to refuse; runs inside the change's transaction
 
 
 def _now() -> datetime:
@@ -130,13 +144,13 @@ class IdentityStore:
             audit(session, actor, "users:create", f"user:{name}", detail)
             return _user_json(user, team)
 
-    def update_user(self, name: str, quota: dict[str, Any], actor: str) -> dict[str, Any]:
-        """Set (a value) or clear (None) the given limits of a user."""
+    def update_user(
+        self, name: str, quota: dict[str, Any], actor: str, check: MemberCheck | None = None
+    ) -> dict[str, Any]:
+        """Set (a value) or clear (None) the given limits of a user; `check` may refuse."""
         limits = check_quota(quota)
         with self._sessions.begin() as session:
-            user = session.scalars(select(User).where(User.name == name)).first()
-            if user is None:
-                raise NotFound(f"user {name!r} does not exist")
+            user = self._user(session, name, check)
             for field, value in limits.items():
                 setattr(user, field, value)
             audit(session, actor, "users:update", f"user:{name}", limits)
@@ -149,24 +163,34 @@ class IdentityStore:
             users = session.scalars(select(User).order_by(User.id))
             return [_user_json(u, teams.get(u.team_id) if u.team_id else None) for u in users]
 
+    def member(self, name: str) -> Member:
+        """A user with its team's name; raises NotFound."""
+        with self._sessions() as session:
+            return _member(session, self._user(session, name))
+
+    def directory(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Names by id: (users, teams), to name the owners of many keys at once."""
+        with self._sessions() as session:
+            users = {u.id: u.name for u in session.scalars(select(User))}
+            return users, {t.id: t.name for t in session.scalars(select(Team))}
+
     def user(self, name: str) -> tuple[int, int | None, tuple[str, ...]]:
         """(id, team id, roles) of a user; raises NotFound."""
         with self._sessions() as session:
-            user = session.scalars(select(User).where(User.name == name)).first()
-            if user is None:
-                raise NotFound(f"user {name!r} does not exist")
+            user = self._user(session, name)
             return user.id, user.team_id, tuple(user.roles)
 
     def team_id(self, name: str) -> int:
         with self._sessions() as session:
             return self._team(session, name).id
 
-    def set_roles(self, name: str, roles: Sequence[str], actor: str) -> dict[str, Any]:
+    def set_roles(
+        self, name: str, roles: Sequence[str], actor: str, check: MemberCheck | None = None
+    ) -> dict[str, Any]:
+        """Replace a user's roles; `check` sees the roles they replace (and may refuse)."""
         with self._sessions.begin() as session:
             self._check_roles(session, roles)
-            user = session.scalars(select(User).where(User.name == name)).first()
-            if user is None:
-                raise NotFound(f"user {name!r} does not exist")
+            user = self._user(session, name, check)
             before = list(user.roles)
             user.roles = list(roles)
             audit(session, actor, "roles:assign", f"user:{name}", {"before": before, "after": list(roles)})
@@ -174,8 +198,10 @@ class IdentityStore:
             return _user_json(user, team.name if team else None)
 
     def create_role(self, name: str, permissions: Sequence[str], actor: str) -> dict[str, Any]:
-        if not ROLE_NAME.match(name) or name in BUILTIN_ROLES or name in LEGACY_ROLES:
-            raise Conflict(f"role name {name!r} is reserved or invalid")
+        if name in BUILTIN_ROLES or name in LEGACY_ROLES:
+            raise Conflict(f"role name {name!r} is reserved")
+        if not ROLE_NAME.match(name):
+            raise ValueError(f"invalid role name {name[:100]!r}: up to 64 of a-z, 0-9, '_.-'")
         perms = PermissionSet(permissions).strings()  # validates
         with self._sessions.begin() as session:
             session.add(Role(name=name, permissions=perms, created_at=_now()))
@@ -213,6 +239,14 @@ class IdentityStore:
         with self._sessions() as session:
             self._check_roles(session, [r for r in roles if r not in LEGACY_ROLES])
 
+    def _user(self, session: Session, name: str, check: MemberCheck | None = None) -> User:
+        user = session.scalars(select(User).where(User.name == name)).first()
+        if user is None:
+            raise NotFound(f"user {name!r} does not exist")
+        if check is not None:
+            check(_member(session, user))
+        return user
+
     def _team(self, session: Session, name: str) -> Team:
         team = session.scalars(select(Team).where(Team.name == name)).first()
         if team is None:
@@ -237,6 +271,11 @@ def _flush_unique(session: Session, message: str) -> None:
         session.flush()
     except IntegrityError:
         raise Conflict(message) from None
+
+
+def _member(session: Session, user: User) -> Member:
+    team = session.get(Team, user.team_id) if user.team_id is not None else None
+    return Member(user.id, user.name, user.team_id, team.name if team else None, tuple(user.roles))
 
 
 def _user_json(user: User, team: str | None) -> dict[str, Any]:

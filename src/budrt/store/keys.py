@@ -15,10 +15,17 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from budrt.config import Settings
-from budrt.security.keys import generate_api_key, hash_api_key, key_prefix, load_or_create_secret
+from budrt.security.keys import (
+    KEY_SHAPE,
+    generate_api_key,
+    hash_api_key,
+    key_prefix,
+    load_or_create_secret,
+    well_formed,
+)
 from budrt.security.rbac import ROLE_NAME
 from budrt.store.db import make_engine, session_factory
-from budrt.store.quotas import BUDGET_FIELDS, Quota, check_quota, quota_of
+from budrt.store.quotas import BUDGET_FIELDS, INT64_MAX, Quota, check_quota, quota_of
 from budrt.store.tables import ApiKey
 
 Role = str  # "admin", "user" (= developer, the default), or any built-in or custom role name
@@ -103,6 +110,7 @@ class KeyStore:
         unknown = set(budgets or ()) - set(BUDGET_FIELDS)
         if unknown:
             raise ValueError(f"unknown budget {sorted(unknown)[0]!r}")
+        check_quota({"rpm": rpm, "tpm": tpm, **(budgets or {})})  # what the columns hold
         key = plaintext or generate_api_key()
         row = ApiKey(
             name=name,
@@ -144,6 +152,14 @@ class KeyStore:
                 log.warning("last_used_at not updated", extra={"fields": {"error": str(exc)}})
         return record
 
+    def get(self, key_id: int) -> KeyRecord | None:
+        """The key with this id (revoked or not), or None."""
+        if not 0 < key_id <= INT64_MAX:
+            return None
+        with self._sessions() as session:
+            row = session.get(ApiKey, key_id)
+            return _record(row) if row is not None else None
+
     def list(self) -> list[KeyRecord]:
         with self._sessions() as session:
             return [_record(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
@@ -156,7 +172,9 @@ class KeyStore:
         with self._sessions.begin() as session:
             query = select(ApiKey).where(ApiKey.revoked_at.is_(None))
             ident = str(id_or_prefix)
-            if ident.isdigit():
+            if ident.isascii() and ident.isdigit():
+                if len(ident) > 18:  # beyond any id the column holds
+                    return None
                 query = query.where(ApiKey.id == int(ident))
             else:
                 query = query.where(ApiKey.prefix.startswith(ident, autoescape=True))
@@ -172,6 +190,8 @@ class KeyStore:
         """Set (a value) or clear (None) limits of an active key; None if there is no such key.
         Raises ValueError for an unknown field or a value that is not a positive integer."""
         values = check_quota(quota)
+        if not 0 < key_id <= INT64_MAX:
+            return None
         with self._sessions.begin() as session:
             row = session.get(ApiKey, key_id)
             if row is None or row.revoked_at is not None:
@@ -190,6 +210,8 @@ class KeyStore:
 
         The key is BUDRT_ADMIN_KEY when set, else generated; it is also written to
         `$home/admin.key` (mode 0600). Returns None when an admin key already exists.
+        Raises ValueError when BUDRT_ADMIN_KEY is not shaped like a key: the gateway would
+        refuse it without looking it up.
         """
         home = Path(settings.home)
         home.mkdir(parents=True, exist_ok=True)
@@ -197,6 +219,8 @@ class KeyStore:
             if self.has_admin():
                 return None
             given = settings.admin_key.get_secret_value() if settings.admin_key else None
+            if given is not None and not well_formed(given):
+                raise ValueError(f"BUDRT_ADMIN_KEY must match {KEY_SHAPE.pattern} (e.g. a key budrt printed)")
             try:
                 key, _ = self.create("admin", role="admin", plaintext=given)
             except IntegrityError:

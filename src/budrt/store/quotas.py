@@ -18,6 +18,16 @@ from budrt.store.tables import UsageRecord
 # Columns shared by api_keys (rpm/tpm predate the others), users and teams.
 QUOTA_FIELDS = ("rpm", "tpm", "tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")
 BUDGET_FIELDS = QUOTA_FIELDS[2:]
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+# The largest value each column holds (tables.py: Integer is 32-bit on PostgreSQL, BigInteger 64).
+QUOTA_MAX = {
+    "rpm": INT32_MAX,
+    "tpm": INT32_MAX,
+    "tokens_per_day": INT64_MAX,
+    "tokens_per_month": INT64_MAX,
+    "images_per_day": INT32_MAX,
+    "images_per_month": INT32_MAX,
+}
 IMAGE_ENDPOINT = "image"  # the metering endpoint name of /v1/images/generations
 
 
@@ -50,8 +60,10 @@ def check_quota(values: dict[str, Any]) -> dict[str, int | None]:
     for name, value in values.items():
         if name not in QUOTA_FIELDS:
             raise ValueError(f"unknown limit {name!r}")
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"'{name}' must be a positive integer or null")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= QUOTA_MAX[name]
+        ):
+            raise ValueError(f"'{name}' must be an integer from 1 to {QUOTA_MAX[name]}, or null")
         out[name] = value
     return out
 
