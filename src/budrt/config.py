@@ -128,6 +128,8 @@ class GatewayConfig(_Section):
     request_deadline_s: float = 600.0  # all attempts of one request, until its first byte
     breaker_failures: int = 3  # consecutive failures that eject a replica
     breaker_cooldown_s: float = 5.0  # ejected this long before one half-open probe
+    max_body_bytes: int = Field(16 * 1024**2, gt=0)  # larger request bodies get 413, unread
+    max_response_bytes: int = Field(64 * 1024**2, gt=0)  # larger non-streaming upstream bodies: 502
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 

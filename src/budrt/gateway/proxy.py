@@ -1,7 +1,19 @@
 """Forwarding to model servers: failover before the first byte, pass-through after it.
 
 Bodies go upstream as the client sent them and come back unchanged; the gateway only adds
-the deployment's credentials and picks the endpoint.
+the endpoint's credentials and picks the endpoint.
+
+What an attempt's outcome does (only what a client cannot cause counts against a replica):
+- connection refused: the replica is ejected at once; other connection errors, timeouts, a
+  hung replica and 502/503/504: a failure for its circuit breaker, and the request is retried
+  on another replica (the last 502/503/504 is relayed when none is left);
+- any other answer, 500 included, is relayed to the client as it came, not retried and not
+  counted: a 4xx is about the request, and a request can make a healthy server answer 500, so a
+  loop of bad requests must not eject replicas for everyone. It resets no failure count either,
+  but ends a half-open probe as a success (the replica answered);
+- a non-streaming body over `max_response_bytes` is a 502 (`upstream_response_too_large`), not
+  retried (the same request would get the same body elsewhere) and not held against the replica
+  (a request can ask for a large answer); the read stops there, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ log = logging.getLogger("budrt.gateway.proxy")
 CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in metrics
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
 WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched
+RETRIED_STATUSES = frozenset({502, 503, 504})  # the replica's failure: retried and counted
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -194,14 +207,18 @@ class Proxy:
                         if breaker.failures:
                             breaker.success()
                         return dep, ep, resp, first
-                    data = await resp.read()
-                    if resp.status >= 500:
+                    data = await read_bounded(resp, self.config.max_response_bytes)
+                    if data is None:
+                        if breaker.probing:
+                            breaker.success()  # it answered; the size is the request's doing
+                        raise response_too_large(dep.name, self.config.max_response_bytes)
+                    if resp.status in RETRIED_STATUSES:
                         child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
                         breaker.failure()
                         failures += 1
                         last_5xx = _buffered(resp, data, extra)
                         continue
-                    if breaker.failures:
+                    if breaker.failures and (resp.status < 400 or breaker.probing):
                         breaker.success()
                     out = _buffered(resp, data, extra)
                     if resp.status == 200:
@@ -253,6 +270,33 @@ class Proxy:
             code="no_healthy_upstream",
             headers={"Retry-After": "1"},
         )
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None (and the connection dropped) as soon as it is known to exceed
+    `limit` bytes: nothing more is read."""
+    length = resp.content_length
+    if length is not None and length <= limit:  # the usual case: the parser stops at the length
+        return await resp.read()
+    if length is None:  # chunked: count as it comes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    resp.close()
+    return None
+
+
+def response_too_large(model: str, limit: int) -> APIError:
+    child(UPSTREAM_ERRORS, model, "too_large").inc()
+    log.warning("upstream response too large", extra={"fields": {"model": model, "limit": limit}})
+    message = f"The model `{model}` sent a response larger than this gateway's limit of {limit} bytes."
+    return APIError(502, message, code="upstream_response_too_large")
 
 
 def _buffered(resp: aiohttp.ClientResponse, data: bytes, extra: RawHeaders) -> Buffered:
