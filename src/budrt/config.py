@@ -113,7 +113,10 @@ class CacheConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"  # redis needs gateway.redis_url
     ttl_s: float = 300.0
     max_entries: int = 10_000  # memory backend: LRU bound
+    max_bytes: int = Field(256 * 1024**2, gt=0)  # memory backend: LRU bound on the stored bytes
     max_entry_bytes: int = 1 << 20  # larger responses are not cached
+    # Who shares entries: a hit only answers the same key (JWT: user), user, team, or anyone.
+    scope: Literal["key", "user", "team", "global"] = "key"
 
 
 class GatewayConfig(_Section):

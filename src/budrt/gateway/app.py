@@ -143,7 +143,7 @@ class Gateway:
                 body = orjson.dumps(data)
             upstream_path = PROXIED_PATHS[path]
             result = await self.traffic.send(
-                request.receive, request.headers, dep, upstream_path, data, body, tracker, ticket
+                request.receive, request.headers, dep, upstream_path, data, body, tracker, ticket, key
             )
             status = result.status_code
             return result

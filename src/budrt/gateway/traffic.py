@@ -20,7 +20,14 @@ from starlette.types import Receive
 
 from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig
 from budrt.gateway.balancer import affinity_key
-from budrt.gateway.cache import CACHE_LOOKUPS, ResponseCache, cache_control, cache_key, make_cache
+from budrt.gateway.cache import (
+    CACHE_LOOKUPS,
+    ResponseCache,
+    cache_control,
+    cache_key,
+    cache_tenant,
+    make_cache,
+)
 from budrt.gateway.local_limiter import LocalLimiter
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import Proxy
@@ -28,6 +35,7 @@ from budrt.gateway.ratelimit import Limit, Limiter, Seed, Ticket
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream, encode_headers
 from budrt.gateway.usage import find_usage
+from budrt.security.rbac import Principal
 
 CACHE_HEADER = "x-budrt-cache"
 
@@ -127,11 +135,16 @@ class Traffic:
         body: bytes,
         tracker: RequestTracker,
         ticket: Ticket | None,
+        principal: Principal,
     ) -> Buffered | UpstreamStream:
         stream = data.get("stream") is True
         extra = ticket.headers if ticket is not None else {}
         ckey = None
-        if self.cache is not None and (ckey := cache_key(path, dep.name, data)) is not None:
+        if (
+            self.cache is not None
+            and (ckey := cache_key(path, dep.name, data, cache_tenant(principal, self.config.cache.scope)))
+            is not None
+        ):
             read, write = cache_control(headers)
             hit = await self.cache.get(ckey) if read else None
             CACHE_LOOKUPS.labels("hit" if hit else "miss" if read else "bypass").inc()
