@@ -197,7 +197,7 @@ class Proxy:
                 ep.waiters.add(task)  # a hang found by the health check cancels the wait
                 try:
                     resp = await self.session.post(
-                        ep.url(path), data=body, headers=dep.upstream_headers, timeout=timeout
+                        ep.url(path), data=body, headers=ep.headers, timeout=timeout
                     )
                     if stream and resp.status == 200:
                         # Wait for the first chunk here, so a server that accepts the request and
