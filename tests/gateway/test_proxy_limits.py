@@ -177,3 +177,11 @@ def test_upstream_headers_that_are_not_relayed(env: Env) -> None:
             assert name not in resp.headers, name
         assert not c.cookies
         assert orjson.loads(resp.content)["served_by"] == "up"
+
+
+def test_unknown_model_names_are_not_echoed_whole(env: Env) -> None:
+    name = "no-such-model-" + "x" * 50_000
+    with env.gw.client(env.key) as c:
+        for resp in (c.post(CHAT, json=chat(name)), c.get("/v1/models/" + name[:8000])):
+            error = _error(resp, 404, "model_not_found")
+            assert error["param"] == "model" and len(resp.content) < 1000

@@ -207,11 +207,15 @@ class Proxy:
                         if breaker.failures:
                             breaker.success()
                         return dep, ep, resp, first
-                    data = await read_bounded(resp, self.config.max_response_bytes)
+                    limit = self.config.max_response_bytes
+                    length = resp.content_length  # known: the usual case, and no extra coroutine
+                    data = await (
+                        resp.read() if length is not None and length <= limit else read_bounded(resp, limit)
+                    )
                     if data is None:
                         if breaker.probing:
                             breaker.success()  # it answered; the size is the request's doing
-                        raise response_too_large(dep.name, self.config.max_response_bytes)
+                        raise response_too_large(dep.name, limit)
                     if resp.status in RETRIED_STATUSES:
                         child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
                         breaker.failure()
