@@ -42,7 +42,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     }
     s = settings(tmp_path_factory.mktemp("gw"), servers[0].url + "/v1", ["m"], gateway=gateway)
     pair = DeploymentConfig(model="pair", endpoints=[s.url + "/v1" for s in servers], strategy="weighted_rr")
-    s = s.model_copy(update={"deployments": [*s.deployments, pair]})
+    guarded = DeploymentConfig(model="guarded", endpoints=[servers[0].url + "/v1"], api_key="sk-gateway-own")
+    s = s.model_copy(update={"deployments": [*s.deployments, pair, guarded]})
     gw = start(s)
     key, _ = gw.store.create("admin", role="admin")
     yield Env(gw, key, up, other)
@@ -185,3 +186,15 @@ def test_unknown_model_names_are_not_echoed_whole(env: Env) -> None:
         for resp in (c.post(CHAT, json=chat(name)), c.get("/v1/models/" + name[:8000])):
             error = _error(resp, 404, "model_not_found")
             assert error["param"] == "model" and len(resp.content) < 1000
+
+
+def test_an_upstream_refusing_the_gateways_key_is_its_failure(env: Env) -> None:
+    """Not relayed as the client's 401 (the upstream's body may quote the key), counted."""
+    with env.gw.client(env.key) as c:
+        for _ in range(2):  # the breaker's threshold
+            resp = c.post(CHAT, json=chat("guarded", mock_status=401))
+            error = _error(resp, 502, "upstream_auth_failed")
+            assert "mock failure" not in resp.text and error["type"] == "server_error"
+        assert env.up.last_headers["authorization"] == "Bearer sk-gateway-own"
+        _error(c.post(CHAT, json=chat("guarded")), 503, "no_healthy_upstream")  # ejected
+        assert c.post(CHAT, json=chat("m")).status_code == 200  # the same server, other deployment

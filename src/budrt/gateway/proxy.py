@@ -7,6 +7,9 @@ What an attempt's outcome does (only what a client cannot cause counts against a
 - connection refused: the replica is ejected at once; other connection errors, timeouts, a
   hung replica and 502/503/504: a failure for its circuit breaker, and the request is retried
   on another replica (the last 502/503/504 is relayed when none is left);
+- 401/407: the replica refused the gateway's own credentials (the client's never go upstream):
+  counted and retried like a 502, and answered as a 502 `upstream_auth_failed` of our own, as
+  the upstream's body may quote the key it refused;
 - any other answer, 500 included, is relayed to the client as it came, not retried and not
   counted: a 4xx is about the request, and a request can make a healthy server answer 500, so a
   loop of bad requests must not eject replicas for everyone. It resets no failure count either,
@@ -24,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import orjson
 from starlette.types import Receive
 
 from budrt.config import GatewayConfig
@@ -38,7 +42,7 @@ log = logging.getLogger("budrt.gateway.proxy")
 CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in metrics
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
 WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched
-RETRIED_STATUSES = frozenset({502, 503, 504})  # the replica's failure: retried and counted
+RETRIED_STATUSES = frozenset({401, 407, 502, 503, 504})  # the replica's failure: retried, counted
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -220,7 +224,9 @@ class Proxy:
                         child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
                         breaker.failure()
                         failures += 1
-                        last_5xx = _buffered(resp, data, extra)
+                        last_5xx = (
+                            _buffered(resp, data, extra) if resp.status >= 500 else _refused(dep, extra)
+                        )
                         continue
                     if breaker.failures and (resp.status < 400 or breaker.probing):
                         breaker.success()
@@ -301,6 +307,12 @@ def response_too_large(model: str, limit: int) -> APIError:
     log.warning("upstream response too large", extra={"fields": {"model": model, "limit": limit}})
     message = f"The model `{model}` sent a response larger than this gateway's limit of {limit} bytes."
     return APIError(502, message, code="upstream_response_too_large")
+
+
+def _refused(dep: Deployment, extra: RawHeaders) -> Buffered:
+    message = f"The server of model `{dep.name}` refused this gateway's credentials."
+    body = orjson.dumps(APIError(502, message, code="upstream_auth_failed").body())
+    return Buffered(502, body, [(b"content-type", b"application/json")], extra)
 
 
 def _buffered(resp: aiohttp.ClientResponse, data: bytes, extra: RawHeaders) -> Buffered:
