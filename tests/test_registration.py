@@ -495,3 +495,22 @@ def test_empty_registered_deployments_are_dropped(tmp_path: Path) -> None:
     finally:
         gateway.stop()
         server.stop()
+
+
+def test_aliases_a_replica_adds_are_bounded(tmp_path: Path) -> None:
+    gateway, key = _gateway_for(tmp_path, [])
+    url = "http://127.0.0.1:9/v1"  # nothing listens; nothing is sent to it here
+    try:
+        with _client(gateway.url, key) as c:
+            many = [f"a{i}" for i in range(33)]
+            resp = c.post(HEARTBEAT, json={"url": url, "models": [{"id": "many", "aliases": many}]})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "models[0].aliases"
+            beat = {"url": url, "models": [{"id": "many", "aliases": many[:32]}], "ttl_s": 60}
+            assert c.post(HEARTBEAT, json=beat).status_code == 200
+            # Aliases stay while the deployment lives: new ones, beat after beat, must not pile up.
+            beat = {**beat, "models": [{"id": "many", "aliases": many[1:]}]}
+            resp = c.post(HEARTBEAT, json=beat)
+            assert resp.status_code == 409 and resp.json()["error"]["param"] == "models[0].aliases"
+            assert c.get("/v1/models/a32").status_code == 404 and c.get("/v1/models/a31").status_code == 200
+    finally:
+        gateway.stop()

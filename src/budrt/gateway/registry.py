@@ -56,6 +56,7 @@ log = logging.getLogger("budrt.gateway.registry")
 DEFAULT_TTL_S = 10.0
 MAX_TTL_S = 3600.0
 MAX_MODELS = 256  # per heartbeat; bounds the work one request can cause
+MAX_ALIASES = 32  # per model in a heartbeat, and per deployment a heartbeat created
 MAX_NAME = 256
 RESOLVE_TIMEOUT_S = 5.0
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -102,8 +103,10 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
             raise invalid_request("Each model must be an object with an 'id'.", param=f"models[{i}]")
         model_id = _name(item.get("id"), f"models[{i}].id")
         aliases = item.get("aliases") or []
-        if not isinstance(aliases, list):
-            raise invalid_request("'aliases' must be a list of strings.", param=f"models[{i}].aliases")
+        if not isinstance(aliases, list) or len(aliases) > MAX_ALIASES:
+            raise invalid_request(
+                f"'aliases' must be a list of at most {MAX_ALIASES} strings.", param=f"models[{i}].aliases"
+            )
         names = tuple(_name(a, f"models[{i}].aliases") for a in aliases)
         for name in (model_id, *names):
             if name in seen:
@@ -228,6 +231,11 @@ class ReplicaRegistry:
                         f"Alias {alias!r} is already used by deployment {owner.name!r}.",
                         f"models[{i}].aliases",
                     )
+            if dep is not None and dep.dynamic and len({*dep.aliases, *model.aliases}) > MAX_ALIASES:
+                # Aliases stay while the deployment lives: beats adding new ones must not pile up.
+                raise _conflict(
+                    f"Model {model.id!r} would have more than {MAX_ALIASES} aliases.", f"models[{i}].aliases"
+                )
 
     def heartbeat(self, beat: Heartbeat, connect_url: str | None = None) -> tuple[list[Endpoint], bool]:
         """Register or refresh; returns the replica's endpoints and whether it is new here.
