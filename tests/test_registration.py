@@ -478,9 +478,11 @@ def test_empty_registered_deployments_are_dropped(tmp_path: Path) -> None:
 
             for round_ in range(3):  # each round's models are new: without dropping, the table grows
                 models = [{"id": f"dyn-{round_}-{i}", "aliases": [f"alias-{round_}-{i}"]} for i in range(20)]
-                assert c.post(HEARTBEAT, json={"url": url, "models": models, "ttl_s": 0.3}).status_code == 200
+                assert c.post(HEARTBEAT, json={"url": url, "models": models, "ttl_s": 1}).status_code == 200
                 assert len(listed()) == 21
-                _wait_for("expired and dropped", lambda: listed() == {"conf"}, 5)
+                for m in models[:5]:
+                    assert c.post(CHAT_PATH, json=_chat_body(m["id"])).status_code == 200
+                _wait_for("expired and dropped", lambda: listed() == {"conf"}, 8)
                 assert c.get(f"/v1/models/alias-{round_}-0").status_code == 404
                 assert c.post(CHAT_PATH, json=_chat_body(f"dyn-{round_}-0")).status_code == 404
             # Leaving, or no longer listing a model, drops it the same way (after the ttl).
@@ -492,6 +494,8 @@ def test_empty_registered_deployments_are_dropped(tmp_path: Path) -> None:
             assert c.post(HEARTBEAT, json={"url": url, "leaving": True}).status_code == 200
             assert c.post(CHAT_PATH, json=_chat_body("keep")).status_code == 503  # known a while
             _wait_for("left model dropped", lambda: listed() == {"conf"}, 5)
+        # Nothing kept per model name that came and went (one read timeout: one entry).
+        assert len(gateway.server.config.app.state.gateway.proxy._timeouts) == 1
     finally:
         gateway.stop()
         server.stop()

@@ -57,7 +57,8 @@ class Proxy:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        # By read timeout, not deployment: registered deployments come and go by name.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
@@ -77,12 +78,12 @@ class Proxy:
             self.session = None
 
     def _timeout(self, dep: Deployment) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(dep.name)
+        timeout = self._timeouts.get(dep.timeout_s)
         if timeout is None:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout_s, sock_read=dep.timeout_s
             )
-            self._timeouts[dep.name] = timeout
+            self._timeouts[dep.timeout_s] = timeout
         return timeout
 
     async def forward(
