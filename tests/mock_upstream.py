@@ -1,9 +1,12 @@
 """A tiny OpenAI-shaped model server for gateway tests, plus a helper to serve ASGI apps.
 
 Per-request behaviour is chosen by an extra body field `"mock"` (the gateway forwards bodies
-unchanged): "hang", "bad_request"; streams take `"mock_chunks"` and `"mock_delay"`.
-Per-instance behaviour is `MockUpstream.mode`: "ok", "500", "503", "hang" (set over HTTP with
-`POST /_mode/<mode>`). `python -m tests.mock_upstream --port N --name X` runs one as a process.
+unchanged): "hang", "bad_request", "huge" (a 200 of `"mock_bytes"` bytes, chunked without a
+Content-Length when `"mock_chunked"`); streams take `"mock_chunks"` and `"mock_delay"`;
+`"mock_status": N` answers N with an error body; `"mock_headers": [[name, value], ...]` adds
+response headers. Per-instance behaviour is `MockUpstream.mode`: "ok", an HTTP status such as
+"500" or "503" (503 with Retry-After), "hang" (set over HTTP with `POST /_mode/<mode>`).
+`python -m tests.mock_upstream --port N --name X` runs one as a process.
 """
 
 from __future__ import annotations
@@ -84,12 +87,16 @@ class MockUpstream:
 
     async def serve(self, body: dict[str, Any], send: Send) -> None:
         model = body.get("model", "")
-        if self.mode in ("500", "503"):
+        status = int(self.mode) if self.mode.isdigit() else body.get("mock_status")
+        if isinstance(status, int):
             headers = [(b"content-type", b"application/json")]
-            if self.mode == "503":
+            if status == 503:
                 headers.append((b"retry-after", b"7"))
-            await send({"type": "http.response.start", "status": int(self.mode), "headers": headers})
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b'{"error":{"message":"mock failure"}}'})
+            return
+        if body.get("mock") == "huge":
+            await _send_huge(send, int(body.get("mock_bytes", 0)), bool(body.get("mock_chunked")))
             return
         if body.get("mock") == "hang" or self.mode == "hang":
             await asyncio.sleep(3600)
@@ -134,14 +141,26 @@ class MockUpstream:
             )
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        headers = [(b"content-type", b"application/json")]
+        headers += [(n.encode(), v.encode()) for n, v in body.get("mock_headers", [])]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": chat_response(self.name, model)})
+
+
+async def _send_huge(send: Send, size: int, chunked: bool) -> None:
+    """A 200 JSON-ish body of `size` bytes, sent 1 MiB at a time."""
+    headers = [(b"content-type", b"application/json")]
+    if not chunked:
+        headers.append((b"content-length", b"%d" % size))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    block = b"x" * (1 << 20)
+    while size > 0:
+        piece = block[: min(size, len(block))]
+        size -= len(piece)
+        try:
+            await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
+        except OSError:  # the gateway hung up on it
+            return
 
 
 class _RawResponse:

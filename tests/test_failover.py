@@ -41,7 +41,7 @@ def test_killed_failing_and_hanging_replicas(tmp_path: Path) -> None:
     good_proc, good = start_upstream("good")
     victim_port = free_port()
     victim_proc, victim = start_upstream("victim", victim_port)
-    bad_proc, bad = start_upstream("bad", mode="500")
+    bad_proc, bad = start_upstream("bad", mode="502")  # a replica failing (a 500 is relayed)
     hang_proc, hang = start_upstream("hang", mode="hang")
     procs = [good_proc, victim_proc, bad_proc, hang_proc]
     dep = DeploymentConfig(model="m", endpoints=[bad, hang, victim, good], strategy="p2c", timeout_s=0.5)

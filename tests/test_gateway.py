@@ -52,7 +52,7 @@ def _start_gateway(settings: Settings) -> tuple[ServerThread, KeyStore]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     live, failing = MockUpstream("live"), MockUpstream("failing")
-    failing.mode = "500"
+    failing.mode = "502"  # the replica fails (a 500 would be relayed, not retried)
     servers = [ServerThread(live.app).start(), ServerThread(failing.app).start()]
     live_url, failing_url = servers[0].url + "/v1", servers[1].url + "/v1"
     dead = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
@@ -62,7 +62,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ),
         DeploymentConfig(model="failover", endpoints=[dead[0], live_url]),
         DeploymentConfig(model="flaky", endpoints=[failing_url, live_url]),
-        DeploymentConfig(model="only-500", endpoints=[failing_url]),
+        DeploymentConfig(model="only-502", endpoints=[failing_url]),
         DeploymentConfig(model="all-dead", endpoints=dead),
         DeploymentConfig(model="slow", endpoints=[live_url], timeout_s=0.3),
         DeploymentConfig(model="managed", endpoints=[live_url], managed=True),
@@ -171,18 +171,23 @@ def test_failover_from_5xx(env: Env) -> None:
         for _ in range(4):
             assert c.post(CHAT, json=_chat("flaky")).json()["served_by"] == "live"
         # With no other endpoint the upstream 5xx is passed through as it came.
-        resp = c.post(CHAT, json=_chat("only-500"))
-        assert resp.status_code == 500 and resp.json() == {"error": {"message": "mock failure"}}
+        resp = c.post(CHAT, json=_chat("only-502"))
+        assert resp.status_code == 502 and resp.json() == {"error": {"message": "mock failure"}}
     assert env.failing.requests > before
+    # A 500 may be the request's doing: relayed as it came, never retried elsewhere.
+    sent = env.live.requests + env.failing.requests
+    with env.client() as c:
+        resp = c.post(CHAT, json=_chat("flaky", mock_status=500))
+    assert resp.status_code == 500 and env.live.requests + env.failing.requests == sent + 1
 
 
 def test_upstream_503_keeps_retry_after(env: Env) -> None:
     env.failing.mode = "503"
     try:
         with env.client() as c:
-            resp = c.post(CHAT, json=_chat("only-500"))
+            resp = c.post(CHAT, json=_chat("only-502"))
     finally:
-        env.failing.mode = "500"
+        env.failing.mode = "502"
     assert resp.status_code == 503 and resp.headers["retry-after"] == "7"
 
 

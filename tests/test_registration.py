@@ -33,6 +33,7 @@ from tests.tiny_models import build_tiny_llama, start_server, tiny_config
 
 MODEL, ALIAS = "tiny-reg", "tiny-reg-alias"
 HEARTBEAT = "/admin/replicas/heartbeat"
+CHAT_PATH = "/v1/chat/completions"
 FAST_S = 0.5  # heartbeat interval of the server that gets SIGKILLed: ttl 1.5 s
 
 
@@ -363,3 +364,157 @@ def test_heartbeat_failures_are_logged_once_and_never_raise(
     failures = [r for r in caplog.records if r.getMessage() == "heartbeat to gateway failed"]
     errors = sorted(r.fields["error"][:8] for r in failures)  # type: ignore[attr-defined]
     assert len(failures) == 2 and errors[1] == "HTTP 401", errors  # once per gateway, not per beat
+
+
+def _gateway_for(
+    tmp_path: Path, deployments: list[DeploymentConfig], **gateway: object
+) -> tuple[ServerThread, str]:
+    """An in-process gateway with `deployments` configured; returns it and an admin key."""
+    settings = Settings(
+        home=tmp_path,
+        secret_key="registration-test-secret-0123",
+        models=[],
+        model_servers=[],
+        deployments=deployments,
+        gateway={"health_interval_s": 0.1, **gateway},
+    )
+    migrate(settings.database_url_resolved)
+    store = KeyStore.from_settings(settings)
+    key, _ = store.create("admin", role="admin")
+    store.engine.dispose()
+    return ServerThread(create_app(settings, key_store=store)).start(), key
+
+
+def _chat_body(model: str) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_registered_replicas_never_get_a_configured_key_nor_join_uninvited(tmp_path: Path) -> None:
+    configured, joiner = MockUpstream("configured"), MockUpstream("joiner")
+    servers = [ServerThread(configured.app).start(), ServerThread(joiner.app).start()]
+    a, b = (s.url + "/v1" for s in servers)
+    deployments = [
+        DeploymentConfig(
+            model="open",
+            endpoints=[a],
+            api_key="sk-open-secret",
+            allow_registration=True,
+            strategy="weighted_rr",
+        ),
+        DeploymentConfig(model="locked", endpoints=[a], api_key="sk-locked-secret"),
+    ]
+    gateway, key = _gateway_for(tmp_path, deployments)
+    try:
+        with _client(gateway.url, key) as c:
+            resp = c.post(HEARTBEAT, json={"url": b, "models": ["locked"]})
+            assert resp.status_code == 409 and resp.json()["error"]["param"] == "models[0].id", resp.text
+            resp = c.post(HEARTBEAT, json={"url": b, "models": ["fresh", "locked"]})
+            assert resp.status_code == 409 and resp.json()["error"]["param"] == "models[1].id"
+            assert c.get("/v1/models/fresh").status_code == 404  # nothing of a refused beat applies
+            # A configured deployment that allows it: joined, but its names stay the configuration's.
+            beat = {"url": b, "models": [{"id": "open", "aliases": ["open-extra"]}]}
+            assert c.post(HEARTBEAT, json=beat).status_code == 200
+            assert c.get("/v1/models/open-extra").status_code == 404
+            served = {c.post(CHAT_PATH, json=_chat_body("open")).json()["served_by"] for _ in range(6)}
+            assert served == {"configured", "joiner"}
+            for _ in range(2):
+                assert c.post(CHAT_PATH, json=_chat_body("locked")).json()["served_by"] == "configured"
+        assert configured.last_headers["authorization"] == "Bearer sk-locked-secret"
+        assert joiner.requests > 0 and "authorization" not in joiner.last_headers
+    finally:
+        gateway.stop()
+        for s in servers:
+            s.stop()
+
+
+def test_registered_urls_must_lead_inside_the_allowed_networks(tmp_path: Path) -> None:
+    up = MockUpstream("named")
+    server = ServerThread(up.app).start()
+    (tmp_path / "default").mkdir()
+    default, key = _gateway_for(tmp_path / "default", [])
+    narrow, narrow_key = _gateway_for(tmp_path, [], registration_cidrs=["127.0.0.0/8"])
+    try:
+        with _client(default.url, key) as c:
+            # Cloud metadata, "any address" (which reaches this host), also spelled as IPv6.
+            for url in (
+                "http://169.254.169.254/v1",
+                "http://0.0.0.0:9/v1",
+                "http://[::ffff:169.254.169.254]/v1",
+                "http://[::ffff:a9fe:a9fe]:80/v1",
+            ):
+                resp = c.post(HEARTBEAT, json={"url": url, "models": ["meta"]})
+                assert resp.status_code == 403, (url, resp.text)
+                error = resp.json()["error"]
+                assert error["param"] == "url" and error["code"] == "url_not_allowed", error
+            resp = c.post(HEARTBEAT, json={"url": "http://no-such-host.invalid/v1", "models": ["x"]})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "url"
+            assert c.get("/admin/replicas").json()["data"] == []
+        with _client(narrow.url, narrow_key) as c:
+            resp = c.post(HEARTBEAT, json={"url": "http://10.1.2.3:8000/v1", "models": ["x"]})
+            assert resp.status_code == 403  # private, but not in this gateway's list
+            # A host name is checked by what it resolves to, and pinned to that address.
+            named = f"http://localhost:{server.port}/v1"
+            assert c.post(HEARTBEAT, json={"url": named, "models": ["named"], "ttl_s": 60}).status_code == 200
+            [row] = c.get("/admin/replicas").json()["data"]
+            assert row["url"] == named and row["connect_url"] == f"http://127.0.0.1:{server.port}/v1"
+            assert c.post(CHAT_PATH, json=_chat_body("named")).json()["served_by"] == "named"
+            assert up.last_headers["host"] == f"localhost:{server.port}"
+    finally:
+        default.stop()
+        narrow.stop()
+        server.stop()
+
+
+def test_empty_registered_deployments_are_dropped(tmp_path: Path) -> None:
+    up = MockUpstream("up")
+    server = ServerThread(up.app).start()
+    gateway, key = _gateway_for(tmp_path, [DeploymentConfig(model="conf", endpoints=[server.url + "/v1"])])
+    url = server.url + "/v1"
+    try:
+        with _client(gateway.url, key) as c:
+
+            def listed() -> set[str]:
+                return {m["id"] for m in c.get("/v1/models").json()["data"]}
+
+            for round_ in range(3):  # each round's models are new: without dropping, the table grows
+                models = [{"id": f"dyn-{round_}-{i}", "aliases": [f"alias-{round_}-{i}"]} for i in range(20)]
+                assert c.post(HEARTBEAT, json={"url": url, "models": models, "ttl_s": 1}).status_code == 200
+                assert len(listed()) == 21
+                for m in models[:5]:
+                    assert c.post(CHAT_PATH, json=_chat_body(m["id"])).status_code == 200
+                _wait_for("expired and dropped", lambda: listed() == {"conf"}, 8)
+                assert c.get(f"/v1/models/alias-{round_}-0").status_code == 404
+                assert c.post(CHAT_PATH, json=_chat_body(f"dyn-{round_}-0")).status_code == 404
+            # Leaving, or no longer listing a model, drops it the same way (after the ttl).
+            beat = {"url": url, "models": ["keep", "gone"], "ttl_s": 0.3}
+            assert c.post(HEARTBEAT, json=beat).status_code == 200
+            assert c.post(HEARTBEAT, json={**beat, "models": ["keep"], "ttl_s": 10}).status_code == 200
+            _wait_for("unlisted model dropped", lambda: listed() == {"conf", "keep"}, 5)
+            assert c.post(HEARTBEAT, json={**beat, "models": ["keep"], "ttl_s": 1}).status_code == 200
+            assert c.post(HEARTBEAT, json={"url": url, "leaving": True}).status_code == 200
+            assert c.post(CHAT_PATH, json=_chat_body("keep")).status_code == 503  # known a while
+            _wait_for("left model dropped", lambda: listed() == {"conf"}, 5)
+        # Nothing kept per model name that came and went (one read timeout: one entry).
+        assert len(gateway.server.config.app.state.gateway.proxy._timeouts) == 1
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def test_aliases_a_replica_adds_are_bounded(tmp_path: Path) -> None:
+    gateway, key = _gateway_for(tmp_path, [])
+    url = "http://127.0.0.1:9/v1"  # nothing listens; nothing is sent to it here
+    try:
+        with _client(gateway.url, key) as c:
+            many = [f"a{i}" for i in range(33)]
+            resp = c.post(HEARTBEAT, json={"url": url, "models": [{"id": "many", "aliases": many}]})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "models[0].aliases"
+            beat = {"url": url, "models": [{"id": "many", "aliases": many[:32]}], "ttl_s": 60}
+            assert c.post(HEARTBEAT, json=beat).status_code == 200
+            # Aliases stay while the deployment lives: new ones, beat after beat, must not pile up.
+            beat = {**beat, "models": [{"id": "many", "aliases": many[1:]}]}
+            resp = c.post(HEARTBEAT, json=beat)
+            assert resp.status_code == 409 and resp.json()["error"]["param"] == "models[0].aliases"
+            assert c.get("/v1/models/a32").status_code == 404 and c.get("/v1/models/a31").status_code == 200
+    finally:
+        gateway.stop()

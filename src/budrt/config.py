@@ -6,12 +6,13 @@ The YAML file is named by `--config` or `BUDRT_CONFIG`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ModelTask = Literal["chat", "embedding"]
@@ -94,11 +95,16 @@ class DeploymentConfig(_Section):
     weights: list[float] = Field(default_factory=list)  # weighted_rr: one per endpoint, default 1
     affinity_key: Literal["prefix", "user"] = "prefix"  # affinity: hash the prompt prefix or `user`
     fallbacks: list[str] = Field(default_factory=list)  # models tried in order when this one fails
+    # Replicas may join this deployment by heartbeat (gateway/registry.py); they never get `api_key`.
+    allow_registration: bool = False
     # Limits of the model over all callers (scope `model:<name>`, next to each caller's own).
     rpm: int | None = Field(None, gt=0)
     rps: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     max_concurrent: int | None = Field(None, gt=0)  # requests in flight to this model
+
+
+PRIVATE_NETWORKS = ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7")
 
 
 class RateLimitConfig(_Section):
@@ -116,7 +122,10 @@ class CacheConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"  # redis needs gateway.redis_url
     ttl_s: float = 300.0
     max_entries: int = 10_000  # memory backend: LRU bound
+    max_bytes: int = Field(256 * 1024**2, gt=0)  # memory backend: LRU bound on the stored bytes
     max_entry_bytes: int = 1 << 20  # larger responses are not cached
+    # Who shares entries: a hit only answers the same key (JWT: user), user, team, or anyone.
+    scope: Literal["key", "user", "team", "global"] = "key"
 
 
 class GatewayConfig(_Section):
@@ -131,8 +140,20 @@ class GatewayConfig(_Section):
     request_deadline_s: float = 600.0  # all attempts of one request, until its first byte
     breaker_failures: int = 3  # consecutive failures that eject a replica
     breaker_cooldown_s: float = 5.0  # ejected this long before one half-open probe
+    max_body_bytes: int = Field(16 * 1024**2, gt=0)  # larger request bodies get 413, unread
+    max_response_bytes: int = Field(64 * 1024**2, gt=0)  # larger non-streaming upstream bodies: 502
+    # Replicas registering by heartbeat: every address their URL's host resolves to must lie in
+    # one of these networks (default loopback and private; ["0.0.0.0/0", "::/0"] allows any).
+    registration_cidrs: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    @field_validator("registration_cidrs")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # a ValueError names the bad entry
+        return value
 
 
 class JWTConfig(_Section):

@@ -35,13 +35,16 @@ class Gateway:
         self.store.engine.dispose()
 
 
-def settings(home: Path, upstream_url: str, models: list[str], **extra: Any) -> Settings:
+def settings(
+    home: Path, upstream_url: str, models: list[str], gateway: dict[str, Any] | None = None, **extra: Any
+) -> Settings:
+    """`gateway`: settings of the gateway section on top of the tests' usual ones."""
     deployments = [DeploymentConfig(model=m, endpoints=[upstream_url]) for m in models]
     return Settings(
         home=home,
         secret_key="test-secret-test-secret",
         deployments=deployments,
-        gateway={"health_interval_s": 0.2, "connect_timeout_s": 1.0},
+        gateway={"health_interval_s": 0.2, "connect_timeout_s": 1.0, **(gateway or {})},
         **extra,
     )
 

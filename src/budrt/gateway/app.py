@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from budrt.config import Settings
 from budrt.gateway.admin import AdminAPI
@@ -82,6 +82,7 @@ class Gateway:
         self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
         self.created = int(time.time())
+        self.max_body = settings.gateway.max_body_bytes
 
     async def live(self, request: Request) -> Response:
         return _json({"status": "ok"})
@@ -140,7 +141,7 @@ class Gateway:
         try:
             key = await self.auth.authenticate(request.headers)
             request.scope[PRINCIPAL] = key  # for the meter
-            body = await read_body(request.receive)
+            body = await read_body(request.receive, self.max_body, request.scope)
             data = parse_json_body(body)
             model = data.get("model")
             if not isinstance(model, str) or not model:
@@ -167,7 +168,7 @@ class Gateway:
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
             upstream, receive = PROXIED_PATHS[path], request.receive
             result = await self.traffic.send(
-                receive, request.headers, chain, upstream, data, body, tracker, ticket, stream, cost
+                receive, request.headers, chain, upstream, data, body, tracker, ticket, key, stream, cost
             )
             status = result.status_code
             return result
@@ -193,16 +194,68 @@ class Gateway:
                 tracker.done(status, time.monotonic())
 
 
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body (usually one message); ClientDisconnect if the client left first."""
-    chunks: list[bytes] = []
-    while True:
+def body_too_large(limit: int) -> APIError:
+    message = f"The request body is larger than this gateway's limit of {limit} bytes."
+    return APIError(413, message, code="request_too_large")
+
+
+def declared_length(scope: Scope) -> int:
+    """The request's Content-Length, or -1 when none (chunked) or not a number."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                return -1
+            return int(value) if len(value) < 19 else 1 << 63  # (int() refuses 4300+ digits)
+    return -1
+
+
+async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
+    """The whole request body (usually one message); ClientDisconnect if the client left first.
+    413 once it is known to exceed `limit` bytes: declared so, or that much received (chunked);
+    nothing further is read (uvicorn drops the rest of an unread body)."""
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: checked without a header lookup
+        if len(body) > limit:
+            raise body_too_large(limit)
+        return body
+    if declared_length(scope) > limit:
+        raise body_too_large(limit)
+    chunks, size = [body], len(body)
+    while size <= limit:
         message = await receive()
         if message["type"] != "http.request":
             raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if size > limit:
+                break
+            return b"".join(chunks)
+    raise body_too_large(limit)
+
+
+class LimitedReceive:
+    """`receive` for the routes Starlette serves: 413 (an APIError, so our JSON shape) once the
+    body passes `limit` bytes, whoever reads it."""
+
+    __slots__ = ("receive", "limit", "left")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.left = limit
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.left -= len(message.get("body", b""))
+            if self.left < 0:
+                raise body_too_large(self.limit)
+        return message
 
 
 class Proxied:
@@ -241,14 +294,21 @@ class GatewayApp(Starlette):
     """
 
     proxied: dict[str, Proxied]
+    max_body_bytes: int  # request bodies: the proxied endpoints check it themselves (`read_body`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            endpoint = self.proxied.get(scope["path"])
-            if endpoint is not None and not self.user_middleware and self.max_body_size is None:
-                scope["app"] = self
-                await endpoint(scope, receive, send)
+        if scope["type"] == "http":
+            if scope["method"] == "POST" and not scope.get("root_path"):
+                endpoint = self.proxied.get(scope["path"])
+                if endpoint is not None and not self.user_middleware and self.max_body_size is None:
+                    scope["app"] = self
+                    await endpoint(scope, receive, send)
+                    return
+            limit = self.max_body_bytes
+            if declared_length(scope) > limit:  # refused before anything reads it
+                await body_too_large(limit).to_response()(scope, receive, send)
                 return
+            receive = LimitedReceive(receive, limit)
         await super().__call__(scope, receive, send)
 
 
@@ -311,5 +371,6 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
     )
     app.proxied = proxied
+    app.max_body_bytes = settings.gateway.max_body_bytes
     app.state.gateway = gw
     return app

@@ -110,7 +110,7 @@ def affinity_key(data: dict, by: str) -> str | None:
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, str):
-                parts.append(content)
+                parts.append(content[:PREFIX_CHARS])  # a huge prompt is not copied whole
                 size += len(content)
                 if size >= PREFIX_CHARS:
                     break

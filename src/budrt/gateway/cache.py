@@ -1,7 +1,10 @@
 """Response cache for deterministic requests (temperature 0, a `seed`, or embeddings).
 
-The key is a hash of the normalized request: path, canonical model and every other body field
-(sorted), minus fields that do not change the output (`user`, `metadata`). A cached stream is
+The key is a hash of the tenant and the normalized request: path, canonical model and every
+other body field (sorted), minus fields that do not change the output (`user`, `metadata`).
+The tenant (`cache.scope`: the caller's key by default, or its user, its team, or nobody)
+decides who may be answered from whose entries: a hit tells the caller that someone of its
+tenant sent the same request before, so by default only the same key. A cached stream is
 stored as the exact SSE bytes the upstream sent and replayed as SSE. Entries are only written
 for complete 200 responses. `Cache-Control: no-cache` skips the lookup (the fresh answer is
 stored); `no-store` skips both.
@@ -20,6 +23,7 @@ from prometheus_client import Counter
 from starlette.datastructures import Headers
 
 from budrt.config import CacheConfig
+from budrt.security.rbac import Principal
 
 log = logging.getLogger("budrt.gateway.cache")
 
@@ -29,7 +33,19 @@ SSE = "text/event-stream"
 JSON = "application/json"
 
 
-def cache_key(path: str, model: str, data: dict[str, Any]) -> str | None:
+def cache_tenant(principal: Principal, scope: str) -> str:
+    """Whose entries `principal` shares under `scope`; narrower when it has no user or team
+    (a JWT's id is its user's, so "key" is per user for JWTs)."""
+    if scope == "global":
+        return ""
+    if scope == "team" and principal.team:
+        return f"team:{principal.team}"
+    if scope in ("team", "user") and principal.user:
+        return f"user:{principal.user}"
+    return f"key:{principal.id}"
+
+
+def cache_key(path: str, model: str, data: dict[str, Any], tenant: str) -> str | None:
     """None when the request is not deterministic (so must not be cached)."""
     if not path.endswith("/embeddings"):
         seeded = isinstance(data.get("seed"), int)
@@ -39,7 +55,7 @@ def cache_key(path: str, model: str, data: dict[str, Any]) -> str | None:
     normal = {k: v for k, v in data.items() if k not in _IGNORED}
     normal["model"] = model
     try:
-        blob = orjson.dumps([path, normal], option=orjson.OPT_SORT_KEYS)
+        blob = orjson.dumps([tenant, path, normal], option=orjson.OPT_SORT_KEYS)
     except TypeError:
         return None
     return hashlib.sha256(blob).hexdigest()
@@ -56,32 +72,51 @@ def cache_control(headers: Headers) -> tuple[bool, bool]:
     return "no-cache" not in directives, True
 
 
+ENTRY_OVERHEAD = 200  # bytes an entry costs besides its body: key, tuple, dict slot
+
+
 class MemoryCache:
-    """LRU bounded by entry count, with a TTL per entry."""
+    """LRU bounded by entry count and by bytes (`max_bytes`), with a TTL per entry."""
 
     def __init__(self, config: CacheConfig) -> None:
         self.ttl_s = config.ttl_s
         self.max_entries = config.max_entries
+        self.max_bytes = config.max_bytes
+        self.size = 0  # bytes held, as `_cost` counts them
         self._data: OrderedDict[str, tuple[float, str, bytes]] = OrderedDict()
+
+    @staticmethod
+    def _cost(content_type: str, body: bytes) -> int:
+        return ENTRY_OVERHEAD + len(content_type) + len(body)
+
+    def _drop(self, key: str) -> None:
+        _, content_type, body = self._data.pop(key)
+        self.size -= self._cost(content_type, body)
 
     async def get(self, key: str) -> tuple[str, bytes] | None:
         hit = self._data.get(key)
         if hit is None:
             return None
         if hit[0] <= time.monotonic():
-            del self._data[key]
+            self._drop(key)
             return None
         self._data.move_to_end(key)
         return hit[1], hit[2]
 
     async def set(self, key: str, content_type: str, body: bytes) -> None:
+        cost = self._cost(content_type, body)
+        if cost > self.max_bytes:
+            return
+        if key in self._data:
+            self._drop(key)
         self._data[key] = (time.monotonic() + self.ttl_s, content_type, body)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self.size += cost
+        while len(self._data) > self.max_entries or self.size > self.max_bytes:
+            self._drop(next(iter(self._data)))  # the least recently used
 
     async def close(self) -> None:
         self._data.clear()
+        self.size = 0
 
 
 class RedisCache:

@@ -1,7 +1,22 @@
 """Forwarding to model servers: failover before the first byte, pass-through after it.
 
 Bodies go upstream as the client sent them and come back unchanged; the gateway only adds
-the deployment's credentials and picks the endpoint.
+the endpoint's credentials and picks the endpoint.
+
+What an attempt's outcome does (only what a client cannot cause counts against a replica):
+- connection refused: the replica is ejected at once; other connection errors, timeouts, a
+  hung replica and 502/503/504: a failure for its circuit breaker, and the request is retried
+  on another replica (the last 502/503/504 is relayed when none is left);
+- 401/407: the replica refused the gateway's own credentials (the client's never go upstream):
+  counted and retried like a 502, and answered as a 502 `upstream_auth_failed` of our own, as
+  the upstream's body may quote the key it refused;
+- any other answer, 500 included, is relayed to the client as it came, not retried and not
+  counted: a 4xx is about the request, and a request can make a healthy server answer 500, so a
+  loop of bad requests must not eject replicas for everyone. It resets no failure count either,
+  but ends a half-open probe as a success (the replica answered);
+- a non-streaming body over `max_response_bytes` is a 502 (`upstream_response_too_large`), not
+  retried (the same request would get the same body elsewhere) and not held against the replica
+  (a request can ask for a large answer); the read stops there, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import orjson
 from starlette.types import Receive
 
 from budrt.config import GatewayConfig
@@ -27,6 +43,7 @@ CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in 
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
 Admit = Callable[[Deployment], Awaitable[bool]]  # may this fallback be tried? (its own limits)
 WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched
+RETRIED_STATUSES = frozenset({401, 407, 502, 503, 504})  # the replica's failure: retried, counted
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -41,7 +58,8 @@ class Proxy:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        # By read timeout, not deployment: registered deployments come and go by name.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
@@ -61,12 +79,12 @@ class Proxy:
             self.session = None
 
     def _timeout(self, dep: Deployment) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(dep.name)
+        timeout = self._timeouts.get(dep.timeout_s)
         if timeout is None:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout_s, sock_read=dep.timeout_s
             )
-            self._timeouts[dep.name] = timeout
+            self._timeouts[dep.timeout_s] = timeout
         return timeout
 
     async def forward(
@@ -191,7 +209,7 @@ class Proxy:
                 ep.waiters.add(task)  # a hang found by the health check cancels the wait
                 try:
                     resp = await self.session.post(
-                        ep.url(path), data=body, headers=dep.upstream_headers, timeout=timeout
+                        ep.url(path), data=body, headers=ep.headers, timeout=timeout
                     )
                     if stream and resp.status == 200:
                         # Wait for the first chunk here, so a server that accepts the request and
@@ -201,14 +219,24 @@ class Proxy:
                         if breaker.failures:
                             breaker.success()
                         return dep, ep, resp, first
-                    data = await resp.read()
-                    if resp.status >= 500:
+                    limit = self.config.max_response_bytes
+                    length = resp.content_length  # known: the usual case, and no extra coroutine
+                    data = await (
+                        resp.read() if length is not None and length <= limit else read_bounded(resp, limit)
+                    )
+                    if data is None:
+                        if breaker.probing:
+                            breaker.success()  # it answered; the size is the request's doing
+                        raise response_too_large(dep.name, limit)
+                    if resp.status in RETRIED_STATUSES:
                         child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
                         breaker.failure()
                         failures += 1
-                        last_5xx = _buffered(resp, data, extra)
+                        last_5xx = (
+                            _buffered(resp, data, extra) if resp.status >= 500 else _refused(dep, extra)
+                        )
                         continue
-                    if breaker.failures:
+                    if breaker.failures and (resp.status < 400 or breaker.probing):
                         breaker.success()
                     out = _buffered(resp, data, extra)
                     if resp.status == 200:
@@ -260,6 +288,39 @@ class Proxy:
             code="no_healthy_upstream",
             headers={"Retry-After": "1"},
         )
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None (and the connection dropped) as soon as it is known to exceed
+    `limit` bytes: nothing more is read."""
+    length = resp.content_length
+    if length is not None and length <= limit:  # the usual case: the parser stops at the length
+        return await resp.read()
+    if length is None:  # chunked: count as it comes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    resp.close()
+    return None
+
+
+def response_too_large(model: str, limit: int) -> APIError:
+    child(UPSTREAM_ERRORS, model, "too_large").inc()
+    log.warning("upstream response too large", extra={"fields": {"model": model, "limit": limit}})
+    message = f"The model `{model}` sent a response larger than this gateway's limit of {limit} bytes."
+    return APIError(502, message, code="upstream_response_too_large")
+
+
+def _refused(dep: Deployment, extra: RawHeaders) -> Buffered:
+    message = f"The server of model `{dep.name}` refused this gateway's credentials."
+    body = orjson.dumps(APIError(502, message, code="upstream_auth_failed").body())
+    return Buffered(502, body, [(b"content-type", b"application/json")], extra)
 
 
 def _buffered(resp: aiohttp.ClientResponse, data: bytes, extra: RawHeaders) -> Buffered:

@@ -10,12 +10,30 @@ finish. `"leaving": true` (or `DELETE /admin/replicas?url=...`) deregisters at o
 Each gateway keeps its own table: with several gateways, a server heartbeats to each of them, so
 they share nothing. Registered endpoints are ordinary `Endpoint`s, so the balancer, the circuit
 breaker, failover and the active health check treat them like configured ones.
+
+What a registering key cannot do:
+- join a configured deployment, unless its configuration sets `allow_registration` (409), nor add
+  aliases to one (the configuration owns its names);
+- receive a configured deployment's upstream `api_key`: a registered endpoint gets only the
+  router's `registered_headers`;
+- make the gateway send requests or health checks outside `gateway.registration_cidrs`
+  (default loopback and private networks): every address the URL's host resolves to must lie
+  inside (403 otherwise), checked at each heartbeat. An http URL with a host name is pinned to
+  the address checked (requests go there, with the name as Host), so a DNS answer that changes
+  afterwards (rebinding) cannot redirect them; for https the certificate check binds the name;
+- grow the table without bound: a deployment a heartbeat created is dropped once it has had no
+  replica for the last one's ttl (meanwhile its requests get 503 + Retry-After).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import ipaddress
 import logging
+import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +56,10 @@ log = logging.getLogger("budrt.gateway.registry")
 DEFAULT_TTL_S = 10.0
 MAX_TTL_S = 3600.0
 MAX_MODELS = 256  # per heartbeat; bounds the work one request can cause
+MAX_ALIASES = 32  # per model in a heartbeat, and per deployment a heartbeat created
 MAX_NAME = 256
+RESOLVE_TIMEOUT_S = 5.0
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +103,10 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
             raise invalid_request("Each model must be an object with an 'id'.", param=f"models[{i}]")
         model_id = _name(item.get("id"), f"models[{i}].id")
         aliases = item.get("aliases") or []
-        if not isinstance(aliases, list):
-            raise invalid_request("'aliases' must be a list of strings.", param=f"models[{i}].aliases")
+        if not isinstance(aliases, list) or len(aliases) > MAX_ALIASES:
+            raise invalid_request(
+                f"'aliases' must be a list of at most {MAX_ALIASES} strings.", param=f"models[{i}].aliases"
+            )
         names = tuple(_name(a, f"models[{i}].aliases") for a in aliases)
         for name in (model_id, *names):
             if name in seen:
@@ -129,6 +152,56 @@ def _conflict(message: str, param: str) -> APIError:
     return APIError(409, message, param=param, code="conflict")
 
 
+@functools.cache
+def allowed_networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def address_allowed(address: IPAddress, cidrs: Sequence[str]) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    return any(address in net for net in allowed_networks(tuple(cidrs)))
+
+
+async def pin(url: str, cidrs: Sequence[str]) -> str | None:
+    """Check where `url` leads: 403 unless every address its host resolves to is in `cidrs`.
+    Returns the URL to connect to instead: for http with a host name, the same URL at the
+    address checked; None to use `url` itself (an address already, or https)."""
+    parsed = URL(url)
+    host = parsed.host or ""
+    try:
+        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+        literal = True
+    except ValueError:
+        addresses, literal = await _resolve(host, parsed.port), False
+    for address in addresses:
+        if not address_allowed(address, cidrs):
+            raise APIError(
+                403,
+                f"'url' leads to {address}, outside the networks replicas may register from "
+                "(gateway.registration_cidrs).",
+                param="url",
+                code="url_not_allowed",
+            )
+    if literal or parsed.scheme != "http":
+        return None
+    # One address (IPv4 first, where servers most often listen, e.g. `localhost`).
+    address = next((a for a in addresses if a.version == 4), addresses[0])
+    return str(parsed.with_host(str(address)))
+
+
+async def _resolve(host: str, port: int | None) -> list[IPAddress]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S
+        )
+        return [ipaddress.ip_address(info[4][0]) for info in infos]
+    except (OSError, TimeoutError, ValueError):
+        message = f"The host of 'url' ({host[:200]!r}) cannot be resolved."
+        raise invalid_request(message, param="url") from None
+
+
 class ReplicaRegistry:
     """Applies heartbeats to a `Router`; all of it synchronous, so it happens between requests."""
 
@@ -136,12 +209,19 @@ class ReplicaRegistry:
         self.router = router
 
     def check(self, beat: Heartbeat) -> None:
-        """409 when a name is routed elsewhere; nothing is changed before every name passes."""
+        """409 when a name is routed elsewhere, or names a configured deployment replicas may
+        not join; nothing is changed before every name passes."""
         for i, model in enumerate(beat.models):
             dep = self.router.resolve(model.id)
             if dep is not None and dep.name != model.id:
                 raise _conflict(
                     f"{model.id!r} is an alias of deployment {dep.name!r}; register the model by its name.",
+                    f"models[{i}].id",
+                )
+            if dep is not None and not dep.allow_registration:
+                raise _conflict(
+                    f"{model.id!r} is a configured deployment that replicas may not join "
+                    "(its configuration does not set allow_registration).",
                     f"models[{i}].id",
                 )
             for alias in model.aliases:
@@ -151,9 +231,15 @@ class ReplicaRegistry:
                         f"Alias {alias!r} is already used by deployment {owner.name!r}.",
                         f"models[{i}].aliases",
                     )
+            if dep is not None and dep.dynamic and len({*dep.aliases, *model.aliases}) > MAX_ALIASES:
+                # Aliases stay while the deployment lives: beats adding new ones must not pile up.
+                raise _conflict(
+                    f"Model {model.id!r} would have more than {MAX_ALIASES} aliases.", f"models[{i}].aliases"
+                )
 
-    def heartbeat(self, beat: Heartbeat) -> tuple[list[Endpoint], bool]:
-        """Register or refresh; returns the replica's endpoints and whether it is new here."""
+    def heartbeat(self, beat: Heartbeat, connect_url: str | None = None) -> tuple[list[Endpoint], bool]:
+        """Register or refresh; returns the replica's endpoints and whether it is new here.
+        `connect_url`: where to send its requests instead of `beat.url` (see `pin`)."""
         self.check(beat)
         now, wall = time.monotonic(), time.time()
         before = self.router.registered(beat.url)
@@ -161,17 +247,25 @@ class ReplicaRegistry:
         for dep, ep in before:  # models the replica no longer serves
             if dep.name not in listed:
                 dep.remove_endpoint(ep)
+        headers = self.router.registered_headers
+        if connect_url is not None:  # pinned: the name still goes in Host
+            headers = {**headers, "Host": URL(beat.url).host_port_subcomponent or ""}
         out: list[Endpoint] = []
         for model in beat.models:
             dep = self.router.resolve(model.id) or self.router.add_deployment(model.id)
-            for alias in model.aliases:
-                self.router.add_alias(dep, alias)
+            if dep.dynamic:  # a configured deployment's names are its configuration's
+                for alias in model.aliases:
+                    self.router.add_alias(dep, alias)
             ep = dep.find(beat.url)
             if ep is None:
-                ep = dep.add_endpoint(beat.url)
+                ep = dep.add_endpoint(beat.url, headers=headers, connect_url=connect_url)
                 log.info("replica registered", extra={"fields": {"url": beat.url, "model": dep.name}})
             elif not ep.registered:  # a configured endpoint at this URL: it stays as configured
                 continue
+            elif ep.connect_url != (connect_url or ep.base_url):  # its host now resolves elsewhere
+                ep.target(connect_url)
+                ep.headers = headers
+            ep.ttl_s = beat.ttl_s
             ep.expires = now + beat.ttl_s
             ep.heartbeat_at = wall
             ep.ready = True  # a server only heartbeats while ready; the health check may say otherwise
@@ -193,7 +287,10 @@ class ReplicaRegistry:
             for ep in dep.endpoints:
                 if not ep.registered or ep.expires <= now:
                     continue
-                row = rows.setdefault(ep.base_url, {"object": "replica", "url": ep.base_url, "models": []})
+                row = rows.setdefault(
+                    ep.base_url,
+                    {"object": "replica", "url": ep.base_url, "connect_url": ep.connect_url, "models": []},
+                )
                 row["models"].append(
                     {
                         "id": dep.name,
@@ -246,7 +343,9 @@ class ReplicaAPI:
         for model in beat.models:
             for name in (model.id, *model.aliases):
                 require(p, REPLICAS_REGISTER, f"model:{name}")
-        endpoints, new = registry.heartbeat(beat)
+        registry.check(beat)  # a refused name costs no DNS lookup
+        connect_url = await pin(beat.url, request.app.state.gateway.settings.gateway.registration_cidrs)
+        endpoints, new = registry.heartbeat(beat, connect_url)
         if new:
             await self._audit(p, "replicas:register", beat.url, {"models": [m.id for m in beat.models]})
         body = {

@@ -30,9 +30,19 @@ def cancelled_for_hang() -> bool:
     return task.uncancel() == 0
 
 
+def upstream_headers(api_key: str | None = None) -> dict[str, str]:
+    """Headers sent with every request to an endpoint; `api_key` as a bearer token."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 class Endpoint:
     __slots__ = (
         "base_url",
+        "connect_url",
+        "headers",
         "health_url",
         "managed",
         "outstanding",
@@ -42,16 +52,24 @@ class Endpoint:
         "waiters",
         "expires",
         "heartbeat_at",
+        "ttl_s",
         "_urls",
     )
 
     def __init__(
-        self, base_url: str, managed: bool, index: int = 0, config: GatewayConfig | None = None
+        self,
+        base_url: str,
+        managed: bool,
+        index: int = 0,
+        config: GatewayConfig | None = None,
+        headers: dict[str, str] | None = None,
+        connect_url: str | None = None,
     ) -> None:
         config = config or GatewayConfig()
-        self.base_url = base_url.rstrip("/")
-        root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
-        self.health_url = root + "/health/ready"
+        self.base_url = base_url.rstrip("/")  # what the endpoint is known by
+        # Its own headers: a deployment's credentials go to its configured endpoints only.
+        self.headers = headers if headers is not None else upstream_headers()
+        self.target(connect_url)
         self.managed = managed
         self.index = index  # position in its deployment
         self.outstanding = 0  # requests in flight through this gateway process
@@ -66,13 +84,21 @@ class Endpoint:
         # configured endpoints never expire. `heartbeat_at` (wall clock) is for listing.
         self.expires = math.inf
         self.heartbeat_at: float | None = None
+        self.ttl_s = 0.0  # of its last heartbeat
+
+    def target(self, connect_url: str | None) -> None:
+        """Where requests and health checks go: `base_url`, or the same URL at an address pinned
+        when it registered (gateway/registry.py), so a later DNS answer cannot move it."""
+        self.connect_url = (connect_url or self.base_url).rstrip("/")
+        root = self.connect_url.removesuffix("/v1")
+        self.health_url = root + "/health/ready"
         self._urls: dict[str, URL] = {}
 
     def url(self, path: str) -> URL:
-        """`base_url + path`, parsed once: URL parsing is a visible cost per proxied request."""
+        """`connect_url + path`, parsed once: URL parsing is a visible cost per proxied request."""
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = URL(self.base_url + path)
+            url = self._urls[path] = URL(self.connect_url + path)
         return url
 
     @property
@@ -114,21 +140,33 @@ class Deployment:
         "affinity_key",
         "fallbacks",
         "weights",
+        "allow_registration",
+        "dynamic",
+        "drop_at",
         "_gateway",
         "_wrr",
         "_ring",
     )
 
-    def __init__(self, config: DeploymentConfig, gateway: GatewayConfig | None = None) -> None:
+    def __init__(
+        self, config: DeploymentConfig, gateway: GatewayConfig | None = None, *, dynamic: bool = False
+    ) -> None:
         self.name = config.model
         self.aliases = tuple(config.aliases)
-        self.endpoints = [Endpoint(url, config.managed, i, gateway) for i, url in enumerate(config.endpoints)]
+        key = config.api_key.get_secret_value() if config.api_key is not None else None
+        # For the configured endpoints only; replicas that register bring their own (`add_endpoint`).
+        self.upstream_headers = upstream_headers(key)
+        self.endpoints = [
+            Endpoint(url, config.managed, i, gateway, self.upstream_headers)
+            for i, url in enumerate(config.endpoints)
+        ]
         self.managed = config.managed
         self.timeout_s = config.timeout_s
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if config.api_key is not None:
-            headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        self.upstream_headers = headers
+        # Replicas may join by heartbeat: configured so, or created by one (`dynamic`), in which
+        # case it is dropped once it has had no replica for `drop_at` (see `Router.expire`).
+        self.allow_registration = config.allow_registration or dynamic
+        self.dynamic = dynamic
+        self.drop_at = math.inf
         self.strategy = config.strategy
         self.affinity_key = config.affinity_key
         self.fallbacks = tuple(config.fallbacks)
@@ -142,23 +180,35 @@ class Deployment:
         base_url = base_url.rstrip("/")
         return next((e for e in self.endpoints if e.base_url == base_url), None)
 
-    def add_endpoint(self, base_url: str, weight: float = 1.0) -> Endpoint:
-        """A replica that registered itself; routable at once (it only heartbeats when ready)."""
-        ep = Endpoint(base_url, False, len(self.endpoints), self._gateway)
+    def add_endpoint(
+        self,
+        base_url: str,
+        weight: float = 1.0,
+        headers: dict[str, str] | None = None,
+        connect_url: str | None = None,
+    ) -> Endpoint:
+        """A replica that registered itself; routable at once (it only heartbeats when ready).
+        It gets `headers`, never the deployment's (its credentials are for configured endpoints)."""
+        ep = Endpoint(base_url, False, len(self.endpoints), self._gateway, headers, connect_url)
         # Copy on write: a request picking from the old list meanwhile is unaffected.
         self.endpoints = [*self.endpoints, ep]
         self.weights = [*self.weights, weight]
+        self.drop_at = math.inf
         self._rebalance()
         return ep
 
-    def remove_endpoint(self, ep: Endpoint) -> bool:
-        """Out of rotation; requests already sent to it finish (they hold the object)."""
+    def remove_endpoint(self, ep: Endpoint, now: float | None = None) -> bool:
+        """Out of rotation; requests already sent to it finish (they hold the object). A dynamic
+        deployment left without replicas is dropped after the last one's ttl (a replica that
+        restarts comes back meanwhile; requests get 503 + Retry-After until then)."""
         if ep not in self.endpoints:
             return False
         i = self.endpoints.index(ep)
         self.endpoints = self.endpoints[:i] + self.endpoints[i + 1 :]
         self.weights = self.weights[:i] + self.weights[i + 1 :]
         self._rebalance()
+        if self.dynamic and not self.endpoints:
+            self.drop_at = (time.monotonic() if now is None else now) + ep.ttl_s
         return True
 
     def _rebalance(self) -> None:
@@ -197,6 +247,9 @@ class Deployment:
 class Router:
     def __init__(self, deployments: Iterable[DeploymentConfig], gateway: GatewayConfig | None = None) -> None:
         self.gateway = gateway
+        # What replicas registered by heartbeat are sent: no deployment's credentials. Add here
+        # a credential every registered replica must get (e.g. one budrt's model servers require).
+        self.registered_headers = upstream_headers()
         self.deployments: list[Deployment] = []
         self._by_name: dict[str, Deployment] = {}
         for config in deployments:
@@ -240,10 +293,17 @@ class Router:
         """A deployment for a model no configuration names, with the default strategy."""
         if model in self._by_name:
             raise ValueError(f"model name or alias {model!r} is already routed")
-        dep = Deployment(DeploymentConfig(model=model), self.gateway)
+        dep = Deployment(DeploymentConfig(model=model), self.gateway, dynamic=True)
         self._by_name[model] = dep
         self.deployments = [*self.deployments, dep]
         return dep
+
+    def drop_deployment(self, dep: Deployment) -> None:
+        """Forget a dynamic deployment and its names (requests holding it finish)."""
+        for name in (dep.name, *dep.aliases):
+            if self._by_name.get(name) is dep:
+                del self._by_name[name]
+        self.deployments = [d for d in self.deployments if d is not dep]
 
     def add_alias(self, dep: Deployment, alias: str) -> None:
         owner = self._by_name.get(alias)
@@ -262,9 +322,13 @@ class Router:
         ]
 
     def expire(self, now: float | None = None) -> list[tuple[Deployment, Endpoint]]:
-        """Take out every registered endpoint whose heartbeats stopped; returns them."""
+        """Take out every registered endpoint whose heartbeats stopped (returns them), and drop
+        the dynamic deployments left empty past their grace, so the table stays bounded."""
         now = time.monotonic() if now is None else now
         gone = [(d, e) for d in self.deployments for e in d.endpoints if e.expires <= now]
         for dep, ep in gone:
-            dep.remove_endpoint(ep)
+            dep.remove_endpoint(ep, now)
+        for dep in self.deployments:
+            if dep.drop_at <= now and not dep.endpoints:
+                self.drop_deployment(dep)
         return gone

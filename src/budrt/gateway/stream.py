@@ -20,23 +20,49 @@ from budrt.protocol.errors import APIError
 
 log = logging.getLogger("budrt.gateway.proxy")
 
-# Response headers that describe the upstream connection rather than the content.
 _DROP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server"}
+    {
+        # Hop-by-hop (RFC 9110 7.6.1): about the upstream connection, not the content.
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        # Recomputed for the client's connection, or the gateway's own.
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        # One origin serves every caller and upstream: no upstream may set cookies or
+        # alternative services on it.
+        "set-cookie",
+        "set-cookie2",
+        "alt-svc",
+    }
 )
 _DROP_RAW = frozenset(name.encode() for name in _DROP_HEADERS)
+_CONNECTION = b"connection"
 
 RawHeaders = list[tuple[bytes, bytes]]
 
 
 def pass_headers(resp: aiohttp.ClientResponse) -> RawHeaders:
     """The upstream's response headers to relay, as ASGI wants them (lower-case names, bytes),
-    from the raw header list: no decoding to str and back, and repeated headers survive."""
+    from the raw header list: no decoding to str and back, and repeated headers survive.
+    aiohttp bounds their number and size (128 headers of at most 8 KiB)."""
     out = []
+    listed: set[bytes] | None = None  # more hop-by-hop headers, named by Connection
     for name, value in resp.raw_headers:
         name = name.lower()
         if name not in _DROP_RAW:
             out.append((name, value))
+        elif name == _CONNECTION:
+            listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
+    if listed:
+        out = [h for h in out if h[0] not in listed]
     return out
 
 

@@ -20,7 +20,14 @@ from starlette.types import Receive
 
 from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig
 from budrt.gateway.balancer import affinity_key
-from budrt.gateway.cache import CACHE_LOOKUPS, ResponseCache, cache_control, cache_key, make_cache
+from budrt.gateway.cache import (
+    CACHE_LOOKUPS,
+    ResponseCache,
+    cache_control,
+    cache_key,
+    cache_tenant,
+    make_cache,
+)
 from budrt.gateway.local_limiter import LocalLimiter
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import Proxy
@@ -29,6 +36,7 @@ from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream, encode_headers
 from budrt.gateway.usage import find_usage
 from budrt.protocol.errors import invalid_request
+from budrt.security.rbac import Principal
 
 CACHE_HEADER = "x-budrt-cache"
 
@@ -186,6 +194,7 @@ class Traffic:
         body: bytes,
         tracker: RequestTracker,
         ticket: Ticket | None,
+        principal: Principal,
         stream: bool,
         cost: tuple[int, int] = (0, 0),
     ) -> Buffered | UpstreamStream:
@@ -195,7 +204,7 @@ class Traffic:
         tickets = [ticket] if ticket is not None else []
         try:
             result, ckey = await self._send(
-                receive, headers, chain, path, data, body, tracker, tickets, stream, cost
+                receive, headers, chain, path, data, body, tracker, tickets, principal, stream, cost
             )
         except BaseException:
             self._release_later(tickets, 0)  # no answer reaches the client: a full refund
@@ -227,6 +236,7 @@ class Traffic:
         body: bytes,
         tracker: RequestTracker,
         tickets: list[Ticket],
+        principal: Principal,
         stream: bool,
         cost: tuple[int, int],
     ) -> tuple[Buffered | UpstreamStream, str | None]:
@@ -236,7 +246,11 @@ class Traffic:
         dep = chain[0]
         extra = tickets[0].headers if tickets else {}
         ckey = None
-        if self.cache is not None and (ckey := cache_key(path, dep.name, data)) is not None:
+        if (
+            self.cache is not None
+            and (ckey := cache_key(path, dep.name, data, cache_tenant(principal, self.config.cache.scope)))
+            is not None
+        ):
             read, write = cache_control(headers)
             hit = await self.cache.get(ckey) if read else None
             CACHE_LOOKUPS.labels("hit" if hit else "miss" if read else "bypass").inc()

@@ -69,10 +69,14 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(400, message, param=param, code=code)
 
 
+MAX_ECHO = 256  # characters of a client's value repeated in an error message
+
+
 def model_not_found(model: str) -> APIError:
+    shown = model if len(model) <= MAX_ECHO else model[:MAX_ECHO] + "..."  # not a megabyte back
     return APIError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{shown}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )
