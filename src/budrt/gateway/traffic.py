@@ -18,7 +18,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import Receive
 
-from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig
+from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig, reveal
 from budrt.gateway.balancer import affinity_key
 from budrt.gateway.cache import CACHE_LOOKUPS, ResponseCache, cache_control, cache_key, make_cache
 from budrt.gateway.local_limiter import LocalLimiter
@@ -37,7 +37,7 @@ def make_limiter(config: GatewayConfig, seed: Seed | None = None) -> Limiter:
     if config.redis_url:
         from budrt.gateway.redis_limiter import RedisLimiter
 
-        return RedisLimiter(config.redis_url, config.ratelimit.fail_mode)
+        return RedisLimiter(config.redis_url.get_secret_value(), config.ratelimit.fail_mode)
     return LocalLimiter(seed)
 
 
@@ -99,7 +99,7 @@ class Traffic:
         self.router = router
         self.proxy = proxy
         self.limiter = limiter
-        self.cache: ResponseCache | None = make_cache(config.cache, config.redis_url)
+        self.cache: ResponseCache | None = make_cache(config.cache, reveal(config.redis_url))
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
