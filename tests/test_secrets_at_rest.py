@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from budrt.store.db import make_engine, migrate
 from tests.e2e.conftest import ADMIN_KEY, BUDRT
 from tests.test_recovery import Serve, start_serve, stop_serve
 from tests.tiny_models import build_tiny_llama
@@ -37,7 +38,9 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     for path, content in {
         "secret.key": os.urandom(32),
         "admin.key": b"stale\n",
-        "budrt.db": b"",  # an empty file is an empty SQLite database
+        "budrt.db": b"",  # an empty file is an empty SQLite database (and empty -wal/-shm files fit)
+        "budrt.db-wal": b"",
+        "budrt.db-shm": b"",
         "run/runtime.json": b"{}",
         "run/status.json": b"{}",
     }.items():
@@ -98,10 +101,26 @@ def test_home_run_and_private_files_are_narrowed(serve: Serve) -> None:
     home = serve.home
     assert _mode(home) == 0o700 and _mode(home / "run") == 0o700
     private = [home / "secret.key", home / "admin.key", home / "budrt.db"]
-    private += [p for p in home.glob("budrt.db-*")]  # -wal/-shm while the gateway has it open
+    private += list(home.glob("budrt.db-*"))  # -wal/-shm, while SQLite keeps them
     private += [p for p in (home / "run").iterdir() if p.is_file() and not p.name.startswith(".")]
     assert {p.name for p in (home / "run").iterdir()} >= {"runtime.json", "server-text.json", "internal.key"}
     assert {str(p): oct(_mode(p)) for p in private} == {str(p): "0o600" for p in private}
+
+
+def test_sqlite_files_made_wider_before_are_narrowed(tmp_path: Path) -> None:
+    db = tmp_path / "meta.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").write_bytes(b"")
+        os.chmod(f"{db}{suffix}", 0o644)
+    migrate(f"sqlite:///{db}")
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:  # the database opens and its WAL is in use
+            assert conn.exec_driver_sql("SELECT count(*) FROM api_keys").scalar() == 0
+            modes = {p.name: oct(_mode(p)) for p in tmp_path.iterdir()}
+    finally:
+        engine.dispose()
+    assert modes == {"meta.db": "0o600", "meta.db-wal": "0o600", "meta.db-shm": "0o600"}
 
 
 def test_a_model_server_receives_only_the_secrets_it_needs(serve: Serve) -> None:
