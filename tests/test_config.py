@@ -234,3 +234,17 @@ def test_a_config_error_never_echoes_a_secret(tmp_path: Path) -> None:
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "deployments.0.model" in done.stderr
     assert "LEAKED" not in done.stderr + done.stdout
+
+
+def test_a_yaml_syntax_error_names_the_line_not_its_text(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "broken.yaml"
+    config.write_text('log_level: info\nsecret_key: "hmac-LEAKED-value\n')  # unterminated quote
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BUDRT_")}
+    budrt = str(Path(sys.executable).parent / "budrt")
+    argv = [budrt, "config", "show", "--home", str(tmp_path), "--config", str(config)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "invalid YAML" in done.stderr and "line 2" in done.stderr
+    assert "LEAKED" not in done.stderr + done.stdout

@@ -357,11 +357,23 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = self.current_state.get("config") or os.environ.get("BUDRT_CONFIG")
         if not path:
             return {}
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.MarkedYAMLError as exc:  # its text quotes lines, which may hold secrets
+            raise ValueError(f"{path}: invalid YAML: {_yaml_error(exc)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
         data.setdefault("config", str(path))
         return data
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """What and where (line numbers), without the quoted text."""
+    parts = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            parts.append(f"{text} (line {mark.line + 1})" if mark else text)
+    return "; ".join(parts) or "unreadable"
 
 
 def load_runtime(path: Path) -> Settings:
