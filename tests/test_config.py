@@ -12,7 +12,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from budrt.config import (
     REVEAL_ALL,
-    HiddenStr,
+    SecretText,
     Settings,
     load_runtime,
     load_settings,
@@ -174,7 +174,7 @@ def test_every_secret_field_survives_the_runtime_file(tmp_path: Path) -> None:
 
 def test_a_new_secret_field_needs_no_list_of_names() -> None:
     class WithToken(Settings):
-        new_token: HiddenStr | None = None
+        new_token: SecretText | None = None
 
     settings = WithToken(new_token="tok-0123456789", models=[], model_servers=[])
     assert orjson.loads(runtime_dump(settings))["new_token"] == "tok-0123456789"

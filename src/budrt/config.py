@@ -77,8 +77,8 @@ def reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()
 
 
-HiddenStr = Annotated[SecretStr, Secret()]  # the gateway's alone
-ServerSecretStr = Annotated[SecretStr, Secret(servers=True)]  # model servers need it too
+SecretText = Annotated[SecretStr, Secret()]  # kept from model servers
+ServerSecret = Annotated[SecretStr, Secret(servers=True)]  # model servers need it too
 SecretURL = Annotated[SecretStr, Secret(url=True)]
 
 
@@ -142,7 +142,7 @@ class ModelServerConfig(_Section):
     # Registration by heartbeat (server/heartbeat.py): gateway URLs (e.g. http://gw:8000) that
     # this server announces its models to; empty = none (`budrt serve` configures its gateway).
     register_urls: list[str] = Field(default_factory=list)
-    register_key: ServerSecretStr | None = None  # an API key with `replicas:register` on the models
+    register_key: ServerSecret | None = None  # an API key with `replicas:register` on the models
     heartbeat_interval_s: float = Field(2.0, gt=0)  # the gateway drops it after 3 missed beats
     # The OpenAI base URL gateways should use, e.g. http://10.0.0.5:{port}/v1 ({port}: this
     # replica's port); None = http://<host>:<port>/v1 (127.0.0.1 when host is 0.0.0.0).
@@ -155,7 +155,7 @@ class DeploymentConfig(_Section):
     model: str
     endpoints: list[str] = Field(default_factory=list)  # OpenAI base URLs, e.g. http://h:p/v1
     aliases: list[str] = Field(default_factory=list)
-    api_key: HiddenStr | None = None  # sent upstream as a bearer token
+    api_key: SecretText | None = None  # sent upstream as a bearer token
     managed: bool = False  # True when budrt's own supervisor runs the endpoint
     task: ModelTask | None = None
     timeout_s: float = 600.0
@@ -205,7 +205,7 @@ class GatewayConfig(_Section):
 class JWTConfig(_Section):
     """Bearer JWTs: HS256 with `secret`, RS256/ES256 with keys from an OIDC provider's JWKS."""
 
-    secret: HiddenStr | None = None  # HS256 shared secret; None = HS256 tokens refused
+    secret: SecretText | None = None  # HS256 shared secret; None = HS256 tokens refused
     jwks_url: str | None = None  # e.g. https://idp.example/.well-known/jwks.json
     issuer: str | None = None  # required `iss` when set
     audience: str | None = None  # required `aud` when set
@@ -290,8 +290,8 @@ class Settings(BaseSettings):
     # Default: sqlite:///$home/budrt.db. Model servers get it only when a model of theirs is in
     # the model registry (`ModelConfig.in_registry`).
     database_url: Annotated[SecretStr, Secret(url=True, servers=True)] | None = None
-    secret_key: HiddenStr | None = None  # HMAC key for API-key hashes; default: $home/secret.key
-    admin_key: HiddenStr | None = None  # becomes the admin key on first start
+    secret_key: SecretText | None = None  # HMAC key for API-key hashes; default: $home/secret.key
+    admin_key: SecretText | None = None  # becomes the admin key on first start
     # Bearer credential the gateway sends to budrt's model servers, which then require it on
     # every route but /health/live. `budrt serve` generates one per run when unset; set it to
     # the same value on gateways and on model servers that register by heartbeat.

@@ -113,10 +113,10 @@ class Supervisor:
             }
         )
         self._record_deployments(replicas)
-        self._start_plan(resolved, replicas)
+        self._plan_processes(resolved, replicas)
         return resolved
 
-    def _start_plan(self, resolved: Settings, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
+    def _plan_processes(self, resolved: Settings, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
         """Write the runtime files (the gateway's; one per model server, fewer secrets) and plan
         the processes."""
         private_dir(self.run_dir)
