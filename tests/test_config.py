@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
+import orjson
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
-from budrt.config import Settings, load_runtime, load_settings, runtime_dump
+from budrt.config import (
+    REVEAL_ALL,
+    SecretText,
+    Settings,
+    load_runtime,
+    load_settings,
+    mask_url,
+    runtime_dump,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +110,141 @@ def test_cli_config_show_masks_secrets(tmp_path: Path) -> None:
     assert shown["gateway"]["port"] == 9123
     assert shown["secret_key"] == "**********"
     assert "very-secret-hmac-key" not in out
+
+
+# -- secrets: one typed mechanism (config.Secret) for every secret field, found from the tree --
+
+
+def _has_secret(annotation: object) -> bool:
+    return annotation is SecretStr or any(_has_secret(a) for a in get_args(annotation))
+
+
+def _secret_paths(node: BaseModel, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Every secret field of the tree under `node` (list items included), as paths."""
+    out = []
+    for name, field in type(node).model_fields.items():
+        value = getattr(node, name)
+        if _has_secret(field.annotation):
+            out.append((*path, name))
+        elif isinstance(value, BaseModel):
+            out += _secret_paths(value, (*path, name))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    out += _secret_paths(item, (*path, name, i))
+    return out
+
+
+def _get(data: object, path: tuple[str | int, ...]) -> object:
+    for part in path:
+        data = data[part] if isinstance(part, int) or isinstance(data, dict) else getattr(data, part)
+    return data
+
+
+def _every_secret_set(home: Path) -> tuple[Settings, dict[tuple[str | int, ...], str]]:
+    """Settings with every secret field set to its own value (URL-shaped: some fields are URLs)."""
+    base = Settings(
+        home=home,
+        deployments=[{"model": "up", "endpoints": ["http://127.0.0.1:9/v1"]}],
+        model_servers=[{"name": "text", "models": ["smollm2-135m-instruct"]}],
+    )
+    data = base.model_dump()
+    values = {}
+    for path in _secret_paths(base):
+        word = "-".join(str(p) for p in path)
+        values[path] = f"redis://user:pw-{word}-0123456789@db.example:6379/0"
+        parent = _get(data, path[:-1]) if len(path) > 1 else data
+        parent[path[-1]] = values[path]
+    return Settings.model_validate(data), values
+
+
+def test_every_secret_field_survives_the_runtime_file(tmp_path: Path) -> None:
+    settings, values = _every_secret_set(tmp_path)
+    assert len(values) >= 8  # secret_key, admin_key, internal_key, database_url, redis_url, jwt, ...
+    runtime = tmp_path / "runtime.json"
+    runtime.write_bytes(runtime_dump(settings))
+    child = load_runtime(runtime)
+    for path, value in values.items():
+        secret = _get(child, path)
+        if path == ("admin_key",):  # only the first start needs it, and it has run by then
+            assert secret is None
+            continue
+        assert isinstance(secret, SecretStr) and secret.get_secret_value() == value, path
+
+
+def test_a_new_secret_field_needs_no_list_of_names() -> None:
+    class WithToken(Settings):
+        new_token: SecretText | None = None
+
+    settings = WithToken(new_token="tok-0123456789", models=[], model_servers=[])
+    assert orjson.loads(runtime_dump(settings))["new_token"] == "tok-0123456789"
+    assert settings.masked()["new_token"] == "**********"
+    assert orjson.loads(runtime_dump(settings, servers=True))["new_token"] is None  # not theirs
+
+
+def test_model_servers_get_only_the_secrets_marked_for_them(tmp_path: Path) -> None:
+    settings, values = _every_secret_set(tmp_path)
+    runtime = tmp_path / "server.json"
+    runtime.write_bytes(runtime_dump(settings, servers=True))
+    child = load_runtime(runtime)
+    kept = {path for path in values if _get(child, path) is not None}
+    assert kept == {("internal_key",), ("database_url",), ("model_servers", 0, "register_key")}
+    for path in kept:
+        assert _get(child, path).get_secret_value() == values[path]
+
+
+def test_cli_config_show_masks_every_secret_and_url_password(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    settings, values = _every_secret_set(tmp_path)
+    data = settings.model_dump(mode="json", context=REVEAL_ALL)
+    data.pop("config")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BUDRT_")}
+    budrt = str(Path(sys.executable).parent / "budrt")
+    argv = [budrt, "config", "show", "--home", str(tmp_path), "--config", str(config)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    for value in values.values():
+        assert value.split(":")[2].split("@")[0] not in out  # the password part
+    shown = yaml.safe_load(out)
+    assert shown["database_url"] == "redis://user:****@db.example:6379/0"
+    assert shown["gateway"]["redis_url"] == "redis://user:****@db.example:6379/0"
+    assert shown["secret_key"] == "**********"
+
+
+def test_mask_url() -> None:
+    assert mask_url("postgresql://user:pw@host:5432/db") == "postgresql://user:****@host:5432/db"
+    assert mask_url("redis://:pw@host/0") == "redis://:****@host/0"
+    assert mask_url("sqlite:////var/budrt.db") == "sqlite:////var/budrt.db"
+    assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_a_config_error_never_echoes_a_secret(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "bad.yaml"
+    bad = {"deployments": [{"endpoints": ["http://x/v1"], "api_key": "sk-upstream-LEAKED-value"}]}
+    config.write_text(yaml.safe_dump(bad))  # `model` is missing: the error names the place only
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BUDRT_")}
+    budrt = str(Path(sys.executable).parent / "budrt")
+    argv = [budrt, "config", "show", "--home", str(tmp_path), "--config", str(config)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "deployments.0.model" in done.stderr
+    assert "LEAKED" not in done.stderr + done.stdout
+
+
+def test_a_yaml_syntax_error_names_the_line_not_its_text(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "broken.yaml"
+    config.write_text('log_level: info\nsecret_key: "hmac-LEAKED-value\n')  # unterminated quote
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BUDRT_")}
+    budrt = str(Path(sys.executable).parent / "budrt")
+    argv = [budrt, "config", "show", "--home", str(tmp_path), "--config", str(config)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "invalid YAML" in done.stderr and "line 2" in done.stderr
+    assert "LEAKED" not in done.stderr + done.stdout

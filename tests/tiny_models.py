@@ -99,15 +99,20 @@ def tiny_config(name: str, path: Path, **extra: object) -> ModelConfig:
     )
 
 
-def start_server(home: Path, models: list[ModelConfig], **server: object) -> tuple[subprocess.Popen, str]:
+def start_server(
+    home: Path, models: list[ModelConfig], internal_key: str | None = None, **server: object
+) -> tuple[subprocess.Popen, str]:
+    """A model server process on a free port; `internal_key`: the credential it then requires."""
     port = _free_port()
     settings = Settings(
         home=home,
         models=models,
         model_servers=[{"name": "s", "models": [m.name for m in models], "port": port, **server}],
+        internal_key=internal_key,
     )
+    auth = {"Authorization": f"Bearer {internal_key}"} if internal_key else {}
     runtime = home / "runtime.json"
-    runtime.write_bytes(runtime_dump(settings))
+    runtime.write_bytes(runtime_dump(settings, servers=True))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "budrt.server", "--runtime", str(runtime), "--name", "s"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=(home / "server.log").open("wb"))
@@ -116,7 +121,7 @@ def start_server(home: Path, models: list[ModelConfig], **server: object) -> tup
     while time.time() < deadline:
         assert proc.poll() is None, (home / "server.log").read_text()
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health/ready", headers=auth, timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass

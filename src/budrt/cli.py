@@ -23,6 +23,7 @@ from budrt.cli_identity import (
 )
 from budrt.cli_models import models_app
 from budrt.config import Settings, load_settings
+from budrt.security.files import secure_home
 
 app = typer.Typer(help="budrt: a self-hosted OpenAI-compatible serving platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -51,7 +52,7 @@ def _settings(
         typer.echo(f"error: invalid configuration: {exc}", err=True)
         raise typer.Exit(2) from None
     os.environ["BUDRT_HOME"] = str(settings.home)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    secure_home(settings.home)  # 0700, and its key files 0600, even if made wider before
     return settings
 
 

@@ -8,19 +8,85 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    SecretStr,
+    SerializationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import CoreSchema, core_schema
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ModelTask = Literal["chat", "embedding"]
 ModelFormat = Literal["gguf", "safetensors", "sentence-transformers"]
+MASK = "**********"
+# `model_dump(mode="json", context=...)` of the settings: "all" = every secret in clear (the
+# gateway's runtime file), "servers" = only the secrets model servers need, the others None;
+# no context = masked (`budrt config show`).
+REVEAL_ALL, REVEAL_SERVERS = {"secrets": "all"}, {"secrets": "servers"}
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Marks a `SecretStr` field as a secret: the one place that decides how secrets are dumped.
+
+    `url`: a URL whose password alone is masked; `servers`: model servers receive it too.
+    """
+
+    url: bool = False
+    servers: bool = False
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        schema["serialization"] = core_schema.plain_serializer_function_ser_schema(
+            self.dump, info_arg=True, when_used="json"
+        )
+        return schema
+
+    def dump(self, value: SecretStr, info: SerializationInfo) -> str | None:
+        scope = (info.context or {}).get("secrets")
+        if scope == "all" or (scope == "servers" and self.servers):
+            return value.get_secret_value()
+        if scope == "servers":
+            return None
+        return mask_url(value.get_secret_value()) if self.url else MASK
+
+
+def mask_url(url: str) -> str:
+    """`postgresql://user:pw@host/db` -> `postgresql://user:****@host/db`; unparsable: all masked."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+    except ValueError:
+        return MASK
+
+
+def reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+SecretText = Annotated[SecretStr, Secret()]  # kept from model servers
+ServerSecret = Annotated[SecretStr, Secret(servers=True)]  # model servers need it too
+SecretURL = Annotated[SecretStr, Secret(url=True)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # A validation error never echoes its input: it may be a secret.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
 
 class ModelConfig(_Section):
@@ -54,6 +120,11 @@ class ModelConfig(_Section):
     pinned: bool = False  # never evicted to make room for another model
     memory_bytes: int | None = None  # resident cost; None = estimated from the files and KV size
 
+    @property
+    def in_registry(self) -> bool:
+        """Its files come through the model registry (the metadata DB), not from a path."""
+        return self.source.startswith(("registry:", "sha256:"))
+
 
 class ModelServerConfig(_Section):
     """One model-server process started by `budrt serve`."""
@@ -73,7 +144,7 @@ class ModelServerConfig(_Section):
     # Registration by heartbeat (server/heartbeat.py): gateway URLs (e.g. http://gw:8000) that
     # this server announces its models to; empty = none (`budrt serve` configures its gateway).
     register_urls: list[str] = Field(default_factory=list)
-    register_key: SecretStr | None = None  # an API key with `replicas:register` on the models
+    register_key: ServerSecret | None = None  # an API key with `replicas:register` on the models
     heartbeat_interval_s: float = Field(2.0, gt=0)  # the gateway drops it after 3 missed beats
     # The OpenAI base URL gateways should use, e.g. http://10.0.0.5:{port}/v1 ({port}: this
     # replica's port); None = http://<host>:<port>/v1 (127.0.0.1 when host is 0.0.0.0).
@@ -86,7 +157,7 @@ class DeploymentConfig(_Section):
     model: str
     endpoints: list[str] = Field(default_factory=list)  # OpenAI base URLs, e.g. http://h:p/v1
     aliases: list[str] = Field(default_factory=list)
-    api_key: SecretStr | None = None  # sent upstream as a bearer token
+    api_key: SecretText | None = None  # sent upstream as a bearer token
     managed: bool = False  # True when budrt's own supervisor runs the endpoint
     task: ModelTask | None = None
     timeout_s: float = 600.0
@@ -135,7 +206,7 @@ class GatewayConfig(_Section):
     connect_timeout_s: float = 5.0
     retries: int = 2  # extra attempts on another replica when nothing was sent yet
     health_interval_s: float = 2.0
-    redis_url: str | None = None  # shared rate limits (and cache) across gateway processes
+    redis_url: SecretURL | None = None  # shared rate limits (and cache) across gateway processes
     retry_backoff_s: float = 0.02  # before a retry on another replica; doubles per attempt
     request_deadline_s: float = 600.0  # all attempts of one request, until its first byte
     breaker_failures: int = 3  # consecutive failures that eject a replica
@@ -159,7 +230,7 @@ class GatewayConfig(_Section):
 class JWTConfig(_Section):
     """Bearer JWTs: HS256 with `secret`, RS256/ES256 with keys from an OIDC provider's JWKS."""
 
-    secret: SecretStr | None = None  # HS256 shared secret; None = HS256 tokens refused
+    secret: SecretText | None = None  # HS256 shared secret; None = HS256 tokens refused
     jwks_url: str | None = None  # e.g. https://idp.example/.well-known/jwks.json
     issuer: str | None = None  # required `iss` when set
     audience: str | None = None  # required `aud` when set
@@ -244,14 +315,21 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         protected_namespaces=(),
+        hide_input_in_errors=True,
     )
 
     home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.budrt")))
     config: Path | None = None  # the YAML file this tree was loaded from
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    database_url: str | None = None  # default: sqlite:///$home/budrt.db
-    secret_key: SecretStr | None = None  # HMAC key for API-key hashes; default: $home/secret.key
-    admin_key: SecretStr | None = None  # becomes the admin key on first start
+    # Default: sqlite:///$home/budrt.db. Model servers get it only when a model of theirs is in
+    # the model registry (`ModelConfig.in_registry`).
+    database_url: Annotated[SecretStr, Secret(url=True, servers=True)] | None = None
+    secret_key: SecretText | None = None  # HMAC key for API-key hashes; default: $home/secret.key
+    admin_key: SecretText | None = None  # becomes the admin key on first start
+    # Bearer credential the gateway sends to budrt's model servers, which then require it on
+    # every route but /health/live. `budrt serve` generates one per run when unset; set it to
+    # the same value on gateways and on model servers that register by heartbeat.
+    internal_key: Annotated[SecretStr, Secret(servers=True), Field(min_length=16)] | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
@@ -287,7 +365,7 @@ class Settings(BaseSettings):
 
     @property
     def database_url_resolved(self) -> str:
-        return self.database_url or f"sqlite:///{self.home / 'budrt.db'}"
+        return reveal(self.database_url) or f"sqlite:///{self.home / 'budrt.db'}"
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -296,8 +374,8 @@ class Settings(BaseSettings):
         raise KeyError(name)
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data, secrets replaced by '**********'."""
-        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        """The effective config as plain data, secrets masked (see `Secret`)."""
+        return self.model_dump(mode="json")
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -313,11 +391,23 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = self.current_state.get("config") or os.environ.get("BUDRT_CONFIG")
         if not path:
             return {}
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.MarkedYAMLError as exc:  # its text quotes lines, which may hold secrets
+            raise ValueError(f"{path}: invalid YAML: {_yaml_error(exc)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
         data.setdefault("config", str(path))
         return data
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """What and where (line numbers), without the quoted text."""
+    parts = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            parts.append(f"{text} (line {mark.line + 1})" if mark else text)
+    return "; ".join(parts) or "unreadable"
 
 
 def load_runtime(path: Path) -> Settings:
@@ -331,12 +421,14 @@ def load_runtime(path: Path) -> Settings:
     return Settings.model_validate(orjson.loads(path.read_bytes()))
 
 
-def runtime_dump(settings: Settings) -> bytes:
-    """Serialize settings for `load_runtime`, secrets in clear (the file is written 0600)."""
+def runtime_dump(settings: Settings, servers: bool = False) -> bytes:
+    """Serialize settings for `load_runtime`, secrets in clear (the file is written 0600).
+
+    `servers`: for a model server, with only the secrets marked `Secret(servers=True)`.
+    """
     import orjson
 
-    data = settings.model_dump(mode="json")
-    _restore_secrets(settings, data)
+    data = settings.model_dump(mode="json", context=REVEAL_SERVERS if servers else REVEAL_ALL)
     data["admin_key"] = None  # only the first start needs it, and it has already run
     return orjson.dumps(data)
 
@@ -354,22 +446,7 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
     nested = {k: v for k, v in overrides.items() if isinstance(v, dict)}
     if not nested:
         return base
-    data = base.model_dump()
+    data = base.model_dump()  # python mode: secrets stay SecretStr objects
     for key, section in nested.items():
         data[key] = {**data.get(key, {}), **{k: v for k, v in section.items() if v is not None}}
-    _restore_secrets(base, data)
     return Settings.model_validate({**data, "config": base.config})
-
-
-def _restore_secrets(base: Settings, data: dict[str, Any]) -> None:
-    for name in ("secret_key", "admin_key"):
-        value = getattr(base, name)
-        data[name] = value.get_secret_value() if value is not None else None
-    jwt = data.get("auth", {}).get("jwt", {})
-    if isinstance(jwt.get("secret"), str | SecretStr) and base.auth.jwt.secret is not None:
-        jwt["secret"] = base.auth.jwt.secret.get_secret_value()  # (a nested override keeps its own)
-    for i, dep in enumerate(base.deployments):
-        data["deployments"][i]["api_key"] = dep.api_key.get_secret_value() if dep.api_key else None
-    for i, server in enumerate(base.model_servers):
-        key = server.register_key
-        data["model_servers"][i]["register_key"] = key.get_secret_value() if key else None

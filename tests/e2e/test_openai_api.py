@@ -242,8 +242,13 @@ def test_health_and_metrics(platform: Platform) -> None:
     assert httpx.get(f"{platform.root_url}/health/ready").status_code == 200
     metrics = httpx.get(f"{platform.root_url}/metrics")
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
+    # Model servers show theirs only to holders of the run's internal credential.
+    internal = (platform.home / "run" / "internal.key").read_text()
     for proc in platform.status()["processes"]:
-        server_metrics = httpx.get(f"{proc['url']}/metrics").text
+        if proc["kind"] == "model-server":
+            assert httpx.get(f"{proc['url']}/metrics").status_code == 401
+        auth = {"Authorization": f"Bearer {internal}"}
+        server_metrics = httpx.get(f"{proc['url']}/metrics", headers=auth).text
         assert "# TYPE" in server_metrics
         if proc["kind"] == "model-server" and CHAT in proc["models"]:
             assert "budrt:num_requests_running" in server_metrics

@@ -54,6 +54,7 @@ class ManagedProcess:
     health_error: str | None = None  # the server's own watchdog verdict, last seen
     resident: list[dict[str, object]] = field(default_factory=list)  # from its readiness answer
     held: list[str] = field(default_factory=list)  # models to preload when it is restarted
+    probe_headers: dict[str, str] = field(default_factory=dict)  # a model server's: the internal key
 
     @property
     def pid(self) -> int | None:
@@ -83,7 +84,7 @@ class ManagedProcess:
         models it holds; both are kept for `budrt status` and for a restart.
         """
         try:
-            response = client.get(f"{self.base_url}/health/ready")
+            response = client.get(f"{self.base_url}/health/ready", headers=self.probe_headers)
         except httpx.HTTPError:
             return None
         try:

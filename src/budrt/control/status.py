@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import orjson
 
-from budrt.control.supervisor import status_path
+from budrt.control.supervisor import internal_key_path, status_path
 
 
 def _alive(pid: int | None) -> bool:
@@ -32,13 +32,22 @@ def platform_status(home: Path) -> dict[str, Any]:
     supervisor_pid = data.get("supervisor", {}).get("pid")
     running = bool(data.get("running")) and _alive(supervisor_pid)
     data["running"] = running
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=2.0, headers=_probe_headers(home)) as client:
         for process in data.get("processes", []):
             if not running or not _alive(process.get("pid")):
                 process["state"] = "stopped" if not running else process.get("state", "stopped")
                 continue
             process["health"] = _probe(client, process)
     return data
+
+
+def _probe_headers(home: Path) -> dict[str, str]:
+    """Model servers answer their readiness only to holders of the run's internal key."""
+    try:
+        key = internal_key_path(home).read_text().strip()
+    except OSError:
+        return {}
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _probe(client: httpx.Client, process: dict[str, Any]) -> dict[str, Any]:

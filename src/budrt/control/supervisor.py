@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from budrt.config import DeploymentConfig, ModelServerConfig, Settings, runtime_dump
 from budrt.control.processes import ManagedProcess, free_port
+from budrt.security.files import private_dir, write_private
 
 log = logging.getLogger(__name__)
 STABLE_AFTER_S = 60.0  # ready this long resets the backoff
@@ -29,6 +32,34 @@ def status_path(home: Path) -> Path:
     return home / "run" / "status.json"
 
 
+def internal_key_path(home: Path) -> Path:
+    """This run's internal credential, for `budrt status` to probe the model servers."""
+    return home / "run" / "internal.key"
+
+
+def child_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The environment of a child: without the `BUDRT_*` variables that are settings (secrets
+    among them); a child takes its settings from its runtime file alone."""
+    settings = tuple(f"BUDRT_{name}".upper() for name in Settings.model_fields)
+
+    def is_setting(name: str) -> bool:  # BUDRT_SECRET_KEY, BUDRT_AUTH__JWT__SECRET, ...
+        name = name.upper()
+        return any(name == s or name.startswith(s + "__") for s in settings)
+
+    env = {k: v for k, v in environ.items() if not is_setting(k)}
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def server_settings(settings: Settings, server: ModelServerConfig) -> Settings:
+    """The tree a model server gets: its own section, no deployments, the metadata DB only when
+    a model of its comes from the registry; `runtime_dump(servers=True)` drops other secrets."""
+    needs_db = any(settings.model(m).in_registry for m in server.models)
+    database_url = settings.database_url if needs_db else None
+    return settings.model_copy(
+        update={"model_servers": [server], "deployments": [], "database_url": database_url}
+    )
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -36,10 +67,13 @@ class Supervisor:
         self.processes: list[ManagedProcess] = []
         self.stopping = False
         self.announced_ready = False
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = child_env(os.environ)
+        # Model servers require it from every caller (the gateway, the probes): one per run
+        # unless configured (servers on other hosts registering by heartbeat need it too).
+        self.internal_key = settings.internal_key or SecretStr(secrets.token_urlsafe(32))
 
     def plan(self) -> Settings:
-        """Fix ports, add one deployment per served model, and write the runtime file.
+        """Fix ports, add one deployment per served model, and write the runtime files.
 
         A model served by several processes (replicas, or several servers listing it) gets one
         deployment with an endpoint per process: the gateway balances and fails over among them.
@@ -59,37 +93,55 @@ class Supervisor:
             host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
             for model in server.models:
                 endpoints.setdefault(model, []).append(f"http://{host}:{port}/v1")
+        key = self.internal_key
         managed = [
             DeploymentConfig(
                 model=name,
                 endpoints=urls,
                 aliases=self.settings.model(name).aliases,
+                api_key=key,  # the gateway's requests and health checks carry it
                 managed=True,
                 task=self.settings.model(name).task,
             )
             for name, urls in endpoints.items()
         ]
         resolved = self.settings.model_copy(
-            update={"model_servers": servers, "deployments": [*self.settings.deployments, *managed]}
+            update={
+                "model_servers": servers,
+                "deployments": [*self.settings.deployments, *managed],
+                "internal_key": key,
+            }
         )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        runtime = self.run_dir / "runtime.json"
-        fd = os.open(runtime, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(runtime_dump(resolved))
         self._record_deployments(replicas)
+        self._plan_processes(resolved, replicas)
+        return resolved
+
+    def _plan_processes(self, resolved: Settings, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
+        """Write the runtime files (the gateway's; one per model server, fewer secrets) and plan
+        the processes."""
+        private_dir(self.run_dir)
+        write_private(internal_key_path(self.settings.home), self.internal_key.get_secret_value().encode())
+        runtime = self.run_dir / "runtime.json"
+        write_private(runtime, runtime_dump(resolved))
         python = sys.executable
+        probe_auth = {"Authorization": f"Bearer {self.internal_key.get_secret_value()}"}
+        for resolved_server in resolved.model_servers:
+            tree = server_settings(resolved, resolved_server)
+            write_private(self._server_runtime(resolved_server.name), runtime_dump(tree, servers=True))
         for server, name, port in replicas:
-            argv = [python, "-m", "budrt.server", "--runtime", str(runtime), "--name", server.name]
+            server_runtime = self._server_runtime(server.name)
+            argv = [python, "-m", "budrt.server", "--runtime", str(server_runtime), "--name", server.name]
             argv += ["--port", str(port)]
-            self.processes.append(
-                ManagedProcess(name, "model-server", argv, server.host, port, list(server.models))
-            )
+            process = ManagedProcess(name, "model-server", argv, server.host, port, list(server.models))
+            process.probe_headers = probe_auth
+            self.processes.append(process)
         gateway = resolved.gateway
         argv = [python, "-m", "budrt.gateway", "--runtime", str(runtime)]
         models = [d.model for d in resolved.deployments]
         self.processes.append(ManagedProcess("gateway", "gateway", argv, gateway.host, gateway.port, models))
-        return resolved
+
+    def _server_runtime(self, server: str) -> Path:
+        return self.run_dir / f"server-{server}.json"
 
     def _record_deployments(self, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
         """Note in the model registry which processes serve each `registry:` model."""
@@ -234,7 +286,4 @@ class Supervisor:
             "updated_at": round(time.time(), 3),
             "processes": [p.describe() for p in self.processes],
         }
-        path = status_path(self.settings.home)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-        tmp.replace(path)
+        write_private(status_path(self.settings.home), orjson.dumps(data, option=orjson.OPT_INDENT_2))

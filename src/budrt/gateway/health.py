@@ -28,10 +28,18 @@ class HealthChecker:
         self.timeout = aiohttp.ClientTimeout(total=min(timeout_s, max(interval_s, 0.5)))
         self.timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks
 
-    @property
-    def endpoints(self) -> list[Endpoint]:
-        """Read each round: registered replicas come and go."""
-        return [e for e in self.router.endpoints() if e.managed or e.registered]
+    def targets(self) -> list[tuple[Endpoint, dict[str, str]]]:
+        """Endpoints to check, read each round (registered replicas come and go), each with the
+        headers of its check: a managed one carries its deployment's credential (the
+        supervisor's internal key, which model servers require on /health/ready); a registered
+        one carries none (its URL is whatever the registrant announced)."""
+        out: list[tuple[Endpoint, dict[str, str]]] = []
+        for dep in self.router.deployments:
+            auth = dep.upstream_headers.get("Authorization")
+            for ep in dep.endpoints:
+                if ep.managed or ep.registered:
+                    out.append((ep, {"Authorization": auth} if auth and ep.managed else {}))
+        return out
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         while True:
@@ -47,16 +55,16 @@ class HealthChecker:
             )
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:
-        endpoints = self.endpoints
-        if len(self.timeouts) > len(endpoints):  # forget replicas that left
-            current = set(endpoints)
+        targets = self.targets()
+        if len(self.timeouts) > len(targets):  # forget replicas that left
+            current = {e for e, _ in targets}
             self.timeouts = {e: n for e, n in self.timeouts.items() if e in current}
-        await asyncio.gather(*(self._check(session, e) for e in endpoints))
+        await asyncio.gather(*(self._check(session, e, headers) for e, headers in targets))
 
-    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
+    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint, headers: dict[str, str]) -> None:
         timed_out = False
         try:
-            async with session.get(ep.health_url, timeout=self.timeout) as resp:
+            async with session.get(ep.health_url, timeout=self.timeout, headers=headers) as resp:
                 # A registered external upstream may have no such route: only a hang counts then.
                 ready = resp.status == 200 or (resp.status == 404 and not ep.managed)
         except TimeoutError:

@@ -18,7 +18,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import Receive
 
-from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig
+from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig, reveal
 from budrt.gateway.balancer import affinity_key
 from budrt.gateway.cache import (
     CACHE_LOOKUPS,
@@ -48,7 +48,8 @@ def make_limiter(config: GatewayConfig, seed: Seed | None = None) -> Limiter:
         from budrt.gateway.redis_limiter import RedisLimiter
 
         rl = config.ratelimit
-        return RedisLimiter(config.redis_url, rl.fail_mode, seed=seed, budget_fail_mode=rl.budget_fail_mode)
+        url = config.redis_url.get_secret_value()
+        return RedisLimiter(url, rl.fail_mode, seed=seed, budget_fail_mode=rl.budget_fail_mode)
     return LocalLimiter(seed)
 
 
@@ -161,7 +162,7 @@ class Traffic:
         self.proxy = proxy
         self.limiter = limiter
         self.model_limits = model_limits or {}  # a fallback model's own limits apply when it serves
-        self.cache: ResponseCache | None = make_cache(config.cache, config.redis_url)
+        self.cache: ResponseCache | None = make_cache(config.cache, reveal(config.redis_url))
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 
 from budrt.config import Settings
+from budrt.security.files import private_dir, private_file
 
 KEY_PREFIX = "budrt-"
 PREFIX_LEN = 12  # characters of a key shown in listings to tell keys apart
@@ -54,10 +55,11 @@ def load_or_create_secret(settings: Settings) -> bytes:
         return settings.secret_key.get_secret_value().encode()
     path = Path(settings.home) / _SECRET_FILE
     try:
+        private_file(path)  # made 0644 by hand or by an older budrt: no longer readable by others
         return _read_secret(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     # Write a private temp file, then link it into place: link() fails if another process
     # won the race, and then everyone reads the winner's secret, never a half-written one.
     tmp = path.with_name(f".{_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")

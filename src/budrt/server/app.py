@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,14 +16,15 @@ from pathlib import Path
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
-from budrt.protocol.errors import APIError, internal_error, model_not_found
+from budrt.protocol.errors import APIError, internal_error, model_not_found, unauthorized
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
 from budrt.server.metrics import register_engine_collector
@@ -175,15 +177,40 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return internal_error().to_response()
 
 
+PUBLIC_PATHS = frozenset({"/health/live"})  # liveness: says nothing but "this process answers"
+
+
+class RequireInternalKey:
+    """Every route but `PUBLIC_PATHS` needs `Authorization: Bearer <internal key>`: whoever
+    reaches the port must not skip the gateway's keys, limits and metering, or load models."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not self._allowed(scope):
+            error = unauthorized("Missing or invalid internal credential; call the gateway instead.")
+            await error.to_response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+
+
 def create_server_app(
     server: ModelServerConfig,
     models: list[ModelConfig],
     preload: list[str] | None = None,
     resolver: Resolver | None = None,
     dequantized_dir: Path | None = None,
+    internal_key: str | None = None,
 ) -> Starlette:
     """`preload`: models to load at start besides those marked so (the supervisor passes the
-    models a server held before it was restarted)."""
+    models a server held before it was restarted). `internal_key`: required from callers."""
     registry = ModelRegistry(
         [m for m in models if m.name in server.models],
         server_budgets(server),
@@ -198,7 +225,7 @@ def create_server_app(
         self_test_interval_s=server.self_test_interval_s,
     )
 
-    heartbeat = Heartbeat(server, registry)  # registration with gateways, if configured
+    heartbeat = Heartbeat(server, registry, internal_key)  # registration with gateways, if configured
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -223,8 +250,10 @@ def create_server_app(
         Route("/v1/completions", holding_model(completions), methods=["POST"]),
         Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
     ]
+    middleware = [Middleware(RequireInternalKey, key=internal_key)] if internal_key else []
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             APIError: handle_api_error,

@@ -44,10 +44,14 @@ def heartbeat_url(gateway: str) -> str:
 
 
 class Heartbeat:
-    def __init__(self, server: ModelServerConfig, registry: ModelRegistry) -> None:
+    def __init__(
+        self, server: ModelServerConfig, registry: ModelRegistry, internal_key: str | None = None
+    ) -> None:
         self.gateways = [heartbeat_url(g) for g in server.register_urls]
         self.url = advertise_url(server)
         self.self_check = f"http://{_local_host(server.host)}:{server.port}/health/ready"
+        # Its own readiness answers only to the internal credential, like every caller's.
+        self.self_headers = {"Authorization": f"Bearer {internal_key}"} if internal_key else {}
         self.interval_s = server.heartbeat_interval_s
         self.ttl_s = server.heartbeat_interval_s * MISSED_BEATS
         self.registry = registry
@@ -91,7 +95,7 @@ class Heartbeat:
     async def _ready(self) -> bool:
         assert self._session is not None
         try:
-            async with self._session.get(self.self_check) as resp:
+            async with self._session.get(self.self_check, headers=self.self_headers) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from pathlib import Path
 
 import uvicorn
 
-from budrt.config import Settings, load_runtime
+from budrt.config import Settings, load_runtime, reveal
 from budrt.observe.logging import setup_logging
+
+
+def is_loopback(host: str) -> bool:
+    """Reachable from this machine alone: a loopback address or `localhost`."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def run_model_server(
@@ -20,6 +31,13 @@ def run_model_server(
         raise SystemExit(f"no model server named {name!r} in the configuration")
     if port is not None:  # one replica of several: each has its own port
         server = server.model_copy(update={"port": port})
+    internal_key = reveal(settings.internal_key)
+    if internal_key is None and not is_loopback(server.host):
+        raise SystemExit(
+            f"error: model server {name!r} listens on {server.host!r}, beyond this machine, without "
+            "an internal credential: anyone reaching the port could skip the gateway's keys and "
+            "limits. Set `internal_key` in its settings, or listen on 127.0.0.1."
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(f"model-server:{name}", settings.log_level)
@@ -37,7 +55,12 @@ def run_model_server(
 
     cache = settings.artifact_cache_dir or settings.home / "artifacts"
     app = create_server_app(
-        server, settings.models, preload, artifact_resolver(settings), cache / "dequantized"
+        server,
+        settings.models,
+        preload,
+        artifact_resolver(settings),
+        cache / "dequantized",
+        internal_key=internal_key,
     )
     uvicorn.run(
         app,

@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
+from budrt.security.files import PRIVATE_DIR, private_file, touch_private
+
 log = logging.getLogger("budrt.store")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -33,7 +35,7 @@ def make_engine(url: str, *, migration: bool = False) -> Engine:
         return create_engine(url, pool_pre_ping=True)
     database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite(Path(database).expanduser())
     engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_MS / 1000})
 
     @event.listens_for(engine, "connect")
@@ -53,6 +55,15 @@ def make_engine(url: str, *, migration: bool = False) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if migration else "BEGIN")
 
     return engine
+
+
+def _private_sqlite(path: Path) -> None:
+    """The DB holds key hashes and usage: 0600 before SQLite first opens it (its -wal and -shm
+    then get the same mode from SQLite), and narrowed if it or they exist with wider modes."""
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    touch_private(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private_file(path.with_name(path.name + suffix))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
