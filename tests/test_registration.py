@@ -35,6 +35,9 @@ MODEL, ALIAS = "tiny-reg", "tiny-reg-alias"
 HEARTBEAT = "/admin/replicas/heartbeat"
 CHAT_PATH = "/v1/chat/completions"
 FAST_S = 0.5  # heartbeat interval of the server that gets SIGKILLed: ttl 1.5 s
+# The platform's internal credential: the registering servers require it, the gateways send it to
+# registered replicas (requests and health checks), never a configured deployment's api_key.
+INTERNAL_KEY = "registration-internal-key-0123456789"
 
 
 @dataclass
@@ -53,6 +56,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     settings = Settings(
         home=home,
         secret_key="registration-test-secret-0123",
+        internal_key=INTERNAL_KEY,
         deployments=[],
         model_servers=[],
         models=[],
@@ -99,14 +103,20 @@ def _wait_for(what: str, check: Callable[[], bool], limit_s: float) -> float:
 
 def _served(server_url: str) -> float:
     """Requests this model server finished for MODEL (its own Prometheus counter)."""
-    text = httpx.get(server_url + "/metrics", timeout=10).text
+    auth = {"Authorization": f"Bearer {INTERNAL_KEY}"}
+    text = httpx.get(server_url + "/metrics", headers=auth, timeout=10).text
     pattern = r'^budrt:request_success_total\{[^}]*model_name="' + MODEL + r'"[^}]*\} ([0-9.e+]+)$'
     return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
 
 
 def test_servers_register_serve_balance_expire_and_leave(fleet: Fleet, tmp_path: Path) -> None:
     model = tiny_config(MODEL, build_tiny_llama(tmp_path / "tiny"), aliases=[ALIAS])
-    register = {"register_urls": fleet.gateways, "register_key": fleet.registrar, "self_test_interval_s": 0}
+    register = {
+        "register_urls": fleet.gateways,
+        "register_key": fleet.registrar,
+        "self_test_interval_s": 0,
+        "internal_key": INTERNAL_KEY,
+    }
     gw = fleet.gateways[0]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

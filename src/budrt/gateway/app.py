@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from budrt.config import Settings
+from budrt.config import Settings, reveal
 from budrt.gateway.admin import AdminAPI
 from budrt.gateway.auth import Authenticator, require_model
 from budrt.gateway.health import HealthChecker
@@ -68,7 +68,7 @@ class Gateway:
     def __init__(self, settings: Settings, store: KeyStore) -> None:
         self.settings = settings
         self.store = store
-        self.router = Router(settings.deployments, settings.gateway)
+        self.router = Router(settings.deployments, settings.gateway, reveal(settings.internal_key))
         self.identity = IdentityStore(store.engine)
         self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt.enabled else None
         self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)

@@ -28,18 +28,12 @@ class HealthChecker:
         self.timeout = aiohttp.ClientTimeout(total=min(timeout_s, max(interval_s, 0.5)))
         self.timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks
 
-    def targets(self) -> list[tuple[Endpoint, dict[str, str]]]:
-        """Endpoints to check, read each round (registered replicas come and go), each with the
-        headers of its check: a managed one carries its deployment's credential (the
-        supervisor's internal key, which model servers require on /health/ready); a registered
-        one carries none (its URL is whatever the registrant announced)."""
-        out: list[tuple[Endpoint, dict[str, str]]] = []
-        for dep in self.router.deployments:
-            auth = dep.upstream_headers.get("Authorization")
-            for ep in dep.endpoints:
-                if ep.managed or ep.registered:
-                    out.append((ep, {"Authorization": auth} if auth and ep.managed else {}))
-        return out
+    def targets(self) -> list[Endpoint]:
+        """Endpoints to check, read each round (registered replicas come and go). A check carries
+        the endpoint's own headers: a managed one its deployment's credential (the supervisor's
+        internal key, which model servers require on /health/ready), a registered one the
+        router's `registered_headers` (and the Host of a pinned address)."""
+        return [ep for dep in self.router.deployments for ep in dep.endpoints if ep.managed or ep.registered]
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         while True:
@@ -57,14 +51,14 @@ class HealthChecker:
     async def check_all(self, session: aiohttp.ClientSession) -> None:
         targets = self.targets()
         if len(self.timeouts) > len(targets):  # forget replicas that left
-            current = {e for e, _ in targets}
+            current = set(targets)
             self.timeouts = {e: n for e, n in self.timeouts.items() if e in current}
-        await asyncio.gather(*(self._check(session, e, headers) for e, headers in targets))
+        await asyncio.gather(*(self._check(session, e) for e in targets))
 
-    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint, headers: dict[str, str]) -> None:
+    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
         timed_out = False
         try:
-            async with session.get(ep.health_url, timeout=self.timeout, headers=headers) as resp:
+            async with session.get(ep.health_url, timeout=self.timeout, headers=ep.headers) as resp:
                 # A registered external upstream may have no such route: only a hang counts then.
                 ready = resp.status == 200 or (resp.status == 404 and not ep.managed)
         except TimeoutError:

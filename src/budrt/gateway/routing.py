@@ -245,11 +245,17 @@ class Deployment:
 
 
 class Router:
-    def __init__(self, deployments: Iterable[DeploymentConfig], gateway: GatewayConfig | None = None) -> None:
+    def __init__(
+        self,
+        deployments: Iterable[DeploymentConfig],
+        gateway: GatewayConfig | None = None,
+        internal_key: str | None = None,
+    ) -> None:
         self.gateway = gateway
-        # What replicas registered by heartbeat are sent: no deployment's credentials. Add here
-        # a credential every registered replica must get (e.g. one budrt's model servers require).
-        self.registered_headers = upstream_headers()
+        # What replicas registered by heartbeat are sent: no deployment's credentials, only the
+        # platform's internal key, which budrt's own model servers require (their URLs are
+        # bounded by `gateway.registration_cidrs`).
+        self.registered_headers = upstream_headers(internal_key)
         self.deployments: list[Deployment] = []
         self._by_name: dict[str, Deployment] = {}
         for config in deployments:
