@@ -12,6 +12,7 @@ import uvicorn
 from budrt.config import Settings
 from budrt.gateway.app import create_app
 from budrt.observe.logging import setup_logging
+from budrt.protocol.http_server import BoundedHeadProtocol
 from budrt.store.db import migrate
 from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
 
@@ -51,7 +52,7 @@ def run_gateway(settings: Settings) -> None:
         host=settings.gateway.host,
         port=settings.gateway.port,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHeadProtocol,  # httptools, with the request head bounded
         access_log=False,
         log_config=None,  # keep the JSON logging set up above
         log_level=settings.log_level,

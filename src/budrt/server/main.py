@@ -11,6 +11,7 @@ import uvicorn
 
 from budrt.config import Settings, load_runtime, reveal
 from budrt.observe.logging import setup_logging
+from budrt.protocol.http_server import BoundedHeadProtocol
 
 
 def is_loopback(host: str) -> bool:
@@ -67,7 +68,7 @@ def run_model_server(
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHeadProtocol,  # httptools, with the request head bounded
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(settings.supervisor.shutdown_grace_s),
