@@ -4,8 +4,8 @@ request head (request line and headers).
 httptools keeps no such bound: it buffers a header however long it grows, so one client sending
 megabytes of headers makes the process hold them all. A head over `MAX_HEAD_BYTES` gets 431 in the
 OpenAI error shape; the connection then drops what the client still sends for a moment before
-it closes (closing with unread input would reset the connection and lose the answer). Bodies are bounded by the apps themselves
-(`gateway.max_body_bytes`, `ModelServerConfig.max_body_bytes`).
+it closes (closing with unread input would reset the connection and lose the answer). Bodies are
+bounded by the apps themselves (`gateway.max_body_bytes`, the model servers' own cap).
 """
 
 from __future__ import annotations
