@@ -1,18 +1,26 @@
 """Pydantic models of the OpenAI request bodies that budrt accepts.
 
 Unknown fields are ignored (as vLLM does) so that LangChain-style clients that send extras keep
-working; values out of range are refused with a 400 that names the parameter.
+working; values of the wrong type (strict: no "2" for 2, no true for 1.0), NaN/infinite numbers and
+values out of range are refused with a 400 that names the parameter. Bounds that depend on the
+model (context length, vocabulary) or on the server's configuration (`n`) are checked by the server.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_ITEMS = 2048  # messages of a chat, prompts of a completion, inputs of an embedding request
+MAX_STOP_CHARS = 256  # per stop string
+MAX_LOGIT_BIAS = 1024  # entries: the sampler applies each one at every step
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; choices use seed + i (mod 2**63)
+MAX_TOP_K = 2**31 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -37,13 +45,16 @@ class ChatMessage(_Request):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"content part of type '{part.type}' is not supported by this model")
+            if part.type != "text":
+                raise ValueError(f"content part of type '{part.type[:40]}' is not supported by this model")
+            if part.text is None:
+                raise ValueError("a content part of type 'text' needs 'text'")
             parts.append(part.text)
         return "".join(parts)
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 
 class SamplingFields(_Request):
@@ -52,17 +63,17 @@ class SamplingFields(_Request):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # the server's `max_n` bounds it
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     # vLLM-compatible extras.
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K)  # -1 or 0: off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
@@ -73,10 +84,18 @@ class SamplingFields(_Request):
         if value is None:
             return None
         for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # ASCII digits only ("²".isdigit() is true); the server checks the vocabulary's range.
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key[:20]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError("logit_bias values must be between -100 and 100")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     def stop_list(self) -> list[str]:
@@ -86,13 +105,20 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
 
     @field_validator("response_format")
     @classmethod
@@ -128,6 +154,8 @@ class CompletionRequest(SamplingFields):
     def _check_prompt(cls, value: Prompt) -> Prompt:
         if isinstance(value, list) and len(value) == 0:
             raise ValueError("prompt must not be empty")
+        if _count_inputs(value) > MAX_ITEMS:
+            raise ValueError(f"prompt may hold at most {MAX_ITEMS} prompts")
         return value
 
     @field_validator("suffix")
@@ -157,11 +185,17 @@ class EmbeddingRequest(_Request):
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) == 0:
-                raise ValueError("input must not be empty")
-            if len(value) > 2048:
-                raise ValueError("input may hold at most 2048 items")
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("input must not be empty")
+        if _count_inputs(value) > MAX_ITEMS:
+            raise ValueError(f"input may hold at most {MAX_ITEMS} items")
         if isinstance(value, str) and value == "":
             raise ValueError("input must not be an empty string")
         return value
+
+
+def _count_inputs(value: str | list[Any]) -> int:
+    """Independent inputs: a string or one list of token ids is one; otherwise one per item."""
+    if isinstance(value, str) or all(isinstance(x, int) for x in value):
+        return 1
+    return len(value)

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -22,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
+from budrt.protocol.body_limit import BodyLimit
 from budrt.protocol.errors import APIError, internal_error, model_not_found
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
@@ -64,7 +66,9 @@ async def ready(request: Request) -> Response:
     model = request.query_params.get("model")
     if model is not None:
         hosted = registry.get(model)
-        ok = hosted is not None and hosted.state == "ready" and watchdog.healthy
+        if hosted is None:
+            raise model_not_found(model[:256])
+        ok = hosted.state == "ready" and watchdog.healthy
     else:
         ok = registry.ready() and watchdog.healthy
     return _json({"status": "ready" if ok else "not_ready", **body}, status=200 if ok else 503)
@@ -226,6 +230,7 @@ def create_server_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(BodyLimit, max_bytes=server.max_body_bytes)],
         exception_handlers={
             APIError: handle_api_error,
             HTTPException: handle_http_error,
@@ -234,5 +239,6 @@ def create_server_app(
     )
     app.state.registry = registry
     app.state.watchdog = watchdog
+    app.state.max_n = server.max_n
     register_engine_collector(registry)
     return app
