@@ -123,6 +123,8 @@ BAD_CHAT = [
     ("messages", [{"role": "user", "content": [{"type": "text"}]}]),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": 1}]}]),
     ("messages", HI * 2049),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": ""}] * 2048}] * 5),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": ""}] * 2049}]),
     ("messages", [{"role": "user", "content": "x" * 20_000}]),  # > 512 tokens, refused unseen
 ]
 
@@ -138,6 +140,7 @@ BAD_COMPLETIONS = [
     ("prompt", ["x"] * 2049),
     ("prompt", [["x"]]),
     ("prompt", [1] * 600),  # longer than the context
+    ("prompt", [[1]] * 2049),
     ("prompt", ["x"] * 200),  # x n=2: more sequences than the queue can ever hold (256)
     ("prompt", "x" * 20_000),
     ("best_of", 2),  # != n
@@ -288,6 +291,27 @@ def test_bodies_over_the_cap_are_413_before_being_read(server: str) -> None:
         while b"}}" not in answer and (chunk := sock.recv(65536)):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b'"code":"request_too_large"' in answer
+
+
+@pytest.mark.parametrize(
+    ("path", "param", "value"),
+    [
+        (COMPLETIONS, "prompt", [1] * 3_000_000 + ["x"]),
+        (EMBEDDINGS, "input", [""] * 3_000_000 + [1]),
+        (CHAT, "logit_bias", {str(i): "x" for i in range(1_000_000)}),
+        (CHAT, "messages", [{"role": "user", "content": [1] * 3_000_000}]),
+    ],
+    ids=["prompt", "input", "logit_bias", "content"],
+)
+def test_huge_malformed_lists_are_refused_at_once(server: str, path: str, param: str, value: object) -> None:
+    """Under the body cap, millions of items that match no member of a union: validation stops at
+    the first bad item (pydantic collected one error per item per member: 1-2 minutes of the
+    server's event loop for one 7 MB request, long enough for the supervisor to kill it)."""
+    body = orjson.dumps({**BASE[path], param: value})
+    started = time.perf_counter()
+    response = post(server, path, body, timeout=30)
+    assert response.status_code == 400 and error_of(response)["param"].startswith(param)
+    assert time.perf_counter() - started < 5
 
 
 def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(server: str) -> None:

@@ -129,7 +129,7 @@ def from_validation_error(exc: ValidationError) -> APIError:
     Of a union's errors for that parameter (`str | list[str]`...), the one that is not a mere type
     mismatch says what is wrong (a list of 5 stop strings: "too long", not "not a string").
     """
-    errors = exc.errors()
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     first = errors[0] if errors else {"loc": (), "msg": "Invalid request.", "type": ""}
     same = [e for e in errors if e["loc"][:1] == first["loc"][:1] and not e["type"].endswith("_type")]
     first = same[0] if same else first

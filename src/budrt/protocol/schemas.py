@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_ITEMS = 2048  # messages of a chat, prompts of a completion, inputs of an embedding request
+MAX_PARTS = 8192  # content parts of all a chat's messages (each costs a model object to validate)
 MAX_STOP_CHARS = 256  # per stop string
 MAX_LOGIT_BIAS = 1024  # entries: the sampler applies each one at every step
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; choices use seed + i (mod 2**63)
@@ -21,6 +22,15 @@ MAX_TOP_K = 2**31 - 1
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
+
+
+# Lists stop at their first bad item (fail_fast) and at MAX_ITEMS, so a union member that does not
+# match costs O(1) rather than one error per item: a 16 MB list of ints tried as list[str] took
+# tens of seconds of the event loop to refuse.
+TokenIds = Annotated[list[int], Field(fail_fast=True)]  # bounded by the model's context (server)
+Texts = Annotated[list[str], Field(max_length=MAX_ITEMS, fail_fast=True)]
+TokenLists = Annotated[list[TokenIds], Field(max_length=MAX_ITEMS, fail_fast=True)]
+Inputs = str | Texts | TokenIds | TokenLists
 
 
 class StreamOptions(_Request):
@@ -34,7 +44,7 @@ class ContentPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_ITEMS, fail_fast=True)] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -54,7 +64,7 @@ class ChatMessage(_Request):
 
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+Stop = StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None
 
 
 class SamplingFields(_Request):
@@ -71,12 +81,20 @@ class SamplingFields(_Request):
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[str, float] | None = None
     # vLLM-compatible extras.
     top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K)  # -1 or 0: off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias_size(cls, value: Any) -> Any:
+        # Before the entries are validated: dicts, unlike lists, are checked for length only after.
+        if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,13 +123,22 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS, fail_fast=True)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ITEMS, fail_fast=True)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _check_parts(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) <= MAX_ITEMS:
+            contents = (m.get("content") for m in value if isinstance(m, dict))
+            if sum(len(c) for c in contents if isinstance(c, list)) > MAX_PARTS:
+                raise ValueError(f"messages may hold at most {MAX_PARTS} content parts in all")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -138,7 +165,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = Inputs
 
 
 class CompletionRequest(SamplingFields):
@@ -154,8 +181,6 @@ class CompletionRequest(SamplingFields):
     def _check_prompt(cls, value: Prompt) -> Prompt:
         if isinstance(value, list) and len(value) == 0:
             raise ValueError("prompt must not be empty")
-        if _count_inputs(value) > MAX_ITEMS:
-            raise ValueError(f"prompt may hold at most {MAX_ITEMS} prompts")
         return value
 
     @field_validator("suffix")
@@ -177,7 +202,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -187,15 +212,6 @@ class EmbeddingRequest(_Request):
     def _check_input(cls, value: Any) -> Any:
         if isinstance(value, list) and len(value) == 0:
             raise ValueError("input must not be empty")
-        if _count_inputs(value) > MAX_ITEMS:
-            raise ValueError(f"input may hold at most {MAX_ITEMS} items")
         if isinstance(value, str) and value == "":
             raise ValueError("input must not be an empty string")
         return value
-
-
-def _count_inputs(value: str | list[Any]) -> int:
-    """Independent inputs: a string or one list of token ids is one; otherwise one per item."""
-    if isinstance(value, str) or all(isinstance(x, int) for x in value):
-        return 1
-    return len(value)
