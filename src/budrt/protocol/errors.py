@@ -72,7 +72,7 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{model[:256]}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )

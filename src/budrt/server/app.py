@@ -67,7 +67,7 @@ async def ready(request: Request) -> Response:
     if model is not None:
         hosted = registry.get(model)
         if hosted is None:
-            raise model_not_found(model[:256])
+            raise model_not_found(model)
         ok = hosted.state == "ready" and watchdog.healthy
     else:
         ok = registry.ready() and watchdog.healthy
