@@ -21,7 +21,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llama(directory: Path, seed: int = 0, hidden: int = 64, vocab: int = 256) -> Path:
+def build_tiny_llama(
+    directory: Path, seed: int = 0, hidden: int = 64, vocab: int = 256, positions: int = 512
+) -> Path:
     """A safetensors Llama directory with a byte-level BPE tokenizer, seeded random weights."""
     import torch
     from safetensors.torch import save_file
@@ -54,7 +56,7 @@ def build_tiny_llama(directory: Path, seed: int = 0, hidden: int = 64, vocab: in
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": positions,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,

@@ -141,6 +141,9 @@ class ModelServerConfig(_Section):
     watchdog_interval_s: float = 2.0
     step_timeout_s: float = 30.0  # pending work and no engine progress this long = unhealthy
     self_test_interval_s: float = 60.0  # one-token self-test per model; 0 = off
+    # Request limits: larger bodies get 413 before being read; `n` above max_n gets 400.
+    max_body_bytes: int = Field(16 * 1024**2, gt=0)
+    max_n: int = Field(16, ge=1)
     # Registration by heartbeat (server/heartbeat.py): gateway URLs (e.g. http://gw:8000) that
     # this server announces its models to; empty = none (`budrt serve` configures its gateway).
     register_urls: list[str] = Field(default_factory=list)

@@ -6,7 +6,10 @@ text is only taken once decoding `ids[prefix:]` is longer than decoding `ids[pre
 not end in "\ufffd".
 
 Stop strings may also span tokens. Text that could still turn out to be the start of a stop string
-is held back until it cannot; a matched stop string and everything after it is dropped.
+is held back until it cannot; a matched stop string and everything after it is dropped. Both checks
+follow each stop string with a Knuth-Morris-Pratt automaton fed each new character once, so a step
+costs O(new text) whatever the stop strings' lengths (rescanning a long stop string's prefixes at
+every step was quadratic in its length and slowed every sequence sharing the engine's steps).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self._matchers = [_StopMatcher(s) for s in self.stop]
         self.ids: list[int] = []
         self.text = ""  # all complete text so far (cut at a matched stop string)
         self.stopped = False  # a stop string matched
@@ -41,11 +45,8 @@ class IncrementalDetokenizer:
     def _append(self, delta: str) -> None:
         before = len(self.text)
         self.text += delta
-        if not self.stop:
-            return
-        # A match must end inside the new delta; it may start up to len(stop)-1 chars earlier.
-        start = max(0, before - max(len(s) for s in self.stop) + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        # Each matcher stops at its stop string's first occurrence; the earliest-starting one wins.
+        hits = [i for i in (m.feed(self.text, before) for m in self._matchers) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
@@ -77,10 +78,40 @@ class IncrementalDetokenizer:
 
     def _partial_stop_len(self) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+        return max((m.state for m in self._matchers), default=0)
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt for one stop string over a text that only grows.
+
+    `state` is the length of the longest prefix of the stop string that ends the text fed so far.
+    Each character costs amortized O(1), so the work is linear in the text, not in len(stop)**2.
+    """
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.state = 0
+        # fail[k]: the longest proper prefix of stop[: k + 1] that is also its suffix.
+        self.fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, text: str, start: int) -> int:
+        """Advance over `text[start:]`; where the first complete match starts, or -1."""
+        stop, fail, k = self.stop, self.fail, self.state
+        for i in range(start, len(text)):
+            char = text[i]
+            while k and stop[k] != char:
+                k = fail[k - 1]
+            if stop[k] == char:
+                k += 1
+            if k == len(stop):
+                self.state = fail[k - 1]
+                return i + 1 - k
+        self.state = k
+        return -1

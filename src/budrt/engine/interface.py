@@ -70,6 +70,9 @@ class Tokenizer(ABC):
     """What a model server needs from a model's tokenizer."""
 
     eos_token_ids: list[int]
+    # The most characters one token spells: a text longer than tokens x this cannot fit in that
+    # many tokens, which the server checks before spending CPU on tokenizing it.
+    max_token_chars: int = 64
 
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...

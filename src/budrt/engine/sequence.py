@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ def make_sequence(
         raise ValueError("top_p must be in (0, 1]")
     if params.repetition_penalty <= 0:
         raise ValueError("repetition_penalty must be > 0")
+    _check_step_safe(params)
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
@@ -151,3 +153,18 @@ def make_sequence(
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
         generator=generator,
     )
+
+
+def _check_step_safe(params: SamplingParams) -> None:
+    """Values the sampler cannot take would fail the whole engine step, and so every request
+    sharing it: refuse them here, for this request alone."""
+    numbers = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
+    numbers += (params.presence_penalty, params.frequency_penalty, *(params.logit_bias or {}).values())
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError("sampling parameters must be finite numbers")
+    if not -1 <= params.top_k < 2**63:
+        raise ValueError("top_k must be -1 (off) or a positive number of tokens")
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise ValueError("seed must be in [0, 2**64)")
+    if params.logprobs is not None and not 0 <= params.logprobs <= 20:
+        raise ValueError("logprobs must be in [0, 20]")

@@ -146,6 +146,8 @@ class TextTokenizer(Tokenizer):
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # (byte-level BPE spells one byte per character, so this is also the most bytes)
+        self.max_token_chars = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
     # --- constructors ---
 
@@ -199,7 +201,9 @@ class TextTokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Post-processing is ours (BOS only): the backend never adds special tokens itself.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode does not), so a long prompt
+        # tokenized in a worker thread leaves the server's event loop running.
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
         return ids

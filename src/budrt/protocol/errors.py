@@ -90,15 +90,21 @@ def overloaded(message: str = "The server is overloaded; retry later.", retry_af
     return APIError(503, message, code="server_overloaded", headers={"Retry-After": str(retry_after)})
 
 
-def context_too_long(prompt_tokens: int, max_tokens: int, max_model_len: int) -> APIError:
+def context_too_long(
+    prompt_tokens: int, max_tokens: int, max_model_len: int, param: str = "messages"
+) -> APIError:
     return APIError(
         400,
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
         "completion). Please reduce the length of the messages or completion.",
-        param="messages",
+        param=param,
         code="context_length_exceeded",
     )
+
+
+def body_too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
 
 
 def internal_error() -> APIError:
@@ -114,7 +120,7 @@ def param_path(loc: tuple[int | str, ...]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif "[" in part or part in _UNION_TAGS or part.startswith("function-"):
+        elif "[" in part or part in _UNION_TAGS or part.startswith(("function-", "constrained-")):
             continue
         else:
             path += f".{part}" if path else part
@@ -122,9 +128,15 @@ def param_path(loc: tuple[int | str, ...]) -> str | None:
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
-    """Map the first pydantic error to a 400 naming the offending parameter."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "Invalid request."}
+    """Map the first pydantic error to a 400 naming the offending parameter.
+
+    Of a union's errors for that parameter (`str | list[str]`...), the one that is not a mere type
+    mismatch says what is wrong (a list of 5 stop strings: "too long", not "not a string").
+    """
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    first = errors[0] if errors else {"loc": (), "msg": "Invalid request.", "type": ""}
+    same = [e for e in errors if e["loc"][:1] == first["loc"][:1] and not e["type"].endswith("_type")]
+    first = same[0] if same else first
     param = param_path(tuple(first.get("loc", ())))
     message = str(first.get("msg", "Invalid request.")).removeprefix("Value error, ")
     if param:

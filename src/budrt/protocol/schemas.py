@@ -1,18 +1,36 @@
 """Pydantic models of the OpenAI request bodies that budrt accepts.
 
 Unknown fields are ignored (as vLLM does) so that LangChain-style clients that send extras keep
-working; values out of range are refused with a 400 that names the parameter.
+working; values of the wrong type (strict: no "2" for 2, no true for 1.0), NaN/infinite numbers and
+values out of range are refused with a 400 that names the parameter. Bounds that depend on the
+model (context length, vocabulary) or on the server's configuration (`n`) are checked by the server.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_ITEMS = 2048  # messages of a chat, prompts of a completion, inputs of an embedding request
+MAX_PARTS = 8192  # content parts of all a chat's messages (each costs a model object to validate)
+MAX_STOP_CHARS = 256  # per stop string
+MAX_LOGIT_BIAS = 1024  # entries: the sampler applies each one at every step
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; choices use seed + i (mod 2**63)
+MAX_TOP_K = 2**31 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
+
+
+# Lists stop at their first bad item (fail_fast) and at MAX_ITEMS, so a union member that does not
+# match costs O(1) rather than one error per item: a 16 MB list of ints tried as list[str] took
+# tens of seconds of the event loop to refuse.
+TokenIds = Annotated[list[int], Field(fail_fast=True)]  # bounded by the model's context (server)
+Texts = Annotated[list[str], Field(max_length=MAX_ITEMS, fail_fast=True)]
+TokenLists = Annotated[list[TokenIds], Field(max_length=MAX_ITEMS, fail_fast=True)]
+Inputs = str | Texts | TokenIds | TokenLists
 
 
 class StreamOptions(_Request):
@@ -26,7 +44,7 @@ class ContentPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_ITEMS, fail_fast=True)] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -37,13 +55,16 @@ class ChatMessage(_Request):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"content part of type '{part.type}' is not supported by this model")
+            if part.type != "text":
+                raise ValueError(f"content part of type '{part.type[:40]}' is not supported by this model")
+            if part.text is None:
+                raise ValueError("a content part of type 'text' needs 'text'")
             parts.append(part.text)
         return "".join(parts)
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None
 
 
 class SamplingFields(_Request):
@@ -52,20 +73,28 @@ class SamplingFields(_Request):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # the server's `max_n` bounds it
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # vLLM-compatible extras.
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K)  # -1 or 0: off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias_size(cls, value: Any) -> Any:
+        # Before the entries are validated: dicts, unlike lists, are checked for length only after.
+        if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -73,10 +102,18 @@ class SamplingFields(_Request):
         if value is None:
             return None
         for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # ASCII digits only ("²".isdigit() is true); the server checks the vocabulary's range.
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key[:20]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError("logit_bias values must be between -100 and 100")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     def stop_list(self) -> list[str]:
@@ -86,13 +123,29 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS, fail_fast=True)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ITEMS, fail_fast=True)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _check_parts(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) <= MAX_ITEMS:
+            contents = (m.get("content") for m in value if isinstance(m, dict))
+            if sum(len(c) for c in contents if isinstance(c, list)) > MAX_PARTS:
+                raise ValueError(f"messages may hold at most {MAX_PARTS} content parts in all")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
 
     @field_validator("response_format")
     @classmethod
@@ -112,7 +165,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = Inputs
 
 
 class CompletionRequest(SamplingFields):
@@ -149,7 +202,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -157,11 +210,8 @@ class EmbeddingRequest(_Request):
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) == 0:
-                raise ValueError("input must not be empty")
-            if len(value) > 2048:
-                raise ValueError("input may hold at most 2048 items")
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("input must not be empty")
         if isinstance(value, str) and value == "":
             raise ValueError("input must not be an empty string")
         return value

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
+from budrt.protocol.body_limit import BodyLimit
 from budrt.protocol.errors import APIError, internal_error, model_not_found, unauthorized
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
@@ -66,7 +67,9 @@ async def ready(request: Request) -> Response:
     model = request.query_params.get("model")
     if model is not None:
         hosted = registry.get(model)
-        ok = hosted is not None and hosted.state == "ready" and watchdog.healthy
+        if hosted is None:
+            raise model_not_found(model)
+        ok = hosted.state == "ready" and watchdog.healthy
     else:
         ok = registry.ready() and watchdog.healthy
     return _json({"status": "ready" if ok else "not_ready", **body}, status=200 if ok else 503)
@@ -250,7 +253,9 @@ def create_server_app(
         Route("/v1/completions", holding_model(completions), methods=["POST"]),
         Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
     ]
+    # The credential first: a caller without it gets nothing read, not even its body's length.
     middleware = [Middleware(RequireInternalKey, key=internal_key)] if internal_key else []
+    middleware.append(Middleware(BodyLimit, max_bytes=server.max_body_bytes))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -263,5 +268,6 @@ def create_server_app(
     )
     app.state.registry = registry
     app.state.watchdog = watchdog
+    app.state.max_n = server.max_n
     register_engine_collector(registry)
     return app

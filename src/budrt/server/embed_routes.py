@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -9,10 +10,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from budrt.protocol.errors import APIError, invalid_request
+from budrt.engine.interface import EngineOverloaded
+from budrt.protocol.errors import APIError, invalid_request, overloaded
 from budrt.protocol.schemas import EmbeddingRequest
 from budrt.server import metrics
-from budrt.server.embeddings import InputTooLong
+from budrt.server.embeddings import EmbeddingModel, InputTooLong
+from budrt.server.generation import check_text_fits
 from budrt.server.text_routes import serving_model, validate
 
 
@@ -28,27 +31,15 @@ async def embeddings(request: Request) -> Response:
             f"'dimensions' must be omitted or {model.dimensions}.",
             param="dimensions",
         )
-    raw = req.input
-    if isinstance(raw, str):
-        inputs = model.tokenize([raw])
-    elif all(isinstance(x, str) for x in raw):
-        if any(x == "" for x in raw):
-            raise invalid_request("input must not contain empty strings.", param="input")
-        inputs = model.tokenize(list(raw))  # type: ignore[arg-type]
-    elif all(isinstance(x, int) for x in raw):
-        inputs = [model.wrap_ids(list(raw))]  # type: ignore[arg-type]
-    else:
-        inputs = [model.wrap_ids(list(x)) for x in raw]  # type: ignore[arg-type]
-    vocab = model.tokenizer.get_vocab_size()
-    for ids in inputs:
-        if not ids or any(not 0 <= t < vocab for t in ids):
-            raise invalid_request("input holds an empty item or a token id out of range.", param="input")
+    inputs = await _token_ids(req.input, model)
     try:
         vectors = await batcher.embed(inputs)
     except InputTooLong as exc:
         raise APIError(
             400, f"{exc}. Shorten the input.", param="input", code="context_length_exceeded"
         ) from None
+    except EngineOverloaded:
+        raise overloaded(retry_after=1) from None
     metrics.EMBEDDING_INPUTS.labels(hosted.config.name).inc(len(inputs))
     array = vectors.numpy().astype(np.float32)
     data = []
@@ -65,3 +56,28 @@ async def embeddings(request: Request) -> Response:
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def _token_ids(
+    raw: str | list[str] | list[int] | list[list[int]], model: EmbeddingModel
+) -> list[list[int]]:
+    """Each input's token ids; texts that cannot fit are refused unseen, the rest tokenized off the loop."""
+    if isinstance(raw, str) or all(isinstance(x, str) for x in raw):
+        texts: list[str] = [raw] if isinstance(raw, str) else list(raw)  # type: ignore[list-item]
+        if any(x == "" for x in texts):
+            raise invalid_request("input must not contain empty strings.", param="input")
+        for text in texts:  # (WordPiece drops whitespace, so it does not count)
+            visible = len(text) - sum(map(text.count, " \t\n\r"))
+            check_text_fits(visible, model.max_token_chars, model.max_tokens, "input")
+        inputs = await asyncio.to_thread(model.tokenize, texts)
+    elif all(isinstance(x, int) for x in raw):
+        inputs = [model.wrap_ids(list(raw))]  # type: ignore[arg-type]
+    else:
+        if any(not x for x in raw):
+            raise invalid_request("input must not contain empty token lists.", param="input")
+        inputs = [model.wrap_ids(list(x)) for x in raw]  # type: ignore[arg-type]
+    vocab = model.tokenizer.get_vocab_size()
+    for ids in inputs:
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise invalid_request("input holds an empty item or a token id out of range.", param="input")
+    return inputs

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from budrt.config import ModelConfig
 from budrt.engine import openmp
+from budrt.engine.interface import EngineOverloaded
 from budrt.engine.source import resolve_source
 
 
@@ -42,6 +43,7 @@ class EmbeddingModel:
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
         # float32 on CUDA too: small models, and the vectors stay comparable with the CPU's.
         self.device = torch.device(device)
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval().to(self.device)
@@ -93,16 +95,21 @@ def _max_seq_length(path: Path) -> int:
 @dataclass
 class _Job:
     inputs: list[list[int]]
+    tokens: int
     future: asyncio.Future[torch.Tensor] = field(repr=False)
 
 
 class EmbeddingBatcher:
     """Micro-batches concurrent embedding requests onto one worker thread."""
 
-    def __init__(self, model: EmbeddingModel, max_batch_tokens: int = 4096) -> None:
+    def __init__(self, model: EmbeddingModel, max_batch_tokens: int = 4096, max_waiting: int = 256) -> None:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
+        # Bounds of what waits: requests, and tokens (max_waiting full batches' worth).
+        self.max_waiting = max_waiting
+        self.max_waiting_tokens = max_waiting * max_batch_tokens
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.waiting_tokens = 0
         self.task: asyncio.Task[None] | None = None
         self.batches = 0
 
@@ -115,21 +122,29 @@ class EmbeddingBatcher:
             await asyncio.gather(self.task, return_exceptions=True)
 
     async def embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Raises `InputTooLong`, or `EngineOverloaded` when the queue is full (503 + Retry-After)."""
         for i, ids in enumerate(inputs):
             if len(ids) > self.model.max_tokens:
                 raise InputTooLong(i, len(ids), self.model.max_tokens)
-        job = _Job(inputs, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
+        tokens = sum(len(ids) for ids in inputs)
+        waiting = self.queue.qsize()
+        if waiting >= self.max_waiting or (
+            waiting and self.waiting_tokens + tokens > self.max_waiting_tokens
+        ):
+            raise EngineOverloaded(f"{waiting} embedding requests waiting (max_waiting={self.max_waiting})")
+        job = _Job(inputs, tokens, asyncio.get_running_loop().create_future())
+        self.waiting_tokens += tokens
+        self.queue.put_nowait(job)
         return await job.future
 
     async def _run(self) -> None:
         while True:
             jobs = [await self.queue.get()]
-            tokens = sum(len(x) for x in jobs[0].inputs)
+            tokens = jobs[0].tokens
             while not self.queue.empty() and tokens < self.max_batch_tokens:
-                job = self.queue.get_nowait()
-                jobs.append(job)
-                tokens += sum(len(x) for x in job.inputs)
+                jobs.append(self.queue.get_nowait())
+                tokens += jobs[-1].tokens
+            self.waiting_tokens -= tokens
             jobs = [j for j in jobs if not j.future.cancelled()]
             if not jobs:
                 continue

@@ -251,7 +251,7 @@ class ModelRegistry:
             hosted.engine = engine
         elif cfg.task == "embedding":
             embedding_model = await openmp.to_thread(EmbeddingModel, cfg, device)
-            batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens)
+            batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens, cfg.max_waiting)
             batcher.start()
             hosted.embedder = batcher
         else:  # pragma: no cover - config validation forbids it

@@ -16,19 +16,25 @@ from starlette.responses import Response, StreamingResponse
 from budrt.engine.interface import Engine, EngineDead, EngineOverloaded, GenerationOutput, SamplingParams
 from budrt.protocol.errors import (
     APIError,
+    context_too_long,
     from_validation_error,
     invalid_request,
     overloaded,
     parse_json_body,
 )
-from budrt.protocol.schemas import ChatCompletionRequest, CompletionRequest
+from budrt.protocol.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from budrt.server import metrics
 from budrt.server.formatting import SSE_DONE, ChatFormat, ChoiceResult, CompletionFormat, sse
 from budrt.server.generation import (
+    check_max_tokens,
+    check_n,
+    check_queue_room,
+    check_text_fits,
     check_token_ids,
     merge_choices,
     resolve_max_tokens,
     sampling_params,
+    vocab_size,
     wait_for_disconnect,
 )
 from budrt.server.registry import HostedModel
@@ -54,24 +60,27 @@ async def serving_model(request: Request, name: str, task: str) -> HostedModel:
 
 async def chat_completions(request: Request) -> Response:
     req = await validate(request, ChatCompletionRequest)
+    check_n(req.n, request.app.state.max_n)
     hosted = await serving_model(request, req.model, "chat")
     engine = hosted.engine
     assert engine is not None
+    limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    check_queue_room(req.n, hosted.config.max_waiting, "n")
+    check_max_tokens(req.output_limit(), engine.max_model_len, limit_param)
+    check_logit_bias(req, engine)
     try:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
         ]
     except ValueError as exc:
         raise invalid_request(str(exc), param="messages") from None
-    try:
-        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as exc:  # template errors (e.g. roles out of order) are the client's to fix
-        raise invalid_request(
-            f"The messages cannot be formatted for this model: {exc}", param="messages"
-        ) from None
-    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = await asyncio.to_thread(_chat_prompt, engine, messages)  # big prompts: off the loop
     max_tokens = resolve_max_tokens(
-        req.output_limit(), len(prompt_ids), engine.max_model_len, hosted.config.default_max_tokens
+        req.output_limit(),
+        len(prompt_ids),
+        engine.max_model_len,
+        hosted.config.default_max_tokens,
+        "messages",
     )
     top = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [(prompt_ids, sampling_params(req, max_tokens, top, i)) for i in range(req.n)]
@@ -82,27 +91,43 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
+def _chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+    """Render the chat template and tokenize (in a worker thread), refusing unseen what cannot fit."""
+    chars = engine.tokenizer.max_token_chars
+    check_text_fits(sum(len(m["content"]) for m in messages), chars, engine.max_model_len, "messages")
+    try:
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # template errors (e.g. roles out of order) are the client's to fix
+        raise invalid_request(
+            f"The messages cannot be formatted for this model: {exc}", param="messages"
+        ) from None
+    check_text_fits(len(prompt), chars, engine.max_model_len, "messages")
+    return engine.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def check_logit_bias(req: SamplingFields, engine: Engine) -> None:
+    if req.logit_bias:
+        check_token_ids([int(k) for k in req.logit_bias], vocab_size(engine), "logit_bias")
+
+
 async def completions(request: Request) -> Response:
     req = await validate(request, CompletionRequest)
+    check_n(req.n, request.app.state.max_n)
     hosted = await serving_model(request, req.model, "chat")
     engine = hosted.engine
     assert engine is not None
     if req.best_of is not None and req.best_of != req.n:
         raise invalid_request("best_of different from n is not supported.", param="best_of")
-    vocab = getattr(engine.tokenizer, "vocab_size", None)
+    prompts = req.prompts()
+    check_queue_room(len(prompts) * req.n, hosted.config.max_waiting, "prompt")
+    check_max_tokens(req.max_tokens, engine.max_model_len, "max_tokens")
+    check_logit_bias(req, engine)
+    encoded = await asyncio.to_thread(_completion_prompts, engine, prompts, req.echo)  # off the loop
     jobs: list[tuple[list[int], SamplingParams]] = []
     echo_texts: list[str] = []
     prompt_tokens = 0
-    for prompt in req.prompts():
-        if isinstance(prompt, str):
-            ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
-            text = prompt
-        else:
-            check_token_ids(prompt, vocab, "prompt")
-            ids, text = prompt, engine.tokenizer.decode(prompt, skip_special_tokens=False)
-        if not ids:
-            raise invalid_request("The prompt is empty.", param="prompt")
-        max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, None)
+    for ids, text in encoded:
+        max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, None, "prompt")
         prompt_tokens += len(ids)
         for _ in range(req.n):
             jobs.append((ids, sampling_params(req, max_tokens, req.logprobs, len(jobs))))
@@ -114,6 +139,29 @@ async def completions(request: Request) -> Response:
     return await respond(
         request, engine, hosted.config.name, fmt, jobs, prompt_tokens, req.stream, include_usage
     )
+
+
+def _completion_prompts(
+    engine: Engine, prompts: list[str | list[int]], echo: bool
+) -> list[tuple[list[int], str]]:
+    """Each prompt's token ids and (for `echo`) text; what cannot fit is refused before any work."""
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_text_fits(len(prompt), engine.tokenizer.max_token_chars, engine.max_model_len, "prompt")
+        elif len(prompt) >= engine.max_model_len:
+            raise context_too_long(len(prompt), 0, engine.max_model_len, "prompt")
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids, text = engine.tokenizer.encode(prompt, add_special_tokens=True), prompt
+        else:
+            check_token_ids(prompt, vocab_size(engine), "prompt")
+            ids = prompt
+            text = engine.tokenizer.decode(prompt, skip_special_tokens=False) if echo else ""
+        if not ids:
+            raise invalid_request("The prompt is empty.", param="prompt")
+        out.append((ids, text))
+    return out
 
 
 async def respond(
