@@ -50,5 +50,13 @@ def test_an_oversized_head_is_431_and_others_are_served(tmp_path: Path) -> None:
         big_body = b'{"model": "' + b"m" * (2 * MAX_HEAD_BYTES) + b'"}'
         resp = httpx.post(url + "/v1/chat/completions", content=big_body, timeout=5)
         assert resp.status_code == 401  # read to the end and answered: no key
+        # A whole request arriving in one read (head and body) is not charged as a head, nor
+        # carried over to the next request on the connection.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for size in (MAX_HEAD_BYTES - 2000, 3000, 3000):
+                head = b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size
+                sock.sendall(head + b"b" * size)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 401")
     finally:
         stop(proc)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from budrt.config import Settings, reveal
 from budrt.gateway.admin import AdminAPI
@@ -40,7 +40,15 @@ from budrt.gateway.traffic import (
     stream_flag,
 )
 from budrt.observe.metrics import metrics_endpoint
-from budrt.protocol.errors import APIError, internal_error, invalid_request, model_not_found, parse_json_body
+from budrt.protocol.body_limit import BodyLimit, declared_length
+from budrt.protocol.errors import (
+    APIError,
+    body_too_large,
+    internal_error,
+    invalid_request,
+    model_not_found,
+    parse_json_body,
+)
 from budrt.security.rbac import ENDPOINT_ACTIONS, Principal
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
@@ -194,21 +202,6 @@ class Gateway:
                 tracker.done(status, time.monotonic())
 
 
-def body_too_large(limit: int) -> APIError:
-    message = f"The request body is larger than this gateway's limit of {limit} bytes."
-    return APIError(413, message, code="request_too_large")
-
-
-def declared_length(scope: Scope) -> int:
-    """The request's Content-Length, or -1 when none (chunked) or not a number."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if not value.isdigit():
-                return -1
-            return int(value) if len(value) < 19 else 1 << 63  # (int() refuses 4300+ digits)
-    return -1
-
-
 async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
     """The whole request body (usually one message); ClientDisconnect if the client left first.
     413 once it is known to exceed `limit` bytes: declared so, or that much received (chunked);
@@ -236,26 +229,6 @@ async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
                 break
             return b"".join(chunks)
     raise body_too_large(limit)
-
-
-class LimitedReceive:
-    """`receive` for the routes Starlette serves: 413 (an APIError, so our JSON shape) once the
-    body passes `limit` bytes, whoever reads it."""
-
-    __slots__ = ("receive", "limit", "left")
-
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self.receive = receive
-        self.limit = limit
-        self.left = limit
-
-    async def __call__(self) -> Message:
-        message = await self.receive()
-        if message["type"] == "http.request":
-            self.left -= len(message.get("body", b""))
-            if self.left < 0:
-                raise body_too_large(self.limit)
-        return message
 
 
 class Proxied:
@@ -294,7 +267,7 @@ class GatewayApp(Starlette):
     """
 
     proxied: dict[str, Proxied]
-    max_body_bytes: int  # request bodies: the proxied endpoints check it themselves (`read_body`)
+    body_limit: BodyLimit  # every other route; the proxied endpoints check it in `read_body`
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -304,11 +277,12 @@ class GatewayApp(Starlette):
                     scope["app"] = self
                     await endpoint(scope, receive, send)
                     return
-            limit = self.max_body_bytes
-            if declared_length(scope) > limit:  # refused before anything reads it
-                await body_too_large(limit).to_response()(scope, receive, send)
-                return
-            receive = LimitedReceive(receive, limit)
+            await self.body_limit(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Starlette's own handling (middleware, router), behind `body_limit`."""
         await super().__call__(scope, receive, send)
 
 
@@ -371,6 +345,6 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
     )
     app.proxied = proxied
-    app.max_body_bytes = settings.gateway.max_body_bytes
+    app.body_limit = BodyLimit(app.route, settings.gateway.max_body_bytes)
     app.state.gateway = gw
     return app

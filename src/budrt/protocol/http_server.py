@@ -37,11 +37,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._in_head = True
         self._head_bytes = 0
+        self._heads = 0  # heads completed on this connection
         self._refused = False
         super().connection_made(transport)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._heads += 1
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -51,11 +53,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
             return
-        in_head_before = self._in_head
+        in_head, heads = self._in_head, self._heads
         super().data_received(data)
-        # Only data that began and ended inside a head counts: a chunk that also held the end of
-        # a body (or the start of one) is not charged to a head.
-        if in_head_before and self._in_head:
+        # Only data that began and ended inside one head counts: a chunk that also held the end
+        # of a head (and maybe a whole body after it) is not charged to a head.
+        if in_head and self._heads == heads:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
