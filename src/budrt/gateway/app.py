@@ -23,7 +23,7 @@ from budrt.gateway.admin import AdminAPI
 from budrt.gateway.auth import Authenticator, require_model
 from budrt.gateway.health import HealthChecker
 from budrt.gateway.jwt_auth import JWTVerifier
-from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered
+from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
@@ -63,7 +63,8 @@ class Gateway:
         self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt.enabled else None
         self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)
         self.usage = UsageStore(store.engine)
-        self.meter = Meter(self.usage, settings.metering) if settings.metering.enabled else None
+        metering = settings.metering
+        self.meter = Meter(self.usage, metering, spool_dir(settings.home)) if metering.enabled else None
         self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
         # In process, budgets start from the usage recorded this period (survive a restart).
         self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
@@ -255,7 +256,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         session = await gw.proxy.start()
         checker = asyncio.create_task(gw.health.run(session))
         if gw.meter is not None:
-            gw.meter.start()
+            await gw.meter.start()  # replays the usage spool a crash left behind
         try:
             yield
         finally:
