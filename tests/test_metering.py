@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -182,7 +183,7 @@ class Durable:
         self.usage = UsageStore(self.store.engine)
         self.runs = 0
 
-    def start(self) -> tuple[object, str]:
+    def start(self) -> tuple[subprocess.Popen, str]:
         self.runs += 1
         return start_gateway(self.settings, self.home / f"runtime{self.runs}.json")
 
@@ -197,9 +198,11 @@ class Durable:
         self.store.engine.dispose()
 
 
-def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: Path) -> None:
-    d = Durable(tmp_path, batch_size=20, flush_interval_s=0.2)
-    gateway, url = d.start()
+def _load_then_sigkill(
+    d: Durable, gateway: subprocess.Popen, url: str, answered_before_kill: int
+) -> tuple[int, int]:
+    """Six clients send chat requests until the gateway is SIGKILLed after `answered_before_kill`
+    answers; returns (requests answered 200, requests cut by the kill)."""
     answered, broken, other = [0], [0], []
     lock, done = threading.Lock(), threading.Event()
 
@@ -223,16 +226,26 @@ def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: P
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while answered[0] < 300 and time.monotonic() < deadline:
+        while answered[0] < answered_before_kill and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(gateway.pid, signal.SIGKILL)  # mid-load: no shutdown, no last flush
         gateway.wait()
+    finally:
         done.set()
         for t in threads:
             t.join()
-        assert other == [] and answered[0] >= 300
+    assert other == []
+    return answered[0], broken[0]
+
+
+def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: Path) -> None:
+    d = Durable(tmp_path, batch_size=20, flush_interval_s=0.2)
+    gateway, url = d.start()
+    try:
+        answered, broken = _load_then_sigkill(d, gateway, url, 300)
+        assert answered >= 300
         left = sorted(spool_dir(tmp_path).glob("*.jsonl"))
-        assert left and len(d.ids()) < answered[0]  # the rest is only in the spool now
+        assert left and len(d.ids()) < answered  # the rest is only in the spool now
         backup = tmp_path / "spool-copy"
         backup.mkdir()
         for f in left:
@@ -244,7 +257,7 @@ def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: P
         assert d.ids() == ids
         # Every request answered 200 has its row. A record is spooled just before its response
         # is sent, so a request cut by the kill may have one too (never more than were cut).
-        assert answered[0] <= len(ids) <= answered[0] + broken[0], (len(ids), answered, broken)
+        assert answered <= len(ids) <= answered + broken, (len(ids), answered, broken)
         assert None not in ids and len(set(ids)) == len(ids)
 
         # A crash after a segment's insert but before its removal: replayed again, counted once.
@@ -257,7 +270,6 @@ def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: P
         assert sorted(d.ids()) == sorted(ids)
         assert list(spool_dir(tmp_path).glob("*.jsonl")) == []
     finally:
-        done.set()
         stop(gateway)
         d.close()
 
