@@ -25,6 +25,7 @@ from budrt.gateway.health import HealthChecker
 from budrt.gateway.jwt_auth import JWTVerifier
 from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
 from budrt.gateway.metrics import RequestTracker
+from budrt.gateway.openapi import openapi_endpoint
 from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Router
@@ -276,6 +277,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         Route("/health/live", gw.live, methods=["GET"]),
         Route("/health/ready", gw.ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()),
