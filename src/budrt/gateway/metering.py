@@ -154,15 +154,20 @@ class Meter:
             return True
 
     def _commit(self, segment: Segment) -> int:
-        """fsync the segment, insert its records (batch by batch), then delete it."""
+        """fsync the segment, insert its records batch by batch, then delete it."""
         segment.sync()
-        records = segment.records()
-        size = max(self.config.batch_size, 1)
-        rows = [row for row in map(_usage, records) if row is not None]
-        for i in range(0, len(rows), size):
-            self.store.insert(rows[i : i + size])
+        size, written = max(self.config.batch_size, 1), 0
+        batch: list[Usage] = []
+        for record in segment.records():
+            row = _usage(record)
+            if row is not None:
+                batch.append(row)
+            if len(batch) >= size:
+                self.store.insert(batch)
+                written, batch = written + len(batch), []
+        self.store.insert(batch)
         segment.remove()
-        return len(records)
+        return written + len(batch)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -58,21 +59,23 @@ class Segment:
     def sync(self) -> None:
         os.fsync(self.fd)
 
-    def records(self) -> list[list[object]]:
-        """The records in the file; a torn or garbled line (power loss) is skipped and logged."""
-        out: list[list[object]] = []
-        for line in self.path.read_bytes().split(b"\n"):
-            if not line:
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                record = None
-            if isinstance(record, list):
-                out.append(record)
-            else:
-                log.warning("usage spool: skipped a damaged line", extra={"fields": {"file": self.path.name}})
-        return out
+    def records(self) -> Iterator[list[object]]:
+        """The records in the file, read line by line (a segment can hold an outage's worth);
+        a torn or garbled line (power loss) is skipped and logged."""
+        with self.path.open("rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    record = None
+                if isinstance(record, list):
+                    yield record
+                else:
+                    log.warning(
+                        "usage spool: skipped a damaged line", extra={"fields": {"file": self.path.name}}
+                    )
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)  # unlinked while still locked: nobody replays it twice
