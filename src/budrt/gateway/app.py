@@ -23,8 +23,9 @@ from budrt.gateway.admin import AdminAPI
 from budrt.gateway.auth import Authenticator, require_model
 from budrt.gateway.health import HealthChecker
 from budrt.gateway.jwt_auth import JWTVerifier
-from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered
+from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
 from budrt.gateway.metrics import RequestTracker
+from budrt.gateway.openapi import openapi_endpoint
 from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Deployment, Router
@@ -81,7 +82,8 @@ class Gateway:
         self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt.enabled else None
         self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)
         self.usage = UsageStore(store.engine)
-        self.meter = Meter(self.usage, settings.metering) if settings.metering.enabled else None
+        metering = settings.metering
+        self.meter = Meter(self.usage, metering, spool_dir(settings.home)) if metering.enabled else None
         self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
         # In process, budgets start from the usage recorded this period (survive a restart).
         self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
@@ -314,7 +316,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         session = await gw.proxy.start()
         checker = asyncio.create_task(gw.health.run(session))
         if gw.meter is not None:
-            gw.meter.start()
+            await gw.meter.start()  # replays the usage spool a crash left behind
         try:
             yield
         finally:
@@ -334,6 +336,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         Route("/health/live", gw.live, methods=["GET"]),
         Route("/health/ready", gw.ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()),

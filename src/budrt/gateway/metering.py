@@ -1,24 +1,35 @@
-"""Usage metering: one record per request, queued in memory, written to the DB in batches.
+"""Usage metering: one record per request, spooled to disk at once, written to the DB in batches.
 
-The request path only appends a record to a list. A background task writes a batch every
-`flush_interval_s`, or sooner when `batch_size` records are waiting, in a worker thread; the
-lifespan's `close` writes whatever is left, so a clean stop loses nothing. A full queue drops
-records (counted in `budrt_gateway_usage_dropped_total`) rather than grow without bound.
+Nothing is lost and nothing counted twice:
+- Before the client gets the last byte of its response, the request path appends the record
+  (with a unique id) as one line to the spool (`gateway/spool.py`, `$BUDRT_HOME/run/usage-spool`):
+  one small `write()`, no await; from then on it survives even a SIGKILL of the gateway.
+- A background task seals the active segment every `flush_interval_s` (or at `batch_size`
+  records), fsyncs it, inserts its records in batches in a worker thread and deletes it only
+  after they are committed. A failed insert keeps the segment and retries later (backoff).
+- At start, segments left behind by a dead gateway are replayed the same way. The insert skips
+  ids already in the table, so a segment committed but not yet deleted at a crash counts once.
+If the disk refuses a record, it waits in memory (up to `max_queue`, then it is dropped and
+counted in `budrt_gateway_usage_dropped_total`) and is spooled again at the next flush.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import Counter
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
 from budrt.config import MeteringConfig
+from budrt.gateway.spool import Segment, Spool
 from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.gateway.usage import STREAM_TAIL_BYTES, find_usage
 from budrt.security.rbac import Principal
@@ -26,64 +37,137 @@ from budrt.store.usage import Usage, UsageStore
 
 log = logging.getLogger("budrt.gateway.metering")
 
-DROPPED = Counter("budrt_gateway_usage_dropped_total", "Usage records dropped (queue full or DB error)")
+DROPPED = Counter("budrt_gateway_usage_dropped_total", "Usage records dropped (could not be spooled)")
 WRITTEN = Counter("budrt_gateway_usage_written_total", "Usage records written to the database")
+FAILED = Counter("budrt_gateway_usage_write_failures_total", "Failed usage inserts (retried)")
 
-# What the request path queues: (unix time, principal, model, endpoint, usage (the object, or
-# the raw bytes that hold it), latency ms, status, cache hit). A plain tuple: building it costs
-# next to nothing.
-Pending = tuple[float, Principal, str | None, str, dict[str, Any] | bytes | None, float, int, bool]
+# One record, as spooled: [id, unix time, key id, user, team, model, endpoint, prompt tokens,
+# completion tokens, latency ms, status, cache hit]. A flat JSON array: cheap to write and read.
+Record = list[Any]
 
 # Where the request handler leaves what the meter needs (request.scope keys).
 PRINCIPAL = "budrt.principal"
 MODEL = "budrt.model"
+MAX_BACKOFF_S = 30.0
+
+
+def spool_dir(home: Path) -> Path:
+    return home / "run" / "usage-spool"
 
 
 class Meter:
-    def __init__(self, store: UsageStore, config: MeteringConfig) -> None:
+    def __init__(self, store: UsageStore, config: MeteringConfig, spool: Path) -> None:
         self.store = store
         self.config = config
-        self._queue: list[Pending] = []
+        self.spool = Spool(spool)
+        self._ids = itertools.count(1)
+        self._unspooled: list[Record] = []  # the disk refused them; spooled again at the next flush
+        self._sealed: list[Segment] = []  # spooled, waiting for the DB (oldest first)
+        self._failures = 0  # consecutive failed inserts: the flush loop backs off
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._write_lock = asyncio.Lock()  # batches reach the DB in order, one at a time
+        self._write_lock = asyncio.Lock()  # segments reach the DB in order, one at a time
 
-    def add(self, record: Pending) -> None:
-        if len(self._queue) >= self.config.max_queue:
-            DROPPED.inc()
-            return
-        self._queue.append(record)
-        if len(self._queue) >= self.config.batch_size:
+    def add(
+        self,
+        principal: Principal,
+        model: str | None,
+        endpoint: str,
+        usage: Any,
+        latency_ms: float,
+        status: int,
+        cache_hit: bool,
+    ) -> None:
+        """Spool one request's record (the request path: one write, nothing awaited)."""
+        prompt, completion = _tokens(usage)
+        record = [
+            f"{self.spool.boot}-{next(self._ids):x}",
+            time.time(),
+            principal.key_id,
+            principal.user,
+            principal.team,
+            model,
+            endpoint,
+            prompt,
+            completion,
+            round(latency_ms, 3),
+            status,
+            cache_hit,
+        ]
+        self._spool(record)
+        if self.spool.pending >= self.config.batch_size:
             self._wake.set()
 
-    def start(self) -> None:
+    def _spool(self, record: Record) -> None:
+        try:
+            self.spool.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        except OSError as exc:  # disk full or gone: keep it in memory, bounded
+            if len(self._unspooled) >= self.config.max_queue:
+                DROPPED.inc()
+                return
+            if not self._unspooled:
+                log.error("usage spool write failed", extra={"fields": {"error": repr(exc)}})
+            self._unspooled.append(record)
+
+    async def start(self) -> None:
+        """Open the spool and replay what a dead gateway left (before serving, so budgets seeded
+        from the usage table include it; if the DB is down, the flush loop retries)."""
+        self._sealed.extend(self.spool.open())
+        if self._sealed:
+            await self.flush()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
-            except TimeoutError:
-                pass
+            if self._failures:  # the DB is failing: retry later, whatever arrives meanwhile
+                await asyncio.sleep(min(self.config.flush_interval_s * 2**self._failures, MAX_BACKOFF_S))
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
+                except TimeoutError:
+                    pass
             self._wake.clear()
             await self.flush()
 
-    async def flush(self) -> None:
-        """Write everything queued so far (in batches of `batch_size`)."""
+    async def flush(self) -> bool:
+        """Commit everything spooled so far; False if the DB refused it (kept for a retry)."""
         async with self._write_lock:
-            while self._queue:
-                batch = self._queue[: self.config.batch_size]
-                del self._queue[: len(batch)]
+            unspooled, self._unspooled = self._unspooled, []
+            for record in unspooled:
+                self._spool(record)
+            # Seal only when nothing older waits, so an outage keeps at most two segments open.
+            if not self._sealed and (segment := self.spool.seal()) is not None:
+                self._sealed.append(segment)
+            while self._sealed:
+                segment = self._sealed[0]
                 try:
-                    await run_in_threadpool(self._write, batch)
-                    WRITTEN.inc(len(batch))
-                except Exception as exc:  # the DB is down: count the loss, keep serving
-                    DROPPED.inc(len(batch))
-                    fields = {"records": len(batch), "error": repr(exc)}
-                    log.error("usage write failed", extra={"fields": fields})
+                    written = await run_in_threadpool(self._commit, segment)
+                except Exception as exc:  # the DB is down: the segment stays, retried later
+                    self._failures += 1
+                    FAILED.inc()
+                    fields = {"segment": segment.path.name, "attempt": self._failures, "error": repr(exc)}
+                    log.error("usage write failed; will retry", extra={"fields": fields})
+                    return False
+                self._sealed.pop(0)
+                self._failures = 0
+                WRITTEN.inc(written)
+            return True
 
-    def _write(self, batch: list[Pending]) -> None:
-        self.store.insert([_usage(p) for p in batch])
+    def _commit(self, segment: Segment) -> int:
+        """fsync the segment, insert its records batch by batch, then delete it."""
+        segment.sync()
+        size, written = max(self.config.batch_size, 1), 0
+        batch: list[Usage] = []
+        for record in segment.records():
+            row = _usage(record)
+            if row is not None:
+                batch.append(row)
+            if len(batch) >= size:
+                self.store.insert(batch)
+                written, batch = written + len(batch), []
+        self.store.insert(batch)
+        segment.remove()
+        return written + len(batch)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -91,12 +175,29 @@ class Meter:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.flush()
+        for segment in self._sealed:  # the DB is still down: the next start replays them
+            segment.close()
+        self._sealed.clear()
+        self.spool.close()
 
 
 class _Metered:
-    """Wraps any ASGI response to see its status, cache header and final usage object."""
+    """Wraps any ASGI response to see its status, cache header and final usage object, and
+    spools the record before the client gets the response's last byte (so an answered request
+    is never lost, even if the gateway is killed right after)."""
 
-    __slots__ = ("inner", "meter", "principal", "model", "endpoint", "start", "status", "cache_hit", "tail")
+    __slots__ = (
+        "inner",
+        "meter",
+        "principal",
+        "model",
+        "endpoint",
+        "start",
+        "status",
+        "cache_hit",
+        "tail",
+        "recorded",
+    )
 
     def __init__(
         self, inner: Any, meter: Meter, principal: Principal, model: str | None, endpoint: str, start: float
@@ -109,20 +210,34 @@ class _Metered:
         self.start = start
         self.status = 500
         self.cache_hit = False
-        self.tail = b""
+        self.tail: bytes | bytearray = b""
+        self.recorded = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         inner = self.inner
-        # The gateway's own responses say what the meter needs once sent: no wrapper around
-        # `send` (a coroutine layer per message) for them.
-        if isinstance(inner, Buffered | UpstreamStream):
+        if isinstance(inner, Buffered):
+            # Everything is known before it is sent: record, then send (no wrapper around `send`).
+            self.status = inner.status_code
+            self.cache_hit = (b"x-budrt-cache", b"hit") in inner.raw_headers
+            self.tail = inner.body
+            self._record()
+            await inner(scope, receive, send)
+            return
+        if isinstance(inner, UpstreamStream):
+            self.status = inner.status_code
+            self.cache_hit = (b"x-budrt-cache", b"hit") in inner.raw_headers
+
+            async def before_end(message: Message) -> None:
+                if not message.get("more_body", False) and message["type"] == "http.response.body":
+                    self.tail = inner.tail  # the stream is over: its final chunk is in the tail
+                    self._record()
+                await send(message)
+
             try:
-                await inner(scope, receive, send)
+                await inner(scope, receive, before_end)
             finally:
-                self.status = inner.status_code
-                self.cache_hit = (b"x-budrt-cache", b"hit") in inner.raw_headers
-                self.tail = inner.body if isinstance(inner, Buffered) else inner.tail
-                self._record()
+                self.tail = inner.tail
+                self._record()  # the client left mid-stream: no last byte was sent
             return
 
         async def watch(message: Message) -> None:
@@ -132,6 +247,8 @@ class _Metered:
                     # Usage is the last object of a body and of a stream's final chunk.
                     tail = self.tail + body if len(body) < STREAM_TAIL_BYTES else body
                     self.tail = tail[-STREAM_TAIL_BYTES:]
+                if not message.get("more_body", False):
+                    self._record()
             elif message["type"] == "http.response.start":
                 self.status = message["status"]
                 for name, value in message.get("headers", ()):
@@ -145,8 +262,10 @@ class _Metered:
             self._record()
 
     def _record(self) -> None:
-        # Only cheap work here; the usage object is located now but decoded by the writer.
-        usage = None
+        if self.recorded:
+            return
+        self.recorded = True
+        usage: Any = None
         if self.status == 200:
             usage = getattr(self.inner, "usage", None)  # found already by the proxy
             if usage is None:
@@ -154,44 +273,46 @@ class _Metered:
                 usage = self.tail[pos:] if pos >= 0 else None
         latency_ms = (time.monotonic() - self.start) * 1000
         self.meter.add(
-            (
-                time.time(),
-                self.principal,
-                self.model,
-                self.endpoint,
-                usage,
-                latency_ms,
-                self.status,
-                self.cache_hit,
-            )
+            self.principal, self.model, self.endpoint, usage, latency_ms, self.status, self.cache_hit
         )
 
 
-def _usage(pending: Pending) -> Usage:
-    at, principal, model, endpoint, raw, latency_ms, status, cache_hit = pending
-    usage = (raw if isinstance(raw, dict) else find_usage(raw)) if raw else None
-    prompt = completion = 0
-    if usage:
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt = p if isinstance(p, int) else 0
-        completion = c if isinstance(c, int) else 0
+def _tokens(usage: dict[str, Any] | bytes | bytearray | None) -> tuple[int, int]:
+    """(prompt, completion) tokens of a usage object, or of the bytes that hold one."""
+    if usage is not None and not isinstance(usage, dict):
+        usage = find_usage(usage)
+    if not usage:
+        return 0, 0
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (p if isinstance(p, int) else 0), (c if isinstance(c, int) else 0)
+
+
+def _usage(record: Record) -> Usage | None:
+    """The DB row of a spooled record; None (logged) for one this version cannot read."""
+    try:
+        rid, at, key_id, user, team, model, endpoint, prompt, completion, latency_ms, status, hit = record
+        at = datetime.fromtimestamp(at, UTC)
+    except (ValueError, TypeError, OverflowError, OSError):
+        log.warning("usage spool: skipped an unreadable record", extra={"fields": {"record": repr(record)}})
+        return None
     return Usage(
-        at=datetime.fromtimestamp(at, UTC),
-        key_id=principal.key_id,
-        user=principal.user,
-        team=principal.team,
+        at=at,
+        key_id=key_id,
+        user=user,
+        team=team,
         model=model,
         endpoint=endpoint,
         prompt_tokens=prompt,
         completion_tokens=completion,
         latency_ms=latency_ms,
         status=status,
-        cache_hit=cache_hit,
+        cache_hit=hit,
+        request_id=rid,
     )
 
 
 def metered(response: Any, meter: Meter | None, scope: Scope, endpoint: str, start: float) -> Any:
-    """`response`, wrapped to record the request once it is sent.
+    """`response`, wrapped to record the request as it is sent.
 
     The request handler leaves the principal (and the model, once routed) in `scope`; requests
     that never authenticated are not metered.

@@ -5,7 +5,8 @@ Content-addressed (`<root>/<manifest digest>/`), so an entry never changes once 
 refused and fetched again, never loaded. Fetches write into a temporary directory that is renamed
 into place atomically, and a per-digest lock (a thread lock plus an `flock` shared with other
 processes on the host) makes concurrent loaders wait for one fetch. Above the size cap, least
-recently used entries go.
+recently used entries go. A manifest whose paths could leave the entry is refused before any byte
+is written (`repository.check_path`), and a cached file reached through a symlink is refetched.
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from budrt.store.repository import CHUNK, ArtifactCorrupt, Manifest, ModelRepository, blob_key
+from budrt.store.repository import (
+    CACHE_MANIFEST,
+    CHUNK,
+    ArtifactCorrupt,
+    InvalidManifest,
+    Manifest,
+    ModelRepository,
+    blob_key,
+)
 
 log = logging.getLogger(__name__)
-MANIFEST = ".manifest.json"
+MANIFEST = CACHE_MANIFEST
 
 
 class ArtifactCache:
@@ -84,8 +93,13 @@ class ArtifactCache:
         if hashlib.sha256(raw).hexdigest() != digest:
             raise ArtifactCorrupt(f"artifact {digest[:12]}: cached manifest does not match its digest")
         manifest = Manifest.from_bytes(raw)
+        real = entry.resolve()
         for item in manifest.files:
             path = entry / item.path
+            # We only ever write regular files here: a symlink on the way was put there by someone
+            # else and could point anywhere (its target's bytes may even match the digest).
+            if path.resolve() != real / item.path:
+                raise ArtifactCorrupt(f"artifact {digest[:12]}: cached {item.path} is reached by a symlink")
             h = hashlib.sha256()
             try:
                 with path.open("rb") as f:
@@ -104,7 +118,10 @@ class ArtifactCache:
             marker = entry / MANIFEST
             if entry.name.startswith(".") or not marker.exists():
                 continue
-            size = sum(f.size for f in Manifest.from_bytes(marker.read_bytes()).files)
+            try:
+                size = sum(f.size for f in Manifest.from_bytes(marker.read_bytes()).files)
+            except InvalidManifest:  # written before manifests were checked; never served now
+                continue
             entries.append((marker.stat().st_mtime, entry, size))
         total = sum(size for _, _, size in entries)
         for _, entry, size in sorted(entries, key=lambda e: e[0]):

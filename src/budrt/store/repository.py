@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import uuid
 from abc import ABC, abstractmethod
@@ -22,6 +23,8 @@ from typing import BinaryIO
 import orjson
 
 CHUNK = 1 << 20
+CACHE_MANIFEST = ".manifest.json"  # where an artifact cache entry keeps its manifest (reserved)
+KINDS = ("file", "dir")
 
 
 class ObjectStore(ABC):
@@ -99,14 +102,22 @@ class Manifest:
     kind: str  # "file" (the model is its one file) or "dir"
     files: tuple[ManifestFile, ...]
 
+    def __post_init__(self) -> None:
+        check_manifest(self)  # so no manifest that escapes its directory exists at all
+
     def to_bytes(self) -> bytes:
         data = {"kind": self.kind, "files": [f.__dict__ for f in self.files]}
         return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Manifest:
-        data = orjson.loads(raw)
-        return cls(data["kind"], tuple(ManifestFile(**f) for f in data["files"]))
+        try:
+            data = orjson.loads(raw)
+            return cls(data["kind"], tuple(ManifestFile(**f) for f in data["files"]))
+        except InvalidManifest:
+            raise
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InvalidManifest(f"malformed manifest: {exc}") from None
 
     @property
     def digest(self) -> str:
@@ -187,3 +198,54 @@ class ModelRepository:
 
 class ArtifactCorrupt(Exception):
     """Bytes whose sha256 is not the one they were stored under."""
+
+
+class InvalidManifest(ValueError):
+    """A manifest that is malformed or names a file outside its artifact's directory."""
+
+
+def check_path(path: object) -> str:
+    """`path` if it is a plain, normalized, relative POSIX path; InvalidManifest if not.
+
+    Manifest paths are joined to a directory when an artifact is materialized, so anything that
+    could resolve elsewhere (absolute, `..`, backslashes, NUL, `.` or empty parts) is refused.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidManifest(f"manifest path {path!r} must be a non-empty string")
+    if "\0" in path or "\\" in path:
+        raise InvalidManifest(f"manifest path {path!r} contains a NUL or a backslash")
+    if path.startswith("/"):
+        raise InvalidManifest(f"manifest path {path!r} is absolute")
+    parts = path.split("/")
+    if ".." in parts:
+        raise InvalidManifest(f"manifest path {path!r} leaves the artifact directory ('..')")
+    if posixpath.normpath(path) != path or "." in parts:
+        raise InvalidManifest(f"manifest path {path!r} is not normalized")
+    if parts[0] == CACHE_MANIFEST:
+        raise InvalidManifest(f"manifest path {path!r} is reserved")
+    return path
+
+
+def check_manifest(manifest: Manifest) -> None:
+    """Every field well-formed, every path safe, no path twice or both a file and a directory."""
+    if manifest.kind not in KINDS:
+        raise InvalidManifest(f"manifest kind {manifest.kind!r} is not one of {', '.join(KINDS)}")
+    if not manifest.files or (manifest.kind == "file" and len(manifest.files) != 1):
+        raise InvalidManifest(f"a {manifest.kind!r} manifest with {len(manifest.files)} files")
+    seen: set[str] = set()
+    for item in manifest.files:
+        path = check_path(item.path)
+        digest = item.sha256
+        if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise InvalidManifest(f"manifest file {path!r}: sha256 {digest!r} is not 64 hex digits")
+        if not isinstance(item.size, int) or isinstance(item.size, bool) or item.size < 0:
+            raise InvalidManifest(f"manifest file {path!r}: size {item.size!r} is not a byte count")
+        if path in seen:
+            raise InvalidManifest(f"manifest path {path!r} is listed twice")
+        seen.add(path)
+    for path in seen:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in seen:
+                raise InvalidManifest(f"manifest path {parent!r} is both a file and a directory")
+            parent = posixpath.dirname(parent)

@@ -97,6 +97,7 @@ class UsageRecord(Base):
         Index("ix_usage_key_at", "key_id", "at"),
         Index("ix_usage_user_at", "user", "at"),
         Index("ix_usage_at", "at"),
+        Index("ux_usage_request_id", "request_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -111,6 +112,9 @@ class UsageRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     status: Mapped[int] = mapped_column(Integer)
     cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Added by revision 0005: the meter's id for the request, unique, so a record replayed from
+    # the spool after a crash is inserted once. None for rows written before it.
+    request_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class ModelRecord(Base):

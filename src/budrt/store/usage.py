@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Engine, Integer, cast, func, insert, select
+from sqlalchemy import Connection, Engine, Integer, cast, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ColumnElement
 
 from budrt.store.db import session_factory
@@ -31,6 +32,7 @@ class Usage:
     latency_ms: float
     status: int
     cache_hit: bool
+    request_id: str | None = None  # unique; a record inserted again (spool replay) is skipped
 
 
 class UsageStore:
@@ -39,7 +41,7 @@ class UsageStore:
         self._sessions = session_factory(engine)
 
     def insert(self, records: Sequence[Usage]) -> None:
-        """One transaction, one executemany for the whole batch."""
+        """One transaction, one executemany for the whole batch; ids already present are skipped."""
         if not records:
             return
         rows = [
@@ -55,11 +57,12 @@ class UsageStore:
                 "latency_ms": r.latency_ms,
                 "status": r.status,
                 "cache_hit": r.cache_hit,
+                "request_id": r.request_id,
             }
             for r in records
         ]
         with self.engine.begin() as conn:
-            conn.execute(insert(UsageRecord), rows)
+            _insert_new(conn, rows)
 
     def count(self) -> int:
         with self._sessions() as session:
@@ -107,6 +110,21 @@ class UsageStore:
             for name in totals:
                 totals[name] += row[name]
         return {"totals": totals, "data": rows}
+
+
+def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert `rows`, skipping those whose request_id is already stored (exactly once)."""
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(conn.dialect.name)
+    if dialect is not None:
+        stmt = dialect.insert(UsageRecord).on_conflict_do_nothing(index_elements=["request_id"])
+        conn.execute(stmt, rows)
+        return
+    ids = [r["request_id"] for r in rows if r["request_id"] is not None]
+    if ids:  # other databases: look first (one gateway replays a segment at a time)
+        present = set(conn.scalars(select(UsageRecord.request_id).where(UsageRecord.request_id.in_(ids))))
+        rows = [r for r in rows if r["request_id"] not in present]
+    if rows:
+        conn.execute(insert(UsageRecord), rows)
 
 
 def _sums(row: Sequence[Any]) -> dict[str, int]:

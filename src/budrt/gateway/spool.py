@@ -1,0 +1,143 @@
+"""An append-only spool of JSON lines on local disk, in segments, for usage records.
+
+The meter appends each record to the active segment with one `write()` (O_APPEND), so a record
+survives the gateway's death (even SIGKILL) from that instant; fsync happens in batches, when a
+segment is sealed and before its records go to the database. A segment is deleted only once its
+records are committed; segments left behind by a dead process are replayed at the next start.
+
+Several gateways may share `$BUDRT_HOME`: each holds an `flock` on every segment it owns, and a
+process replays only segments nobody holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger("budrt.gateway.metering")
+
+SUFFIX = ".jsonl"
+
+
+class Segment:
+    """One spool file, locked by this process while it is open."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.lines = 0  # appended by this process (replayed segments: unknown, 0)
+
+    @classmethod
+    def create(cls, path: Path) -> Segment:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return cls(path, fd)
+
+    @classmethod
+    def adopt(cls, path: Path) -> Segment | None:
+        """A segment left by a dead process, now locked by this one; None if someone holds it."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # its owner committed and removed it meanwhile
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if not path.exists():  # removed between our open and our lock
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def records(self) -> Iterator[list[object]]:
+        """The records in the file, read line by line (a segment can hold an outage's worth);
+        a torn or garbled line (power loss) is skipped and logged."""
+        with self.path.open("rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    record = None
+                if isinstance(record, list):
+                    yield record
+                else:
+                    log.warning(
+                        "usage spool: skipped a damaged line", extra={"fields": {"file": self.path.name}}
+                    )
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)  # unlinked while still locked: nobody replays it twice
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # also releases the lock
+            self.fd = -1
+
+
+class Spool:
+    """The active segment this process appends to, plus segment naming and discovery."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.boot = secrets.token_hex(8)  # names this process's segments and record ids
+        self._seq = 0
+        self.active: Segment | None = None
+
+    def open(self) -> list[Segment]:
+        """Create the directory (0700) and the active segment; returns orphaned segments to replay."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
+        orphans = []
+        for path in sorted(self.directory.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime):
+            segment = Segment.adopt(path)
+            if segment is not None:
+                orphans.append(segment)
+        self.active = self._new()
+        return orphans
+
+    def _new(self) -> Segment:
+        self._seq += 1
+        return Segment.create(self.directory / f"{self.boot}-{self._seq:06d}{SUFFIX}")
+
+    def append(self, line: bytes) -> None:
+        """One write of one whole line; OSError if the disk refuses it."""
+        active = self.active
+        assert active is not None, "Spool.open() first"
+        os.write(active.fd, line)
+        active.lines += 1
+
+    @property
+    def pending(self) -> int:
+        return self.active.lines if self.active is not None else 0
+
+    def seal(self) -> Segment | None:
+        """Hand over the active segment (if it holds anything) and start a new one."""
+        active = self.active
+        if active is None or not active.lines:
+            return None
+        self.active = self._new()
+        return active
+
+    def close(self) -> None:
+        """Drop the active segment if empty; otherwise leave it for the next start to replay."""
+        active, self.active = self.active, None
+        if active is None:
+            return
+        if active.lines:
+            active.sync()
+            active.close()
+        else:
+            active.remove()
