@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -32,8 +33,13 @@ LONG_CONTEXT = 65536  # "tiny-long": prompts up to ~1.7M characters pass the len
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("input")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's home; its stderr goes to `server.log` there."""
+    return tmp_path_factory.mktemp("input")
+
+
+@pytest.fixture(scope="module")
+def server(root: Path) -> Iterator[str]:
     tiny = tiny_config("tiny", build_tiny_llama(root / "tiny")).model_copy(update={"preload": True})
     long = tiny_config("tiny-long", build_tiny_llama(root / "long", positions=LONG_CONTEXT))
     long = long.model_copy(update={"max_model_len": LONG_CONTEXT, "kv_cache_bytes": 40 * MiB})
@@ -369,3 +375,21 @@ def test_embedding_queue_is_bounded(server: str) -> None:
         if r.status_code == 503:
             assert r.headers["retry-after"] and error_of(r)["type"] == "service_unavailable"
     assert post(server, EMBEDDINGS, BASE[EMBEDDINGS]).status_code == 200
+
+
+def test_a_client_leaving_a_non_streamed_request_is_no_server_error(server: str, root: Path) -> None:
+    """The generation is aborted quietly: no "aclose(): asynchronous generator is already running"
+    from closing the outputs while the collecting task was still inside them; a client leaving
+    mid-upload is no unhandled error either."""
+    body = {**BASE[CHAT], "n": 4, "max_tokens": 400, "ignore_eos": True, "temperature": 1.0}
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            post(server, CHAT, body, timeout=0.3)
+    # And one that hangs up halfway through sending its body.
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n{")
+    time.sleep(1.0)  # the server notices the hang-ups
+    assert post(server, CHAT, BASE[CHAT]).status_code == 200
+    log = (root / "server.log").read_text(errors="replace")
+    assert "already running" not in log and "unhandled error" not in log, log[-3000:]

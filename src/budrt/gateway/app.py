@@ -26,7 +26,7 @@ from budrt.gateway.jwt_auth import JWTVerifier
 from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.openapi import openapi_endpoint
-from budrt.gateway.proxy import CLIENT_CLOSED, Proxy
+from budrt.gateway.proxy import Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
@@ -43,8 +43,10 @@ from budrt.gateway.traffic import (
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.body_limit import BodyLimit, declared_length
 from budrt.protocol.errors import (
+    CLIENT_CLOSED,
     APIError,
     body_too_large,
+    client_left,
     internal_error,
     invalid_request,
     model_not_found,
@@ -345,7 +347,12 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
     app = GatewayApp(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={
+            APIError: _api_error,
+            ClientDisconnect: client_left,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
     )
     app.proxied = proxied
     app.body_limit = BodyLimit(app.route, settings.gateway.max_body_bytes)

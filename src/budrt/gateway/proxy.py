@@ -35,11 +35,10 @@ from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTr
 from budrt.gateway.routing import Deployment, Endpoint, cancelled_for_hang
 from budrt.gateway.stream import Buffered, RawHeaders, UpstreamStream, encode_headers, pass_headers
 from budrt.gateway.usage import record_usage
-from budrt.protocol.errors import APIError
+from budrt.protocol.errors import CLIENT_CLOSED, APIError
 
 log = logging.getLogger("budrt.gateway.proxy")
 
-CLIENT_CLOSED = 499  # nginx's status for "client went away"; only ever seen in metrics
 BodyFor = Callable[[Deployment], bytes]  # the body to send to a deployment (fallbacks rename the model)
 Admit = Callable[[Deployment], Awaitable[bool]]  # may this fallback be tried? (its own limits)
 WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its client is watched

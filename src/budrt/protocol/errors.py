@@ -65,6 +65,15 @@ class APIError(Exception):
         )
 
 
+CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody receives it
+
+
+async def client_left(request: Any, exc: Exception) -> Response:
+    """Exception handler for Starlette's ClientDisconnect (the client hung up while sending its
+    body): nothing to answer, nothing to log as a server error."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 

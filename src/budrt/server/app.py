@@ -17,7 +17,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.body_limit import BodyLimit
-from budrt.protocol.errors import APIError, internal_error, model_not_found, unauthorized
+from budrt.protocol.errors import APIError, client_left, internal_error, model_not_found, unauthorized
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
 from budrt.server.metrics import register_engine_collector
@@ -262,6 +262,7 @@ def create_server_app(
         lifespan=lifespan,
         exception_handlers={
             APIError: handle_api_error,
+            ClientDisconnect: client_left,
             HTTPException: handle_http_error,
             Exception: handle_unexpected,
         },

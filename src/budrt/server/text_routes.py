@@ -235,6 +235,9 @@ async def respond(
         hangup.cancel()
         if not collector.done():  # the client left: abort the generation
             collector.cancel()
+            # Let the cancel run through `outputs` first: closing it while the collector is still
+            # inside it raises "aclose(): asynchronous generator is already running".
+            await asyncio.gather(collector, return_exceptions=True)
             await outputs.aclose()
     if collector.cancelled():
         return Response(status_code=499)
