@@ -45,6 +45,9 @@ def test_migrate_creates_tables(tmp_path: Path) -> None:
         }
         unique = [i for i in insp.get_indexes("api_keys") if i["unique"]]
         assert [i["column_names"] for i in unique] == [["key_hash"]]
+        # A key's role is any role name (64 characters); PostgreSQL enforces the declared length.
+        role = next(c for c in insp.get_columns("api_keys") if c["name"] == "role")
+        assert role["type"].length == 64
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1

@@ -35,7 +35,7 @@ class ApiKey(BudgetColumns, Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(32), index=True)  # visible part, to tell keys apart
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # HMAC-SHA256 hex
-    role: Mapped[str] = mapped_column(String(16), default="user")  # "admin" | "user"
+    role: Mapped[str] = mapped_column(String(64), default="user")  # a role name (rbac.ROLE_NAME)
     models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None = every model
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
