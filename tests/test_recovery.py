@@ -73,16 +73,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         "gateway": {"health_interval_s": 0.5, "retries": 3},
     }
     s = start_serve(home, config)
-    deadline = time.time() + 90
-    while True:
-        assert s.proc.poll() is None, s.log_tail()
-        try:
-            if httpx.get(f"{s.url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, s.log_tail()
-        time.sleep(0.3)
+    wait_ready(s, 90)
     yield s
     stop_serve(s)
 
@@ -97,6 +88,20 @@ def start_serve(home: Path, config: dict, env_extra: dict[str, str] | None = Non
     with (home / "serve.log").open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Serve(f"http://127.0.0.1:{port}", home, proc)
+
+
+def wait_ready(s: Serve, limit_s: float) -> None:
+    """Until the gateway's /health/ready answers 200 (the server must not exit meanwhile)."""
+    deadline = time.time() + limit_s
+    while True:
+        assert s.proc.poll() is None, s.log_tail()
+        try:
+            if httpx.get(f"{s.url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, s.log_tail()
+        time.sleep(0.3)
 
 
 def stop_serve(s: Serve) -> None:

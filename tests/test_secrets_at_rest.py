@@ -13,7 +13,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from budrt.store.db import make_engine, migrate
 from tests.e2e.conftest import ADMIN_KEY, BUDRT
-from tests.test_recovery import Serve, start_serve, stop_serve
+from tests.test_recovery import Serve, start_serve, stop_serve, wait_ready
 from tests.tiny_models import build_tiny_llama
 
 MODEL = "tiny-secrets"
@@ -71,16 +70,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     }
     env = {"BUDRT_AUTH__JWT__SECRET": JWT_SECRET, DATABASE_URL_ENV: f"sqlite:///{home / 'budrt.db'}"}
     s = start_serve(home, config, env)
-    deadline = time.time() + 120
-    while True:
-        assert s.proc.poll() is None, s.log_tail()
-        try:
-            if httpx.get(f"{s.url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, s.log_tail()
-        time.sleep(0.3)
+    wait_ready(s, 120)
     yield s
     stop_serve(s)
 

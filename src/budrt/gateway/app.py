@@ -31,6 +31,7 @@ from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.gateway.traffic import (
+    Outgoing,
     Traffic,
     dump_body,
     image_count,
@@ -178,10 +179,8 @@ class Gateway:
                 body = dump_body(data)
             # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
-            upstream, receive = PROXIED_PATHS[path], request.receive
-            result = await self.traffic.send(
-                receive, request.headers, chain, upstream, data, body, tracker, ticket, key, stream, cost
-            )
+            out = Outgoing(request, chain, PROXIED_PATHS[path], data, body, tracker, key, stream, cost)
+            result = await self.traffic.send(out, ticket)
             status = result.status_code
             return result
         except RateLimited as exc:

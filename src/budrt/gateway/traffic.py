@@ -10,13 +10,12 @@ releases when it ends.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import orjson
-from starlette.datastructures import Headers
-from starlette.types import Receive
+from starlette.requests import Request
 
 from budrt.config import DeploymentConfig, GatewayConfig, RateLimitConfig, reveal
 from budrt.gateway.balancer import affinity_key
@@ -148,6 +147,21 @@ def used_tokens(data: bytes | bytearray, usage: dict[str, Any] | None = None) ->
     return sum(counts) if counts else None
 
 
+@dataclass(slots=True)
+class Outgoing:
+    """An admitted request on its way upstream: built once by the gateway's `forward`."""
+
+    request: Request  # the client's: its headers (Cache-Control), its receive (disconnects)
+    chain: list[Deployment]  # the deployment asked for, then the fallbacks the caller may use
+    path: str  # appended to an endpoint's base URL, e.g. "/chat/completions"
+    data: dict[str, Any]
+    body: bytes
+    tracker: RequestTracker
+    principal: Principal
+    stream: bool
+    cost: tuple[int, int] = (0, 0)  # (tokens, images) a fallback's own limits are charged
+
+
 class Traffic:
     def __init__(
         self,
@@ -185,28 +199,13 @@ class Traffic:
         for ticket in tickets:
             await self.limiter.release(ticket, used)
 
-    async def send(
-        self,
-        receive: Receive,
-        headers: Headers,
-        chain: list[Deployment],
-        path: str,
-        data: dict[str, Any],
-        body: bytes,
-        tracker: RequestTracker,
-        ticket: Ticket | None,
-        principal: Principal,
-        stream: bool,
-        cost: tuple[int, int] = (0, 0),
-    ) -> Buffered | UpstreamStream:
-        """Serve a request admitted with `ticket` by `chain[0]`, else by the fallbacks after it
-        (only those the caller may use); a fallback's own limits are charged `cost` (tokens,
-        images) when it is about to be tried (`_admit_fallback`)."""
+    async def send(self, out: Outgoing, ticket: Ticket | None) -> Buffered | UpstreamStream:
+        """Serve a request admitted with `ticket` by `out.chain[0]`, else by the fallbacks after
+        it; a fallback's own limits are charged `out.cost` when it is about to be tried
+        (`_admit_fallback`)."""
         tickets = [ticket] if ticket is not None else []
         try:
-            result, ckey = await self._send(
-                receive, headers, chain, path, data, body, tracker, tickets, principal, stream, cost
-            )
+            result, ckey = await self._send(out, tickets)
         except BaseException:
             self._release_later(tickets, 0)  # no answer reaches the client: a full refund
             raise
@@ -228,31 +227,18 @@ class Traffic:
         return result
 
     async def _send(
-        self,
-        receive: Receive,
-        headers: Headers,
-        chain: list[Deployment],
-        path: str,
-        data: dict[str, Any],
-        body: bytes,
-        tracker: RequestTracker,
-        tickets: list[Ticket],
-        principal: Principal,
-        stream: bool,
-        cost: tuple[int, int],
+        self, out: Outgoing, tickets: list[Ticket]
     ) -> tuple[Buffered | UpstreamStream, str | None]:
         """The response (from the cache, or upstream and then cached) and the cache key a stream
         is to be stored under. `tickets` gains the ticket of the fallback tried last, if it has
         limits, and loses all on a cache hit (released)."""
+        chain, data = out.chain, out.data
         dep = chain[0]
         extra = tickets[0].headers if tickets else {}
         ckey = None
-        if (
-            self.cache is not None
-            and (ckey := cache_key(path, dep.name, data, cache_tenant(principal, self.config.cache.scope)))
-            is not None
-        ):
-            read, write = cache_control(headers)
+        tenant = cache_tenant(out.principal, self.config.cache.scope) if self.cache is not None else ""
+        if self.cache is not None and (ckey := cache_key(out.path, dep.name, data, tenant)) is not None:
+            read, write = cache_control(out.request.headers)
             hit = await self.cache.get(ckey) if read else None
             CACHE_LOOKUPS.labels("hit" if hit else "miss" if read else "bypass").inc()
             if hit is not None:
@@ -264,12 +250,12 @@ class Traffic:
             ckey = ckey if write else None
 
         def body_for(d: Deployment) -> bytes:  # a fallback deployment gets its own model name
-            return body if d is dep else dump_body({**data, "model": d.name})
+            return out.body if d is dep else dump_body({**data, "model": d.name})
 
-        admit = partial(self._admit_fallback, tickets, len(tickets), cost) if len(chain) > 1 else None
+        admit = partial(self._admit_fallback, tickets, len(tickets), out.cost) if len(chain) > 1 else None
         affinity = affinity_key(data, dep.affinity_key) if dep.strategy == "affinity" else None
         result = await self.proxy.forward(
-            receive, chain, path, body_for, stream, tracker, extra, affinity, admit
+            out.request.receive, chain, out.path, body_for, out.stream, out.tracker, extra, affinity, admit
         )
         if ckey is not None and isinstance(result, Buffered):
             if result.status_code == 200 and len(result.body) <= self.config.cache.max_entry_bytes:
