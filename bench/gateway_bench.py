@@ -127,7 +127,7 @@ def start_budrt(
     )
     migrate(settings.database_url_resolved)
     store = KeyStore.from_settings(settings)
-    key, _ = store.create("bench", rpm=100_000_000, tpm=10_000_000_000) if limits else store.create("bench")
+    key, _ = store.create("bench", rpm=100_000_000, tpm=2_000_000_000) if limits else store.create("bench")
     store.engine.dispose()
     runtime = home / "runtime.json"
     runtime.write_bytes(runtime_dump(settings))
