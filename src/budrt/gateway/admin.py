@@ -25,7 +25,6 @@ from budrt.gateway.auth import Authenticator, forbidden, require, require_any
 from budrt.gateway.metering import Meter
 from budrt.gateway.params import (
     int_field,
-    key_json,
     parse_time,
     path_id,
     path_name,
@@ -183,7 +182,7 @@ class AdminAPI:
             return key, record
 
         key, record = await self._call(create)
-        return _json({"key": key, **key_json(record)}, status=201)
+        return _json({"key": key, **record.to_json()}, status=201)
 
     async def _key_owner(
         self, p: Principal, user: str | None, team: str | None
@@ -223,7 +222,7 @@ class AdminAPI:
             team = teams.get(r.team_id) if r.team_id is not None else None
             return p.can_any("keys:list", _key_resources(r.id, user, team))
 
-        shown = [key_json(r) for r in records if visible(r)]
+        shown = [r.to_json() for r in records if visible(r)]
         return _json({"object": "list", "data": shown})
 
     async def _authorize_key(self, p: Principal, action: str, key_id: int) -> None:
@@ -253,7 +252,7 @@ class AdminAPI:
         if record is None:
             raise APIError(404, f"No active key with id {key_id}.", code="not_found")
         self.auth.invalidate()  # this process refuses it at once; others within the cache TTL
-        return _json(key_json(record))
+        return _json(record.to_json())
 
     async def update_key(self, request: Request) -> Response:
         """Set or clear (null) a key's limits: rpm, tpm, tokens/images per day/month."""
@@ -275,7 +274,7 @@ class AdminAPI:
         if record is None:
             raise APIError(404, f"No active key with id {key_id}.", code="not_found")
         self.auth.invalidate()  # this process applies them at once; others within the cache TTL
-        return _json(key_json(record))
+        return _json(record.to_json())
 
     # -- users, teams, roles --
 

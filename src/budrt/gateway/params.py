@@ -1,4 +1,4 @@
-"""Parameter parsing for the admin API: typed fields of a JSON body, times, key records.
+"""Parameter parsing for the admin API: typed fields of a JSON body, times, names and ids in paths.
 
 Every bound lives here, so a value no column or `datetime` can hold is a 400 naming its
 parameter, never a 500 from the database or the standard library.
@@ -11,37 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from budrt.protocol.errors import APIError, invalid_request
-from budrt.store.keys import KeyRecord
 from budrt.store.quotas import INT64_MAX
 
 MAX_NAME = 200  # the name columns (tables.py: String(200))
 MAX_ITEMS = 1024  # entries of a list field (models, permissions, roles)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a NUL is refused by PostgreSQL; none belongs in a name
-
-
-def key_json(record: KeyRecord) -> dict[str, Any]:
-    def iso(value: datetime | None) -> str | None:
-        return value.isoformat() if value else None
-
-    return {
-        "id": record.id,
-        "name": record.name,
-        "prefix": record.prefix,
-        "role": record.role,
-        "user_id": record.user_id,
-        "team_id": record.team_id,
-        "models": list(record.models) if record.models is not None else None,
-        "permissions": list(record.permissions) if record.permissions is not None else None,
-        "rpm": record.rpm,
-        "tpm": record.tpm,
-        "tokens_per_day": record.tokens_per_day,
-        "tokens_per_month": record.tokens_per_month,
-        "images_per_day": record.images_per_day,
-        "images_per_month": record.images_per_month,
-        "created_at": iso(record.created_at),
-        "expires_at": iso(record.expires_at),
-        "revoked_at": iso(record.revoked_at),
-    }
 
 
 def parse_time(value: str | None, param: str) -> datetime | None:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -71,6 +72,23 @@ class KeyRecord:
     def is_active(self, now: datetime | None = None) -> bool:
         now = now or datetime.now(UTC)
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def to_json(self) -> dict[str, Any]:
+        """The key as the admin API and `budrt keys ... --json` show it (no hash, no plaintext)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "role": self.role,
+            "user_id": self.user_id,
+            "team_id": self.team_id,
+            "models": list(self.models) if self.models is not None else None,
+            "permissions": list(self.permissions) if self.permissions is not None else None,
+            **self.quota.as_dict(),  # rpm, tpm, then the budgets: QUOTA_FIELDS order
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "revoked_at": _iso(self.revoked_at),
+        }
 
 
 class KeyStore:
@@ -251,6 +269,10 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 def _record(row: ApiKey) -> KeyRecord:

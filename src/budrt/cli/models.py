@@ -6,28 +6,13 @@ A pushed model is served by naming it in a model config: `source: registry:<name
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from budrt.cli.common import AsJson, ConfigFile, Home, fail, model_store
+
 models_app = typer.Typer(help="Manage the model registry and repository.", no_args_is_help=True)
-
-Home = Annotated[Path | None, typer.Option("--home", help="Data directory (same as BUDRT_HOME).")]
-ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="YAML configuration file.", exists=True, dir_okay=False)
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def model_store(config: Path | None, home: Path | None) -> Any:
-    from budrt.cli import _settings
-    from budrt.store.db import migrate
-    from budrt.store.models import ModelStore
-
-    settings = _settings(config, home)
-    migrate(settings.database_url_resolved)
-    return ModelStore.from_settings(settings)
 
 
 def _params(values: list[str]) -> dict[str, Any]:
@@ -36,8 +21,7 @@ def _params(values: list[str]) -> dict[str, Any]:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            typer.echo(f"error: --param expects key=value, got {item!r}", err=True)
-            raise typer.Exit(2)
+            fail(f"--param expects key=value, got {item!r}", 2)
         try:
             out[key] = json.loads(raw)
         except ValueError:
@@ -83,8 +67,7 @@ def models_push(
     try:
         info = store.push(path, name, task, format or _guess_format(path), alias or [], _params(param or []))
     except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     if as_json:
         typer.echo(json.dumps(info.to_json()))
     else:
@@ -113,6 +96,5 @@ def models_rm(
     """Unregister a model and delete its artifact (unless another model shares its bytes)."""
     info = model_store(config, home).remove(name)
     if info is None:
-        typer.echo(f"error: no model named {name!r}", err=True)
-        raise typer.Exit(1)
+        fail(f"no model named {name!r}", 1)
     typer.echo(f"removed {info.name} (sha256:{info.digest[:12]})")

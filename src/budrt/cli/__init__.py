@@ -1,0 +1,25 @@
+"""`budrt`: the command line. Thin: every command loads the settings tree and calls one part.
+
+One module per command group (`serve`: serve, gateway, status, config; `keys`; `identity`: users,
+teams, roles; `models`); `common` holds what they share, `limits` the limit options.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from budrt.cli.identity import roles_app, teams_app, users_app
+from budrt.cli.keys import keys_app
+from budrt.cli.models import models_app
+from budrt.cli.serve import config_app, serve_app
+
+app = typer.Typer(help="budrt: a self-hosted OpenAI-compatible serving platform.", no_args_is_help=True)
+app.add_typer(serve_app)  # no name: serve, gateway and status are top-level commands
+app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
+app.add_typer(users_app, name="users")
+app.add_typer(teams_app, name="teams")
+app.add_typer(roles_app, name="roles")
+app.add_typer(models_app, name="models")
+
+__all__ = ["app"]

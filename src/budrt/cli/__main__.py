@@ -1,0 +1,5 @@
+"""`python -m budrt.cli`: the same as the `budrt` command."""
+
+from budrt.cli import app
+
+app()

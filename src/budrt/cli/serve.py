@@ -1,0 +1,103 @@
+"""`budrt serve|gateway|status` and `budrt config show`: run the platform and look at it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from budrt.cli.common import AsJson, ConfigFile, Home, fail, load
+from budrt.config import Settings
+
+serve_app = typer.Typer()  # its commands are top-level: `budrt serve`, not `budrt serve serve`
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+
+Host = Annotated[str | None, typer.Option("--host", help="Address the gateway listens on.")]
+Port = Annotated[int | None, typer.Option("--port", help="Port the gateway listens on (default 8000).")]
+
+
+def _prepare_store(settings: Settings) -> None:
+    """Migrate the metadata DB and create the first admin key (printed once)."""
+    from budrt.store.db import migrate
+    from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
+
+    migrate(settings.database_url_resolved)
+    try:
+        admin = KeyStore.from_settings(settings).ensure_admin(settings)
+    except ValueError as exc:  # a BUDRT_ADMIN_KEY no gateway would accept
+        fail(str(exc), 2)
+    if admin is not None:
+        typer.echo(f"admin key: {admin} (saved to {settings.home / ADMIN_KEY_FILE})")
+
+
+@serve_app.command()
+def serve(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+    """Start the gateway and the model servers behind it, under a supervisor."""
+    from budrt.control.supervisor import Supervisor
+    from budrt.observe.logging import setup_logging
+
+    settings = load(config, home, host, port)
+    setup_logging("supervisor", settings.log_level)
+    _prepare_store(settings)
+    raise typer.Exit(Supervisor(settings).run())
+
+
+@serve_app.command()
+def gateway(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+    """Run a gateway alone, in front of the upstreams named in the config's `deployments`."""
+    from budrt.gateway.main import run_gateway
+
+    run_gateway(load(config, home, host, port))
+
+
+def _print_status_table(data: dict[str, Any], home: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"budrt at {home} ({'running' if data['running'] else 'stopped'})")
+    for column in ("name", "kind", "pid", "port", "state", "restarts", "models", "last error"):
+        table.add_column(column)
+    for p in data["processes"]:
+        resident = {r["name"]: r for r in p.get("resident") or []}
+        models = [
+            f"{m} ({resident[m]['state']}, {int(resident[m].get('memory_bytes') or 0) >> 20} MiB)"
+            if m in resident
+            else m
+            for m in p["models"]
+        ]
+        table.add_row(
+            p["name"],
+            p["kind"],
+            str(p["pid"]),
+            str(p["port"]),
+            p["state"],
+            str(p["restarts"]),
+            ", ".join(models),
+            p.get("health_error") or p.get("last_error") or "",
+        )
+    Console().print(table)
+
+
+@serve_app.command()
+def status(as_json: AsJson = False, home: Home = None, config: ConfigFile = None) -> None:
+    """Show every process of the running platform: pid, port, state, models."""
+    from budrt.control.status import platform_status
+
+    settings = load(config, home)
+    data = platform_status(settings.home)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        _print_status_table(data, settings.home)
+    raise typer.Exit(0 if data["running"] else 1)
+
+
+@config_app.command("show")
+def config_show(home: Home = None, config: ConfigFile = None) -> None:
+    """Print the effective configuration (secrets masked) as YAML."""
+    import yaml
+
+    yaml.safe_dump(load(config, home).masked(), sys.stdout, sort_keys=False)
