@@ -110,10 +110,6 @@ class Endpoint:
         # periodic sweep (`Router.expire`) takes it out of its deployment.
         return self.ready and self.breaker.allows(now) and now < self.expires
 
-    def mark_down(self) -> None:
-        """Certainly unreachable (e.g. connection refused): eject now."""
-        self.breaker.failure(fatal=True)
-
     def hung(self) -> int:
         """Stopped answering (health check timed out): take it out of rotation and cancel every
         request waiting on it, which retries elsewhere or ends its stream. Returns how many."""
