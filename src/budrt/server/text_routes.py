@@ -38,7 +38,7 @@ from budrt.server.generation import (
     vocab_size,
     wait_for_disconnect,
 )
-from budrt.server.registry import HostedModel
+from budrt.server.model_pool import HostedModel
 
 Format = ChatFormat | CompletionFormat
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -54,7 +54,7 @@ async def validate(request: Request, schema: type[RequestModel]) -> RequestModel
 
 async def serving_model(request: Request, name: str, task: str) -> HostedModel:
     """The model, loaded on demand and held until the response ends (see `app.holding_model`)."""
-    hosted = await request.app.state.registry.acquire(name, task)
+    hosted = await request.app.state.pool.acquire(name, task)
     request.state.hosted = hosted
     return hosted
 
