@@ -77,7 +77,7 @@ async def main() -> None:
     cfg = ModelConfig(
         name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
     )
-    # Loaded off the main thread and released, as the server's registry does.
+    # Loaded off the main thread and released, as the server's model pool does.
     engine = await openmp.to_thread(create_text_engine, cfg, "cpu")
     assert isinstance(engine, LLMEngine)
     await engine.start()

@@ -15,7 +15,7 @@ from typing import Any
 
 import schemathesis
 
-from budrt.gateway.registry import normalize_url
+from budrt.gateway.replicas import normalize_url
 from budrt.protocol.errors import APIError
 
 UPSTREAM = os.environ.get("FUZZ_UPSTREAM_URL", "")

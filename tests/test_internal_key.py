@@ -74,7 +74,7 @@ def test_the_heartbeat_self_check_carries_the_key(server: str) -> None:
     config = ModelServerConfig(name="s", models=[], port=port)
 
     async def ready(key: str | None) -> bool:
-        beat = Heartbeat(config, registry=None, internal_key=key)  # type: ignore[arg-type]
+        beat = Heartbeat(config, pool=None, internal_key=key)  # type: ignore[arg-type]
         beat._session = aiohttp.ClientSession()
         try:
             return await beat._ready()

@@ -1,4 +1,4 @@
-"""Placement of models on devices: the policy over plain device tables, and the registry using it.
+"""Placement of models on devices: the policy over plain device tables, and the model pool using it.
 
 Devices here are data (a name, a budget, the models resident there): the policy never touches a
 GPU, so two "cuda" entries are as real to it as they would be on a two-GPU host.
@@ -81,7 +81,7 @@ def test_a_busy_or_pinned_model_is_never_evicted() -> None:
     devices = [DeviceRoom("cpu", 10 * MiB, [busy, pinned, idle])]
     placement = place(devices, "new", 2 * MiB)
     assert placement is not None and names(placement.victims) == ["idle"]
-    # Room held only by busy/pinned models: no placement now (the registry waits and retries).
+    # Room held only by busy/pinned models: no placement now (the model pool waits and retries).
     assert place(devices, "new", 4 * MiB) is None
     # Once the request ends, the formerly busy model is the one to go.
     busy.in_flight = 0
@@ -128,37 +128,37 @@ def test_cost_on_cuda_counts_two_bytes_per_weight(tmp_path: Path) -> None:
     assert bf16 - kv == pytest.approx((fp32 - kv) / 2, rel=1e-6)
 
 
-def test_registry_places_models_on_the_cpu_and_evicts_the_lru_one(tmp_path: Path) -> None:
-    from budrt.server.registry import ModelRegistry
+def test_model_pool_places_models_on_the_cpu_and_evicts_the_lru_one(tmp_path: Path) -> None:
+    from budrt.server.model_pool import ModelPool
 
     configs = [tiny_config(n, build_tiny_llama(tmp_path / n, seed=i)) for i, n in enumerate("abc")]
     cost = estimate_cost(configs[0], Path(configs[0].source))
 
     async def scenario() -> None:
-        registry = ModelRegistry(configs, [MemoryBudget("cpu", int(cost * 2.5))])
+        pool = ModelPool(configs, [MemoryBudget("cpu", int(cost * 2.5))])
         for name in "abc":  # a, b fit; c evicts a
-            hosted = await registry.acquire(name, "chat")
-            registry.release(hosted)
-        states = {n: (m.state, m.device) for n, m in registry.models.items()}
+            hosted = await pool.acquire(name, "chat")
+            pool.release(hosted)
+        states = {n: (m.state, m.device) for n, m in pool.models.items()}
         assert states == {"a": ("available", "cpu"), "b": ("ready", "cpu"), "c": ("ready", "cpu")}
-        assert registry.used_bytes("cpu") == registry.used_bytes() == 2 * cost
-        await registry.close()
+        assert pool.used_bytes("cpu") == pool.used_bytes() == 2 * cost
+        await pool.close()
 
     asyncio.run(scenario())
 
 
-def test_registry_refuses_a_model_no_device_can_hold(tmp_path: Path) -> None:
+def test_model_pool_refuses_a_model_no_device_can_hold(tmp_path: Path) -> None:
     from budrt.protocol.errors import APIError
-    from budrt.server.registry import ModelRegistry
+    from budrt.server.model_pool import ModelPool
 
     cfg: ModelConfig = tiny_config("big", build_tiny_llama(tmp_path / "big"))
 
     async def scenario() -> None:
-        registry = ModelRegistry([cfg], [MemoryBudget("cpu", 1 * MiB)])
+        pool = ModelPool([cfg], [MemoryBudget("cpu", 1 * MiB)])
         with pytest.raises(APIError) as caught:
-            await registry.acquire("big", "chat")
+            await pool.acquire("big", "chat")
         assert caught.value.status == 503 and caught.value.code == "model_too_large"
         assert "can never be loaded" in caught.value.message
-        await registry.close()
+        await pool.close()
 
     asyncio.run(scenario())

@@ -190,7 +190,7 @@ def test_watchdog_flags_a_stuck_engine_and_a_failing_self_test(tmp_path: Path) -
 
     from budrt.config import ModelConfig
     from budrt.engine.interface import SamplingParams
-    from budrt.server.registry import ModelRegistry
+    from budrt.server.model_pool import ModelPool
     from budrt.server.watchdog import Watchdog
 
     cfg = ModelConfig(
@@ -204,11 +204,11 @@ def test_watchdog_flags_a_stuck_engine_and_a_failing_self_test(tmp_path: Path) -
     )
 
     async def scenario() -> None:
-        registry = ModelRegistry([cfg])
-        hosted = await registry.acquire("w", "chat")
+        pool = ModelPool([cfg])
+        hosted = await pool.acquire("w", "chat")
         engine = hosted.engine
         assert engine is not None
-        watchdog = Watchdog(registry, step_timeout_s=0.3, self_test_interval_s=0)
+        watchdog = Watchdog(pool, step_timeout_s=0.3, self_test_interval_s=0)
         await watchdog.self_test()
         watchdog.check_progress(time.monotonic())
         assert watchdog.healthy
@@ -229,8 +229,8 @@ def test_watchdog_flags_a_stuck_engine_and_a_failing_self_test(tmp_path: Path) -
         watchdog.check_progress(time.monotonic())
         await watchdog.self_test()
         assert watchdog.healthy
-        registry.release(hosted)
-        await registry.close()
+        pool.release(hosted)
+        await pool.close()
 
     asyncio.run(scenario())
 

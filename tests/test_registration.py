@@ -23,7 +23,7 @@ from budrt.config import DeploymentConfig, ModelServerConfig, Settings, runtime_
 from budrt.gateway.app import create_app
 from budrt.gateway.routing import Router
 from budrt.server.heartbeat import Heartbeat, advertise_url
-from budrt.server.registry import ModelRegistry
+from budrt.server.model_pool import ModelPool
 from budrt.store.db import migrate
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
@@ -356,7 +356,7 @@ def test_heartbeat_failures_are_logged_once_and_never_raise(
     )
 
     async def scenario() -> Heartbeat:
-        hb = Heartbeat(server, ModelRegistry([model]))
+        hb = Heartbeat(server, ModelPool([model]))
         hb._session = aiohttp.ClientSession(timeout=hb.timeout)  # what run() opens
         assert hb.models() == [{"id": "tiny-z", "aliases": ["z"]}]
         for _ in range(3):

@@ -136,22 +136,22 @@ def test_a_model_that_can_never_fit_is_refused_clearly(server: str) -> None:
 
 def test_a_load_slower_than_the_timeout_answers_503_with_retry_after(tiny_models: list[ModelConfig]) -> None:
     from budrt.protocol.errors import APIError
-    from budrt.server.registry import ModelRegistry
+    from budrt.server.model_pool import ModelPool
 
     async def scenario() -> None:
         def slow_fetch(cfg: ModelConfig) -> ModelConfig:  # e.g. an artifact still downloading
             time.sleep(1.0)
             return cfg
 
-        registry = ModelRegistry([tiny_models[0]], load_timeout_s=0.2, resolver=slow_fetch)
+        pool = ModelPool([tiny_models[0]], load_timeout_s=0.2, resolver=slow_fetch)
         with pytest.raises(APIError) as caught:
-            await registry.acquire("tiny-a", "chat")
+            await pool.acquire("tiny-a", "chat")
         assert caught.value.status == 503 and caught.value.headers.get("Retry-After")
-        assert registry.models["tiny-a"].state == "loading"  # the load goes on for the next request
-        await registry.models["tiny-a"].load_task  # type: ignore[misc]
-        hosted = await registry.acquire("tiny-a", "chat")
+        assert pool.models["tiny-a"].state == "loading"  # the load goes on for the next request
+        await pool.models["tiny-a"].load_task  # type: ignore[misc]
+        hosted = await pool.acquire("tiny-a", "chat")
         assert hosted.state == "ready" and hosted.loads == 1
-        registry.release(hosted)
-        await registry.close()
+        pool.release(hosted)
+        await pool.close()
 
     asyncio.run(scenario())

@@ -169,7 +169,7 @@ class DeploymentConfig(_Section):
     weights: list[float] = Field(default_factory=list)  # weighted_rr: one per endpoint, default 1
     affinity_key: Literal["prefix", "user"] = "prefix"  # affinity: hash the prompt prefix or `user`
     fallbacks: list[str] = Field(default_factory=list)  # models tried in order when this one fails
-    # Replicas may join this deployment by heartbeat (gateway/registry.py); they never get `api_key`.
+    # Replicas may join this deployment by heartbeat (gateway/replicas.py); they never get `api_key`.
     allow_registration: bool = False
     # Limits of the model over all callers (scope `model:<name>`, next to each caller's own).
     rpm: int | None = Field(None, gt=0)

@@ -192,8 +192,8 @@ def test_engine_metrics_are_exported(engine: LLMEngine) -> None:
     eng = sibling(engine)
     ids = chat(eng, GREEDY_PROMPTS[0])
     run(eng, [ids, ids], SamplingParams(max_tokens=4, temperature=0.0), together=True)
-    registry = SimpleNamespace(models={"m": SimpleNamespace(state="ready", engine=eng)})
-    families = {f.name: f for f in EngineStatsCollector(registry).collect()}  # type: ignore[arg-type]
+    pool = SimpleNamespace(models={"m": SimpleNamespace(state="ready", engine=eng)})
+    families = {f.name: f for f in EngineStatsCollector(pool).collect()}  # type: ignore[arg-type]
     for name in ("budrt:num_requests_running", "budrt:kv_cache_usage_perc", "budrt:prefix_cache_queries"):
         assert name in families
     assert families["budrt:prefix_cache_queries"].samples[0].value == 2 * len(ids)

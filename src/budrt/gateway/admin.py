@@ -33,8 +33,8 @@ from budrt.gateway.params import (
     strs_field,
     valid_name,
 )
-from budrt.gateway.registry import MAX_NAME as MAX_MODEL_NAME
-from budrt.gateway.registry import ReplicaAPI
+from budrt.gateway.replicas import MAX_NAME as MAX_MODEL_NAME
+from budrt.gateway.replicas import ReplicaAPI
 from budrt.protocol.errors import APIError, invalid_request, parse_json_body
 from budrt.security.rbac import MAX_PERMISSION, ROLE_NAME, PermissionSet, Principal
 from budrt.store.identity import Conflict, IdentityStore, Member, NotFound

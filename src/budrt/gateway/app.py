@@ -21,6 +21,17 @@ from starlette.types import Receive, Scope, Send
 from budrt.config import Settings, reveal
 from budrt.gateway.admin import AdminAPI
 from budrt.gateway.auth import Authenticator, require_model
+from budrt.gateway.forwarding import (
+    Forwarder,
+    Outgoing,
+    dump_body,
+    image_count,
+    key_limits,
+    make_limiter,
+    model_limits,
+    reserve_tokens,
+    stream_flag,
+)
 from budrt.gateway.health import HealthChecker
 from budrt.gateway.jwt_auth import JWTVerifier
 from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
@@ -30,17 +41,6 @@ from budrt.gateway.proxy import Proxy
 from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
-from budrt.gateway.traffic import (
-    Outgoing,
-    Traffic,
-    dump_body,
-    image_count,
-    key_limits,
-    make_limiter,
-    model_limits,
-    reserve_tokens,
-    stream_flag,
-)
 from budrt.observe.metrics import metrics_endpoint
 from budrt.protocol.body_limit import BodyLimit, declared_length
 from budrt.protocol.errors import (
@@ -92,7 +92,7 @@ class Gateway:
         self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
         self.model_limits = model_limits(settings.deployments)
         self.proxy = Proxy(settings.gateway)
-        self.traffic = Traffic(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
+        self.forwarder = Forwarder(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
         self.created = int(time.time())
         self.max_body = settings.gateway.max_body_bytes
@@ -180,7 +180,7 @@ class Gateway:
             # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
             out = Outgoing(request, chain, PROXIED_PATHS[path], data, body, tracker, key, stream, cost)
-            result = await self.traffic.send(out, ticket)
+            result = await self.forwarder.send(out, ticket)
             status = result.status_code
             return result
         except RateLimited as exc:
@@ -328,7 +328,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
                 await gw.meter.close()  # after in-flight requests ended: their records included
             if gw.jwt is not None:
                 await gw.jwt.close()
-            await gw.traffic.close()
+            await gw.forwarder.close()
             if key_store is None:
                 store.engine.dispose()
 

@@ -3,12 +3,16 @@
 closed --N consecutive failures--> open (ejected for `cooldown`) --cooldown over--> half-open:
 one probe request is let through; success readmits the replica (closed), failure ejects it
 again for twice as long (capped). An active health check that passes also readmits it.
+
+Requests report each attempt's outcome through `record` (what counts as a failure is decided by
+the proxy: gateway/proxy.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 from prometheus_client import Counter
 
@@ -16,6 +20,16 @@ log = logging.getLogger("budrt.gateway.breaker")
 
 EJECTIONS = Counter("budrt_gateway_replica_ejections_total", "Replicas ejected by their circuit breaker")
 MAX_COOLDOWN_FACTOR = 8
+
+# What one attempt showed about its replica (plain strings: an Enum member costs more per request):
+# - "ok": it served (a 2xx/3xx, or a stream's first chunk): clears its failures, readmits it;
+# - "answered": it answered, with an error the request may have caused (a 4xx, a 500, a body over
+#   the size cap): counts nothing, but ends a half-open probe as a success;
+# - "failed": its failure (timeout, connection error, hang, 502/503/504, 401/407);
+# - "down": the connection was refused, the process is gone: ejected at once;
+# - "abandoned": the client left or the deadline passed first: a probe in flight is given up,
+#   so the next request probes instead.
+Verdict = Literal["ok", "answered", "failed", "down", "abandoned"]
 
 
 class Breaker:
@@ -43,6 +57,19 @@ class Breaker:
     def on_attempt(self, now: float) -> None:
         if self.open_until and now >= self.open_until:
             self.probing = True
+
+    def record(self, verdict: Verdict) -> None:
+        """The outcome of one attempt (see `Verdict`): the one place attempts reach the breaker."""
+        if verdict == "ok":
+            if self.failures:
+                self.success()
+        elif verdict == "answered":
+            if self.probing:
+                self.success()
+        elif verdict == "abandoned":
+            self.probing = False
+        else:
+            self.failure(fatal=verdict == "down")
 
     def success(self) -> None:
         if self.open_until:

@@ -52,6 +52,49 @@ class _Bucket:
         return (need - self.tokens) * 60.0 / capacity - (now - self.at)
 
 
+class _Budget:
+    """A scope's tokens and images counted in the current UTC day and month."""
+
+    __slots__ = ("day", "month", "day_tokens", "month_tokens", "day_images", "month_images")
+
+    def __init__(
+        self,
+        day: int,
+        month: int,
+        day_tokens: int = 0,
+        month_tokens: int = 0,
+        day_images: int = 0,
+        month_images: int = 0,
+    ) -> None:
+        self.day, self.month = day, month  # the periods counted (`periods()` ids)
+        self.day_tokens, self.month_tokens = day_tokens, month_tokens
+        self.day_images, self.month_images = day_images, month_images
+
+    def roll(self, day: int, month: int) -> None:
+        """Start from 0 in a period that is not the one counted."""
+        if self.day != day:
+            self.day, self.day_tokens, self.day_images = day, 0, 0
+        if self.month != month:
+            self.month, self.month_tokens, self.month_images = month, 0, 0
+
+    def charge(self, tokens: int, images: int) -> None:
+        self.day_tokens += tokens
+        self.month_tokens += tokens
+        self.day_images += images
+        self.month_images += images
+
+    def refund(self, day: int, month: int, tokens: int, images: int) -> None:
+        """Give back a charge made in `day` and `month`; a period since reset is left alone."""
+        if self.day == day:
+            self.day_tokens, self.day_images = (
+                max(0, self.day_tokens - tokens),
+                max(0, self.day_images - images),
+            )
+        if self.month == month:
+            self.month_tokens = max(0, self.month_tokens - tokens)
+            self.month_images = max(0, self.month_images - images)
+
+
 class LocalLimiter:
     """In-process limits: exact for one gateway process (and the fail-open fallback).
 
@@ -63,8 +106,7 @@ class LocalLimiter:
         self._logs: dict[tuple[str, float], deque[float]] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._leases: dict[str, dict[str, float]] = {}
-        # scope -> [day, month, tokens today, tokens this month, images today, images this month]
-        self._budgets: dict[str, list[int]] = {}
+        self._budgets: dict[str, _Budget] = {}
         self._ids = itertools.count()
         self.seed = seed
         self._calendar_memo = (-1, 0, 0.0, 0.0)  # periods() of the current day: one datetime a day
@@ -83,15 +125,13 @@ class LocalLimiter:
             self._calendar_memo = periods(wall)
         return self._calendar_memo
 
-    def _budget(self, scope: str, day: int, month: int) -> list[int]:
+    def _budget(self, scope: str, day: int, month: int) -> _Budget:
         """The scope's counters, reset to 0 for a period that has ended."""
         b = self._budgets.get(scope)
         if b is None:
-            b = self._budgets[scope] = [day, month, 0, 0, 0, 0]
-        if b[0] != day:
-            b[0], b[2], b[4] = day, 0, 0
-        if b[1] != month:
-            b[1], b[3], b[5] = month, 0, 0
+            b = self._budgets[scope] = _Budget(day, month)
+        else:
+            b.roll(day, month)
         return b
 
     def try_acquire(self, limits: tuple[Limit, ...], tokens: int, images: int = 0) -> Ticket:
@@ -138,11 +178,7 @@ class LocalLimiter:
             if lim.concurrent:
                 self._leases.setdefault(lim.scope, {})[lease] = now + LEASE_S
             if lim.has_budget:
-                b = self._budgets[lim.scope]
-                b[2] += tokens
-                b[3] += tokens
-                b[4] += images
-                b[5] += images
+                self._budgets[lim.scope].charge(tokens, images)
         headers = {}
         if limits:
             first = limits[0]
@@ -156,21 +192,21 @@ class LocalLimiter:
 
     @staticmethod
     def _check_budget(
-        lim: Limit, b: list[int], tokens: int, images: int, wall: float, day_end: float, month_end: float
+        lim: Limit, b: _Budget, tokens: int, images: int, wall: float, day_end: float, month_end: float
     ) -> None:
         # Like tpm, a reservation larger than the whole budget only needs an unused budget.
         # A request reserving nothing of a kind (no tokens, no images) is not held by its budget.
         if tokens:
             for kind, budget, used, end in (
-                ("tokens_per_day", lim.tokens_per_day, b[2], day_end),
-                ("tokens_per_month", lim.tokens_per_month, b[3], month_end),
+                ("tokens_per_day", lim.tokens_per_day, b.day_tokens, day_end),
+                ("tokens_per_month", lim.tokens_per_month, b.month_tokens, month_end),
             ):
                 if budget and used + min(tokens, budget) > budget:
                     raise RateLimited(lim.scope, kind, budget, end - wall)
         if images:
             for kind, budget, used, end in (
-                ("images_per_day", lim.images_per_day, b[4], day_end),
-                ("images_per_month", lim.images_per_month, b[5], month_end),
+                ("images_per_day", lim.images_per_day, b.day_images, day_end),
+                ("images_per_month", lim.images_per_month, b.month_images, month_end),
             ):
                 if budget and used + images > budget:
                     raise RateLimited(lim.scope, kind, budget, end - wall)
@@ -198,7 +234,9 @@ class LocalLimiter:
             log.warning("budget usage not loaded", extra={"fields": {"scope": scope, "error": repr(exc)}})
             day_tokens = day_images = month_tokens = month_images = 0
         # setdefault: a request admitted while this one waited on the DB keeps its charge.
-        self._budgets.setdefault(scope, [day, month, day_tokens, month_tokens, day_images, month_images])
+        self._budgets.setdefault(
+            scope, _Budget(day, month, day_tokens, month_tokens, day_images, month_images)
+        )
 
     def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
         used = charge(used_tokens) if used_tokens is not None else None
@@ -215,10 +253,7 @@ class LocalLimiter:
             if lim.has_budget and (refund or image_refund):
                 b = self._budgets.get(lim.scope)
                 if b is not None:
-                    if b[0] == ticket.day:
-                        b[2], b[4] = max(0, b[2] - refund), max(0, b[4] - image_refund)
-                    if b[1] == ticket.month:
-                        b[3], b[5] = max(0, b[3] - refund), max(0, b[5] - image_refund)
+                    b.refund(ticket.day, ticket.month, refund, image_refund)
 
     async def release(self, ticket: Ticket, used_tokens: int | None) -> None:
         self.settle(ticket, used_tokens)

@@ -3,7 +3,7 @@
 A plain dict built once. The OpenAI request bodies come from the pydantic models the model
 servers validate with (`protocol/schemas.py`), so the document says what a server accepts; the
 admin API's bodies and parameters are written out here, after `gateway/admin.py`,
-`gateway/params.py` and `gateway/registry.py`. The fuzz test (tests/test_fuzz_api.py) drives
+`gateway/params.py` and `gateway/replicas.py`. The fuzz test (tests/test_fuzz_api.py) drives
 every operation from this document.
 """
 

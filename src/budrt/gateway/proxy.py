@@ -25,12 +25,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from starlette.types import Receive
 
 from budrt.config import GatewayConfig
+from budrt.gateway.breaker import Verdict
 from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTracker, child
 from budrt.gateway.routing import Deployment, Endpoint, cancelled_for_hang
 from budrt.gateway.stream import Buffered, RawHeaders, UpstreamStream, encode_headers, pass_headers
@@ -45,12 +47,129 @@ WATCH_AFTER_S = 0.1  # a request waits this long on its upstream before its clie
 RETRIED_STATUSES = frozenset({401, 407, 502, 503, 504})  # the replica's failure: retried, counted
 
 
+# -- what one attempt came to; `verdict` is what it tells the replica's breaker --
+
+
+@dataclass(slots=True)
+class Answered:
+    """A whole answer to relay to the client (or our own 502 in its place)."""
+
+    response: Buffered
+    verdict: Verdict  # "ok" below 400; "answered" for a 4xx or 500, which the request may cause
+
+
+@dataclass(slots=True)
+class Streaming:
+    """A stream whose first chunk arrived: from now on it is relayed, never retried."""
+
+    dep: Deployment
+    ep: Endpoint  # its `outstanding` count is the stream's to give back
+    resp: aiohttp.ClientResponse
+    first: bytes
+    verdict: Verdict = "ok"
+
+
+@dataclass(slots=True)
+class Failed:
+    """The replica's failure: counted against it, and the request tried on another one."""
+
+    reason: str  # the UPSTREAM_ERRORS label: "connect", "timeout", "hung", "http_502"...
+    verdict: Verdict  # "failed", or "down" (refused: the process is gone)
+    relay: Buffered | None = None  # what the client gets if no replica is left (a 502/503/504)
+    timed_out: bool = False  # a read timeout: a 504 if no replica is left
+
+
+@dataclass(slots=True)
+class Fatal:
+    """Not retried and not held against the replica (it answered; the request is the cause)."""
+
+    error: APIError
+    verdict: Verdict = "answered"
+
+
+Outcome = Answered | Streaming | Failed | Fatal
+
+
+@dataclass(slots=True)
+class Call:
+    """What every attempt of one request shares."""
+
+    path: str  # appended to an endpoint's URL
+    stream: bool
+    extra: RawHeaders  # the gateway's own response headers (rate limits, cache)
+    task: asyncio.Task[object]  # the request's task: a hung endpoint cancels it (`Endpoint.waiters`)
+
+
 async def wait_disconnect(receive: Receive) -> None:
     """Returns when the client disconnects; the request body must already have been read."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class Watch:
+    """Cancels the request's task, which runs the attempts, when its client disconnects or its
+    deadline passes: no second task and no asyncio.wait/asyncio.timeout, which were a visible
+    share of the gateway's CPU per request. The disconnect watcher (a task blocked in `receive`)
+    starts only once the upstream has taken WATCH_AFTER_S: most short requests never need one,
+    and a long generation is still cut off at once. One timer at a time: the start of the
+    watcher, then the deadline."""
+
+    __slots__ = ("task", "receive", "reason", "watcher", "timer", "taken_back", "handed_off")
+
+    def __init__(self, task: asyncio.Task[object], receive: Receive, deadline_s: float) -> None:
+        self.task = task
+        self.receive = receive
+        self.reason: str | None = None  # "client" or "deadline" once it cancelled the task; "done" after
+        self.watcher: asyncio.Future[None] | None = None
+        self.taken_back = False  # the cancel reached `take_back`
+        self.handed_off = False  # the watcher is a stream's now (`hand_off`)
+        if deadline_s > WATCH_AFTER_S:
+            self.timer = asyncio.get_running_loop().call_later(
+                WATCH_AFTER_S, self._start, deadline_s - WATCH_AFTER_S
+            )
+        else:
+            self._start(deadline_s)
+
+    def _start(self, left_s: float) -> None:
+        self.watcher = asyncio.ensure_future(wait_disconnect(self.receive))
+        self.watcher.add_done_callback(self._on_disconnect)
+        self.timer = asyncio.get_running_loop().call_later(left_s, self._cancel, "deadline")
+
+    def _on_disconnect(self, _: asyncio.Future[None]) -> None:
+        self._cancel("client")
+
+    def _cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.task.cancel()
+
+    def take_back(self) -> str | None:
+        """In `except CancelledError`: why this watch cancelled the task ("client", "deadline"),
+        the cancel taken back; None when the cancel is someone else's (e.g. server shutdown),
+        to be re-raised."""
+        if self.reason is None:
+            return None
+        self.taken_back = True
+        return None if self.task.uncancel() > 0 else self.reason
+
+    def hand_off(self) -> asyncio.Future[None]:
+        """The disconnect watcher, for a stream to watch from now on (started if not yet)."""
+        self.handed_off = True
+        return self.watcher or asyncio.ensure_future(wait_disconnect(self.receive))
+
+    def close(self) -> None:
+        if self.reason is not None and not self.taken_back:
+            self.task.uncancel()  # our cancel was absorbed below without reaching `take_back`
+        # A callback scheduled already (the watcher finished just now) must not cancel the task
+        # later, while it sends the response.
+        self.reason = self.reason or "done"
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.remove_done_callback(self._on_disconnect)
+            if not self.handed_off:
+                self.watcher.cancel()
 
 
 class Proxy:
@@ -101,93 +220,42 @@ class Proxy:
         """Send to an endpoint of `chain[0]` (then its fallbacks, each only if `admit` says so);
         a client that disconnects cancels the upstream request, and so does the request
         deadline (-> 504)."""
-        dep = chain[0]
-        extra = encode_headers(extra_headers) if extra_headers else []
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        # The attempts run in this task; a client disconnect or the deadline cancels it (and
-        # the upstream request with it): no second task, no asyncio.wait/asyncio.timeout, which
-        # were a visible share of the gateway's CPU per request. The disconnect watcher (a task
-        # blocked in `receive`) starts only once the upstream has taken WATCH_AFTER_S: most
-        # short requests never need one, and a long generation is still cut off at once.
-        why: list[str] = []  # "client" or "deadline" once this task was cancelled by us
-        watcher: asyncio.Future[None] | None = None
-
-        def on_disconnect(_: asyncio.Future[None]) -> None:
-            if not why:
-                why.append("client")
-                task.cancel()
-
-        def on_deadline() -> None:
-            if not why:
-                why.append("deadline")
-                task.cancel()
-
-        def watch(left: float) -> None:
-            nonlocal watcher, timer
-            watcher = asyncio.ensure_future(wait_disconnect(receive))
-            watcher.add_done_callback(on_disconnect)
-            timer = loop.call_later(left, on_deadline)
-
-        timer: asyncio.TimerHandle  # one timer at a time: first `watch`, then the deadline
-        deadline = self.config.request_deadline_s
-        if deadline > WATCH_AFTER_S:
-            timer = loop.call_later(WATCH_AFTER_S, watch, deadline - WATCH_AFTER_S)
-        else:
-            watch(deadline)
-        handed_off = taken_back = False
+        extra = encode_headers(extra_headers) if extra_headers else []
+        watch = Watch(task, receive, self.config.request_deadline_s)
         try:
-            result = await self._attempts(chain, path, bodies, stream, affinity, extra, admit)
+            result = await self._attempts(chain, Call(path, stream, extra, task), bodies, affinity, admit)
             if isinstance(result, Buffered):
                 return result
-            served, ep, resp, first = result
-            disconnected = watcher or asyncio.ensure_future(wait_disconnect(receive))
-            handed_off = True  # the stream watches `disconnected` from now on
-            return UpstreamStream(served.name, ep, resp, first, extra, disconnected, tracker)
+            disconnected = watch.hand_off()
+            return UpstreamStream(
+                result.dep.name, result.ep, result.resp, result.first, extra, disconnected, tracker
+            )
         except asyncio.CancelledError:
-            if not why:
+            reason = watch.take_back()
+            if reason is None:
                 raise
-            taken_back = True
-            if task.uncancel() > 0:  # cancelled by someone else too (e.g. server shutdown)
-                raise
-            if why[0] == "deadline":
+            name = chain[0].name
+            if reason == "deadline":
                 raise APIError(
-                    504, f"The model `{dep.name}` did not answer in time.", code="upstream_timeout"
+                    504, f"The model `{name}` did not answer in time.", code="upstream_timeout"
                 ) from None
-            child(CLIENT_DISCONNECTS, dep.name).inc()
+            child(CLIENT_DISCONNECTS, name).inc()
             tracker.done(CLIENT_CLOSED, time.monotonic())
             return Buffered(CLIENT_CLOSED, b"", [])
         finally:
-            if why and not taken_back:
-                task.uncancel()  # our cancel was absorbed below without reaching here
-            # A callback scheduled already (the watcher finished just now) must not cancel
-            # this task later, while it sends the response: `why` is no longer empty.
-            why.append("done")
-            timer.cancel()
-            if watcher is not None:
-                watcher.remove_done_callback(on_disconnect)
-                if not handed_off:
-                    watcher.cancel()
+            watch.close()
 
     async def _attempts(
-        self,
-        chain: list[Deployment],
-        path: str,
-        bodies: BodyFor,
-        stream: bool,
-        affinity: str | None,
-        extra: RawHeaders,
-        admit: Admit | None = None,
-    ) -> Buffered | tuple[Deployment, Endpoint, aiohttp.ClientResponse, bytes]:
-        assert self.session is not None, "Proxy.start() was not called"
-        task = asyncio.current_task()
-        assert task is not None
+        self, chain: list[Deployment], call: Call, bodies: BodyFor, affinity: str | None, admit: Admit | None
+    ) -> Buffered | Streaming:
+        """Endpoints of `chain[0]` by its strategy, then of each fallback `admit` lets in, each
+        deployment up to 1 + `retries` of them, with a backoff after a failure, until one answers."""
         last_5xx: Buffered | None = None
         timed_out = False
         failures = 0
         for dep in chain:
-            timeout = self._timeout(dep)
             body = bodies(dep)
             if admit is not None and dep is not chain[0]:  # a fallback: one that can answer, if admitted
                 if dep.pick(None, affinity) is None or not await admit(dep):
@@ -200,93 +268,107 @@ class Proxy:
                 if failures:  # backoff before a retry, so a struggling fleet is not hammered
                     await asyncio.sleep(self.config.retry_backoff_s * (2 ** min(failures - 1, 5)))
                 tried.add(ep)
-                ep.outstanding += 1
-                breaker = ep.breaker
-                breaker.on_attempt(time.monotonic())
-                handed_off = False
-                resp: aiohttp.ClientResponse | None = None
-                ep.waiters.add(task)  # a hang found by the health check cancels the wait
                 try:
-                    resp = await self.session.post(
-                        ep.url(path), data=body, headers=ep.headers, timeout=timeout
-                    )
-                    if stream and resp.status == 200:
-                        # Wait for the first chunk here, so a server that accepts the request and
-                        # then fails is still retried elsewhere: nothing has reached the client yet.
-                        first = await resp.content.readany()
-                        handed_off = True  # the stream response now owns `resp` and the count
-                        if breaker.failures:
-                            breaker.success()
-                        return dep, ep, resp, first
-                    limit = self.config.max_response_bytes
-                    length = resp.content_length  # known: the usual case, and no extra coroutine
-                    data = await (
-                        resp.read() if length is not None and length <= limit else read_bounded(resp, limit)
-                    )
-                    if data is None:
-                        if breaker.probing:
-                            breaker.success()  # it answered; the size is the request's doing
-                        raise response_too_large(dep.name, limit)
-                    if resp.status in RETRIED_STATUSES:
-                        child(UPSTREAM_ERRORS, dep.name, f"http_{resp.status}").inc()
-                        breaker.failure()
-                        failures += 1
-                        last_5xx = (
-                            _buffered(resp, data, extra) if resp.status >= 500 else _refused(dep, extra)
-                        )
-                        continue
-                    if breaker.failures and (resp.status < 400 or breaker.probing):
-                        breaker.success()
-                    out = _buffered(resp, data, extra)
-                    if resp.status == 200:
-                        out.usage = record_usage(dep.name, data)
-                    return out
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    read_timeout = isinstance(exc, TimeoutError) and not isinstance(
-                        exc, aiohttp.ConnectionTimeoutError
-                    )
-                    timed_out = timed_out or read_timeout
-                    child(UPSTREAM_ERRORS, dep.name, "timeout" if read_timeout else "connect").inc()
-                    log.warning(
-                        "upstream attempt failed",
-                        extra={"fields": {"url": ep.base_url, "error": type(exc).__name__}},
-                    )
-                    failures += 1
-                    if isinstance(exc, aiohttp.ClientConnectorError):
-                        ep.mark_down()  # refused: the process is gone
-                    else:
-                        breaker.failure()
-                    if resp is not None:
-                        resp.close()  # a half-read response must not go back to the pool
-                except asyncio.CancelledError:  # client left, deadline, or the endpoint hung
-                    if resp is not None:
-                        resp.close()  # drop the upstream connection
-                    if not cancelled_for_hang():
-                        if breaker.probing:
-                            breaker.probing = False  # let the next request probe instead
-                        raise
-                    # Nothing reached the client yet: try another replica.
-                    child(UPSTREAM_ERRORS, dep.name, "hung").inc()
-                    log.warning("upstream stopped answering", extra={"fields": {"url": ep.base_url}})
-                    failures += 1
-                    breaker.failure()
-                finally:
-                    ep.waiters.discard(task)
-                    if not handed_off:
-                        ep.outstanding -= 1
-                        if resp is not None:
-                            resp.release()  # fully read: keep the connection alive for reuse
-        dep = chain[0]
+                    outcome = await self._attempt(dep, ep, body, call)
+                except asyncio.CancelledError:  # the client left or the deadline passed
+                    ep.breaker.record("abandoned")
+                    raise
+                ep.breaker.record(outcome.verdict)
+                if isinstance(outcome, Answered):
+                    return outcome.response
+                if isinstance(outcome, Streaming):
+                    return outcome
+                if isinstance(outcome, Fatal):
+                    raise outcome.error
+                child(UPSTREAM_ERRORS, dep.name, outcome.reason).inc()
+                failures += 1
+                timed_out = timed_out or outcome.timed_out
+                if outcome.relay is not None:
+                    last_5xx = outcome.relay
         if last_5xx is not None:
             return last_5xx  # the model server's own error (503 keeps its Retry-After)
-        if timed_out:
-            raise APIError(504, f"The model `{dep.name}` did not answer in time.", code="upstream_timeout")
-        raise APIError(
-            503,
-            f"No healthy endpoint is available for model `{dep.name}`; retry shortly.",
-            code="no_healthy_upstream",
-            headers={"Retry-After": "1"},
-        )
+        raise none_answered(chain[0], timed_out)
+
+    async def _attempt(self, dep: Deployment, ep: Endpoint, body: bytes, call: Call) -> Outcome:
+        """One request to `ep`. Only a cancel that is not the endpoint's hang escapes."""
+        assert self.session is not None, "Proxy.start() was not called"
+        ep.outstanding += 1
+        ep.breaker.on_attempt(time.monotonic())
+        ep.waiters.add(call.task)  # a hang found by the health check cancels the wait
+        resp: aiohttp.ClientResponse | None = None
+        started = False
+        try:
+            resp = await self.session.post(
+                ep.url(call.path), data=body, headers=ep.headers, timeout=self._timeout(dep)
+            )
+            if call.stream and resp.status == 200:
+                # Wait for the first chunk here, so a server that accepts the request and then
+                # fails is still retried elsewhere: nothing has reached the client yet.
+                first = await resp.content.readany()
+                started = True  # the stream response now owns `resp` and the count
+                return Streaming(dep, ep, resp, first)
+            limit = self.config.max_response_bytes
+            length = resp.content_length  # known: the usual case, and no extra coroutine
+            data = await (
+                resp.read() if length is not None and length <= limit else read_bounded(resp, limit)
+            )
+            return judge(dep, resp, data, call.extra, limit)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if resp is not None:
+                resp.close()  # a half-read response must not go back to the pool
+            return broken(ep, exc)
+        except asyncio.CancelledError:  # client left, deadline, or the endpoint hung
+            if resp is not None:
+                resp.close()  # drop the upstream connection
+            if not cancelled_for_hang():
+                raise
+            log.warning("upstream stopped answering", extra={"fields": {"url": ep.base_url}})
+            return Failed("hung", "failed")  # nothing reached the client yet: try another replica
+        finally:
+            ep.waiters.discard(call.task)
+            if not started:
+                ep.outstanding -= 1
+                if resp is not None:
+                    resp.release()  # fully read: keep the connection alive for reuse
+
+
+def judge(
+    dep: Deployment, resp: aiohttp.ClientResponse, data: bytes | None, extra: RawHeaders, limit: int
+) -> Outcome:
+    """A whole upstream answer (`data` None: over `limit`): relayed, retried, or refused."""
+    if data is None:
+        return Fatal(response_too_large(dep.name, limit))
+    status = resp.status
+    if status in RETRIED_STATUSES:
+        relay = _buffered(resp, data, extra) if status >= 500 else _refused(dep, extra)
+        return Failed(f"http_{status}", "failed", relay)
+    out = _buffered(resp, data, extra)
+    if status == 200:
+        out.usage = record_usage(dep.name, data)
+    return Answered(out, "ok" if status < 400 else "answered")
+
+
+def broken(ep: Endpoint, exc: Exception) -> Failed:
+    """A connection error or timeout (aiohttp, or the OS)."""
+    read_timeout = isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
+    log.warning(
+        "upstream attempt failed", extra={"fields": {"url": ep.base_url, "error": type(exc).__name__}}
+    )
+    refused = isinstance(exc, aiohttp.ClientConnectorError)  # the process is gone
+    return Failed(
+        "timeout" if read_timeout else "connect", "down" if refused else "failed", timed_out=read_timeout
+    )
+
+
+def none_answered(dep: Deployment, timed_out: bool) -> APIError:
+    if timed_out:
+        return APIError(504, f"The model `{dep.name}` did not answer in time.", code="upstream_timeout")
+    return APIError(
+        503,
+        f"No healthy endpoint is available for model `{dep.name}`; retry shortly.",
+        code="no_healthy_upstream",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:

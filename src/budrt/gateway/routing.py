@@ -80,7 +80,7 @@ class Endpoint:
         # Tasks waiting on this endpoint (an attempt before its first byte, or a stream's relay),
         # so a hang found by the health check ends them now instead of at the read timeout.
         self.waiters: set[asyncio.Task[object]] = set()
-        # Registered by heartbeat (gateway/registry.py): routable until `expires` (monotonic);
+        # Registered by heartbeat (gateway/replicas.py): routable until `expires` (monotonic);
         # configured endpoints never expire. `heartbeat_at` (wall clock) is for listing.
         self.expires = math.inf
         self.heartbeat_at: float | None = None
@@ -88,7 +88,7 @@ class Endpoint:
 
     def target(self, connect_url: str | None) -> None:
         """Where requests and health checks go: `base_url`, or the same URL at an address pinned
-        when it registered (gateway/registry.py), so a later DNS answer cannot move it."""
+        when it registered (gateway/replicas.py), so a later DNS answer cannot move it."""
         self.connect_url = (connect_url or self.base_url).rstrip("/")
         root = self.connect_url.removesuffix("/v1")
         self.health_url = root + "/health/ready"
@@ -109,10 +109,6 @@ class Endpoint:
         # The expiry test makes a silent replica unroutable at its deadline exactly, before the
         # periodic sweep (`Router.expire`) takes it out of its deployment.
         return self.ready and self.breaker.allows(now) and now < self.expires
-
-    def mark_down(self) -> None:
-        """Certainly unreachable (e.g. connection refused): eject now."""
-        self.breaker.failure(fatal=True)
 
     def hung(self) -> int:
         """Stopped answering (health check timed out): take it out of rotation and cancel every
@@ -293,7 +289,7 @@ class Router:
     def ready(self) -> bool:
         return all(d.is_ready() for d in self.deployments)
 
-    # -- replicas that register by heartbeat (gateway/registry.py) --
+    # -- replicas that register by heartbeat (gateway/replicas.py) --
 
     def add_deployment(self, model: str) -> Deployment:
         """A deployment for a model no configuration names, with the default strategy."""

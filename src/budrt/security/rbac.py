@@ -24,7 +24,7 @@ ENDPOINT_ACTIONS = {
     "/v1/images/generations": "inference:image",
 }
 
-# Model servers that register with the gateway by heartbeat (gateway/registry.py) need
+# Model servers that register with the gateway by heartbeat (gateway/replicas.py) need
 # `replicas:register` on `model:<id>` for each model and alias they announce; listing them needs
 # `replicas:list`. Only `admin` has these among the built-in roles: give a server a key of a custom
 # role (e.g. `replicas:register@model:*`) or an admin key narrowed by its permission list.

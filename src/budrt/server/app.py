@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -29,7 +30,7 @@ from budrt.protocol.errors import APIError, client_left, internal_error, model_n
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
 from budrt.server.metrics import register_engine_collector
-from budrt.server.registry import HostedModel, ModelRegistry, Resolver
+from budrt.server.model_pool import HostedModel, ModelPool, Resolver
 from budrt.server.residency import server_budgets
 from budrt.server.text_routes import chat_completions, completions
 from budrt.server.watchdog import Watchdog
@@ -51,27 +52,27 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """Readiness of the server (`?model=NAME`: of one model), with what the supervisor reports."""
-    registry: ModelRegistry = request.app.state.registry
+    pool: ModelPool = request.app.state.pool
     watchdog: Watchdog = request.app.state.watchdog
     body = {
         "healthy": watchdog.healthy,
         "error": watchdog.error,
         "last_error": watchdog.last_error,
-        "models": {name: m.state for name, m in registry.models.items()},
-        "resident": [_residency(m) for m in registry.models.values() if m.state in ("ready", "loading")],
+        "models": {name: m.state for name, m in pool.models.items()},
+        "resident": [_residency(m) for m in pool.models.values() if m.state in ("ready", "loading")],
         "budget": [  # one per device
-            {"device": b.device, "total_bytes": b.total_bytes, "used_bytes": registry.used_bytes(b.device)}
-            for b in registry.budgets
+            {"device": b.device, "total_bytes": b.total_bytes, "used_bytes": pool.used_bytes(b.device)}
+            for b in pool.budgets
         ],
     }
     model = request.query_params.get("model")
     if model is not None:
-        hosted = registry.get(model)
+        hosted = pool.get(model)
         if hosted is None:
             raise model_not_found(model)
         ok = hosted.state == "ready" and watchdog.healthy
     else:
-        ok = registry.ready() and watchdog.healthy
+        ok = pool.ready() and watchdog.healthy
     return _json({"status": "ready" if ok else "not_ready", **body}, status=200 if ok else 503)
 
 
@@ -89,8 +90,8 @@ def _residency(hosted: HostedModel) -> dict[str, object]:
 _STATUS = {"ready": "resident", "loading": "loading", "available": "available", "failed": "failed"}
 
 
-def _model_card(name: str, registry: ModelRegistry) -> dict[str, object]:
-    hosted = registry.models[name]
+def _model_card(name: str, pool: ModelPool) -> dict[str, object]:
+    hosted = pool.models[name]
     return {
         "id": name,
         "object": "model",
@@ -108,16 +109,16 @@ def _model_card(name: str, registry: ModelRegistry) -> dict[str, object]:
 
 
 async def list_models(request: Request) -> Response:
-    registry: ModelRegistry = request.app.state.registry
-    return _json({"object": "list", "data": [_model_card(n, registry) for n in registry.models]})
+    pool: ModelPool = request.app.state.pool
+    return _json({"object": "list", "data": [_model_card(n, pool) for n in pool.models]})
 
 
 async def get_model(request: Request) -> Response:
-    registry: ModelRegistry = request.app.state.registry
-    hosted = registry.get(request.path_params["model"])
+    pool: ModelPool = request.app.state.pool
+    hosted = pool.get(request.path_params["model"])
     if hosted is None:
         raise model_not_found(request.path_params["model"])
-    return _json(_model_card(hosted.config.name, registry))
+    return _json(_model_card(hosted.config.name, pool))
 
 
 class _Held(Response):
@@ -143,7 +144,7 @@ def holding_model(
         hosted = getattr(request.state, "hosted", None)
         if hosted is not None:
             request.state.hosted = None
-            request.app.state.registry.release(hosted)
+            request.app.state.pool.release(hosted)
 
     async def wrapper(request: Request) -> Response:
         try:
@@ -214,7 +215,7 @@ def create_server_app(
 ) -> Starlette:
     """`preload`: models to load at start besides those marked so (the supervisor passes the
     models a server held before it was restarted). `internal_key`: required from callers."""
-    registry = ModelRegistry(
+    pool = ModelPool(
         [m for m in models if m.name in server.models],
         server_budgets(server),
         server.load_timeout_s,
@@ -222,44 +223,19 @@ def create_server_app(
         dequantized_dir,
     )
     watchdog = Watchdog(
-        registry,
+        pool,
         interval_s=server.watchdog_interval_s,
         step_timeout_s=server.step_timeout_s,
         self_test_interval_s=server.self_test_interval_s,
     )
-
-    heartbeat = Heartbeat(server, registry, internal_key)  # registration with gateways, if configured
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(registry.preload(preload)), asyncio.create_task(watchdog.run())]
-        tasks.append(asyncio.create_task(heartbeat.run()))
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await heartbeat.close()  # deregister before the models go away
-            await registry.close()
-
-    routes = [
-        Route("/health/live", live),
-        Route("/health/ready", ready),
-        Route("/metrics", metrics_endpoint),
-        Route("/v1/models", list_models),
-        Route("/v1/models/{model:path}", get_model),
-        Route("/v1/chat/completions", holding_model(chat_completions), methods=["POST"]),
-        Route("/v1/completions", holding_model(completions), methods=["POST"]),
-        Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
-    ]
+    heartbeat = Heartbeat(server, pool, internal_key)  # registration with gateways, if configured
     # The credential first: a caller without it gets nothing read, not even its body's length.
     middleware = [Middleware(RequireInternalKey, key=internal_key)] if internal_key else []
     middleware.append(Middleware(BodyLimit, max_bytes=server.max_body_bytes))
     app = Starlette(
-        routes=routes,
+        routes=ROUTES,
         middleware=middleware,
-        lifespan=lifespan,
+        lifespan=partial(_background, pool, watchdog, heartbeat, preload),
         exception_handlers={
             APIError: handle_api_error,
             ClientDisconnect: client_left,
@@ -267,8 +243,37 @@ def create_server_app(
             Exception: handle_unexpected,
         },
     )
-    app.state.registry = registry
+    app.state.pool = pool
     app.state.watchdog = watchdog
     app.state.max_n = server.max_n
-    register_engine_collector(registry)
+    register_engine_collector(pool)
     return app
+
+
+ROUTES = [
+    Route("/health/live", live),
+    Route("/health/ready", ready),
+    Route("/metrics", metrics_endpoint),
+    Route("/v1/models", list_models),
+    Route("/v1/models/{model:path}", get_model),
+    Route("/v1/chat/completions", holding_model(chat_completions), methods=["POST"]),
+    Route("/v1/completions", holding_model(completions), methods=["POST"]),
+    Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
+]
+
+
+@contextlib.asynccontextmanager
+async def _background(
+    pool: ModelPool, watchdog: Watchdog, heartbeat: Heartbeat, preload: list[str] | None, app: Starlette
+) -> AsyncIterator[None]:
+    """The server's lifespan: preloading, the watchdog and the heartbeat run while it serves."""
+    tasks = [asyncio.create_task(pool.preload(preload)), asyncio.create_task(watchdog.run())]
+    tasks.append(asyncio.create_task(heartbeat.run()))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await heartbeat.close()  # deregister before the models go away
+        await pool.close()

@@ -1,4 +1,4 @@
-"""Where a model server finds a model's files: the registry and its local artifact cache, or a path.
+"""Where a model server finds a model's files: the model registry and its local artifact cache, or a path.
 
 `source: registry:<name>` looks the model up in the metadata DB and serves its repository
 artifact through the local cache (digest-verified before every load); `source: sha256:<digest>`
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from budrt.config import ModelConfig, Settings
 from budrt.engine.source import resolve_source
-from budrt.server.registry import Resolver
+from budrt.server.model_pool import Resolver
 
 if TYPE_CHECKING:
     from budrt.store.artifact_cache import ArtifactCache

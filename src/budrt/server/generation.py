@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from budrt.engine.interface import Engine, GenerationOutput, SamplingParams
@@ -117,7 +117,7 @@ def check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
 
 async def merge_choices(
     engine: Engine, request_id: str, jobs: list[tuple[list[int], SamplingParams]]
-) -> AsyncIterator[tuple[int, GenerationOutput]]:
+) -> AsyncGenerator[tuple[int, GenerationOutput], None]:
     """Run every (prompt, params) job at once and yield (choice index, output) as they come.
 
     The first item is awaited by callers before any byte is sent, so an overloaded engine

@@ -1,4 +1,4 @@
-"""Registration with gateways by heartbeat (the gateway side is `budrt.gateway.registry`).
+"""Registration with gateways by heartbeat (the gateway side is `budrt.gateway.replicas`).
 
 Every `heartbeat_interval_s` the server checks its own `/health/ready` over HTTP (so it only
 announces itself once it really accepts requests, and stops while it is unhealthy) and then
@@ -17,7 +17,7 @@ import time
 import aiohttp
 
 from budrt.config import ModelServerConfig
-from budrt.server.registry import RETRY_FAILED_AFTER_S, ModelRegistry
+from budrt.server.model_pool import RETRY_FAILED_AFTER_S, ModelPool
 
 log = logging.getLogger("budrt.server.heartbeat")
 HEARTBEAT_PATH = "/admin/replicas/heartbeat"
@@ -44,9 +44,7 @@ def heartbeat_url(gateway: str) -> str:
 
 
 class Heartbeat:
-    def __init__(
-        self, server: ModelServerConfig, registry: ModelRegistry, internal_key: str | None = None
-    ) -> None:
+    def __init__(self, server: ModelServerConfig, pool: ModelPool, internal_key: str | None = None) -> None:
         self.gateways = [heartbeat_url(g) for g in server.register_urls]
         self.url = advertise_url(server)
         self.self_check = f"http://{_local_host(server.host)}:{server.port}/health/ready"
@@ -54,7 +52,7 @@ class Heartbeat:
         self.self_headers = {"Authorization": f"Bearer {internal_key}"} if internal_key else {}
         self.interval_s = server.heartbeat_interval_s
         self.ttl_s = server.heartbeat_interval_s * MISSED_BEATS
-        self.registry = registry
+        self.pool = pool
         self.headers = {"Content-Type": "application/json"}
         if server.register_key is not None:
             self.headers["Authorization"] = f"Bearer {server.register_key.get_secret_value()}"
@@ -72,7 +70,7 @@ class Heartbeat:
         nor one whose load just failed (it is offered again once a retry is due)."""
         now = time.time()
         out: list[dict[str, object]] = []
-        for hosted in self.registry.models.values():
+        for hosted in self.pool.models.values():
             failed_recently = hosted.state == "failed" and now - hosted.failed_at < RETRY_FAILED_AFTER_S
             if hosted.too_large or failed_recently:
                 continue

@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from budrt.server.registry import ModelRegistry
+    from budrt.server.model_pool import ModelPool
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -35,8 +35,8 @@ EMBEDDING_INPUTS = Counter("budrt:embedding_inputs_total", "Texts embedded", ["m
 class EngineStatsCollector(Collector):
     """Reads live engine numbers (running, waiting, KV usage) at scrape time."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
         running = GaugeMetricFamily(
@@ -49,7 +49,7 @@ class EngineStatsCollector(Collector):
             "budrt:kv_cache_usage_perc", "Fraction of KV cache in use", labels=["model_name"]
         )
         ready = GaugeMetricFamily("budrt:model_ready", "1 when the model can serve", labels=["model_name"])
-        for name, hosted in self.registry.models.items():
+        for name, hosted in self.pool.models.items():
             ready.add_metric([name], 1.0 if hosted.state == "ready" else 0.0)
             if hosted.engine is None:
                 continue
@@ -76,7 +76,7 @@ class EngineStatsCollector(Collector):
             for key, (_, doc) in counters.items()
         }
         histograms: dict[str, HistogramMetricFamily] = {}
-        for name, hosted in self.registry.models.items():
+        for name, hosted in self.pool.models.items():
             engine = hosted.engine
             if engine is None:
                 continue
@@ -95,5 +95,5 @@ class EngineStatsCollector(Collector):
         yield from histograms.values()
 
 
-def register_engine_collector(registry: ModelRegistry) -> None:
-    REGISTRY.register(EngineStatsCollector(registry))
+def register_engine_collector(pool: ModelPool) -> None:
+    REGISTRY.register(EngineStatsCollector(pool))

@@ -1,9 +1,9 @@
 """Where a model goes: the device with the most room that fits it, evicting as few models as possible.
 
 A pure policy over a device table (each device's budget and its resident models), so it is tested
-with plain numbers. The registry builds the table from its own accounting (estimated costs, not
-live allocator readings), which keeps the decision deterministic and cheap. CPU is one device
-with the configured bytes; a CUDA server has one entry per GPU.
+with plain numbers. The model pool (server/model_pool.py) builds the table from its own
+accounting (estimated costs, not live allocator readings), which keeps the decision deterministic
+and cheap. CPU is one device with the configured bytes; a CUDA server has one entry per GPU.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -37,7 +38,7 @@ from budrt.server.generation import (
     vocab_size,
     wait_for_disconnect,
 )
-from budrt.server.registry import HostedModel
+from budrt.server.model_pool import HostedModel
 
 Format = ChatFormat | CompletionFormat
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -53,7 +54,7 @@ async def validate(request: Request, schema: type[RequestModel]) -> RequestModel
 
 async def serving_model(request: Request, name: str, task: str) -> HostedModel:
     """The model, loaded on demand and held until the response ends (see `app.holding_model`)."""
-    hosted = await request.app.state.registry.acquire(name, task)
+    hosted = await request.app.state.pool.acquire(name, task)
     request.state.hosted = hosted
     return hosted
 
@@ -164,6 +165,44 @@ def _completion_prompts(
     return out
 
 
+Outputs = AsyncGenerator[tuple[int, GenerationOutput], None]
+
+
+@dataclass(slots=True)
+class Generation:
+    """One request's generation: the engine's outputs (merged over its jobs) and the choices
+    they fill, for the JSON answer or the SSE stream."""
+
+    model_name: str
+    fmt: Format
+    outputs: Outputs  # closing it aborts every unfinished job
+    first: tuple[int, GenerationOutput] | None  # awaited already (None: no job generates)
+    index_of: list[int]  # the choice of each generating job (jobs with max_tokens 0 generate nothing)
+    choices: list[ChoiceResult]
+    prompt_tokens: int
+    started: float  # perf_counter at the request's start
+
+    async def events(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """(choice index, output) as they come, the first one included."""
+        if self.first is not None:
+            yield self.index_of[self.first[0]], self.first[1]
+            async for k, out in self.outputs:
+                yield self.index_of[k], out
+
+    async def collect(self) -> None:
+        async for index, out in self.events():
+            self.choices[index].add(out)
+
+    def finish(self) -> None:
+        """The request's metrics, once it completed."""
+        name = self.model_name
+        metrics.E2E.labels(name).observe(time.perf_counter() - self.started)
+        metrics.PROMPT_TOKENS.labels(name).inc(self.prompt_tokens)
+        metrics.GENERATION_TOKENS.labels(name).inc(sum(c.completion_tokens for c in self.choices))
+        for c in self.choices:
+            metrics.REQUESTS.labels(name, c.finish_reason or "abort").inc()
+
+
 async def respond(
     request: Request,
     engine: Engine,
@@ -177,57 +216,48 @@ async def respond(
     started = time.perf_counter()
     live = [(i, job) for i, job in enumerate(jobs) if job[1].max_tokens > 0]
     outputs = merge_choices(engine, fmt.id, [job for _, job in live])
-    first: tuple[int, GenerationOutput] | None = None
-    if live:
-        try:
-            first = await anext(outputs)  # 503 now, not after a 200 has been sent
-        except EngineOverloaded:
-            metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
-            raise overloaded(retry_after=1) from None
-        except EngineDead:
-            metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
-            raise APIError(
-                503,
-                "The engine is restarting; retry shortly.",
-                code="engine_unavailable",
-                headers={"Retry-After": "2"},
-            ) from None
-        except ValueError as exc:  # the engine refused the request itself (e.g. bad token ids)
-            metrics.REQUEST_ERRORS.labels(model_name, "400").inc()
-            raise invalid_request(str(exc)) from None
-        metrics.TTFT.labels(model_name).observe(time.perf_counter() - started)
-    index_of = [i for i, _ in live]
-
-    async def events() -> AsyncIterator[tuple[int, GenerationOutput]]:
-        if first is not None:
-            yield index_of[first[0]], first[1]
-            async for k, out in outputs:
-                yield index_of[k], out
-
+    first = await first_output(outputs, model_name, started) if live else None
     choices = [ChoiceResult() for _ in jobs]
-    for i, (_, params) in enumerate(jobs):
+    for choice, (_, params) in zip(choices, jobs, strict=True):
         if params.max_tokens == 0:
-            choices[i].finish_reason = "length"
-
-    def finish() -> None:
-        metrics.E2E.labels(model_name).observe(time.perf_counter() - started)
-        metrics.PROMPT_TOKENS.labels(model_name).inc(prompt_tokens)
-        metrics.GENERATION_TOKENS.labels(model_name).inc(sum(c.completion_tokens for c in choices))
-        for c in choices:
-            metrics.REQUESTS.labels(model_name, c.finish_reason or "abort").inc()
-
+            choice.finish_reason = "length"
+    index_of = [i for i, _ in live]
+    gen = Generation(model_name, fmt, outputs, first, index_of, choices, prompt_tokens, started)
     if stream:
         return StreamingResponse(
-            _sse_stream(fmt, events(), outputs, choices, prompt_tokens, include_usage, finish),
+            sse_stream(gen, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    return await json_response(request, gen)
 
-    async def collect() -> None:
-        async for index, out in events():
-            choices[index].add(out)
 
-    collector = asyncio.create_task(collect())
+async def first_output(outputs: Outputs, model_name: str, started: float) -> tuple[int, GenerationOutput]:
+    """The first output, awaited before any byte is sent: an overloaded or restarting engine is a
+    503 now, not after a 200."""
+    try:
+        first = await anext(outputs)
+    except EngineOverloaded:
+        metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
+        raise overloaded(retry_after=1) from None
+    except EngineDead:
+        metrics.REQUEST_ERRORS.labels(model_name, "503").inc()
+        raise APIError(
+            503,
+            "The engine is restarting; retry shortly.",
+            code="engine_unavailable",
+            headers={"Retry-After": "2"},
+        ) from None
+    except ValueError as exc:  # the engine refused the request itself (e.g. bad token ids)
+        metrics.REQUEST_ERRORS.labels(model_name, "400").inc()
+        raise invalid_request(str(exc)) from None
+    metrics.TTFT.labels(model_name).observe(time.perf_counter() - started)
+    return first
+
+
+async def json_response(request: Request, gen: Generation) -> Response:
+    """The whole answer as one JSON body; a client that hangs up first aborts the generation (499)."""
+    collector = asyncio.create_task(gen.collect())
     hangup = asyncio.create_task(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({collector, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -238,39 +268,33 @@ async def respond(
             # Let the cancel run through `outputs` first: closing it while the collector is still
             # inside it raises "aclose(): asynchronous generator is already running".
             await asyncio.gather(collector, return_exceptions=True)
-            await outputs.aclose()
+            await gen.outputs.aclose()
     if collector.cancelled():
         return Response(status_code=499)
     collector.result()
-    finish()
-    body = fmt.response(choices, prompt_tokens, [])
+    gen.finish()
+    body = gen.fmt.response(gen.choices, gen.prompt_tokens, [])
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-async def _sse_stream(
-    fmt: Format,
-    events: AsyncIterator[tuple[int, GenerationOutput]],
-    outputs: Any,
-    choices: list[ChoiceResult],
-    prompt_tokens: int,
-    include_usage: bool,
-    finish: Any,
-) -> AsyncIterator[bytes]:
+async def sse_stream(gen: Generation, include_usage: bool) -> AsyncIterator[bytes]:
+    """The answer as SSE chunks; a failure mid-stream is an error event, then the stream ends."""
+    fmt, choices = gen.fmt, gen.choices
     extra = {"usage": None} if include_usage else {}
     try:
         for chunk in fmt.first_chunks(len(choices)):
             yield sse({**chunk, **extra})
-        async for index, out in events:
+        async for index, out in gen.events():
             choices[index].add(out)
             chunk = fmt.chunk(index, out)
             if chunk is not None:
                 yield sse({**chunk, **extra})
         for i, c in enumerate(choices):  # choices that never ran (max_tokens=0) still finish
             if c.finish_reason == "length" and c.completion_tokens == 0 and not c.text:
-                yield sse({**fmt.chunk(i, _empty_finish(i, prompt_tokens)), **extra})  # type: ignore[dict-item]
+                yield sse({**fmt.chunk(i, _empty_finish(i, gen.prompt_tokens)), **extra})  # type: ignore[dict-item]
         if include_usage:
-            yield sse(fmt.usage_chunk(prompt_tokens, sum(c.completion_tokens for c in choices)))
-        finish()
+            yield sse(fmt.usage_chunk(gen.prompt_tokens, sum(c.completion_tokens for c in choices)))
+        gen.finish()
         yield SSE_DONE
     except Exception as exc:  # mid-stream failure: tell the client in-band, then end the stream
         error = (
@@ -279,7 +303,7 @@ async def _sse_stream(
         yield sse(error.body())
         yield SSE_DONE
     finally:
-        await outputs.aclose()
+        await gen.outputs.aclose()
 
 
 def _empty_finish(index: int, prompt_tokens: int) -> GenerationOutput:

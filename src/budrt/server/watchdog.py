@@ -18,7 +18,7 @@ import time
 import uuid
 
 from budrt.engine.interface import EngineOverloaded, SamplingParams
-from budrt.server.registry import HostedModel, ModelRegistry
+from budrt.server.model_pool import HostedModel, ModelPool
 
 log = logging.getLogger(__name__)
 # Counters that move whenever the engine completes a step. Read defensively: any engine may
@@ -30,13 +30,13 @@ TEST_FAULT_ENV = "BUDRT_TEST_FAULT"  # tests only; see the module docstring
 class Watchdog:
     def __init__(
         self,
-        registry: ModelRegistry,
+        pool: ModelPool,
         *,
         interval_s: float = 2.0,
         step_timeout_s: float = 30.0,
         self_test_interval_s: float = 60.0,
     ) -> None:
-        self.registry = registry
+        self.pool = pool
         self.interval_s = interval_s
         self.step_timeout_s = step_timeout_s
         self.self_test_interval_s = self_test_interval_s
@@ -75,7 +75,7 @@ class Watchdog:
 
     def check_progress(self, now: float) -> None:
         stalled: list[str] = []
-        for hosted in list(self.registry.models.values()):
+        for hosted in list(self.pool.models.values()):
             engine = hosted.engine
             if hosted.state != "ready" or engine is None:
                 self._progress.pop(hosted.name, None)
@@ -102,7 +102,7 @@ class Watchdog:
     async def self_test(self) -> None:
         """Generate one token (or embed one input) with every resident model."""
         errors = []
-        for hosted in list(self.registry.models.values()):
+        for hosted in list(self.pool.models.values()):
             if hosted.state != "ready" or _busy(hosted):
                 continue  # a busy model shows its health through progress; a test would only queue
             hosted.in_flight += 1  # not evicted while we test it
@@ -115,7 +115,7 @@ class Watchdog:
             except Exception as exc:
                 errors.append(f"model {hosted.name}: self-test failed: {type(exc).__name__}: {exc}")
             finally:
-                self.registry.release(hosted)
+                self.pool.release(hosted)
         if errors:
             log.error("watchdog: %s", "; ".join(errors))
         self.self_test_error = "; ".join(errors) or None

@@ -31,7 +31,7 @@ from budrt.server.residency import MemoryBudget
 log = logging.getLogger(__name__)
 ModelState = Literal["available", "loading", "ready", "failed"]
 RETRY_FAILED_AFTER_S = 10.0
-# The config with a local path as its `source` (fetched, verified; registry defaults applied).
+# The config with a local path as its `source` (fetched, verified; the model registry's defaults applied).
 Resolver = Callable[[ModelConfig], ModelConfig]
 
 
@@ -63,7 +63,7 @@ class HostedModel:
         return self.config.pinned
 
 
-class ModelRegistry:
+class ModelPool:
     def __init__(
         self,
         configs: list[ModelConfig],

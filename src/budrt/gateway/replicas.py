@@ -51,7 +51,7 @@ from budrt.protocol.errors import APIError, invalid_request, parse_json_body
 from budrt.security.rbac import REPLICAS_LIST, REPLICAS_REGISTER, Principal
 from budrt.store.identity import IdentityStore
 
-log = logging.getLogger("budrt.gateway.registry")
+log = logging.getLogger("budrt.gateway.replicas")
 
 DEFAULT_TTL_S = 10.0
 MAX_TTL_S = 3600.0
@@ -202,8 +202,9 @@ async def _resolve(host: str, port: int | None) -> list[IPAddress]:
         raise invalid_request(message, param="url") from None
 
 
-class ReplicaRegistry:
-    """Applies heartbeats to a `Router`; all of it synchronous, so it happens between requests."""
+class ReplicaTable:
+    """The replicas registered by heartbeat, kept as endpoints of the `Router`'s deployments (it
+    holds no state of its own). All of it synchronous, so it happens between requests."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -329,23 +330,23 @@ class ReplicaAPI:
         ]
 
     @staticmethod
-    def _registry(request: Request) -> ReplicaRegistry:
-        return ReplicaRegistry(request.app.state.gateway.router)  # stateless: the router holds it all
+    def _table(request: Request) -> ReplicaTable:
+        return ReplicaTable(request.app.state.gateway.router)  # stateless: the router holds it all
 
     async def heartbeat(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         beat = parse_heartbeat(parse_json_body(await request.body()))
         if not p.may(REPLICAS_REGISTER):  # also a `leaving` beat for a URL nobody registered
             require(p, REPLICAS_REGISTER, "model:*")
-        registry = self._registry(request)
+        table = self._table(request)
         if beat.leaving:
-            return await self._leave(p, registry, beat.url)
+            return await self._leave(p, table, beat.url)
         for model in beat.models:
             for name in (model.id, *model.aliases):
                 require(p, REPLICAS_REGISTER, f"model:{name}")
-        registry.check(beat)  # a refused name costs no DNS lookup
+        table.check(beat)  # a refused name costs no DNS lookup
         connect_url = await pin(beat.url, request.app.state.gateway.settings.gateway.registration_cidrs)
-        endpoints, new = registry.heartbeat(beat, connect_url)
+        endpoints, new = table.heartbeat(beat, connect_url)
         if new:
             await self._audit(p, "replicas:register", beat.url, {"models": [m.id for m in beat.models]})
         body = {
@@ -363,15 +364,15 @@ class ReplicaAPI:
         url = normalize_url(request.query_params.get("url"))
         if not p.may(REPLICAS_REGISTER):  # 403 before telling whether the URL is registered
             require(p, REPLICAS_REGISTER, "model:*")
-        registry = self._registry(request)
-        if not registry.router.registered(url):
+        table = self._table(request)
+        if not table.router.registered(url):
             raise APIError(404, f"No replica is registered at {url}.", param="url", code="not_found")
-        return await self._leave(p, registry, url)
+        return await self._leave(p, table, url)
 
-    async def _leave(self, p: Principal, registry: ReplicaRegistry, url: str) -> Response:
-        for dep, _ in registry.router.registered(url):
+    async def _leave(self, p: Principal, table: ReplicaTable, url: str) -> Response:
+        for dep, _ in table.router.registered(url):
             require(p, REPLICAS_REGISTER, f"model:{dep.name}")
-        gone = registry.deregister(url)
+        gone = table.deregister(url)
         if gone:
             await self._audit(p, "replicas:deregister", url, {"models": [d.name for d, _ in gone]})
         return _json({"object": "replica", "url": url, "deregistered": [d.name for d, _ in gone]})
@@ -379,7 +380,7 @@ class ReplicaAPI:
     async def list_replicas(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         require(p, REPLICAS_LIST)
-        return _json({"object": "list", "data": self._registry(request).listing()})
+        return _json({"object": "list", "data": self._table(request).listing()})
 
     async def _audit(self, p: Principal, action: str, url: str, detail: dict[str, Any]) -> None:
         """New replicas and departures are audited; refreshing heartbeats are not (one per interval)."""

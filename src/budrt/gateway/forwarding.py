@@ -1,6 +1,6 @@
 """The forward path after auth and routing: limits, response cache, proxy, settling the limits.
 
-`Traffic.send` owns an admitted request's rate-limit `Ticket` from then on and releases it
+`Forwarder.send` owns an admitted request's rate-limit `Ticket` from then on and releases it
 exactly once: with the actual token usage when the upstream reported it, with 0 (a full
 refund) when no upstream answered or the cache did. For a whole upstream response the release
 is handed to the response's sender as `Buffered.after`, run once the response is out; a stream
@@ -162,7 +162,10 @@ class Outgoing:
     cost: tuple[int, int] = (0, 0)  # (tokens, images) a fallback's own limits are charged
 
 
-class Traffic:
+class Forwarder:
+    """Runs an admitted request through the response cache and the proxy (failover, fallbacks
+    within their own limits), and settles its rate-limit tickets."""
+
     def __init__(
         self,
         config: GatewayConfig,
