@@ -20,7 +20,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = cache.data.device
         if self.device.type == "cpu":
-            kernels.prepare()  # the decode kernel: loaded (or, if never built here, compiled) now
+            kernels.prepare()  # the CPU kernels: loaded (or, if never built here, compiled) now
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
