@@ -19,8 +19,8 @@ from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_projections
 from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.packed_linear import can_pack, pack_linears
 from budrt.engine.safetensors_loader import load_safetensors
-from budrt.engine.source import resolve_source
 from budrt.engine.tokenizer import TextTokenizer
+from budrt.model_source import resolve_source
 
 log = logging.getLogger(__name__)
 
