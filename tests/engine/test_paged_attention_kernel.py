@@ -20,13 +20,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(scope="module")
-def module():  # type: ignore[no-untyped-def]
+def built() -> None:
+    """Skips a test where the CPU kernels are switched off or could not be built here."""
     if not kernels.enabled():
         pytest.skip(f"{kernels.ENV_SWITCH}=torch forces the torch path")
-    built = kernels.paged_attention_module()
-    if built is None:
-        pytest.skip("the paged attention extension could not be built here (see the logged warning)")
-    return built
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
 def make_case(
@@ -69,7 +68,7 @@ def reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ratio", [1, 3, 4])
-def test_kernel_matches_gather_sdpa(module, dtype: torch.dtype, ratio: int) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_matches_gather_sdpa(built, dtype: torch.dtype, ratio: int) -> None:  # type: ignore[no-untyped-def]
     kv_heads = 3 if ratio != 4 else 2
     heads = kv_heads * ratio
     # 48: not a whole number of vector registers (the scalar path); 128: fewer heads share a pass
@@ -83,7 +82,7 @@ def test_kernel_matches_gather_sdpa(module, dtype: torch.dtype, ratio: int) -> N
             torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-def test_int32_tables_and_threads(module) -> None:  # type: ignore[no-untyped-def]
+def test_int32_tables_and_threads(built) -> None:  # type: ignore[no-untyped-def]
     """int32 tables give the same result, and so does a single thread (different work split, so
     each task looks ahead at a different next one; an empty sequence among them)."""
     cache, q, tables, lengths = make_case([*LENGTHS, 0, *LENGTHS * 2], 9, 3, 64, torch.float32, seed=7)
@@ -100,7 +99,7 @@ def test_int32_tables_and_threads(module) -> None:  # type: ignore[no-untyped-de
     torch.testing.assert_close(single, out, atol=0, rtol=0)
 
 
-def test_non_contiguous_query(module) -> None:  # type: ignore[no-untyped-def]
+def test_non_contiguous_query(built) -> None:  # type: ignore[no-untyped-def]
     """q as the model makes it: a view into a wider projection output."""
     cache, q, tables, lengths = make_case([5, 40], 6, 2, 64, torch.float32, seed=3)
     wide = torch.randn(2, 6, 128)
@@ -112,7 +111,7 @@ def test_non_contiguous_query(module) -> None:  # type: ignore[no-untyped-def]
     torch.testing.assert_close(out, kernels.paged_decode_attention(q, k, v, tables, lengths, 0.125))
 
 
-def test_bad_tables_are_errors(module) -> None:  # type: ignore[no-untyped-def]
+def test_bad_tables_are_errors(built) -> None:  # type: ignore[no-untyped-def]
     cache, q, tables, lengths = make_case([17, 3], 3, 3, 64, torch.float32, seed=1)
     k, v = cache.layer(0)
     bad = tables.clone()
@@ -123,7 +122,7 @@ def test_bad_tables_are_errors(module) -> None:  # type: ignore[no-untyped-def]
         kernels.paged_decode_attention(q, k, v, tables, torch.tensor([17, 33]), 0.125)
 
 
-def test_paged_attention_uses_kernel_for_decodes(module, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_paged_attention_uses_kernel_for_decodes(built, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """attention.py's decode rows give the same output through the kernel and the torch path."""
     lengths = [17, 300, 1]
     cache, q, tables, lens = make_case(lengths, 9, 3, 64, torch.float32, seed=11)
@@ -165,8 +164,8 @@ logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 from budrt.engine import kernels
 from budrt.engine.attention import AttentionContext, paged_attention
 from budrt.engine.kv_cache import KVCache
-assert kernels.paged_attention_module() is None
-assert kernels.paged_attention_module() is None  # asked again: no second build, no second warning
+assert not kernels.prepare()
+assert not kernels.prepare()  # asked again: no second build, no second warning
 cache = KVCache(1, 4, 16, 1, 64, torch.float32)
 q, k, v = torch.randn(1, 2, 64), torch.randn(1, 1, 64), torch.randn(1, 1, 64)
 ctx = AttentionContext(positions=torch.tensor([0]), slots=torch.tensor([16]), num_decode=1,
@@ -186,4 +185,4 @@ print("fallback ok")
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
-    assert result.stderr.count("paged attention kernel unavailable") == 1, result.stderr
+    assert result.stderr.count("CPU kernels unavailable") == 1, result.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from budrt.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.source import resolve_source
+from budrt.model_source import resolve_source
 
 SAMPLES = [
     "Hello world",

@@ -30,7 +30,7 @@ def _params(values: list[str]) -> dict[str, Any]:
 
 
 def _guess_format(source: str) -> str:
-    from budrt.engine.source import resolve_source
+    from budrt.model_source import resolve_source
 
     if source.endswith(".gguf"):
         return "gguf"

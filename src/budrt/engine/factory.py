@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +21,8 @@ from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_projections
 from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.packed_linear import can_pack, pack_linears
 from budrt.engine.safetensors_loader import load_safetensors
-from budrt.engine.source import resolve_source
 from budrt.engine.tokenizer import TextTokenizer
+from budrt.model_source import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,15 @@ def auto_dtype() -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+class _Checkpoint(NamedTuple):
+    """A model's files as loaded: hyperparameters, weights, GGUF quantized copies, tokenizer."""
+
+    args: LlamaArgs
+    weights: dict[str, torch.Tensor]
+    quantized: dict[str, quant.Q4Weight | quant.Q8Weight]
+    tokenizer: TextTokenizer
+
+
 def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> Engine:
     """Load the model and tokenizer named by `cfg` (GGUF or a Hugging Face safetensors directory)
     onto `device` ("cpu", "cuda:N": chosen by the server's placement).
@@ -53,40 +64,13 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     if cfg.task != "chat":
         raise ValueError(f"model {cfg.name!r}: task {cfg.task!r} is not text generation")
     path = resolve_source(cfg.source)
-    if cfg.format == "gguf":
-        gguf = load_gguf(path)
-        args, weights, quantized = gguf.args, gguf.weights, gguf.quantized
-        tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
-    elif cfg.format == "safetensors":
-        args, weights = load_safetensors(path)
-        quantized = quant.split(weights)  # present in the gguf cache's directories
-        tokenizer = TextTokenizer.from_directory(path)
-    else:
-        raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
-
-    dtype = auto_dtype() if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+    checkpoint = _load_checkpoint(cfg, path)
+    args = checkpoint.args
     target = torch.device(device)
-    if target.type == "cuda" and cfg.dtype == "auto":
-        dtype = cuda_dtype(target)
+    dtype = _model_dtype(cfg, target)
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
-    model = build_model(args, weights, dtype, max_model_len)
-    quant.attach(model, quantized)
-    fuse_projections(model)
-    to_device(model, target)  # no-op on CPU
-    if can_pack(dtype, target):  # CPU only
-        kernels.prepare()  # before packing: the 4-bit layout depends on which kernels are built
-        model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
-        model.decode_stack = DecodeStack.build(model)
-    num_blocks = num_blocks_for(
-        cfg.kv_cache_bytes,
-        args.num_layers,
-        args.num_kv_heads,
-        args.head_dim,
-        cfg.block_size,
-        dtype,
-        torch.device("cpu"),
-    )
-    num_blocks = fit_kv_blocks(num_blocks, args, cfg.block_size, dtype, target)  # CUDA: free memory caps
+    model = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
+    num_blocks = _num_kv_blocks(cfg, args, dtype, target)
     log.info(
         "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens)",
         cfg.name,
@@ -99,7 +83,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     return LLMEngine(
         cfg.name,
         model,
-        tokenizer,
+        checkpoint.tokenizer,
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         max_waiting=cfg.max_waiting,
@@ -111,6 +95,55 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         device=target,
         identity=f"{cfg.name}:{cfg.source}",
     )
+
+
+def _load_checkpoint(cfg: ModelConfig, path: Path) -> _Checkpoint:
+    """The weights and tokenizer at `path`, a GGUF file or a safetensors directory."""
+    if cfg.format == "gguf":
+        gguf = load_gguf(path)
+        tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
+        return _Checkpoint(gguf.args, gguf.weights, gguf.quantized, tokenizer)
+    if cfg.format == "safetensors":
+        args, weights = load_safetensors(path)
+        quantized = quant.split(weights)  # present in the gguf cache's directories
+        return _Checkpoint(args, weights, quantized, TextTokenizer.from_directory(path))
+    raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
+
+
+def _model_dtype(cfg: ModelConfig, target: torch.device) -> torch.dtype:
+    """`cfg.dtype`, or for "auto" the best the device computes natively."""
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    return cuda_dtype(target) if target.type == "cuda" else auto_dtype()
+
+
+def _num_kv_blocks(cfg: ModelConfig, args: LlamaArgs, dtype: torch.dtype, target: torch.device) -> int:
+    """The KV cache blocks `cfg.kv_cache_bytes` holds; on CUDA also what free memory allows."""
+    num_blocks = num_blocks_for(
+        cfg.kv_cache_bytes,
+        args.num_layers,
+        args.num_kv_heads,
+        args.head_dim,
+        cfg.block_size,
+        dtype,
+        torch.device("cpu"),
+    )
+    return fit_kv_blocks(num_blocks, args, cfg.block_size, dtype, target)
+
+
+def _assemble_model(
+    cfg: ModelConfig, checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, target: torch.device
+) -> LlamaForCausalLM:
+    """The model on `target` with its projections fused and, on CPU, its small-step weights packed."""
+    model = build_model(checkpoint.args, checkpoint.weights, dtype, max_model_len)
+    quant.attach(model, checkpoint.quantized)
+    fuse_projections(model)
+    to_device(model, target)  # no-op on CPU
+    if can_pack(dtype, target):  # CPU only
+        kernels.prepare()  # before packing: the 4-bit layout depends on which kernels are built
+        model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
+        model.decode_stack = DecodeStack.build(model)
+    return model
 
 
 def build_model(

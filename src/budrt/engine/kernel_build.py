@@ -53,7 +53,7 @@ FUNCTIONS = [
     "bf16_decode_layers",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
-_NAME = "budrt_paged_attention"
+_NAME = "budrt_cpu_kernels"  # the extension's module name, also in its cache key
 
 
 def enabled() -> bool:

@@ -1,4 +1,5 @@
-"""Optional C++ kernels for the CPU engine, compiled on this machine once (csrc/, one extension).
+"""Optional C++ kernels for the CPU engine, compiled on this machine once (csrc/, one extension,
+`budrt_cpu_kernels`).
 
 - paged_attention.cpp (+ attention_loops.cpp, its inner loops): decode attention straight from the
   paged cache through the block tables;
@@ -38,8 +39,8 @@ _failed = False
 
 
 def prepare(compile_missing: bool = True) -> bool:
-    """Load the cached kernel, or compile it here first (blocking) if it is missing and
-    `compile_missing`. Returns whether the kernel is in use. Threads calling at once wait for one
+    """Load the cached CPU kernels, or compile them here first (blocking) if missing and
+    `compile_missing`. Returns whether the kernels are in use. Threads calling at once wait for one
     build; a failure is warned about once and remembered."""
     global _module, _failed
     if not enabled():
@@ -51,14 +52,8 @@ def prepare(compile_missing: bool = True) -> bool:
             _module = kernel_build.load(compile_missing)
         except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
             _failed = True
-            log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
+            log.warning("CPU kernels unavailable, using the torch paths: %s", exc)
         return _module is not None
-
-
-def paged_attention_module() -> ModuleType | None:
-    """The compiled extension, building it if needed; None if disabled or the build failed."""
-    prepare()
-    return _module if enabled() else None
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -230,7 +225,4 @@ def decode_layers(
 
 if __name__ == "__main__":  # `make` builds the kernels at install so no server waits for it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(
-        "CPU kernels (paged attention, RMSNorm, RoPE + cache):",
-        "ready" if prepare() else "unavailable (torch path)",
-    )
+    print("CPU kernels:", "ready" if prepare() else "unavailable (torch paths)")

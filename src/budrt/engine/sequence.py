@@ -62,10 +62,6 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -282,13 +282,6 @@ class Router:
     def endpoints(self) -> list[Endpoint]:
         return [e for d in self.deployments for e in d.endpoints]
 
-    @staticmethod
-    def pick(dep: Deployment, tried: set[Endpoint] | None = None, key: str | None = None) -> Endpoint | None:
-        return dep.pick(tried, key)
-
-    def ready(self) -> bool:
-        return all(d.is_ready() for d in self.deployments)
-
     # -- replicas that register by heartbeat (gateway/replicas.py) --
 
     def add_deployment(self, model: str) -> Deployment:

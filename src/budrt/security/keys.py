@@ -45,10 +45,6 @@ def hash_api_key(key: str, secret: bytes) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 def load_or_create_secret(settings: Settings) -> bytes:
     """`settings.secret_key` if set, else `$home/secret.key`, created on first use."""
     if settings.secret_key is not None:

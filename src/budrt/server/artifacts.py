@@ -11,7 +11,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from budrt.config import ModelConfig, Settings
-from budrt.engine.source import resolve_source
+from budrt.model_source import resolve_source
 from budrt.server.model_pool import Resolver
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from budrt.config import ModelConfig
 from budrt.engine import openmp
 from budrt.engine.interface import EngineOverloaded
-from budrt.engine.source import resolve_source
+from budrt.model_source import resolve_source
 
 
 class InputTooLong(ValueError):

@@ -48,7 +48,7 @@ def run_model_server(
         torch.set_num_threads(server.threads)
     from budrt.engine import kernels
 
-    # Build (first time on this machine) or load the CPU decode kernel before serving, so that no
+    # Build (first time on this machine) or load the CPU kernels before serving, so that no
     # model load waits on a compiler and every request of this process takes the same path.
     kernels.prepare()
     from budrt.server.app import create_server_app

@@ -20,7 +20,7 @@ from typing import Literal
 from budrt.config import ModelConfig
 from budrt.engine import openmp
 from budrt.engine.interface import Engine
-from budrt.engine.source import resolve_source
+from budrt.model_source import resolve_source
 from budrt.protocol.errors import APIError, model_not_found
 from budrt.server.cost import estimate_cost
 from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from budrt.config import Settings
-from budrt.engine.source import resolve_source
+from budrt.model_source import resolve_source
 from budrt.store.db import make_engine, session_factory
 from budrt.store.repository import ModelRepository, manifest_key, open_store
 from budrt.store.tables import ModelRecord
