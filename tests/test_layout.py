@@ -1,5 +1,6 @@
 """The code layout of ARCHITECTURE.md ("Code layout"), read from the source with `ast`: no import
-cycle among budrt's modules, and dependencies that point one way between its parts.
+cycle among budrt's modules, dependencies that point one way between its parts, and functions
+short enough to read at once.
 
 Every import counts, also one inside a function or under `if TYPE_CHECKING`: deferring an import
 hides a dependency from the interpreter's start-up, not from the design.
@@ -95,3 +96,18 @@ def test_dependencies_point_one_way() -> None:
             if other != source and (source in BOTTOM or other in never or other == "cli"):
                 broken.append(f"{module} imports {target}")
     assert broken == []
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_functions_fit_on_a_screen() -> None:
+    """No function or method longer than MAX_FUNCTION_LINES (signature and docstring included)."""
+    long = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
