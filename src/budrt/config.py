@@ -108,12 +108,9 @@ class ModelConfig(_Section):
     block_size: int = 16  # tokens per KV-cache block
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512  # tokens per engine step: decodes + prefill chunks
-    # bf16 CPU: steps of at most this many tokens use weight-only int8 matmuls (faster for one or
-    # two streams, slightly different outputs); 0 = off.
-    int8_decode_rows: int = 0
-    # bf16 CPU, Q4_0/Q4_1 GGUF: steps of at most this many tokens use the file's own 4-bit weights
-    # (the same values, a quarter of the bytes to read; engine/quant.py), all layers in one C++ call
-    # (engine/decode_stack.py); faster than bf16 up to at least 16 rows here (docs/benchmarks.md); 0 = off.
+    # CPU, Q4_0/Q4_1 GGUF: unseeded decode steps of at most this many rows read the file's own
+    # 4-bit weights (the same values, an eighth of fp32's bytes; engine/quant.py, engine/step_path.py);
+    # faster than the dense weights up to at least 16 rows (docs/benchmarks.md); 0 = off.
     q4_decode_rows: int = 16
     default_max_tokens: int | None = None  # chat: None = up to the context length
     preload: bool = True  # load when the server starts (else on the first request)

@@ -28,18 +28,36 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
+def _native_bf16() -> bool:
+    from budrt.engine.factory import _native_bf16
+
+    return _native_bf16()
+
+
+# The activation dtypes whose CPU paths (kernels, one-call stack, small copies) this machine runs:
+# fp32 everywhere, bf16 where the CPU has bf16 dot products.
+PATH_DTYPES = [
+    pytest.param("float32", id="fp32"),
+    pytest.param(
+        "bfloat16", id="bf16", marks=pytest.mark.skipif(not _native_bf16(), reason="no native bf16 here")
+    ),
+]
+
+
 @pytest.fixture(scope="session")
-def bf16_kernels() -> None:
-    """Skips a test where the bf16 CPU paths (packed linears, C++ kernels) cannot run here."""
-    import torch
-
+def cpu_kernels() -> None:
+    """Skips a test where the C++ CPU kernels cannot be built here."""
     from budrt.engine import kernels
-    from budrt.engine.packed_linear import can_pack
 
-    if not can_pack(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("bf16 packed linears need AVX512-BF16/AMX")
     if not kernels.prepare():
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+
+
+@pytest.fixture(scope="session")
+def bf16_kernels(cpu_kernels: None) -> None:
+    """Skips a test where the bf16 CPU paths (packed linears, C++ kernels) cannot run here."""
+    if not _native_bf16():
+        pytest.skip("bf16 packed linears need AVX512-BF16/AMX")
 
 
 @pytest.fixture(scope="session")
@@ -47,17 +65,14 @@ def gguf_path() -> Path:
     return resolve_source(DEFAULT_SOURCE)
 
 
-@pytest.fixture(scope="session")
-def smollm2_bf16(gguf_path: Path) -> Callable[..., ModelConfig]:
-    """A config factory for SmolLM2 in bf16 with a small cache; keyword arguments override."""
-
+def _smollm2_config(gguf_path: Path, dtype: str) -> Callable[..., ModelConfig]:
     def make(**overrides: Any) -> ModelConfig:
         fields: dict[str, Any] = {
             "name": "smollm2-135m-instruct",
             "task": "chat",
             "format": "gguf",
             "source": str(gguf_path),
-            "dtype": "bfloat16",
+            "dtype": dtype,
             "max_model_len": 256,
             "max_num_seqs": 4,
             "kv_cache_bytes": 16 * 1024**2,
@@ -65,6 +80,21 @@ def smollm2_bf16(gguf_path: Path) -> Callable[..., ModelConfig]:
         return ModelConfig(**(fields | overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(gguf_path: Path) -> Callable[..., ModelConfig]:
+    """A config factory for SmolLM2 in bf16 with a small cache; keyword arguments override."""
+    return _smollm2_config(gguf_path, "bfloat16")
+
+
+@pytest.fixture(scope="session", params=PATH_DTYPES)
+def smollm2_fast(
+    request: pytest.FixtureRequest, gguf_path: Path, cpu_kernels: None
+) -> Callable[..., ModelConfig]:
+    """A config factory for SmolLM2 on each CPU path this machine runs (fp32; bf16 where native),
+    kernels loaded; keyword arguments override."""
+    return _smollm2_config(gguf_path, request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """decode_stack.py: all layers of a decode-only step in one C++ call (4-bit weights for small
-steps, packed bf16 above), exactly equal to the Python layers it replaces."""
+steps, the dense ones above), exactly equal to the Python layers it replaces; on every CPU path
+this machine runs (fp32; bf16 where native)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -14,8 +16,7 @@ from budrt.engine.factory import create_text_engine
 from budrt.engine.interface import SamplingParams
 from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.sequence import make_sequence
-
-pytestmark = pytest.mark.usefixtures("bf16_kernels")
+from budrt.engine.step_path import EXACT_ROWS
 
 
 def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4) -> LLMEngine:
@@ -43,13 +44,12 @@ def decode(
 
 
 def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """(kernel, rows) of every one-call stack run from now on: "q4_decode_layers" or
-    "bf16_decode_layers", as `kernels.decode_layers` picks."""
+    """(weights, rows) of every one-call stack run from now on: "q4" or "dense"."""
     calls: list[tuple[str, int]] = []
     real = kernels.decode_layers
 
     def recording(weights: str, x: torch.Tensor, *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append((f"{weights}_decode_layers", x.shape[0]))
+        calls.append((weights, x.shape[0]))
         return real(weights, x, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(kernels, "decode_layers", recording)
@@ -60,23 +60,22 @@ def with_and_without_stack(
     engine: LLMEngine, batch: list[list[int]], steps: int, params: SamplingParams
 ) -> tuple[list[list[int]], list[list[int]]]:
     """`decode` of `batch` with the model's one-call stack, then with the Python layers."""
-    model = engine.runner.model
+    runner = engine.runner
     with_stack = decode(engine, batch, steps, params)
-    stack = model.decode_stack
-    model.decode_stack = None
+    rule = runner.rule
+    runner.rule = dataclasses.replace(rule, stack=False)
     try:
         without = decode(engine, batch, steps, params)
     finally:
-        model.decode_stack = stack
+        runner.rule = rule
     return with_stack, without
 
 
 def test_small_decode_steps_give_the_same_tokens_with_the_stack(
-    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+    smollm2_fast: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_bf16)
-    model = engine.runner.model
-    assert model.decode_stack is not None, "SmolLM2's GGUF should fit the one-call kernel"
+    engine = make_engine(smollm2_fast)
+    assert engine.runner.stack is not None, "SmolLM2's GGUF should fit the one-call kernel"
     chats = ["What is the capital of France?", "Count from one to ten.", "Name three colours."]
     prompts = [
         engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": c}]))
@@ -87,41 +86,43 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
     for batch in (prompts[:1], prompts):  # one row, and three rows in every decode step
         recorded.clear()
         with_stack, without = with_and_without_stack(engine, batch, 20, greedy)
-        calls = [rows for name, rows in recorded if name == "q4_decode_layers"]
+        calls = [rows for name, rows in recorded if name == "q4"]
         assert calls and set(calls) == {len(batch)}, "the small decode steps did not use the stack"
         assert with_stack == without
         assert all(len(tokens) == 20 for tokens in with_stack)
     assert "Paris" in engine.tokenizer.decode(decode(engine, prompts[:1], 20, greedy)[0])
 
 
-def test_larger_and_seeded_steps_give_the_same_tokens_on_the_bf16_stack(
-    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+def test_larger_and_seeded_steps_give_the_same_tokens_on_the_dense_stack(
+    smollm2_fast: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_bf16, max_num_seqs=32)
-    model = engine.runner.model
-    stack = model.decode_stack
-    assert stack is not None and stack.q4 is not None
+    engine = make_engine(smollm2_fast, max_num_seqs=40)
+    rule = engine.runner.rule
+    assert engine.runner.stack is not None and rule.small_rows > 0
     calls = record_calls(monkeypatch)
-    prompts = [list(range(100 + i, 120 + i)) for i in range(stack.q4.rows + 1)]
+    prompts = [list(range(100 + i, 120 + i)) for i in range(rule.small_rows + 1)]
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     cases = [
-        # More rows than q4_decode_rows: the Python layers take the bf16 weights, so does the stack.
+        # More rows than q4_decode_rows: the Python layers take the dense weights, so does the stack.
         (prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
-        # A seeded request's steps stay on bf16 (SmallWeights) at any row count.
-        (prompts[:1], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)),
+        # A seeded request's steps stay on the dense weights (step_path.py) at any row count,
+        # in pieces of EXACT_ROWS rows above it.
+        (prompts[:1], seeded),
+        ([list(range(100 + i, 120 + i)) for i in range(EXACT_ROWS + 3)], seeded),
     ]
     for batch, params in cases:
         calls.clear()
         with_stack, without = with_and_without_stack(engine, batch, 8, params)
-        assert calls and {name for name, _ in calls} == {"bf16_decode_layers"}
+        assert calls and {name for name, _ in calls} == {"dense"}
         assert {rows for _, rows in calls} == {len(batch)}
         assert with_stack == without
         assert all(len(tokens) == 8 for tokens in with_stack)
 
 
 def test_steps_with_a_prompt_chunk_keep_the_python_layers(
-    smollm2_bf16: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+    smollm2_fast: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_bf16)
+    engine = make_engine(smollm2_fast)
     calls = record_calls(monkeypatch)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -135,10 +136,10 @@ def test_steps_with_a_prompt_chunk_keep_the_python_layers(
     engine.step()  # its prompt
     assert not calls
     engine.step()  # a decode-only step
-    assert calls == [("q4_decode_layers", 1)]
+    assert calls == [("q4", 1)]
     add("second")
     engine.step()  # the first decodes while the second's prompt is prefilled: one flat batch
-    assert calls == [("q4_decode_layers", 1)]
+    assert calls == [("q4", 1)]
     while engine.scheduler.has_work():
         engine.step()
-    assert ("q4_decode_layers", 2) in calls  # both decoding, no prompt: the stack again
+    assert ("q4", 2) in calls  # both decoding, no prompt: the stack again

@@ -10,23 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-from torch import nn
 
 from budrt.config import ModelConfig
 from budrt.engine import kernels, quant
 from budrt.engine.factory import create_text_engine
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import SamplingParams
+from budrt.engine.linear import Linear
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.packed_linear import Q8_ROWS, PackedLinear, can_pack
 from budrt.server.gguf_cache import dequantized_source
-
-needs_bf16 = pytest.mark.skipif(
-    not can_pack(torch.bfloat16, torch.device("cpu")), reason="no native bf16 on this CPU"
-)
 
 
 def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
@@ -35,16 +29,6 @@ def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
     q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
     assert q4 is not None
     return q4
-
-
-def _bf16_linear(copy: quant.Q4Weight | quant.Q8Weight, bias: bool = False) -> nn.Linear:
-    """A bf16 linear holding `copy`'s values, with the copy attached as the loader attaches it."""
-    out, inp = copy.values.shape
-    linear = nn.Linear(inp, out, bias=bias)
-    linear.weight.data = copy.dequantize()
-    linear = linear.to(torch.bfloat16)
-    setattr(linear, "q4" if isinstance(copy, quant.Q4Weight) else "q8", copy)
-    return linear
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
@@ -84,78 +68,6 @@ def test_smollm2_quantized_weights_equal_the_dequantized_ones(gguf_path: Path) -
         assert torch.equal(copy.dequantize(), model.weights[name]), name
 
 
-@needs_bf16
-def test_packed_linear_uses_q8_for_small_steps() -> None:
-    if not kernels.prepare():
-        pytest.skip("the CPU kernels could not be built here")
-    rng = np.random.default_rng(3)
-    raw = quantize(rng.standard_normal((300, 128)).astype(np.float32), GGMLQuantizationType.Q8_0)
-    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (300, 128))
-    assert q8 is not None
-    packed = PackedLinear(_bf16_linear(q8), q4_rows=8)
-    assert packed.q8_rows == min(8, Q8_ROWS) and packed.q4_rows == 0
-    with torch.inference_mode():
-        for rows in (1, 3, packed.q8_rows, 9, 40):
-            x = torch.randn(rows, 128, dtype=torch.bfloat16)
-            ref = F.linear(x.float(), q8.dequantize())
-            out = packed(x)
-            assert out.dtype == torch.bfloat16 and out.shape == (rows, 300)
-            error = ((out.float() - ref).norm() / ref.norm()).item()
-            # Small steps: the file's values in fp32, rounded to bf16 once at the end (bf16's
-            # relative step is 2**-8); larger ones: bf16 weights.
-            assert error < (2**-8 if rows <= packed.q8_rows else 0.01), (rows, error)
-    # Breaking the 8-bit copy changes the small steps only: proof that they ran on it.
-    q8.scales.zero_()
-    with torch.inference_mode():
-        assert packed(torch.randn(2, 128, dtype=torch.bfloat16)).abs().max() == 0
-        assert packed(torch.randn(9, 128, dtype=torch.bfloat16)).float().abs().max() > 0.1
-
-
-def test_tied_lm_head_takes_the_embeddings_q8() -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed_tokens = nn.Embedding(64, 32)
-            self.lm_head = nn.Linear(32, 64, bias=False)
-            self.lm_head.weight = self.embed_tokens.weight
-
-    raw = quantize(np.ones((64, 32), dtype=np.float32), GGMLQuantizationType.Q8_0)
-    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (64, 32))
-    assert q8 is not None
-    model = Tied()
-    quant.attach(model, {"embed_tokens.weight": q8})
-    assert model.lm_head.q8 is q8  # type: ignore[attr-defined]
-    untied = Tied()
-    untied.lm_head.weight = nn.Parameter(torch.zeros(64, 32))
-    quant.attach(untied, {"embed_tokens.weight": q8})
-    assert not hasattr(untied.lm_head, "q8")
-
-
-@needs_bf16
-@pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_uses_q4_for_small_steps(bias: bool) -> None:
-    torch.manual_seed(0)
-    q4 = _random_q4(96, 128, seed=1)
-    linear = _bf16_linear(q4, bias=bias)
-    packed = PackedLinear(linear, q4_rows=2)
-    assert packed.q4_rows == 2
-    with torch.inference_mode():
-        for rows in (1, 2, 3, 40):
-            x = torch.randn(rows, 128, dtype=torch.bfloat16)
-            bias_ref = None if linear.bias is None else linear.bias.float()
-            ref = F.linear(x.float(), q4.dequantize(), bias_ref)
-            out = packed(x).float()
-            assert out.shape == (rows, 96)
-            assert ((out - ref).norm() / ref.norm()).item() < 0.01
-    # Breaking the 4-bit copy changes the small steps only: proof that they ran on it.
-    packed.q4_scales.zero_()
-    with torch.inference_mode():
-        assert packed(torch.randn(1, 128, dtype=torch.bfloat16)).float().abs().max() <= (
-            0 if linear.bias is None else linear.bias.float().abs().max() + 1e-3
-        )
-        assert packed(torch.randn(3, 128, dtype=torch.bfloat16)).float().abs().max() > 0.1
-
-
 def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> list[list[int]]:
     """Token ids of each (prompt, params), all submitted at once."""
 
@@ -178,24 +90,23 @@ def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> 
     return asyncio.run(run())
 
 
-@needs_bf16
 def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
-    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_bf16: Callable[..., ModelConfig]
+    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_fast: Callable[..., ModelConfig]
 ) -> None:
-    cfg = smollm2_bf16(max_num_seqs=2)
+    cfg = smollm2_fast(max_num_seqs=2)
     cached = dequantized_source(cfg, gguf_path, tmp_path)
     assert cached.format == "safetensors"
     engine = create_text_engine(cached)
     assert isinstance(engine, LLMEngine)
-    linears = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    model = engine.runner.model
+    linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
     # 2 fused + 2 plain linears per layer carry the 4-bit weights; lm_head its Q8_0 ones.
-    assert sum(m.q4_rows > 0 for m in linears) == 4 * engine.runner.model.args.num_layers
-    assert engine.runner.model.lm_head.q8_rows > 0
-    real_q8 = kernels.q8_linear
-    monkeypatch.setattr(kernels, "q8_linear", lambda *a: calls.append(1) or real_q8(*a))
+    assert sum(m.q4_tiles is not None for m in linears) == 4 * model.args.num_layers
+    assert model.lm_head.q8 is not None and engine.runner.rule.small_logits_rows > 0
     calls: list[int] = []
-    real = quant.matmul
-    monkeypatch.setattr(quant, "matmul", lambda *a: calls.append(1) or real(*a))
+    real_q8, real_q4 = kernels.q8_linear, kernels.q4_tiles_linear
+    monkeypatch.setattr(kernels, "q8_linear", lambda *a: calls.append(1) or real_q8(*a))
+    monkeypatch.setattr(kernels, "q4_tiles_linear", lambda *a: calls.append(1) or real_q4(*a))
     # Small decode steps may instead run all layers in one C++ call on the same weights.
     real_stack = kernels.decode_layers
     monkeypatch.setattr(
@@ -235,46 +146,23 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     for out, inp in ((32, 64), (48, 96), (160, 576)):
         q4 = _random_q4(out, inp, seed=out)
-        packed, dm = quant.pack(q4, torch.bfloat16)
+        packed, dm = quant.pack_tiles(q4)
         assert packed.dim() == 1 and dm.shape == (out // 16, inp // 32, 2, 16)  # the tile layout
         for rows in (1, 2, 3, 4, 5, 9):
             x = torch.randn(rows, inp).to(dtype)
             x[0, :7] *= 40  # an outlier block
             exact = x.double() @ q4.dequantize().double().t()
-            got = quant.matmul(x, packed, dm)
+            got = kernels.q4_tiles_linear(x, packed, dm)
             assert got.dtype == dtype and got.shape == (rows, out)
             error = ((got.double() - exact).norm() / exact.norm()).item()
             assert error < (2e-4 if dtype == torch.float32 else 4e-3), (out, inp, rows, error)
     none = torch.empty(0, 64, dtype=dtype)
-    assert quant.matmul(none, *quant.pack(_random_q4(32, 64, 1), dtype)).shape == (0, 32)
-
-
-@pytest.mark.usefixtures("tiles")
-def test_q4_pack_uses_atens_layout_without_the_tile_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
-    q4 = _random_q4(48, 64, seed=3)
-    tiles = quant.pack(q4, torch.bfloat16)
-    monkeypatch.setattr(kernels, "q4_tiles_available", lambda: False)
-    aten = quant.pack(q4, torch.bfloat16)
-    assert tiles[0].dim() == 1 and aten[0].dim() == 2
-    exact = x.float() @ q4.dequantize().t()
-    for layout in (tiles, aten):
-        assert ((quant.matmul(x, *layout).float() - exact).norm() / exact.norm()).item() < 0.01
-
-
-@needs_bf16
-def test_packed_linear_keeps_bf16_for_rows_not_in_whole_tiles() -> None:
-    linear = _bf16_linear(_random_q4(40, 64, seed=2))  # not whole tiles of 16 output rows
-    packed = PackedLinear(linear, q4_rows=4)
-    assert packed.q4_rows == 0 and packed.small_rows == 0
-    with torch.inference_mode():
-        x = torch.randn(2, 64, dtype=torch.bfloat16)
-        assert torch.equal(packed(x), F.linear(x, linear.weight))
+    assert kernels.q4_tiles_linear(none, *quant.pack_tiles(_random_q4(32, 64, 1))).shape == (0, 32)
 
 
 @pytest.mark.usefixtures("tiles")
 def test_q4_tiles_refuse_bad_shapes() -> None:
-    packed, dm = quant.pack(_random_q4(32, 64, seed=4), torch.bfloat16)
+    packed, dm = quant.pack_tiles(_random_q4(32, 64, seed=4))
     with pytest.raises(RuntimeError, match="K must be"):
         kernels.q4_tiles_linear(torch.randn(1, 96, dtype=torch.bfloat16), packed, dm)
     with pytest.raises(RuntimeError, match="packed must be"):

@@ -117,7 +117,7 @@ def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
     assert isinstance(engine, LLMEngine)
     # The Python layers: small 4-bit steps would otherwise run the whole stack in C++
     # (decode_stack.py, tested on its own), which calls the fused function from there.
-    engine.runner.model.decode_stack = None
+    engine.runner.stack = None
     prompts = ["What is the capital of France?", "Count from one to ten.", "Name three colours."]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -133,7 +133,7 @@ def test_bf16_engine_gives_the_same_tokens_with_and_without_the_fused_call(
 
         async def run() -> list[list[int]]:
             # One at a time: a step's mix of rows depends on arrival timing, and the mix decides
-            # which weights a step uses (see SmallWeights), so only lone requests repeat exactly.
+            # which weights a step uses (see step_path.py), so only lone requests repeat exactly.
             await engine.start()
             try:
                 return [await one(i, p) for i, p in enumerate(prompts)]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from budrt.engine import kernels
 from budrt.engine.kv_cache import KVCache
+from budrt.engine.step_path import DENSE, StepPath
 
 
 @dataclass
@@ -46,6 +47,7 @@ class AttentionContext:
     decode_first_block: int | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # rows whose next-token logits are needed
+    path: StepPath = DENSE  # which weights and code this step runs on (step_path.PathRule.choose)
 
 
 def paged_attention(

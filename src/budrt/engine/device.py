@@ -1,8 +1,8 @@
 """Putting a built model on its device: dtype, weights and KV-cache size on CUDA.
 
 The model is built and fused on the CPU (the loaders read files into CPU tensors); on CUDA it is
-then moved whole in bf16 (fp16 on cards without bf16). The CPU-only parts (oneDNN weight packing,
-the GGUF 4-bit copies used by the CPU int4 kernel) are skipped or dropped there.
+then moved whole in bf16 (fp16 on cards without bf16). The CPU-only weight forms (oneDNN packing,
+the GGUF's small copies: engine/linear.py) are never built for it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,7 @@ def cuda_dtype(device: torch.device) -> torch.dtype:
 
 def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     """Move `model` (already in its serving dtype) to a non-CPU `device`; no-op on CPU."""
-    if device.type == "cpu":
-        return model
-    for module in model.modules():  # CPU kernels' quantized copies (engine/quant.py): unused off the CPU
-        for name in ("q4", "q8"):
-            if hasattr(module, name):
-                delattr(module, name)
-    return model.to(device)
+    return model if device.type == "cpu" else model.to(device)
 
 
 def fit_kv_blocks(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from budrt.config import ModelConfig
 from budrt.engine import kernels, quant
@@ -17,10 +18,11 @@ from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
 from budrt.engine.kv_cache import num_blocks_for
-from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_projections
+from budrt.engine.linear import Linear, LinearForms, onednn_packs
+from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_weights
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.packed_linear import can_pack, pack_linears
 from budrt.engine.safetensors_loader import load_safetensors
+from budrt.engine.step_path import SMALL_LOGITS_ROWS, PathRule
 from budrt.engine.tokenizer import TextTokenizer
 from budrt.model_source import resolve_source
 
@@ -38,11 +40,14 @@ def auto_dtype() -> torch.dtype:
     1.6-2x faster at batch 8 and even at batch 1. bf16 still answers correctly (greedy chat
     answers match fp32's on our checks); without native bf16 the kernels are emulated and slower.
     """
+    return torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def _native_bf16() -> bool:
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else torch.float32
+        return False
 
 
 class _Checkpoint(NamedTuple):
@@ -50,8 +55,16 @@ class _Checkpoint(NamedTuple):
 
     args: LlamaArgs
     weights: dict[str, torch.Tensor]
-    quantized: dict[str, quant.Q4Weight | quant.Q8Weight]
+    quantized: dict[str, quant.SmallWeight]
     tokenizer: TextTokenizer
+
+
+class _Assembled(NamedTuple):
+    """A model ready to serve, with the rule for its steps' paths and its one-call decode layers."""
+
+    model: LlamaForCausalLM
+    rule: PathRule
+    stack: DecodeStack | None
 
 
 def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> Engine:
@@ -69,20 +82,21 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     target = torch.device(device)
     dtype = _model_dtype(cfg, target)
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
-    model = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
+    assembled = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
     num_blocks = _num_kv_blocks(cfg, args, dtype, target)
     log.info(
-        "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens)",
+        "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens); %s",
         cfg.name,
         path,
         dtype,
         max_model_len,
         num_blocks,
         cfg.block_size,
+        assembled.rule.describe(),
     )
     return LLMEngine(
         cfg.name,
-        model,
+        assembled.model,
         checkpoint.tokenizer,
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
@@ -94,6 +108,8 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         dtype=dtype,
         device=target,
         identity=f"{cfg.name}:{cfg.source}",
+        path_rule=assembled.rule,
+        decode_stack=assembled.stack,
     )
 
 
@@ -133,33 +149,59 @@ def _num_kv_blocks(cfg: ModelConfig, args: LlamaArgs, dtype: torch.dtype, target
 
 def _assemble_model(
     cfg: ModelConfig, checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, target: torch.device
-) -> LlamaForCausalLM:
-    """The model on `target` with its projections fused and, on CPU, its small-step weights packed."""
-    model = build_model(checkpoint.args, checkpoint.weights, dtype, max_model_len)
-    quant.attach(model, checkpoint.quantized)
-    fuse_projections(model)
+) -> _Assembled:
+    """The model on `target`, its linears in the forms this machine's steps read (engine/linear.py),
+    the rule choosing among them per step, and on CPU the one-call decode layers where they fit."""
+    # Before building: the small copies are kept only where their C++ kernels are loaded.
+    kernels_ready = target.type == "cpu" and kernels.prepare()
+    forms = LinearForms(
+        onednn=onednn_packs(dtype, target, _native_bf16()),
+        small=kernels_ready and cfg.q4_decode_rows > 0,
+    )
+    model = build_model(checkpoint, dtype, max_model_len, forms)
     to_device(model, target)  # no-op on CPU
-    if can_pack(dtype, target):  # CPU only
-        kernels.prepare()  # before packing: the 4-bit layout depends on which kernels are built
-        model.small_weights = pack_linears(model, int8_rows=cfg.int8_decode_rows, q4_rows=cfg.q4_decode_rows)
-        model.decode_stack = DecodeStack.build(model)
-    return model
+    stack = DecodeStack.build(model) if kernels_ready else None
+    return _Assembled(model, _path_rule(model, cfg.q4_decode_rows, stack), stack)
+
+
+def _path_rule(model: LlamaForCausalLM, small_rows: int, stack: DecodeStack | None) -> PathRule:
+    """Which steps may read the small copies the model's linears hold (see step_path.py)."""
+    layer_linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
+    has_small = any(linear.has_small for linear in layer_linears)
+    return PathRule(
+        small_rows=small_rows if has_small else 0,
+        small_logits_rows=min(small_rows, SMALL_LOGITS_ROWS) if model.lm_head.has_small else 0,
+        stack=stack is not None,
+    )
 
 
 def build_model(
-    args: LlamaArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype, max_model_len: int
+    checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, forms: LinearForms = LinearForms()
 ) -> LlamaForCausalLM:
-    """Instantiate the model without initializing random weights, then load `weights` into it."""
+    """The model with `checkpoint`'s weights in `dtype`: built on `meta`, its linears made whole
+    from the weights (fused q/k/v and gate/up), the rest loaded in place."""
     # RoPE tables only need to cover the positions we serve.
-    args = dataclasses.replace(args, max_position_embeddings=max_model_len)
+    args = dataclasses.replace(checkpoint.args, max_position_embeddings=max_model_len)
+    weights, quantized = dict(checkpoint.weights), dict(checkpoint.quantized)
+    fuse_weights(weights, quantized)
+    params = {name: nn.Parameter(t.to(dtype), requires_grad=False) for name, t in weights.items()}
+    linears: set[str] = set()
+
+    def make_linear(name: str) -> Linear:
+        linears.add(name)
+        tied = name == "lm_head" and args.tie_word_embeddings
+        source = "embed_tokens" if tied else name
+        weight = params[f"{source}.weight"] if tied else params.pop(f"{name}.weight")
+        bias = params.pop(f"{name}.bias", None)
+        return Linear(weight, bias, forms, quantized.get(f"{source}.weight"))
+
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and args.tie_word_embeddings)]
+        model = LlamaForCausalLM(args, make_linear)
+    missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in linears]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    # The RoPE buffers are not in the checkpoint; build them for real (they were on `meta`).
-    model.rotary = type(model.rotary)(args.head_dim, args.rope_theta, max_model_len, args.rope_scaling)
-    return model.to(dtype).eval().requires_grad_(False)
+    # The RoPE tables are not in the checkpoint; build them for real (they were on `meta`).
+    rotary = type(model.rotary)(args.head_dim, args.rope_theta, max_model_len, args.rope_scaling)
+    model.rotary = rotary.to(dtype)
+    return model.eval().requires_grad_(False)

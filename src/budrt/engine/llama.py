@@ -8,6 +8,7 @@ writes its keys/values into the engine's KV cache and attends over it, as told b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,19 @@ from torch import nn
 
 from budrt.engine import kernels, quant
 from budrt.engine.attention import AttentionContext, paged_attention
-from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.kv_cache import KVCache
-from budrt.engine.packed_linear import SmallWeights
+from budrt.engine.linear import Linear
 from budrt.engine.rope import rope_attention_factor, rope_inv_freq
+
+# The checkpoints' separate projections, concatenated along the output at load (`fuse_weights`):
+# one matmul instead of three (two), and q and k adjacent in one output for RoPE.
+FUSED = {
+    "attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+# Builds the linear named (e.g. "layers.3.attn.qkv_proj", "lm_head") from the loaded weights.
+MakeLinear = Callable[[str], Linear]
 
 
 @dataclass(frozen=True)
@@ -99,21 +109,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+    def __init__(self, args: LlamaArgs, prefix: str, layer_idx: int, make_linear: MakeLinear) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.attention_bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.attention_bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.attention_bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj = make_linear(f"{prefix}.qkv_proj")
+        self.o_proj = make_linear(f"{prefix}.o_proj")
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
         self.qkv_sizes = [args.num_heads * args.head_dim] + [args.num_kv_heads * args.head_dim] * 2
 
     def forward(
@@ -125,79 +132,87 @@ class Attention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:
         # x is the step's flat batch `[N, hidden]` (see engine/attention.py).
-        n = x.shape[0]
-        if self.qkv_proj is not None and not self.qk_norm:
-            # Fused at load: one matmul instead of three, and q and k (adjacent in its output)
-            # get RoPE in one go, which halves the per-layer elementwise ops.
-            qkv = self.qkv_proj(x)
+        path = ctx.path
+        qkv = self.qkv_proj(x, path.small, path.split_rows)
+        if self.qk_norm:
+            attended = self._attend_qk_norm(qkv, cos, sin, ctx, cache)
+        elif kernels.use_fused_rope(qkv, cache.data):
+            attended = self._attend_fused(qkv, cos, sin, ctx, cache)
+        else:
+            n = x.shape[0]
             qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
             v = qkv[:, qk_width:].view(n, self.num_kv_heads, self.head_dim)
-            if kernels.use_fused_rope(qkv, cache.data):
-                # bf16 on CPU: RoPE and cache write in one C++ call (same math), and for a
-                # decode-only step the attention too.
-                keys, values = cache.layer(self.layer_idx)
-                if not ctx.decode_only:
-                    q, k = kernels.rope_cache_write(
-                        qkv, cos.view(n, -1), sin.view(n, -1), keys, values, ctx.slots, self.num_heads
-                    )
-                    return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx, written=True))
-                assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
-                attended = kernels.rope_cache_decode_attention(
-                    qkv,
-                    cos.view(n, -1),
-                    sin.view(n, -1),
-                    keys,
-                    values,
-                    ctx.slots,
-                    ctx.decode_block_tables,
-                    ctx.decode_lengths,
-                    self.num_heads,
-                    self.head_dim**-0.5,
-                )
-                return self.o_proj(attended)
+            # q and k are adjacent in the fused output: RoPE for both in one go.
             qk = apply_rope(qkv[:, :qk_width].view(n, -1, self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-            return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx))
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
+            attended = paged_attention(q, k, v, ctx, cache, self.layer_idx)
+        return self.o_proj(attended, path.small, path.split_rows)
+
+    def _attend_fused(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, cache: KVCache
+    ) -> torch.Tensor:
+        """RoPE and cache write in one C++ call (same math), and for a decode-only step the
+        attention too."""
+        n = qkv.shape[0]
+        keys, values = cache.layer(self.layer_idx)
+        if not ctx.decode_only:
+            v = qkv[:, self.qkv_sizes[0] + self.qkv_sizes[1] :].view(n, self.num_kv_heads, self.head_dim)
+            q, k = kernels.rope_cache_write(
+                qkv, cos.view(n, -1), sin.view(n, -1), keys, values, ctx.slots, self.num_heads
+            )
+            return paged_attention(q, k, v, ctx, cache, self.layer_idx, written=True)
+        assert ctx.decode_block_tables is not None and ctx.decode_lengths is not None
+        return kernels.rope_cache_decode_attention(
+            qkv,
+            cos.view(n, -1),
+            sin.view(n, -1),
+            keys,
+            values,
+            ctx.slots,
+            ctx.decode_block_tables,
+            ctx.decode_lengths,
+            self.num_heads,
+            self.head_dim**-0.5,
+        )
+
+    def _attend_qk_norm(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, cache: KVCache
+    ) -> torch.Tensor:
+        """Qwen3: RMSNorm over each head of q and k (the last axis) before RoPE."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q = self.q_norm(q.view(n, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(n, self.num_kv_heads, self.head_dim))
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # per head, over head_dim (the last axis), before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        return self.o_proj(paged_attention(q, k, v, ctx, cache, self.layer_idx))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return paged_attention(q, k, v, ctx, cache, self.layer_idx)
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, prefix: str, make_linear: MakeLinear) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.gate_up_proj = make_linear(f"{prefix}.gate_up_proj")
+        self.down_proj = make_linear(f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            if kernels.use_silu_kernel(gate_up):
-                # bf16 on CPU: one pass, same roundings (csrc/silu_mul.cpp).
-                return self.down_proj(kernels.silu_mul(gate_up))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        path = ctx.path
+        gate_up = self.gate_up_proj(x, path.small, path.split_rows)
+        if kernels.use_silu_kernel(gate_up):  # one pass, same roundings (csrc/silu_mul.cpp)
+            hidden = kernels.silu_mul(gate_up)
+        else:
             gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            hidden = F.silu(gate) * up
+        return self.down_proj(hidden, path.small, path.split_rows)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+    def __init__(self, args: LlamaArgs, layer_idx: int, make_linear: MakeLinear) -> None:
         super().__init__()
+        prefix = f"layers.{layer_idx}"
         self.input_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args, layer_idx)
+        self.attn = Attention(args, f"{prefix}.attn", layer_idx, make_linear)
         self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(f"{prefix}.mlp", make_linear)
 
     def forward(
         self,
@@ -210,48 +225,53 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`x` is the previous layer's MLP output and `residual` the stream it adds to (for the
         first layer: the embeddings and None). Returns this layer's pair. Each add is done with
-        the norm that follows it, so bf16 on CPU runs both in one kernel call."""
+        the norm that follows it, so on CPU both run in one kernel call."""
         if residual is None:
             residual, h = x, self.input_norm(x)
         else:
             residual, h = self.input_norm.add_and_norm(residual, x)
         residual, h = self.post_attn_norm.add_and_norm(residual, self.attn(h, cos, sin, ctx, cache))
-        return self.mlp(h), residual
+        return self.mlp(h, ctx), residual
+
+
+# Runs every layer of a decode-only step in one call: (embeddings, cos, sin, ctx, cache) ->
+# (last MLP output, residual), exactly as the layer loop would (engine/decode_stack.py).
+LayerStack = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext, KVCache], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    """Built on the `meta` device with its linears made by `make_linear` from the loaded weights;
+    the embedding and norms are then loaded with `load_state_dict(assign=True)` (engine/factory.py)."""
+
+    def __init__(self, args: LlamaArgs, make_linear: MakeLinear) -> None:
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = make_linear("lm_head")
         self.rotary = RotaryEmbedding(
             args.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling
         )
-        # Set when the linears are packed with small (4-bit/int8) weight copies: the runner
-        # decides per step whether they may be used.
-        self.small_weights: SmallWeights | None = None
-        # Set with them when every layer fits the one-call kernel for decode-only steps.
-        self.decode_stack: DecodeStack | None = None
 
-    def forward(self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, ctx: AttentionContext, cache: KVCache, stack: LayerStack | None = None
+    ) -> torch.Tensor:
         """Logits (fp32) `[len(ctx.logits_rows), vocab]` for a flat batch `input_ids` `[N]`.
+        `stack` runs the layers instead of the loop on steps whose path says so (`ctx.path.stack`).
 
         Only the rows that sample a token (a sequence's last token) need logits, so the (large)
         vocabulary projection skips every other row.
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
-        residual = None
-        stack = self.decode_stack
-        stack_weights = stack.weights_for(x, ctx, cache) if stack is not None else None
-        if stack is not None and stack_weights is not None:
-            x, residual = stack(stack_weights, x, cos, sin, ctx, cache)
+        path = ctx.path
+        if stack is not None and path.stack:
+            x, residual = stack(x, cos, sin, ctx, cache)
         else:
+            residual = None
             for layer in self.layers:
                 x, residual = layer(x, residual, cos, sin, ctx, cache)
         if residual is not None:
@@ -260,28 +280,21 @@ class LlamaForCausalLM(nn.Module):
             x = x[ctx.logits_rows]
             if x.shape[0] == 0:  # only mid-prompt chunks this step: nothing to sample
                 return x.new_empty((0, self.args.vocab_size), dtype=torch.float32)
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x), path.small_logits, path.split_rows).float()
 
 
-def fuse_projections(model: LlamaForCausalLM) -> None:
-    """Concatenate q/k/v and gate/up weights so each layer runs 2 matmuls fewer per step; the
-    separate modules are dropped (same math, same outputs). Their 4-bit copies (`.q4`, see
-    engine/quant.py) are concatenated alike."""
-    for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        qkv = nn.Linear(1, 1, bias=attn.q_proj.bias is not None)  # placeholder, weights set below
-        qkv.weight = nn.Parameter(
-            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), False
-        )
-        if attn.q_proj.bias is not None:
-            qkv.bias = nn.Parameter(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), False)
-        attn.qkv_proj = qkv
-        qkv.q4 = quant.concat([getattr(m, "q4", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        gate_up = nn.Linear(1, 1, bias=False)
-        gate_up.weight = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), False)
-        for fused in (qkv, gate_up):
-            fused.out_features, fused.in_features = fused.weight.shape
-        mlp.gate_up_proj = gate_up
-        gate_up.q4 = quant.concat([getattr(m, "q4", None) for m in (mlp.gate_proj, mlp.up_proj)])
-        del mlp.gate_proj, mlp.up_proj
+def fuse_weights(weights: dict[str, torch.Tensor], quantized: dict[str, quant.SmallWeight]) -> None:
+    """Concatenate each layer's q/k/v and gate/up weights (and biases, and their GGUF 4-bit
+    copies: engine/quant.py) into the fused names the model is built with, in place."""
+    layers = {name.split(".")[1] for name in weights if name.startswith("layers.")}
+    for layer in layers:
+        for fused, parts in FUSED.items():
+            for suffix in ("weight", "bias"):
+                names = [f"layers.{layer}.{part}.{suffix}" for part in parts]
+                if names[0] in weights:
+                    weights[f"layers.{layer}.{fused}.{suffix}"] = torch.cat([weights.pop(n) for n in names])
+            names = [f"layers.{layer}.{part}.weight" for part in parts]
+            copies = [quantized.pop(n, None) for n in names]
+            fused_copy = quant.concat(copies)
+            if fused_copy is not None:
+                quantized[f"layers.{layer}.{fused}.weight"] = fused_copy

@@ -27,12 +27,13 @@ from budrt.engine.interface import (
     TokenLogprob,
 )
 from budrt.engine.kv_cache import KVCache
-from budrt.engine.llama import LlamaForCausalLM
+from budrt.engine.llama import LayerStack, LlamaForCausalLM
 from budrt.engine.runner import ModelRunner
 from budrt.engine.sampler import Sampler
 from budrt.engine.scheduler import Scheduler
 from budrt.engine.sequence import Sequence, Sink, make_sequence
 from budrt.engine.stats import EngineHistograms
+from budrt.engine.step_path import PathRule
 from budrt.engine.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class LLMEngine(Engine):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         identity: str = "",
+        path_rule: PathRule | None = None,
+        decode_stack: LayerStack | None = None,
     ) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -67,7 +70,7 @@ class LLMEngine(Engine):
         cache = KVCache(
             args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim, dtype, device
         )
-        self.runner = ModelRunner(model, cache)
+        self.runner = ModelRunner(model, cache, path_rule, decode_stack)
         # Prefix-cache hashes include the model's identity so two models never share blocks.
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, identity or model_name)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))

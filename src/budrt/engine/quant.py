@@ -1,20 +1,13 @@
 """A GGUF's own quantized weights (Q4_0 / Q4_1 linears, a Q8_0 lm_head), kept as they are for
 small decode steps.
 
-Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's linears are
-~270 MB per step, in 4 bits ~70 MB. GGUF Q4_1 stores each row in groups of 32 as
-`w = q * d + m` (q in 0..15); Q4_0 as `w = (q - 8) * d`. PyTorch's CPU int4 matmul
-(`_weight_int4pack_mm_for_cpu`, groups along the input dimension) computes
-`w = (q - 8) * scale + zero`, so the file's blocks map onto it: scale = d, zero = m + 8d (Q4_1)
-or 0 (Q4_0). The 4-bit values are the file's, not a requantization; the kernel takes scale and
-zero in the activations' dtype, so in bf16 they lose the last bits of the file's fp16.
-
-Where the C++ kernels are built with AVX512-VNNI (csrc/q4_linear.cpp), `pack` lays the blocks out
-as tiles of 16 output rows instead (`pack_tiles`), and `matmul` takes them through int8 dot
-products: each 32-input block of the activations is split into two int8 roundings (the second of
-the first's remainder, so the activations keep more precision than bf16), and the file's fp16 d
-and m are kept exactly. At 1-8 rows that is 0.6-0.9x the int4 kernel's time here, with a smaller
-error against the exact product (random weights: 0.17% vs 0.24%).
+Decoding one stream on a CPU is bound by reading the weights: in fp32 SmolLM2's linears are
+~430 MB per step, in bf16 ~215 MB, in 4 bits ~60 MB. GGUF Q4_1 stores each row in groups of 32 as
+`w = q * d + m` (q in 0..15); Q4_0 as `w = (q - 8) * d`. The 4-bit values and the fp16 d and m are
+the file's, not a requantization: `pack_tiles` only lays them out as tiles of 16 output rows for
+csrc/q4_linear.cpp, which takes them through int8 dot products (AVX2 `maddubs`, AVX512-VNNI
+`vpdpbusd`): each 32-input block of the activations is split into two int8 roundings (the second
+of the first's remainder, so the activations keep more precision than bf16).
 
 Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
 lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
@@ -31,9 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from torch import nn
-
-from budrt.engine import kernels
 
 GROUP = 32
 SUFFIXES = (".q4_values", ".q4_scales", ".q4_mins")
@@ -85,6 +75,9 @@ def q8_from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int,
     return Q8Weight(torch.from_numpy(values), torch.from_numpy(d))
 
 
+SmallWeight = Q4Weight | Q8Weight  # a linear's small copy, as the file stores it
+
+
 def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Weight | None:
     """The Q4 blocks of a GGUF tensor (`data`: its raw bytes, one row per output), or None for
     any other type."""
@@ -122,20 +115,6 @@ def split(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight | Q8Weight]:
     return found
 
 
-def attach(model: nn.Module, quantized: dict[str, Q4Weight | Q8Weight]) -> None:
-    """Hang each quantized copy on its `nn.Linear` (as `.q4` or `.q8`) for fusing and packing
-    later. An embedding's copy goes to the lm_head that shares its weight (tied embeddings)."""
-    modules = dict(model.named_modules())
-    lm_head = modules.get("lm_head")
-    for name, copy in quantized.items():
-        module = modules.get(name.removesuffix(".weight"))
-        tied = isinstance(lm_head, nn.Linear) and lm_head.weight is getattr(module, "weight", None)
-        if isinstance(module, nn.Embedding) and tied:
-            module = lm_head
-        if isinstance(module, nn.Linear):
-            setattr(module, "q4" if isinstance(copy, Q4Weight) else "q8", copy)
-
-
 def concat(parts: list[Q4Weight | None]) -> Q4Weight | None:
     """Stack along the output dimension (fused q/k/v, gate/up); None unless every part has one."""
     if any(p is None for p in parts):
@@ -169,22 +148,3 @@ def pack_tiles(q4: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fits(q4: Q4Weight) -> bool:
     return q4.values.shape[0] % TILE == 0
-
-
-def pack(q4: Q4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 4-bit weights as `matmul` takes them: tiles (`pack_tiles`) where that kernel is built,
-    else `_weight_int4pack_mm_for_cpu`'s (packed weight, scales_and_zeros `[groups, out, 2]` in
-    `dtype`). Both take output rows in groups of 16 (`fits`)."""
-    if kernels.q4_tiles_available():
-        return pack_tiles(q4)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.values.to(torch.int32).contiguous(), 1)
-    zeros = q4.mins + 8 * q4.scales
-    scales_and_zeros = torch.stack([q4.scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
-    return packed, scales_and_zeros
-
-
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ W^T on weights from `pack` (tiles are one flat tensor)."""
-    if packed.dim() == 1:
-        return kernels.q4_tiles_linear(x.contiguous(), packed, scales)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales)

@@ -10,9 +10,10 @@ import torch
 from budrt.engine import kernels
 from budrt.engine.attention import AttentionContext, PrefillChunk
 from budrt.engine.kv_cache import KVCache
-from budrt.engine.llama import LlamaForCausalLM
+from budrt.engine.llama import LayerStack, LlamaForCausalLM
 from budrt.engine.scheduler import ScheduledBatch
 from budrt.engine.sequence import Sequence
+from budrt.engine.step_path import PathRule
 
 
 @dataclass(slots=True)
@@ -27,9 +28,17 @@ class _Rows:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache: KVCache,
+        rule: PathRule | None = None,
+        stack: LayerStack | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
+        self.rule = rule or PathRule()  # which weights and code each step runs on
+        self.stack = stack  # the one-call decode layers, for steps whose path says so
         self.block_size = cache.block_size
         self.device = cache.data.device
         if self.device.type == "cpu":
@@ -114,11 +123,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward over the step's tokens: logits `[S, vocab]` of the S sequences that sample."""
         input_ids, ctx, samplers = self.prepare(batch)
-        if self.model.small_weights is not None:  # see SmallWeights: which steps may use them
-            seeded = any(seq.params.seed is not None for seq, _ in batch)
-            self.model.small_weights.allowed = not ctx.prefills and not seeded
-            self.model.small_weights.exact = seeded
+        seeded = any(seq.params.seed is not None for seq, _ in batch)
+        ctx.path = self.rule.choose(len(input_ids), ctx.decode_only, seeded)
         if not samplers:  # only middle-of-prompt chunks: nothing to sample, skip the vocab matmul
             ctx.logits_rows = torch.empty(0, dtype=torch.long, device=self.device)
-        logits = self.model(input_ids, ctx, self.cache)
+        logits = self.model(input_ids, ctx, self.cache, self.stack)
         return logits.cpu(), samplers

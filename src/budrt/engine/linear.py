@@ -1,0 +1,89 @@
+"""A linear layer holding its weights in the forms its model's steps read, built whole at load.
+
+- The dense weights: fp32 (or CUDA's dtype) for `F.linear`; or, for bf16 on a CPU with bf16 dot
+  products, packed once for oneDNN: `F.linear` would hand oneDNN the plain layout, which it
+  reorders on every call (packing once cut SmolLM2's matmul time by 20-60% at 1-64 rows, the
+  49k-vocabulary logits by about 2x).
+- The GGUF's own small copies, for decode steps bound by reading the weights (engine/quant.py):
+  4-bit blocks repacked into tiles for csrc/q4_linear.cpp (a quarter of bf16's bytes), or the
+  Q8_0 lm_head as stored (csrc/q8_linear.cpp).
+Which form a step reads is decided once per step (engine/step_path.py) and passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budrt.engine import kernels, quant
+
+
+@dataclass(frozen=True)
+class LinearForms:
+    """Which forms a model's linears keep; one decision per model (engine/factory.py)."""
+
+    onednn: bool = False  # dense weights packed for oneDNN (bf16 on a CPU with bf16 dot products)
+    small: bool = False  # keep the GGUF's 4-bit / Q8_0 copies (CPU with the kernels loaded)
+
+
+def onednn_packs(dtype: torch.dtype, device: torch.device, native_bf16: bool) -> bool:
+    """Whether bf16 weights are packed for oneDNN: bf16 on a CPU that computes it natively."""
+    packer = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    return dtype == torch.bfloat16 and device.type == "cpu" and native_bf16 and packer is not None
+
+
+class Linear(nn.Module):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        forms: LinearForms,
+        small: quant.Q4Weight | quant.Q8Weight | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.onednn = forms.onednn
+        if forms.onednn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+        else:  # a tied lm_head passes the embedding's own Parameter: one tensor, moved once
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), False)
+        self.q4_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.q8: quant.Q8Weight | None = None
+        if forms.small and isinstance(small, quant.Q4Weight) and quant.fits(small):
+            self.q4_tiles = quant.pack_tiles(small)
+        elif forms.small and isinstance(small, quant.Q8Weight):
+            self.q8 = small
+
+    @property
+    def has_small(self) -> bool:
+        return self.q4_tiles is not None or self.q8 is not None
+
+    def forward(self, x: torch.Tensor, small: bool = False, split_rows: int = 0) -> torch.Tensor:
+        """x @ W^T (+ b). `small`: read the small copy (when this linear has one); `split_rows`:
+        dense matmuls of at most this many rows each (see step_path.EXACT_ROWS)."""
+        if x.dim() != 2 or not x.is_contiguous():
+            shape = x.shape
+            out = self.forward(x.reshape(-1, self.in_features).contiguous(), small, split_rows)
+            return out.view(*shape[:-1], self.out_features)
+        if small and self.has_small:
+            out = self._small(x)
+            return out if self.bias is None else out + self.bias
+        if split_rows and x.shape[0] > split_rows:
+            return torch.cat([self._dense(part) for part in x.split(split_rows)])
+        return self._dense(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _small(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q4_tiles is not None:
+            return kernels.q4_tiles_linear(x, *self.q4_tiles)
+        assert self.q8 is not None
+        return kernels.q8_linear(x, self.q8.values, self.q8.scales)

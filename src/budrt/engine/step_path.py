@@ -1,0 +1,65 @@
+"""Which weights and which code a step runs on, decided once per step by `PathRule.choose`.
+
+A model keeps its linears' weights in up to two forms (engine/linear.py): the dense weights (fp32,
+or bf16 packed for oneDNN) and, for GGUF models on CPU, the file's own 4-bit blocks (and a Q8_0
+lm_head). Decoding a few streams is bound by reading the weights, so such steps read the small
+copies; prompt chunks and larger batches are compute bound and read the dense ones.
+
+The small copies round differently from the dense weights, so a row's logits depend on which form
+computed it. A seeded request must give the same tokens whatever shares its step, so every step
+with a seeded request reads the dense weights, `EXACT_ROWS` rows per call: oneDNN rounds a row of
+some shapes (SmolLM2's fused q/k/v, the vocabulary projection) differently above 32 rows than at
+1 to 32, so a seeded row computed in a bigger step would not match the same row computed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXACT_ROWS = 32
+# The Q8_0 lm_head serves steps of at most this many rows: above it, widening the 8-bit values
+# costs more than the bytes saved (bf16, warm caches: 1 row 1.6 vs 1.9 ms, 8 rows 3.7 vs 2.5).
+SMALL_LOGITS_ROWS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class StepPath:
+    small: bool  # the layers' linears read their 4-bit copies
+    small_logits: bool  # the lm_head reads its Q8_0 copy
+    split_rows: int  # dense linears take at most this many rows per call (0: all at once)
+    stack: bool  # every layer in one C++ call (csrc/decode_stack.cpp)
+
+
+DENSE = StepPath(small=False, small_logits=False, split_rows=0, stack=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PathRule:
+    """What a model's weights and this machine allow, fixed at load (engine/factory.py)."""
+
+    small_rows: int = 0  # unseeded decode-only steps of at most this many rows read the 4-bit copies
+    small_logits_rows: int = 0  # ... and the Q8_0 lm_head up to this many rows
+    stack: bool = False  # decode-only steps may run all layers in one C++ call
+
+    def choose(self, rows: int, decode_only: bool, seeded: bool) -> StepPath:
+        """The path of a step of `rows` rows; `decode_only`: no prompt chunk in it; `seeded`: some
+        request in it has a seed."""
+        small = decode_only and not seeded
+        return StepPath(
+            small=small and rows <= self.small_rows,
+            small_logits=small and rows <= self.small_logits_rows,
+            split_rows=EXACT_ROWS if seeded else 0,
+            stack=self.stack and decode_only,
+        )
+
+    def describe(self) -> str:
+        """One line for the logs and `budrt status`: which weights each kind of step reads."""
+        parts = []
+        if self.small_rows:
+            parts.append(f"decode steps of <= {self.small_rows} rows read the GGUF's 4-bit weights")
+        if self.small_logits_rows:
+            parts.append(f"their logits of <= {self.small_logits_rows} rows the Q8_0 lm_head")
+        parts.append("other steps the dense weights" if parts else "every step reads the dense weights")
+        if self.stack:
+            parts.append("decode-only steps run all layers in one C++ call")
+        return "; ".join(parts)
