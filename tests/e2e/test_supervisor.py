@@ -30,7 +30,8 @@ def test_status_lists_every_process(platform: Platform) -> None:
 
 def test_status_says_how_the_text_model_runs(platform: Platform) -> None:
     """`budrt status --json`: the text model's dtype and CPU kernel level, each with why."""
-    [text] = [p for p in platform.status()["processes"] if "smollm2-135m-instruct" in p["models"]]
+    servers = [p for p in platform.status()["processes"] if p["kind"] == "model-server"]
+    [text] = [p for p in servers if "smollm2-135m-instruct" in p["models"]]
     runtime = text["resident"][0]["runtime"]
     cpu = cpu_features.detect()
     level, why = cpu_features.choose_level(cpu, None)  # the platform runs without BUDRT_* variables
