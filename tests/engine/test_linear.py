@@ -14,10 +14,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 from budrt.engine import kernels, quant
-from budrt.engine.factory import _native_bf16
+from budrt.engine.cpu_features import native_bf16
 from budrt.engine.linear import Linear, LinearForms, onednn_packs
 
-ONEDNN = onednn_packs(torch.bfloat16, torch.device("cpu"), _native_bf16())
+ONEDNN = onednn_packs(torch.bfloat16, torch.device("cpu"), native_bf16()[0])
 # Every dense form this machine can run: fp32 always, bf16 packed for oneDNN where bf16 is native.
 DENSE_FORMS = [pytest.param(torch.float32, False, id="fp32")] + [
     pytest.param(

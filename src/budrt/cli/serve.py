@@ -53,6 +53,16 @@ def gateway(host: Host = None, port: Port = None, home: Home = None, config: Con
     run_gateway(load(config, home, host, port))
 
 
+def _model_cell(name: str, resident: dict[str, Any]) -> str:
+    """`smollm2 (ready, 310 MiB, float32, avx2 kernels)`: state, memory, and how a text model runs."""
+    parts = [resident["state"], f"{int(resident.get('memory_bytes') or 0) >> 20} MiB"]
+    runtime = resident.get("runtime") or {}
+    if runtime:
+        kernels = f"{runtime.get('kernel_level')} kernels" if runtime.get("kernels_loaded") else "torch paths"
+        parts += [str(runtime.get("dtype")), kernels]
+    return f"{name} ({', '.join(parts)})"
+
+
 def _print_status_table(data: dict[str, Any], home: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -62,12 +72,7 @@ def _print_status_table(data: dict[str, Any], home: Path) -> None:
         table.add_column(column)
     for p in data["processes"]:
         resident = {r["name"]: r for r in p.get("resident") or []}
-        models = [
-            f"{m} ({resident[m]['state']}, {int(resident[m].get('memory_bytes') or 0) >> 20} MiB)"
-            if m in resident
-            else m
-            for m in p["models"]
-        ]
+        models = [_model_cell(m, resident[m]) if m in resident else m for m in p["models"]]
         table.add_row(
             p["name"],
             p["kind"],

@@ -6,13 +6,13 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from budrt.config import ModelConfig
-from budrt.engine import kernels, quant
+from budrt.engine import cpu_features, kernels, quant
 from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
@@ -32,7 +32,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def auto_dtype() -> torch.dtype:
-    """bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32.
+    """bfloat16 where the CPU has bf16 dot products and runs the avx512 kernels, else float32
+    (`cpu_features.native_bf16` decides, and says why).
 
     Measured with SmolLM2-135M decode on the 2-core Xeon dev box (AMX, torch 2.13), ms per step:
     batch 1: fp32 27, bf16 34 (no better: one token per step is bound by overheads); batch 8:
@@ -40,14 +41,8 @@ def auto_dtype() -> torch.dtype:
     1.6-2x faster at batch 8 and even at batch 1. bf16 still answers correctly (greedy chat
     answers match fp32's on our checks); without native bf16 the kernels are emulated and slower.
     """
-    return torch.bfloat16 if _native_bf16() else torch.float32
-
-
-def _native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    native, _ = cpu_features.native_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 class _Checkpoint(NamedTuple):
@@ -80,7 +75,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     checkpoint = _load_checkpoint(cfg, path)
     args = checkpoint.args
     target = torch.device(device)
-    dtype = _model_dtype(cfg, target)
+    dtype, dtype_reason = _model_dtype(cfg, target)
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
     assembled = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
     num_blocks = _num_kv_blocks(cfg, args, dtype, target)
@@ -110,6 +105,7 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         identity=f"{cfg.name}:{cfg.source}",
         path_rule=assembled.rule,
         decode_stack=assembled.stack,
+        runtime=_runtime(dtype, dtype_reason, target) | {"weights": assembled.rule.describe()},
     )
 
 
@@ -126,11 +122,21 @@ def _load_checkpoint(cfg: ModelConfig, path: Path) -> _Checkpoint:
     raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
 
 
-def _model_dtype(cfg: ModelConfig, target: torch.device) -> torch.dtype:
-    """`cfg.dtype`, or for "auto" the best the device computes natively."""
+def _model_dtype(cfg: ModelConfig, target: torch.device) -> tuple[torch.dtype, str]:
+    """`cfg.dtype`, or for "auto" the best the device computes natively; and why."""
     if cfg.dtype != "auto":
-        return _DTYPES[cfg.dtype]
-    return cuda_dtype(target) if target.type == "cuda" else auto_dtype()
+        return _DTYPES[cfg.dtype], f"configured: dtype {cfg.dtype}"
+    if target.type == "cuda":
+        return cuda_dtype(target), "auto: what the CUDA device computes natively"
+    return auto_dtype(), f"auto: {cpu_features.native_bf16()[1]}"
+
+
+def _runtime(dtype: torch.dtype, dtype_reason: str, target: torch.device) -> dict[str, Any]:
+    """How the model runs, for its load log line and `budrt status`: dtype, CPU kernels, and why."""
+    if target.type == "cpu":
+        kernels.prepare()  # as the runner will (a no-op after the first): report what it uses
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {"device": str(target), "dtype": dtype_name, "dtype_reason": dtype_reason, **kernels.describe()}
 
 
 def _num_kv_blocks(cfg: ModelConfig, args: LlamaArgs, dtype: torch.dtype, target: torch.device) -> int:
@@ -155,7 +161,7 @@ def _assemble_model(
     # Before building: the small copies are kept only where their C++ kernels are loaded.
     kernels_ready = target.type == "cpu" and kernels.prepare()
     forms = LinearForms(
-        onednn=onednn_packs(dtype, target, _native_bf16()),
+        onednn=onednn_packs(dtype, target, cpu_features.native_bf16()[0]),
         small=kernels_ready and cfg.q4_decode_rows > 0,
     )
     model = build_model(checkpoint, dtype, max_model_len, forms)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -91,6 +91,7 @@ class Engine(ABC):
     model_name: str
     tokenizer: Tokenizer
     max_model_len: int
+    runtime: dict[str, Any]  # how it runs (dtype, kernel level, and why): `budrt status` shows it
 
     @abstractmethod
     async def start(self) -> None:

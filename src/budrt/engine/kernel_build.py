@@ -1,8 +1,9 @@
 """Compiling and loading the CPU kernels of engine/csrc (one extension) with torch's JIT loader.
 
-The build goes into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`, keyed by the
-sources, compiler flags, torch, Python and CPU, so later processes load the cached library.
-engine/kernels.py decides when to build and wraps the functions.
+One build per kernel ISA level (engine/cpu_features.py: "avx2", "avx512"), compiled with that level's
+explicit flags. Builds go into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`, keyed
+by the sources, compiler flags, torch and Python, so later processes load the cached library.
+engine/kernels.py decides which level and when to build, and wraps the functions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -53,7 +53,16 @@ FUNCTIONS = [
     "bf16_decode_layers",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
-_NAME = "budrt_cpu_kernels"  # the extension's module name, also in its cache key
+_NAME = "budrt_cpu_kernels"  # + "_<level>": the extension's module name, also in its cache key
+# Explicit per-level flags, not -march=native: a build is then valid on any CPU of its level, and
+# the ISA a build uses is the one named, whatever machine compiled it. CPU_CAPABILITY sizes ATen's
+# Vectorized<float> (the headers the kernels use) to the level's vector width.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16"]
+LEVEL_FLAGS = {
+    "avx2": _AVX2,
+    "avx512": [*_AVX2[:3], *_AVX512, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
 
 
 def enabled() -> bool:
@@ -65,14 +74,6 @@ def cache_directory() -> Path:
         Path.home() / ".cache" / "budrt" / "torch_extensions"
     )
     return Path(root) / "budrt"
-
-
-def _vector_flags() -> list[str]:
-    """Make ATen's Vectorized<float> as wide as the vector code torch itself dispatches to here."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX512", "AVX2"):
-        return ["-march=native", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-    return ["-march=native", "-DCPU_CAPABILITY=DEFAULT"]
 
 
 def ensure_ninja_on_path() -> None:
@@ -93,33 +94,28 @@ def ensure_ninja_on_path() -> None:
             return
 
 
-def _cpu_model() -> str:
-    # -march=native code must not be reused on another CPU sharing this home directory.
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
+def module_name(level: str) -> str:
+    return f"{_NAME}_{level}"
 
 
-def _load_library(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(_NAME, path)
+def compile_flags(level: str) -> list[str]:
+    # -fopenmp: at::parallel_for is a header over `#pragma omp parallel` (else a serial loop).
+    return ["-O3", "-fopenmp", *LEVEL_FLAGS[level]]
+
+
+def library_path(level: str) -> Path:
+    """Where the build of `level` for these sources, flags, torch and Python is kept."""
+    sources = [source.read_text() for source in SOURCES]
+    key = "\0".join([*sources, *compile_flags(level), torch.__version__, sys.version, module_name(level)])
+    return cache_directory() / f"{module_name(level)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _load_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _library_path() -> Path:
-    """Where the build for this source, compiler flags, torch, Python and CPU is kept."""
-    sources = [source.read_text() for source in SOURCES]
-    key = "\0".join([*sources, *compile_flags(), torch.__version__, sys.version, _NAME, _cpu_model()])
-    return cache_directory() / f"{_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def compile_flags() -> list[str]:
-    # -fopenmp: at::parallel_for is a header over `#pragma omp parallel` (else a serial loop).
-    return ["-O3", "-fopenmp", *_vector_flags()]
 
 
 def _remove_stale_builds(folder: Path) -> None:
@@ -133,43 +129,65 @@ def _remove_stale_builds(folder: Path) -> None:
             pass
 
 
-def _compile(library: Path) -> ModuleType:
-    """Build in a fresh directory and rename the library into place. Processes that build at once
-    then never share torch's lock file: one killed mid-build would leave that lock behind, and
-    every later process would wait on it for ever."""
-    from torch.utils.cpp_extension import load_inline
+def _main_source() -> str:
+    """The translation unit: the sources in order, then the Python bindings (what load_inline
+    writes; errors in a kernel become Python exceptions through wrap_pybind_function)."""
+    bindings = [f'm.def("{f}", torch::wrap_pybind_function({f}), "{f}");' for f in FUNCTIONS]
+    parts = ["#include <torch/extension.h>", *(source.read_text() for source in SOURCES)]
+    return "\n".join([*parts, "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {", *bindings, "}"])
 
+
+def build(level: str) -> Path:
+    """Compile `level` into the cache (if not there yet) without loading it: the machine that
+    builds may lack the level's instructions. Build in a fresh directory and rename the library
+    into place, so processes that build at once never share torch's lock file (one killed
+    mid-build would leave that lock behind, and every later process would wait on it for ever).
+    Raises if the compiler fails."""
+    # torch's JIT builder without its import step (load_inline always loads); torch is pinned.
+    from torch.utils.cpp_extension import _write_ninja_file_and_build_library
+
+    library = library_path(level)
+    if library.exists():
+        return library
     ensure_ninja_on_path()
     folder = library.parent
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(folder)
+    name = module_name(level)
     workdir = Path(tempfile.mkdtemp(prefix=f"build-{library.stem.rsplit('-', 1)[-1]}-", dir=folder))
     try:
-        module = load_inline(
-            name=_NAME,
-            cpp_sources=[source.read_text() for source in SOURCES],
-            functions=FUNCTIONS,
-            extra_cflags=compile_flags(),
+        (workdir / "main.cpp").write_text(_main_source())
+        _write_ninja_file_and_build_library(
+            name=name,
+            sources=[str(workdir / "main.cpp")],
+            extra_cflags=compile_flags(level),
+            extra_cuda_cflags=[],
+            extra_sycl_cflags=[],
             # Resolves to the libgomp torch has already loaded (same soname): one thread pool.
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[],
             build_directory=str(workdir),
             verbose=False,
+            with_cuda=False,
+            with_sycl=False,
         )
         staged = folder / f".{library.name}.{os.getpid()}"
-        shutil.copyfile(workdir / f"{_NAME}.so", staged)
+        shutil.copyfile(workdir / f"{name}.so", staged)
         os.replace(staged, library)  # atomic: others see no library or a whole one
-        return module
+        return library
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def load(compile_missing: bool) -> ModuleType | None:
-    """The cached library for this machine; compiled first (blocking) if missing and
-    `compile_missing`, else None. Raises if the build fails."""
-    library = _library_path()
-    if library.exists():
-        return _load_library(library)
-    if compile_missing:
-        log.info("compiling the CPU kernels (once per machine, about a minute)")
-        return _compile(library)
-    return None
+def load(level: str, compile_missing: bool) -> ModuleType | None:
+    """The cached library of `level` (which this CPU must run); compiled first (blocking) if
+    missing and `compile_missing`, else None. Raises if the build fails."""
+    library = library_path(level)
+    if not library.exists():
+        if not compile_missing:
+            return None
+        log.info("compiling the CPU kernels for %s (once per machine, about a minute)", level)
+        started = time.monotonic()
+        build(level)
+        log.info("compiled the CPU kernels for %s in %.0f s", level, time.monotonic() - started)
+    return _load_library(module_name(level), library)

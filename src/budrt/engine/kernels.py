@@ -1,5 +1,5 @@
-"""Optional C++ kernels for the CPU engine, compiled on this machine once (csrc/, one extension,
-`budrt_cpu_kernels`).
+"""Optional C++ kernels for the CPU engine, compiled on this machine once per ISA level (csrc/, one
+extension, `budrt_cpu_kernels_<level>`; engine/cpu_features.py picks the level).
 
 - paged_attention.cpp (+ attention_loops.cpp, its inner loops): decode attention straight from the
   paged cache through the block tables;
@@ -11,23 +11,27 @@
 - rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer (and
   the RoPE and cache write alone for steps with prompt chunks);
 - decode_stack.cpp: all layers of a decode-only step in one call (decode_stack.py).
-Built with torch's JIT extension loader (a C++ compiler and ninja, no network; kernel_build.py)
+Built with torch's JIT extension builder (a C++ compiler and ninja, no network; kernel_build.py)
 into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
-build. `make` builds it (`python -m budrt.engine.kernels`), else the first `prepare()` does (about
-a minute). A model server calls it before it reports ready, never mid-serving: switching paths
-mid-run would change bf16 outputs (and so seeded sampling) between requests. If the build fails
-(one warning) the engine takes the torch paths for good; `BUDRT_ENGINE_KERNELS=torch` forces them.
+build. `make` builds every level the compiler accepts (`python -m budrt.engine.kernels`), else the
+first `prepare()` builds this machine's (about a minute); `BUDRT_CPU_ISA=avx2` picks a lower level.
+A model server calls it before it reports ready, never mid-serving: switching paths mid-run would
+change bf16 outputs (and so seeded sampling) between requests. If the build fails (one warning) the
+engine takes the torch paths for good; `BUDRT_ENGINE_KERNELS=torch` forces them; so does a CPU
+without AVX2 + FMA + F16C (no kernel level).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from types import ModuleType
+from typing import Any
 
 import torch
 
-from budrt.engine import kernel_build
+from budrt.engine import cpu_features, kernel_build
 from budrt.engine.kernel_build import ENV_SWITCH as ENV_SWITCH
 from budrt.engine.kernel_build import enabled
 
@@ -35,25 +39,71 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()  # one build per process, however many threads ask
 _module: ModuleType | None = None
-_failed = False
+_failed: str | None = None  # why the kernels are not in use, once `prepare` gave up
+_level: tuple[str | None, str] | None = None  # the level `prepare` chose, and why
 
 
 def prepare(compile_missing: bool = True) -> bool:
-    """Load the cached CPU kernels, or compile them here first (blocking) if missing and
-    `compile_missing`. Returns whether the kernels are in use. Threads calling at once wait for one
-    build; a failure is warned about once and remembered."""
-    global _module, _failed
+    """Load the cached CPU kernels of this CPU's level (or `BUDRT_CPU_ISA`'s), or compile them here
+    first (blocking) if missing and `compile_missing`. Returns whether the kernels are in use.
+    Threads calling at once wait for one build; a failure is warned about once and remembered.
+    Raises ValueError if `BUDRT_CPU_ISA` asks for more than the CPU has."""
+    global _module, _failed, _level
     if not enabled():
         return False
     with _lock:
-        if _module is not None or _failed:
+        if _module is not None or _failed is not None:
             return _module is not None
+        _level = cpu_features.kernel_level()
+        level, why = _level
+        if level is None:
+            _failed = why
+            log.warning("CPU kernels %s; using the torch paths", why)
+            return False
         try:
-            _module = kernel_build.load(compile_missing)
+            _module = kernel_build.load(level, compile_missing)
         except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
-            _failed = True
+            _failed = f"build failed: {exc}"
             log.warning("CPU kernels unavailable, using the torch paths: %s", exc)
         return _module is not None
+
+
+def describe() -> dict[str, Any]:
+    """What runs this process's steps, for the log and `budrt status`: the CPU, its flags of
+    interest, the kernel level and why, and whether the kernels are loaded (else why not)."""
+    features = cpu_features.detect()
+    level, why = _level or cpu_features.kernel_level()
+    if _module is not None:
+        state = "loaded"
+    elif not enabled():
+        state = f"not loaded: {ENV_SWITCH}=torch"
+    else:
+        state = f"not loaded: {_failed or 'not built yet'}"
+    return {
+        "cpu": features.model,
+        "cpu_flags": features.flags(),
+        "kernel_level": level,
+        "kernel_level_reason": why,
+        "kernels_loaded": _module is not None,
+        "kernels": state,
+    }
+
+
+def build_all() -> list[str]:
+    """Compile every level the compiler accepts into the cache, one after the other, without
+    loading any (this CPU may not run them), so that a later `BUDRT_CPU_ISA` needs no compile.
+    A level the compiler cannot build is one warning. Returns the levels built or cached."""
+    built = []
+    for level in cpu_features.LEVELS:
+        started = time.monotonic()
+        try:
+            kernel_build.build(level)
+        except Exception as exc:  # an older compiler without the level's flags
+            log.warning("CPU kernels for %s not built: %s", level, exc)
+            continue
+        log.info("CPU kernels for %s: ready (%.0f s)", level, time.monotonic() - started)
+        built.append(level)
+    return built
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -225,4 +275,5 @@ def decode_layers(
 
 if __name__ == "__main__":  # `make` builds the kernels at install so no server waits for it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("CPU kernels:", "ready" if prepare() else "unavailable (torch paths)")
+    print("CPU kernels built:", ", ".join(build_all()) or "none (torch paths)")
+    print("CPU kernels:", "ready" if prepare() else "unavailable (torch paths)", describe())

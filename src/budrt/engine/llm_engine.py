@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 
@@ -58,8 +59,13 @@ class LLMEngine(Engine):
         identity: str = "",
         path_rule: PathRule | None = None,
         decode_stack: LayerStack | None = None,
+        runtime: dict[str, Any] | None = None,
     ) -> None:
         self.model_name = model_name
+        # How the model runs (dtype, CPU kernel level, and why), for the log and `budrt status`.
+        self.runtime: dict[str, Any] = dict(runtime or {})
+        if self.runtime:
+            log.info("model %s runs on %s", model_name, self.runtime)
         self.tokenizer = tokenizer
         # A sequence must fit the whole cache, or preempting everything else would not save it.
         self.max_model_len = min(max_model_len, num_blocks * block_size)

@@ -84,6 +84,8 @@ def _residency(hosted: HostedModel) -> dict[str, object]:
         "device": hosted.device,
         "in_flight": hosted.in_flight,
         "pinned": hosted.pinned,
+        # A text model's dtype and CPU kernel level, and why (engine/kernels.py `describe`).
+        "runtime": hosted.engine.runtime if hosted.engine is not None else None,
     }
 
 
