@@ -147,11 +147,10 @@ def test_a_tied_lm_head_shares_the_embedding_and_takes_its_q8(tmp_path: Path) ->
     """The model's linears are made whole at build (factory.build_model): q/k/v and gate/up fused
     from the checkpoint's names, and a tied lm_head reads the embedding's own tensor and, on the
     small path, the embedding's Q8_0 copy."""
-    from tiny_models import build_tiny_llama
-
     from budrt.engine.factory import _Checkpoint, build_model
     from budrt.engine.safetensors_loader import load_safetensors
     from budrt.engine.tokenizer import TextTokenizer
+    from tests.tiny_models import build_tiny_llama
 
     directory = build_tiny_llama(tmp_path / "tiny")
     args, weights = load_safetensors(directory)
