@@ -224,7 +224,7 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
 @pytest.fixture
 def tiles() -> None:
     if not (kernels.prepare() and kernels.q4_tiles_available()):
-        pytest.skip("this build has no AVX512-VNNI tile kernel")
+        pytest.skip("this build has no tile kernel (needs AVX2+FMA+F16C or AVX512-VNNI)")
 
 
 @pytest.mark.usefixtures("tiles")
@@ -237,7 +237,7 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
         q4 = _random_q4(out, inp, seed=out)
         packed, dm = quant.pack(q4, torch.bfloat16)
         assert packed.dim() == 1 and dm.shape == (out // 16, inp // 32, 2, 16)  # the tile layout
-        for rows in (1, 2, 3, 4, 5, 9):
+        for rows in (1, 2, 3, 4, 5, 7, 9, 13):  # whole and partial groups of rows at once
             x = torch.randn(rows, inp).to(dtype)
             x[0, :7] *= 40  # an outlier block
             exact = x.double() @ q4.dequantize().double().t()
@@ -247,6 +247,24 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
             assert error < (2e-4 if dtype == torch.float32 else 4e-3), (out, inp, rows, error)
     none = torch.empty(0, 64, dtype=dtype)
     assert quant.matmul(none, *quant.pack(_random_q4(32, 64, 1), dtype)).shape == (0, 32)
+
+
+@pytest.mark.usefixtures("tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_tiles_with_one_rounding_are_int8_close(dtype: torch.dtype) -> None:
+    # One int8 rounding per 32-block of x: half the integer work, int8 activations' error.
+    torch.manual_seed(1)
+    q4 = _random_q4(64, 576, seed=5)
+    packed, dm = quant.pack_tiles(q4)
+    for rows in (1, 5, 8):
+        x = torch.randn(rows, 576).to(dtype)
+        exact = x.double() @ q4.dequantize().double().t()
+        one = kernels.q4_tiles_linear(x, packed, dm, rounds=1)
+        two = kernels.q4_tiles_linear(x, packed, dm, rounds=2)
+        assert one.dtype == dtype and one.shape == (rows, 64)
+        one_error = ((one.double() - exact).norm() / exact.norm()).item()
+        two_error = ((two.double() - exact).norm() / exact.norm()).item()
+        assert two_error < one_error < 2e-2, (rows, one_error, two_error)
 
 
 @pytest.mark.usefixtures("tiles")
@@ -281,3 +299,5 @@ def test_q4_tiles_refuse_bad_shapes() -> None:
         kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.bfloat16), packed[:-1].contiguous(), dm)
     with pytest.raises(RuntimeError, match="bf16 or fp32"):
         kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.float64), packed, dm)
+    with pytest.raises(RuntimeError, match="rounds must be"):
+        kernels.q4_tiles_linear(torch.randn(1, 64), packed, dm, rounds=3)

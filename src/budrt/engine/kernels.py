@@ -137,15 +137,18 @@ def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> to
 
 
 def q4_tiles_available() -> bool:
-    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX512-VNNI builds)."""
+    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX2+FMA+F16C or
+    AVX512-VNNI builds)."""
     return _module is not None and enabled() and bool(_module.q4_tiles_supported())
 
 
-def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, rounds: int = 2) -> torch.Tensor:
     """`x` bf16/fp32 `[M, K]` @ W^T with W packed by `quant.pack_tiles` -> `[M, N]` in x's dtype.
-    The caller checks `q4_tiles_available` (at packing time)."""
+    `rounds`: int8 roundings of each 32-block of x, 2 (about fp32's accuracy) or 1 (about bf16's,
+    about twice as fast at one row with AVX2). The caller checks `q4_tiles_available` (at
+    packing time)."""
     assert _module is not None
-    return _module.q4_tiles_linear(x, packed, dm)
+    return _module.q4_tiles_linear(x, packed, dm, rounds)
 
 
 def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:

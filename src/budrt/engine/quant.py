@@ -9,12 +9,13 @@ Decoding one stream on a CPU is bound by reading the weights: in bf16 SmolLM2's 
 or 0 (Q4_0). The 4-bit values are the file's, not a requantization; the kernel takes scale and
 zero in the activations' dtype, so in bf16 they lose the last bits of the file's fp16.
 
-Where the C++ kernels are built with AVX512-VNNI (csrc/q4_linear.cpp), `pack` lays the blocks out
-as tiles of 16 output rows instead (`pack_tiles`), and `matmul` takes them through int8 dot
-products: each 32-input block of the activations is split into two int8 roundings (the second of
-the first's remainder, so the activations keep more precision than bf16), and the file's fp16 d
-and m are kept exactly. At 1-8 rows that is 0.6-0.9x the int4 kernel's time here, with a smaller
-error against the exact product (random weights: 0.17% vs 0.24%).
+Where the C++ kernels are loaded (csrc/q4_linear.cpp: AVX2+FMA+F16C or AVX512-VNNI builds),
+`pack` lays the blocks out as tiles of 16 output rows instead (`pack_tiles`), and `matmul` takes
+them through int8 dot products: each 32-input block of the activations is split into two int8
+roundings (the second of the first's remainder, so the activations keep more precision than
+bf16), and the file's fp16 d and m are kept exactly. With AVX512-VNNI at 1-8 rows that is
+0.6-0.9x the int4 kernel's time, with a smaller error against the exact product (random weights:
+0.17% vs 0.24%). ATen's layout remains for builds without the kernels.
 
 Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
 lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
