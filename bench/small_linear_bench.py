@@ -94,7 +94,10 @@ def q8_table(rows: list[int], rounds: int) -> None:
     print("lm_head 49152x576  rows   fp32 us    q8 us")
     for m in rows:
         x = torch.randn(m, LM_HEAD[1])
-        cases = {"fp32": partial(F.linear, x, weight), "q8": partial(kernels.q8_linear, x, q8.values, q8.scales)}
+        cases = {
+            "fp32": partial(F.linear, x, weight),
+            "q8": partial(kernels.q8_linear, x, q8.values, q8.scales),
+        }
         t = compare(cases, rounds, max(5, 40 // m))
         print(f"{'':18s} {m:4d} {t['fp32']:9.1f} {t['q8']:8.1f}", flush=True)
 

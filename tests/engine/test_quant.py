@@ -111,6 +111,25 @@ def test_packed_linear_uses_q8_for_small_steps() -> None:
         assert packed(torch.randn(9, 128, dtype=torch.bfloat16)).float().abs().max() > 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_linear_computes_the_files_weights_times_x(dtype: torch.dtype) -> None:
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here")
+    rng = np.random.default_rng(4)
+    raw = quantize(rng.standard_normal((300, 192)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (300, 192))
+    assert q8 is not None
+    torch.manual_seed(4)
+    for rows in (1, 3, 8, 11):  # one pass, and passes of 8 rows plus the rest
+        x = torch.randn(rows, 192).to(dtype)
+        exact = x.double() @ q8.dequantize().double().t()
+        out = kernels.q8_linear(x, q8.values, q8.scales)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, 300)
+        error = ((out.double() - exact).norm() / exact.norm()).item()
+        # The file's weights exactly, sums in fp32; bf16 output rounded once (relative step 2**-8).
+        assert error < (1e-6 if dtype == torch.float32 else 2**-8), (rows, error)
+
+
 def test_tied_lm_head_takes_the_embeddings_q8() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

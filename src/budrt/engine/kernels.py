@@ -129,8 +129,9 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
 
 
 def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """`x` bf16 `[M, K]` @ W^T with W in Q8_0 (`values` int8 `[N, K]`, `scales` fp32 `[N, K / 32]`)
-    -> bf16 `[M, N]`, or None where the kernel is not built (the caller uses its bf16 weights)."""
+    """`x` bf16/fp32 `[M, K]` @ W^T with W in Q8_0 (`values` int8 `[N, K]`, `scales` fp32
+    `[N, K / 32]`) -> `[M, N]` in x's dtype, or None where the kernel is not built (the caller uses
+    its dense weights)."""
     if _module is None or not enabled():
         return None
     return _module.q8_linear(x, values, scales)
