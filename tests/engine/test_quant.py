@@ -68,6 +68,25 @@ def test_smollm2_quantized_weights_equal_the_dequantized_ones(gguf_path: Path) -
         assert torch.equal(copy.dequantize(), model.weights[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_linear_computes_the_files_weights_times_x(dtype: torch.dtype) -> None:
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here")
+    rng = np.random.default_rng(4)
+    raw = quantize(rng.standard_normal((300, 192)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (300, 192))
+    assert q8 is not None
+    torch.manual_seed(4)
+    for rows in (1, 3, 8, 11):  # one pass, and passes of 8 rows plus the rest
+        x = torch.randn(rows, 192).to(dtype)
+        exact = x.double() @ q8.dequantize().double().t()
+        out = kernels.q8_linear(x, q8.values, q8.scales)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, 300)
+        error = ((out.double() - exact).norm() / exact.norm()).item()
+        # The file's weights exactly, sums in fp32; bf16 output rounded once (relative step 2**-8).
+        assert error < (1e-6 if dtype == torch.float32 else 2**-8), (rows, error)
+
+
 def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> list[list[int]]:
     """Token ids of each (prompt, params), all submitted at once."""
 
@@ -135,7 +154,7 @@ def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
 @pytest.fixture
 def tiles() -> None:
     if not (kernels.prepare() and kernels.q4_tiles_available()):
-        pytest.skip("this build has no AVX512-VNNI tile kernel")
+        pytest.skip("this build has no tile kernel (needs AVX2+FMA+F16C or AVX512-VNNI)")
 
 
 @pytest.mark.usefixtures("tiles")
@@ -148,7 +167,7 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
         q4 = _random_q4(out, inp, seed=out)
         packed, dm = quant.pack_tiles(q4)
         assert packed.dim() == 1 and dm.shape == (out // 16, inp // 32, 2, 16)  # the tile layout
-        for rows in (1, 2, 3, 4, 5, 9):
+        for rows in (1, 2, 3, 4, 5, 7, 9, 13):  # whole and partial groups of rows at once
             x = torch.randn(rows, inp).to(dtype)
             x[0, :7] *= 40  # an outlier block
             exact = x.double() @ q4.dequantize().double().t()
@@ -161,6 +180,24 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.usefixtures("tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_tiles_with_one_rounding_are_int8_close(dtype: torch.dtype) -> None:
+    # One int8 rounding per 32-block of x: half the integer work, int8 activations' error.
+    torch.manual_seed(1)
+    q4 = _random_q4(64, 576, seed=5)
+    packed, dm = quant.pack_tiles(q4)
+    for rows in (1, 5, 8):
+        x = torch.randn(rows, 576).to(dtype)
+        exact = x.double() @ q4.dequantize().double().t()
+        one = kernels.q4_tiles_linear(x, packed, dm, rounds=1)
+        two = kernels.q4_tiles_linear(x, packed, dm, rounds=2)
+        assert one.dtype == dtype and one.shape == (rows, 64)
+        one_error = ((one.double() - exact).norm() / exact.norm()).item()
+        two_error = ((two.double() - exact).norm() / exact.norm()).item()
+        assert two_error < one_error < 2e-2, (rows, one_error, two_error)
+
+
+@pytest.mark.usefixtures("tiles")
 def test_q4_tiles_refuse_bad_shapes() -> None:
     packed, dm = quant.pack_tiles(_random_q4(32, 64, seed=4))
     with pytest.raises(RuntimeError, match="K must be"):
@@ -169,3 +206,5 @@ def test_q4_tiles_refuse_bad_shapes() -> None:
         kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.bfloat16), packed[:-1].contiguous(), dm)
     with pytest.raises(RuntimeError, match="bf16 or fp32"):
         kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.float64), packed, dm)
+    with pytest.raises(RuntimeError, match="rounds must be"):
+        kernels.q4_tiles_linear(torch.randn(1, 64), packed, dm, rounds=3)

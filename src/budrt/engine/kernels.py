@@ -179,23 +179,27 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
 
 
 def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """`x` bf16 `[M, K]` @ W^T with W in Q8_0 (`values` int8 `[N, K]`, `scales` fp32 `[N, K / 32]`)
-    -> bf16 `[M, N]`, or None where the kernel is not built (the caller uses its bf16 weights)."""
+    """`x` bf16/fp32 `[M, K]` @ W^T with W in Q8_0 (`values` int8 `[N, K]`, `scales` fp32
+    `[N, K / 32]`) -> `[M, N]` in x's dtype, or None where the kernel is not built (the caller uses
+    its dense weights)."""
     if _module is None or not enabled():
         return None
     return _module.q8_linear(x, values, scales)
 
 
 def q4_tiles_available() -> bool:
-    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX512-VNNI builds)."""
+    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX2+FMA+F16C or
+    AVX512-VNNI builds)."""
     return _module is not None and enabled() and bool(_module.q4_tiles_supported())
 
 
-def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, rounds: int = 2) -> torch.Tensor:
     """`x` bf16/fp32 `[M, K]` @ W^T with W packed by `quant.pack_tiles` -> `[M, N]` in x's dtype.
-    The caller checks `q4_tiles_available` (at packing time)."""
+    `rounds`: int8 roundings of each 32-block of x, 2 (about fp32's accuracy) or 1 (about bf16's,
+    about twice as fast at one row with AVX2). The caller checks `q4_tiles_available` (at
+    packing time)."""
     assert _module is not None
-    return _module.q4_tiles_linear(x, packed, dm)
+    return _module.q4_tiles_linear(x, packed, dm, rounds)
 
 
 def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ at::Tensor rope_cache_decode_attention(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
     const at::Tensor& lengths, int64_t num_heads, double scale);
-at::Tensor q4_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
+at::Tensor q4_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t rounds);
 
 namespace budrt_stack {
 
@@ -36,7 +36,7 @@ constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
 
 // quant.matmul's choice, made by the packing: tiles are one flat uint8 tensor (quant.pack_tiles).
 inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  if (packed.dim() == 1) return q4_tiles_linear(x, packed, scales);
+  if (packed.dim() == 1) return q4_tiles_linear(x, packed, scales, 2);
   return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales);
 }
 

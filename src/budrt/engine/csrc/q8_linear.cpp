@@ -4,13 +4,19 @@
 // SmolLM2's token embedding (its tied lm_head) is Q8_0 in the GGUF. In bf16 the logits matmul
 // reads 57 MB per step, a third of a one-row decode step; these 8-bit weights are 30 MB. Each
 // group is widened to the file's fp32 values (value * scale, exact) once for all the step's rows,
-// which accumulate their products in fp32; the result is rounded to bf16 as the bf16 linear's is.
+// which accumulate their products in fp32; for bf16 x the result is rounded to bf16 as the bf16
+// linear's is, fp32 x gets the fp32 sums. Vector code for AVX-512 or AVX2 + FMA (a scalar loop
+// elsewhere), chosen by the compiler flags of the ISA level being built.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(__AVX512F__)
+#define BUDRT_Q8_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define BUDRT_Q8_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -30,7 +36,7 @@ void q8_rows(
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = values + n * k;
     const float* s = scales + n * groups;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(BUDRT_Q8_AVX512)
     __m512 acc[Rows];
     for (int m = 0; m < Rows; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -47,6 +53,29 @@ void q8_rows(
       }
     }
     for (int m = 0; m < Rows; ++m) out[m * out_stride + n] = _mm512_reduce_add_ps(acc[m]);
+#elif defined(BUDRT_Q8_AVX2)
+    __m256 acc[Rows];
+    for (int m = 0; m < Rows; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* wg = w + g * kGroup;
+      const __m256 scale = _mm256_set1_ps(s[g]);
+      __m256 wv[4];  // the group's weights as the file defines them (exact in fp32), once for all rows
+      for (int j = 0; j < 4; ++j) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wg + 8 * j));
+        wv[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), scale);
+      }
+      for (int m = 0; m < Rows; ++m) {
+        const float* xg = xf + m * k + g * kGroup;
+        __m256 a = acc[m];
+        for (int j = 0; j < 4; ++j) a = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xg + 8 * j), a);
+        acc[m] = a;
+      }
+    }
+    for (int m = 0; m < Rows; ++m) {
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+      out[m * out_stride + n] = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+    }
 #else
     for (int m = 0; m < Rows; ++m) {
       const float* xm = xf + m * k;
@@ -68,10 +97,11 @@ void q8_pass(const float* xf, int64_t k, const at::Tensor& values, const at::Ten
 
 }  // namespace budrt_q8
 
-// x `[M, K]` bf16, values `[N, K]` int8, scales `[N, K / 32]` fp32 -> `[M, N]` bf16.
+// x `[M, K]` bf16 or fp32, values `[N, K]` int8, scales `[N, K / 32]` fp32 -> `[M, N]` in x's dtype.
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scales) {
   using namespace budrt_q8;
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2, "q8_linear: x must be bf16 [M, K]");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2,
+              "q8_linear: x must be bf16 or fp32 [M, K]");
   TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.is_contiguous(), "q8_linear: values must be contiguous int8 [N, K]");
   const int64_t rows = x.size(0), k = x.size(1), n = values.size(0);
   TORCH_CHECK(values.size(1) == k && k % kGroup == 0, "q8_linear: K must match and be a multiple of 32");
@@ -95,5 +125,5 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, con
       default: q8_pass<8>(xm, k, values, scales, om, n); break;
     }
   }
-  return out.to(at::kBFloat16);
+  return out.to(x.scalar_type());  // no copy for fp32 x
 }
