@@ -1,5 +1,5 @@
-"""The fused calls (RoPE + cache write, + paged attention for decode-only steps) against the torch
-ops they replace."""
+"""The fused calls (RoPE + cache write, + paged attention for decode-only steps), bf16 and fp32,
+against the torch ops they replace."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def built() -> None:
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
-def test_matches_rope_write_and_attention_done_apart() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_matches_rope_write_and_attention_done_apart(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     lengths = [1, 17, 40]  # the new token included
     rotary = RotaryEmbedding(DIM, 10000.0, 512)
     positions = torch.tensor([n - 1 for n in lengths])
-    cos, sin = rotary(positions, torch.bfloat16)
-    qkv = torch.randn(len(lengths), (HEADS + 2 * KV_HEADS) * DIM).to(torch.bfloat16)
+    cos, sin = rotary(positions, dtype)
+    qkv = torch.randn(len(lengths), (HEADS + 2 * KV_HEADS) * DIM).to(dtype)
     tables = torch.tensor([[5, 0, 0], [1, 2, 0], [3, 6, 7]])  # rows' blocks, padded with 0
     slots = torch.tensor(
         [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for i, p in enumerate(positions.tolist())]
@@ -40,7 +41,7 @@ def test_matches_rope_write_and_attention_done_apart() -> None:
     lens = torch.tensor(lengths)
 
     def cache_with_history() -> KVCache:
-        cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+        cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
         cache.data.normal_(generator=torch.Generator().manual_seed(1))
         return cache
 
@@ -62,18 +63,19 @@ def test_matches_rope_write_and_attention_done_apart() -> None:
     assert torch.equal(fused, expected.reshape(n, HEADS * DIM))
 
 
-def test_rope_cache_write_matches_rope_and_write_done_apart() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_cache_write_matches_rope_and_write_done_apart(dtype: torch.dtype) -> None:
     # A step with prompt chunks: rows at any positions, their slots in any blocks.
     torch.manual_seed(2)
     positions = torch.tensor([7, 0, 1, 2, 3, 4, 33])
     n = len(positions)
-    cos, sin = RotaryEmbedding(DIM, 10000.0, 512)(positions, torch.bfloat16)
-    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * DIM).to(torch.bfloat16)
+    cos, sin = RotaryEmbedding(DIM, 10000.0, 512)(positions, dtype)
+    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * DIM).to(dtype)
     slots = torch.tensor(
         [5 * BLOCK + 7, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3, 2 * BLOCK + 4, 17]
     )
-    fused_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
-    torch_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, torch.bfloat16)
+    fused_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
+    torch_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
     keys, values = fused_cache.layer(0)
     q, k = kernels.rope_cache_write(qkv, cos.view(n, -1), sin.view(n, -1), keys, values, slots, HEADS)
 

@@ -49,8 +49,7 @@ FUNCTIONS = [
     "q4_tiles_linear",
     "rope_cache_decode_attention",
     "rope_cache_write",
-    "q4_decode_layers",
-    "bf16_decode_layers",
+    "decode_layers",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_cpu_kernels"  # + "_<level>": the extension's module name, also in its cache key

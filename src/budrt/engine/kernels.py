@@ -136,13 +136,17 @@ def paged_decode_attention(
     return _module.paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale)
 
 
+POINTWISE_DTYPES = (torch.bfloat16, torch.float32)  # RMSNorm, SiLU * up, RoPE + cache write
+
+
 def use_norm_kernel(x: torch.Tensor) -> bool:
-    """Whether RMSNorm of `x` goes through the C++ kernel: bf16 on CPU, extension loaded."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _module is not None and enabled()
+    """Whether RMSNorm of `x` goes through the C++ kernel: bf16 or fp32 on CPU, extension loaded."""
+    return x.dtype in POINTWISE_DTYPES and x.device.type == "cpu" and _module is not None and enabled()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis of a contiguous bf16 `x`; the caller checks `use_norm_kernel`."""
+    """RMSNorm over the last axis of a contiguous bf16/fp32 `x` (weight of its dtype); the caller
+    checks `use_norm_kernel`."""
     assert _module is not None
     return _module.rms_norm(x, weight, eps)
 
@@ -150,19 +154,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, RMSNorm(x + delta)) in bf16; the caller checks `use_norm_kernel`."""
+    """(x + delta, RMSNorm(x + delta)) in x's dtype; the caller checks `use_norm_kernel`."""
     assert _module is not None
     total, normed = _module.add_rms_norm(x, delta, weight, eps)
     return total, normed
 
 
 def use_silu_kernel(gate_up: torch.Tensor) -> bool:
-    """Whether the MLP's SiLU(gate) * up goes through the C++ kernel: contiguous bf16 on CPU."""
+    """Whether the MLP's SiLU(gate) * up goes through the C++ kernel: contiguous bf16/fp32 on CPU."""
     return gate_up.is_contiguous() and use_norm_kernel(gate_up)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up from `gate_up` `[N, 2 * I]` -> `[N, I]`, bf16; the caller checks
+    """SiLU(gate) * up from `gate_up` `[N, 2 * I]` -> `[N, I]` of its dtype; the caller checks
     `use_silu_kernel`."""
     assert _module is not None
     return _module.silu_mul(gate_up)
@@ -204,10 +208,10 @@ def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, rou
 
 def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether a step's RoPE + cache write (+ attention, for a decode-only step) go through one C++
-    call per layer."""
+    call per layer: bf16 or fp32, qkv and cache alike."""
     return (
-        qkv.dtype == torch.bfloat16
-        and cache.dtype == torch.bfloat16
+        qkv.dtype in POINTWISE_DTYPES
+        and cache.dtype == qkv.dtype
         and qkv.device.type == "cpu"
         and _module is not None
         and enabled()
@@ -264,16 +268,17 @@ def decode_layers(
     num_heads: int,
     scale: float,
     eps: float,
+    split_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every decoder layer of a decode-only step: (MLP output, residual). `weights` "q4": `linears`
-    and `scales` are quant.pack's 4-bit weights; "bf16": `linears` are the oneDNN-packed weights
-    (`PackedLinear.weight`) and `scales` is unused. The caller checks `use_fused_rope`."""
+    """Every decoder layer of a decode-only step, bf16 or fp32: (MLP output, residual). `weights`
+    "q4": `linears` and `scales` are quant.pack's 4-bit weights; "dense" ("bf16", its former name):
+    `linears` are the dense weights (bf16: oneDNN-packed, `PackedLinear.weight`; fp32: the plain
+    `[out, in]` weights) and `scales` is unused; those take at most `split_rows` rows per call
+    (0: any). The caller checks `use_fused_rope`."""
     assert _module is not None
-    step = (x, cos, sin, cache, slots, block_tables, lengths, norms, linears)
-    if weights == "q4":
-        hidden, residual = _module.q4_decode_layers(*step, scales, num_heads, scale, eps)
-    else:
-        hidden, residual = _module.bf16_decode_layers(*step, num_heads, scale, eps)
+    kind = "dense" if weights == "bf16" else weights
+    step = (x, cos, sin, cache, slots, block_tables, lengths, norms, linears, scales)
+    hidden, residual = _module.decode_layers(kind, *step, num_heads, scale, eps, split_rows)
     return hidden, residual
 
 

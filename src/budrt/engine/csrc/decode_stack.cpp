@@ -1,5 +1,5 @@
 // Every decoder layer of a decode-only step in one call, on the GGUF's 4-bit weights (small
-// steps) or on the bf16 weights oneDNN packed at load (any other decode-only step).
+// steps) or on the dense weights (any other decode-only step), bf16 or fp32 activations.
 //
 // At one to a few decoding rows the arithmetic of a SmolLM2 layer takes a few tens of
 // microseconds, and walking the layer in Python (module calls, checks, views, ten op dispatches)
@@ -8,8 +8,10 @@
 // fused q/k/v matmul, RoPE + cache write + paged attention, output matmul, add + RMSNorm, gate/up
 // matmul, SiLU(gate) * up, down matmul), through the same kernels (rms_norm.cpp, rope_cache.cpp,
 // silu_mul.cpp; for the linears q4_linear.cpp's tiles or ATen's int4 matmul, whichever quant.pack
-// chose, or oneDNN's packed bf16 linear, the op PackedLinear calls), so the tokens are exactly
-// the same.
+// chose, or the dense op the Python linear calls: oneDNN's packed linear for bf16, at::linear for
+// fp32), so the tokens are exactly the same. Dense linears may run at most `split_rows` rows per
+// call, as the Python linears do for seeded steps (packed_linear.EXACT_ROWS), so those steps can
+// take the stack too.
 
 #include <torch/extension.h>
 
@@ -52,6 +54,18 @@ inline at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weig
   return stack[0].toTensor();
 }
 
+// The dense linear the Python layers call: oneDNN's packed op for bf16, at::linear for fp32 (the
+// op nn.Linear calls, so the same bits); at most `split_rows` rows per call when it is > 0.
+inline at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, int64_t split_rows) {
+  auto one = [&](const at::Tensor& part) {
+    return x.scalar_type() == at::kBFloat16 ? packed_bf16_linear(part, weight) : at::linear(part, weight);
+  };
+  if (split_rows <= 0 || x.size(0) <= split_rows) return one(x);
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& part : x.split(split_rows)) parts.push_back(one(part));
+  return at::cat(parts);
+}
+
 // linear(i, input): the layers' i-th linear (4 per layer: qkv, o, gate_up, down) applied to input.
 using Linear = std::function<at::Tensor(int64_t, const at::Tensor&)>;
 
@@ -91,34 +105,26 @@ std::vector<at::Tensor> run_layers(
 
 }  // namespace budrt_stack
 
-// x: the step's embeddings `[N, hidden]` (bf16). Per layer l: norms[2l] (input) and norms[2l+1]
-// (post-attention) RMSNorm weights; packed[4l + i] / scales[4l + i] the int4 weights of qkv, o,
-// gate_up and down. cache `[layers, 2, blocks, block_size, kv_heads, D]`. Returns {the last
-// layer's MLP output, the residual stream}, as the Python layers leave them.
-std::vector<at::Tensor> q4_decode_layers(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
-    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& lengths,
-    const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& packed,
-    const std::vector<at::Tensor>& scales, int64_t num_heads, double scale, double eps) {
+// kind "q4": linears[4l + i] / scales[4l + i] are quant.pack's 4-bit weights of layer l's qkv, o,
+// gate_up and down; "dense": linears are their dense weights (bf16: oneDNN-packed, as
+// PackedLinear.weight; fp32: plain `[out, in]`), scales unused. x: the step's embeddings
+// `[N, hidden]` (bf16 or fp32: norms, cache and dense weights of its dtype). Per layer l: norms[2l]
+// (input) and norms[2l+1] (post-attention) RMSNorm weights. cache `[layers, 2, blocks, block_size,
+// kv_heads, D]`. split_rows: dense linears take at most this many rows per call (0: no limit).
+// Returns {the last layer's MLP output, the residual stream}, as the Python layers leave them.
+std::vector<at::Tensor> decode_layers(
+    const std::string& kind, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& lengths,
+    const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& linears,
+    const std::vector<at::Tensor>& scales, int64_t num_heads, double scale, double eps, int64_t split_rows) {
   using namespace budrt_stack;
-  TORCH_CHECK(static_cast<int64_t>(packed.size()) == kLinearsPerLayer * cache.size(0) &&
-                  packed.size() == scales.size(),
-              "q4_decode_layers: 4 packed linears per layer");
-  return run_layers(
-      x, cos, sin, cache, slots, block_tables, lengths, norms, num_heads, scale, eps,
-      [&](int64_t i, const at::Tensor& input) { return q4_linear(input, packed[i], scales[i]); });
-}
-
-// As q4_decode_layers, with weights[4l + i] the oneDNN-packed bf16 weights of layer l's linears.
-std::vector<at::Tensor> bf16_decode_layers(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
-    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& lengths,
-    const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& weights, int64_t num_heads,
-    double scale, double eps) {
-  using namespace budrt_stack;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kLinearsPerLayer * cache.size(0),
-              "bf16_decode_layers: 4 packed linears per layer");
-  return run_layers(
-      x, cos, sin, cache, slots, block_tables, lengths, norms, num_heads, scale, eps,
-      [&](int64_t i, const at::Tensor& input) { return packed_bf16_linear(input, weights[i]); });
+  TORCH_CHECK(kind == "q4" || kind == "dense", "decode_layers: kind must be \"q4\" or \"dense\"");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "decode_layers: x must be bf16 or fp32");
+  TORCH_CHECK(static_cast<int64_t>(linears.size()) == kLinearsPerLayer * cache.size(0),
+              "decode_layers: 4 linears per layer");
+  TORCH_CHECK(kind == "dense" || linears.size() == scales.size(), "decode_layers: one scales tensor per 4-bit linear");
+  const Linear linear = [&](int64_t i, const at::Tensor& input) {
+    return kind == "q4" ? q4_linear(input, linears[i], scales[i]) : dense_linear(input, linears[i], split_rows);
+  };
+  return run_layers(x, cos, sin, cache, slots, block_tables, lengths, norms, num_heads, scale, eps, linear);
 }

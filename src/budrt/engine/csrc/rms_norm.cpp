@@ -1,11 +1,12 @@
-// RMSNorm for bf16 activations in one pass, with the residual add that precedes it fused in.
+// RMSNorm for bf16 or fp32 activations in one pass, with the residual add that precedes it fused in.
 //
 // The torch path (engine/llama.py RMSNorm) upcasts to fp32, normalizes with five or six small
 // ops, casts back and multiplies by the weight: about twelve op dispatches per norm, two norms per
 // layer, which at one decoding row cost more than the arithmetic. This computes the same values in
 // the same order as transformers' LlamaRMSNorm: the row in fp32, its mean square (summed in vector
 // lanes), x * rsqrt(ms + eps) rounded to bf16, then times the bf16 weight, rounded to bf16. The
-// add is x + delta rounded to bf16, as torch's bf16 add does.
+// add is x + delta rounded to bf16, as torch's bf16 add does. In fp32 it follows the torch path's
+// fp32 ops the same way: x * rsqrt(mean(x^2) + eps), then weight * that, each rounded to fp32.
 
 #include <torch/extension.h>
 
@@ -53,6 +54,29 @@ inline void norm_row(const bf16* row, const bf16* weight, bf16* out, int64_t wid
   }
 }
 
+// One fp32 row: `out = weight * (row * rsqrt(mean(row^2) + eps))`, the sum of squares in vector
+// lanes as above.
+inline void norm_row(const float* row, const float* weight, float* out, int64_t width, float eps) {
+  constexpr int64_t step = FVec::size();
+  FVec acc(0.f);
+  int64_t i = 0;
+  for (; i + step <= width; i += step) {
+    const FVec x = FVec::loadu(row + i);
+    acc = at::vec::fmadd(x, x, acc);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](FVec& a, FVec& b) { return a + b; }, acc);
+  for (int64_t j = i; j < width; ++j) sum += row[j] * row[j];
+  const float scale = 1.f / std::sqrt(sum / static_cast<float>(width) + eps);
+  const FVec vscale(scale);
+  for (i = 0; i + step <= width; i += step) {
+    (FVec::loadu(weight + i) * (FVec::loadu(row + i) * vscale)).store(out + i);
+  }
+  for (; i < width; ++i) {
+    const float normed = row[i] * scale;
+    out[i] = weight[i] * normed;
+  }
+}
+
 // h = bf16(a + b), elementwise over one row.
 inline void add_row(const bf16* a, const bf16* b, bf16* h, int64_t width) {
   int64_t i = 0;
@@ -64,54 +88,48 @@ inline void add_row(const bf16* a, const bf16* b, bf16* h, int64_t width) {
   for (; i < width; ++i) h[i] = static_cast<bf16>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
 }
 
-void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, name, " must be a bf16 CPU tensor");
+// h = a + b in fp32.
+inline void add_row(const float* a, const float* b, float* h, int64_t width) {
+  constexpr int64_t step = FVec::size();
+  int64_t i = 0;
+  for (; i + step <= width; i += step) (FVec::loadu(a + i) + FVec::loadu(b + i)).store(h + i);
+  for (; i < width; ++i) h[i] = a[i] + b[i];
+}
+
+// x's dtype (bf16 or fp32), which every other tensor must share.
+void check(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                  t.scalar_type() == x.scalar_type(),
+              name, " must be a bf16 or fp32 CPU tensor of x's dtype");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 // Rows per task: a decode step has one to a few rows, which run inline without waking threads.
 constexpr int64_t kGrain = 16;
 
-}  // namespace budrt_norm
-
-// x [N, H] -> RMSNorm(x) [N, H], bf16.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  using namespace budrt_norm;
-  check(x, "x");
-  check(weight, "weight");
-  const int64_t width = x.size(-1);
-  TORCH_CHECK(weight.numel() == width, "weight must have ", width, " elements");
-  auto out = torch::empty_like(x);
-  const int64_t rows = x.numel() / width;
-  const bf16* src = x.data_ptr<bf16>();
-  const bf16* w = weight.data_ptr<bf16>();
-  bf16* dst = out.data_ptr<bf16>();
+template <typename T>
+void norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out) {
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  const T* src = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       norm_row(src + r * width, w, dst + r * width, width, static_cast<float>(eps));
     }
   });
-  return out;
 }
 
-// h = x + delta (bf16), then {h, RMSNorm(h)}: the residual stream and the next sublayer's input.
-std::vector<torch::Tensor> add_rms_norm(
-    const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps) {
-  using namespace budrt_norm;
-  check(x, "x");
-  check(delta, "delta");
-  check(weight, "weight");
-  TORCH_CHECK(x.sizes() == delta.sizes(), "x and delta must have the same shape");
-  const int64_t width = x.size(-1);
-  TORCH_CHECK(weight.numel() == width, "weight must have ", width, " elements");
-  auto sum = torch::empty_like(x);
-  auto out = torch::empty_like(x);
-  const int64_t rows = x.numel() / width;
-  const bf16* a = x.data_ptr<bf16>();
-  const bf16* b = delta.data_ptr<bf16>();
-  const bf16* w = weight.data_ptr<bf16>();
-  bf16* h = sum.data_ptr<bf16>();
-  bf16* dst = out.data_ptr<bf16>();
+template <typename T>
+void add_norm_rows(
+    const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps,
+    torch::Tensor& sum, torch::Tensor& out) {
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  const T* a = x.data_ptr<T>();
+  const T* b = delta.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* h = sum.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * width;
@@ -119,5 +137,40 @@ std::vector<torch::Tensor> add_rms_norm(
       norm_row(h + o, w, dst + o, width, static_cast<float>(eps));
     }
   });
+}
+
+}  // namespace budrt_norm
+
+// x [N, H] -> RMSNorm(x) [N, H], bf16 or fp32 (weight of x's dtype).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  using namespace budrt_norm;
+  check(x, "x", x);
+  check(weight, "weight", x);
+  TORCH_CHECK(weight.numel() == x.size(-1), "weight must have ", x.size(-1), " elements");
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    norm_rows<float>(x, weight, eps, out);
+  } else {
+    norm_rows<bf16>(x, weight, eps, out);
+  }
+  return out;
+}
+
+// h = x + delta (bf16 or fp32), then {h, RMSNorm(h)}: the residual stream and the next sublayer's input.
+std::vector<torch::Tensor> add_rms_norm(
+    const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps) {
+  using namespace budrt_norm;
+  check(x, "x", x);
+  check(delta, "delta", x);
+  check(weight, "weight", x);
+  TORCH_CHECK(x.sizes() == delta.sizes(), "x and delta must have the same shape");
+  TORCH_CHECK(weight.numel() == x.size(-1), "weight must have ", x.size(-1), " elements");
+  auto sum = torch::empty_like(x);
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    add_norm_rows<float>(x, delta, weight, eps, sum, out);
+  } else {
+    add_norm_rows<bf16>(x, delta, weight, eps, sum, out);
+  }
   return {sum, out};
 }

@@ -5,11 +5,15 @@
 // The torch path does the same in about fifteen small ops per layer (slices, roll, two multiplies
 // and an add for RoPE, two index_copy_ for the cache, the attention call), each costing more
 // dispatch than arithmetic at one decoding row. RoPE here rounds exactly as torch's bf16 ops do:
-// x * cos and roll(x) * signed_sin are each rounded to bf16, then their sum.
+// x * cos and roll(x) * signed_sin are each rounded to bf16, then their sum. fp32 is the same
+// without the roundings to bf16: each product and the sum rounded to fp32, as torch's three fp32 ops
+// round them (kept from being fused into an FMA, which g++ does by default even in ISO mode).
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <type_traits>
 
 at::Tensor paged_decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -19,16 +23,21 @@ namespace budrt_rope {
 
 using bf16 = at::BFloat16;
 
-inline bf16 round_bf16(float x) { return static_cast<bf16>(x); }
-
-// dst[d] = x[d] * cos[d] + x[(d + D/2) % D] * signed_sin[d], with torch's bf16 roundings.
-inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, bf16* dst, int64_t dim) {
+// dst[d] = x[d] * cos[d] + x[(d + D/2) % D] * signed_sin[d], each product and the sum rounded to T
+// as torch's ops in T round them.
+template <typename T>
+inline void rope_head(const T* x, const T* cos, const T* sin, T* dst, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t d = 0; d < dim; ++d) {
-    const bf16 rolled = x[d < half ? d + half : d - half];
-    const float a = static_cast<float>(round_bf16(static_cast<float>(x[d]) * static_cast<float>(cos[d])));
-    const float b = static_cast<float>(round_bf16(static_cast<float>(rolled) * static_cast<float>(sin[d])));
-    dst[d] = round_bf16(a + b);
+    const T rolled = x[d < half ? d + half : d - half];
+    float a = static_cast<float>(static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(cos[d])));
+    float b = static_cast<float>(static_cast<T>(static_cast<float>(rolled) * static_cast<float>(sin[d])));
+    if constexpr (std::is_same_v<T, float>) {
+#if defined(__GNUC__)
+      asm("" : "+x"(a), "+x"(b));  // the products as rounded values: no multiply-add across this line
+#endif
+    }
+    dst[d] = static_cast<T>(a + b);
   }
 }
 
@@ -36,14 +45,49 @@ inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, bf16* dst
 
 namespace budrt_rope {
 
+template <typename T>
+void rope_and_write(
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const int64_t* slot, int64_t num_heads, at::Tensor& q, T* keys_out) {
+  const int64_t rows = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t width = (num_heads + 2 * kv_heads) * dim;
+  const T* src = qkv.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();
+  const T* s = sin.data_ptr<T>();
+  T* q_out = q.data_ptr<T>();
+  T* keys = k_cache.data_ptr<T>();
+  T* values = v_cache.data_ptr<T>();
+  const int64_t slot_stride = kv_heads * dim;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = src + n * width;
+      const T* cn = c + n * dim;
+      const T* sn = s + n * dim;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        rope_head(row + h * dim, cn, sn, q_out + (n * num_heads + h) * dim, dim);
+      }
+      T* k_dst = keys + slot[n] * slot_stride;
+      T* v_dst = values + slot[n] * slot_stride;
+      for (int64_t j = 0; j < kv_heads; ++j) {
+        rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
+        if (keys_out != nullptr) std::copy(k_dst + j * dim, k_dst + (j + 1) * dim, keys_out + (n * kv_heads + j) * dim);
+        const T* v_src = row + (num_heads + kv_heads + j) * dim;
+        std::copy(v_src, v_src + dim, v_dst + j * dim);
+      }
+    }
+  });
+}
+
 // RoPE'd q `[N, heads, D]`, after writing each row's RoPE'd key and value at its slot of the cache;
-// the RoPE'd keys also go to `keys_out` (`[N, kv_heads, D]`) when it is given.
+// the RoPE'd keys also go to `keys` (`[N, kv_heads, D]`) when it is defined. bf16 or fp32, all alike.
 at::Tensor rope_and_write(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-    const at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads, bf16* keys_out, const char* who) {
+    const at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads, const at::Tensor& keys, const char* who) {
+  const auto dtype = qkv.scalar_type();
   for (const at::Tensor* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
-                who, ": bf16 contiguous CPU tensors only");
+    TORCH_CHECK(t->device().is_cpu() && (dtype == at::kBFloat16 || dtype == at::kFloat) &&
+                    t->scalar_type() == dtype && t->is_contiguous(),
+                who, ": contiguous CPU tensors, all bf16 or all fp32");
   }
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, who, ": slots int64 [N]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), who, ": k/v cache [blocks, block_size, kv_heads, D]");
@@ -59,31 +103,11 @@ at::Tensor rope_and_write(
     TORCH_CHECK(slot[n] >= 0 && slot[n] < capacity, who, ": slot ", slot[n], " out of range");
   }
   auto q = at::empty({rows, num_heads, dim}, qkv.options());
-  const bf16* src = qkv.data_ptr<bf16>();
-  const bf16* c = cos.data_ptr<bf16>();
-  const bf16* s = sin.data_ptr<bf16>();
-  bf16* q_out = q.data_ptr<bf16>();
-  bf16* keys = k_cache.data_ptr<bf16>();
-  bf16* values = v_cache.data_ptr<bf16>();
-  const int64_t slot_stride = kv_heads * dim;
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const bf16* row = src + n * width;
-      const bf16* cn = c + n * dim;
-      const bf16* sn = s + n * dim;
-      for (int64_t h = 0; h < num_heads; ++h) {
-        rope_head(row + h * dim, cn, sn, q_out + (n * num_heads + h) * dim, dim);
-      }
-      bf16* k_dst = keys + slot[n] * slot_stride;
-      bf16* v_dst = values + slot[n] * slot_stride;
-      for (int64_t j = 0; j < kv_heads; ++j) {
-        rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
-        if (keys_out != nullptr) std::copy(k_dst + j * dim, k_dst + (j + 1) * dim, keys_out + (n * kv_heads + j) * dim);
-        const bf16* v_src = row + (num_heads + kv_heads + j) * dim;
-        std::copy(v_src, v_src + dim, v_dst + j * dim);
-      }
-    }
-  });
+  if (dtype == at::kFloat) {
+    rope_and_write<float>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys.defined() ? keys.data_ptr<float>() : nullptr);
+  } else {
+    rope_and_write<bf16>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys.defined() ? keys.data_ptr<bf16>() : nullptr);
+  }
   return q;
 }
 
@@ -91,13 +115,13 @@ at::Tensor rope_and_write(
 
 // qkv `[N, (heads + 2 kv_heads) * D]` (the fused projection's output), cos/signed sin `[N, D]`,
 // k/v cache `[num_blocks, block_size, kv_heads, D]`, slots `[N]` int64, block_tables and lengths
-// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16.
+// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16 or all fp32.
 at::Tensor rope_cache_decode_attention(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
     const at::Tensor& lengths, int64_t num_heads, double scale) {
   const auto q = budrt_rope::rope_and_write(
-      qkv, cos, sin, k_cache, v_cache, slots, num_heads, nullptr, "rope_cache_decode_attention");
+      qkv, cos, sin, k_cache, v_cache, slots, num_heads, at::Tensor(), "rope_cache_decode_attention");
   const int64_t rows = qkv.size(0), dim = k_cache.size(3);
   return paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, scale).view({rows, num_heads * dim});
 }
@@ -110,6 +134,6 @@ std::tuple<at::Tensor, at::Tensor> rope_cache_write(
   TORCH_CHECK(k_cache.dim() == 4, "rope_cache_write: k/v cache [blocks, block_size, kv_heads, D]");
   auto keys = at::empty({qkv.size(0), k_cache.size(2), k_cache.size(3)}, qkv.options());
   auto q = budrt_rope::rope_and_write(
-      qkv, cos, sin, k_cache, v_cache, slots, num_heads, keys.data_ptr<budrt_rope::bf16>(), "rope_cache_write");
+      qkv, cos, sin, k_cache, v_cache, slots, num_heads, keys, "rope_cache_write");
   return {q, keys};
 }
