@@ -271,14 +271,13 @@ def decode_layers(
     split_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoder layer of a decode-only step, bf16 or fp32: (MLP output, residual). `weights`
-    "q4": `linears` and `scales` are quant.pack's 4-bit weights; "dense" ("bf16", its former name):
-    `linears` are the dense weights (bf16: oneDNN-packed, `PackedLinear.weight`; fp32: the plain
-    `[out, in]` weights) and `scales` is unused; those take at most `split_rows` rows per call
-    (0: any). The caller checks `use_fused_rope`."""
+    "q4": `linears` and `scales` are quant.pack_tiles' 4-bit tiles; "dense": `linears` are the
+    dense weights (bf16: oneDNN-packed, `linear.Linear.weight`; fp32: the plain `[out, in]` weights)
+    and `scales` is unused; those take at most `split_rows` rows per call (0: any). The caller
+    checks `use_fused_rope`."""
     assert _module is not None
-    kind = "dense" if weights == "bf16" else weights
     step = (x, cos, sin, cache, slots, block_tables, lengths, norms, linears, scales)
-    hidden, residual = _module.decode_layers(kind, *step, num_heads, scale, eps, split_rows)
+    hidden, residual = _module.decode_layers(weights, *step, num_heads, scale, eps, split_rows)
     return hidden, residual
 
 

@@ -10,7 +10,7 @@
 // silu_mul.cpp; for the linears q4_linear.cpp's tiles or ATen's int4 matmul, whichever quant.pack
 // chose, or the dense op the Python linear calls: oneDNN's packed linear for bf16, at::linear for
 // fp32), so the tokens are exactly the same. Dense linears may run at most `split_rows` rows per
-// call, as the Python linears do for seeded steps (packed_linear.EXACT_ROWS), so those steps can
+// call, as the Python linears do for seeded steps (step_path.EXACT_ROWS), so those steps can
 // take the stack too.
 
 #include <torch/extension.h>
@@ -42,7 +42,7 @@ inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const
   return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales);
 }
 
-// oneDNN's linear on a weight `torch.ops.mkldnn._reorder_linear_weight` packed (packed_linear.py),
+// oneDNN's linear on a weight `torch.ops.mkldnn._reorder_linear_weight` packed (engine/linear.py),
 // no bias: the op is registered by torch's library, not declared in ATen's headers, so it is
 // called through the dispatcher.
 inline at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
@@ -107,7 +107,7 @@ std::vector<at::Tensor> run_layers(
 
 // kind "q4": linears[4l + i] / scales[4l + i] are quant.pack's 4-bit weights of layer l's qkv, o,
 // gate_up and down; "dense": linears are their dense weights (bf16: oneDNN-packed, as
-// PackedLinear.weight; fp32: plain `[out, in]`), scales unused. x: the step's embeddings
+// linear.Linear.weight; fp32: plain `[out, in]`), scales unused. x: the step's embeddings
 // `[N, hidden]` (bf16 or fp32: norms, cache and dense weights of its dtype). Per layer l: norms[2l]
 // (input) and norms[2l+1] (post-attention) RMSNorm weights. cache `[layers, 2, blocks, block_size,
 // kv_heads, D]`. split_rows: dense linears take at most this many rows per call (0: no limit).
