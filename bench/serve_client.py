@@ -66,43 +66,67 @@ def _data(event: bytes) -> bytes:
 
 
 async def send(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> RequestResult:
-    """POST one streaming chat or text completion and time its chunks."""
+    """POST one streaming chat or text completion and time its chunks. A request that a kept-alive
+    connection could not carry (the server had closed it: llama.cpp's does after a stream) is sent
+    once more on a new one, timed from then."""
+    try:
+        return await _send(session, url, key, body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        pass
+    try:
+        return await _send(session, url, key, body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        return RequestResult(ok=False, error=repr(exc))
+
+
+async def _send(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> RequestResult:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     result = RequestResult(ok=False)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     try:
         async with session.post(f"{url}{_path(body)}", data=orjson.dumps(body), headers=headers) as resp:
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return result
-            buffer = b""
-            async for raw in resp.content.iter_any():
-                now = time.perf_counter()
-                buffer += raw
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    data = _data(event)
-                    if not data or data == b"[DONE]":
-                        continue
-                    chunk = orjson.loads(data)
-                    choices = chunk.get("choices") or []
-                    if choices and _text(choices[0]):
-                        if result.ttft == 0.0:
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        last = now
-                    if usage := chunk.get("usage"):
-                        result.prompt_tokens = usage["prompt_tokens"]
-                        result.output_tokens = usage["completion_tokens"]
-            result.e2e = time.perf_counter() - start
-            result.ttft = result.ttft or result.e2e
-            result.ok = result.output_tokens > 0
-            if not result.ok:
-                result.error = "no usage chunk in the stream"
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            try:
+                await _read_stream(resp, result, start)
+            except aiohttp.ClientError as exc:  # once the answer began, a lost connection is a failure
+                result.error = repr(exc)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        raise  # not sent: `send` tries once more
+    except (TimeoutError, ValueError, aiohttp.ClientError) as exc:
         result.error = repr(exc)
     return result
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:
+    """Time the SSE chunks of one answer into `result`."""
+    last = start
+    buffer = b""
+    async for raw in resp.content.iter_any():
+        now = time.perf_counter()
+        buffer += raw
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = _data(event)
+            if not data or data == b"[DONE]":
+                continue
+            chunk = orjson.loads(data)
+            choices = chunk.get("choices") or []
+            if choices and _text(choices[0]):
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+            if usage := chunk.get("usage"):
+                result.prompt_tokens = usage["prompt_tokens"]
+                result.output_tokens = usage["completion_tokens"]
+    result.e2e = time.perf_counter() - start
+    result.ttft = result.ttft or result.e2e
+    result.ok = result.output_tokens > 0
+    if not result.ok:
+        result.error = "no usage chunk in the stream"
 
 
 def _session(limit: int) -> aiohttp.ClientSession:
