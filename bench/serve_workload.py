@@ -56,6 +56,27 @@ class BenchRequest:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         return body
 
+    def completion_body(self, model: str, temperature: float, seed: int | None = None) -> dict[str, Any]:
+        """A streaming `/v1/completions` body with the prompt as token ids, so every server sees
+        the same prompt tokens (llama.cpp's server and budrt both accept ids). The sampling fields
+        are spelled out: llama.cpp's own defaults (top_k 40, top_p 0.95, min_p 0.05) would
+        otherwise give it a different, cheaper distribution to sample from."""
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": self.prompt_ids,
+            "max_tokens": self.max_tokens,
+            "temperature": temperature,
+            "top_p": 1.0,
+            "top_k": 0,  # off on both servers
+            "min_p": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
 
 def _prompt(tokenizer: Any, rng: random.Random, target: int, prefix: str = "") -> tuple[str, list[int]]:
     """User content whose templated prompt has about `target` tokens."""
@@ -85,14 +106,18 @@ def synthetic_workload(
     seed: int = 0,
     prompt_range: tuple[int, int] = (64, 256),
     output_range: tuple[int, int] = (32, 256),
+    text_seed: int | None = None,
 ) -> list[BenchRequest]:
-    """`num_requests` chat requests, prompt and output lengths uniform in the given ranges."""
+    """`num_requests` chat requests, prompt and output lengths uniform in the given ranges.
+    With `text_seed`, the lengths still follow `seed` but the words follow `text_seed`: the same
+    shapes with other prompts, which no prefix cache holds from an earlier phase."""
     rng = random.Random(seed)
+    words_rng = rng if text_seed is None else random.Random(text_seed)
     requests = []
     for i in range(num_requests):
         target = rng.randint(*prompt_range)
         max_tokens = rng.randint(*output_range)
-        content, ids = _prompt(tokenizer, rng, target)
+        content, ids = _prompt(tokenizer, words_rng, target)
         requests.append(BenchRequest(i, [{"role": "user", "content": content}], ids, max_tokens))
     return requests
 
@@ -117,3 +142,19 @@ def prefix_workload(
             ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
             out.append(BenchRequest(i, messages, ids, max_tokens))
     return shared, unique
+
+
+def token_prompts(
+    tokenizer: Any, num_requests: int, prompt_tokens: int, seed: int = 2, max_tokens: int = 1
+) -> list[BenchRequest]:
+    """Raw prompts of exactly `prompt_tokens` random-word tokens, each different from its first
+    token on (no prefix cache can serve one from another): the prefill case."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(num_requests):
+        ids: list[int] = []
+        while len(ids) < prompt_tokens:
+            words = " ".join(rng.choice(WORDS) for _ in range(prompt_tokens))
+            ids = tokenizer.encode(f"{i} {words}", add_special_tokens=False)
+        out.append(BenchRequest(i, [], ids[:prompt_tokens], max_tokens))
+    return out
