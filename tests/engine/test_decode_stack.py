@@ -20,7 +20,10 @@ from budrt.engine.step_path import EXACT_ROWS
 
 
 def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4) -> LLMEngine:
-    engine = create_text_engine(config(max_num_seqs=max_num_seqs, enable_prefix_caching=False))
+    # A cache that holds every sequence at once (fp32 blocks are twice bf16's size).
+    cache = max(16, 3 * max_num_seqs) * 1024**2
+    cfg = config(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_bytes=cache)
+    engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
     return engine
 

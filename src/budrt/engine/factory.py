@@ -184,8 +184,8 @@ def _path_rule(model: LlamaForCausalLM, small_rows: int, stack: DecodeStack | No
 def build_model(
     checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, forms: LinearForms = LinearForms()
 ) -> LlamaForCausalLM:
-    """The model with `checkpoint`'s weights in `dtype`: built on `meta`, its linears made whole
-    from the weights (fused q/k/v and gate/up), the rest loaded in place."""
+    """The model with `checkpoint`'s weights in `dtype`: its linears made whole from the weights
+    (fused q/k/v and gate/up), the embedding and norms loaded in place."""
     # RoPE tables only need to cover the positions we serve.
     args = dataclasses.replace(checkpoint.args, max_position_embeddings=max_model_len)
     weights, quantized = dict(checkpoint.weights), dict(checkpoint.quantized)
@@ -201,13 +201,9 @@ def build_model(
         bias = params.pop(f"{name}.bias", None)
         return Linear(weight, bias, forms, quantized.get(f"{source}.weight"))
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(args, make_linear)
+    model = LlamaForCausalLM(args, make_linear)
     missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in linears]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
-    # The RoPE tables are not in the checkpoint; build them for real (they were on `meta`).
-    rotary = type(model.rotary)(args.head_dim, args.rope_theta, max_model_len, args.rope_scaling)
-    model.rotary = rotary.to(dtype)
     return model.eval().requires_grad_(False)

@@ -242,13 +242,15 @@ LayerStack = Callable[
 
 
 class LlamaForCausalLM(nn.Module):
-    """Built on the `meta` device with its linears made by `make_linear` from the loaded weights;
-    the embedding and norms are then loaded with `load_state_dict(assign=True)` (engine/factory.py)."""
+    """Built with its linears made by `make_linear` from the loaded weights; the embedding (on
+    `meta` until then: no random init) and the norms are then loaded with
+    `load_state_dict(assign=True)` (engine/factory.py)."""
 
     def __init__(self, args: LlamaArgs, make_linear: MakeLinear) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        placeholder = torch.empty(args.vocab_size, args.hidden_size, device="meta")  # no random init
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=placeholder)
         self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = make_linear("lm_head")
