@@ -60,7 +60,7 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-bytes", type=int, default=512 * 1024**2)
-    ap.add_argument("--q4-decode-rows", type=int, default=ModelConfig.model_fields["q4_decode_rows"].default)
+    ap.add_argument("--q4-decode-rows", type=int, default=None)
     args = ap.parse_args()
     extra = {
         "kv_cache_bytes": args.kv_cache_bytes,

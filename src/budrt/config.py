@@ -110,8 +110,9 @@ class ModelConfig(_Section):
     max_num_batched_tokens: int = 512  # tokens per engine step: decodes + prefill chunks
     # CPU, Q4_0/Q4_1 GGUF: unseeded decode steps of at most this many rows read the file's own
     # 4-bit weights (the same values, an eighth of fp32's bytes; engine/quant.py, engine/step_path.py);
-    # faster than the dense weights up to at least 16 rows (docs/benchmarks.md); 0 = off.
-    q4_decode_rows: int = 16
+    # 0 = off; None = where the 4-bit steps measured faster than the dense ones on this kind of
+    # CPU (step_path.default_small_rows: 16 in bf16, 32 in fp32; docs/benchmarks.md).
+    q4_decode_rows: int | None = Field(default=None, ge=0)
     default_max_tokens: int | None = None  # chat: None = up to the context length
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model

@@ -22,7 +22,7 @@ from budrt.engine.linear import Linear, LinearForms, onednn_packs
 from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, fuse_weights
 from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.safetensors_loader import load_safetensors
-from budrt.engine.step_path import SMALL_LOGITS_ROWS, PathRule
+from budrt.engine.step_path import SMALL_LOGITS_ROWS, PathRule, default_small_rows
 from budrt.engine.tokenizer import TextTokenizer
 from budrt.model_source import resolve_source
 
@@ -160,14 +160,17 @@ def _assemble_model(
     the rule choosing among them per step, and on CPU the one-call decode layers where they fit."""
     # Before building: the small copies are kept only where their C++ kernels are loaded.
     kernels_ready = target.type == "cpu" and kernels.prepare()
+    small_rows = cfg.q4_decode_rows
+    if small_rows is None:
+        small_rows = default_small_rows(str(dtype).removeprefix("torch."))
     forms = LinearForms(
         onednn=onednn_packs(dtype, target, cpu_features.native_bf16()[0]),
-        small=kernels_ready and cfg.q4_decode_rows > 0,
+        small=kernels_ready and small_rows > 0,
     )
     model = build_model(checkpoint, dtype, max_model_len, forms)
     to_device(model, target)  # no-op on CPU
     stack = DecodeStack.build(model) if kernels_ready else None
-    return _Assembled(model, _path_rule(model, cfg.q4_decode_rows, stack), stack)
+    return _Assembled(model, _path_rule(model, small_rows, stack), stack)
 
 
 def _path_rule(model: LlamaForCausalLM, small_rows: int, stack: DecodeStack | None) -> PathRule:
