@@ -192,8 +192,7 @@ def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> to
 
 
 def q4_tiles_available() -> bool:
-    """Whether quant.pack may pack 4-bit weights for `q4_tiles_linear` (AVX2+FMA+F16C or
-    AVX512-VNNI builds)."""
+    """Whether the loaded build has `q4_tiles_linear` (both levels, avx2 and avx512, do)."""
     return _module is not None and enabled() and bool(_module.q4_tiles_supported())
 
 

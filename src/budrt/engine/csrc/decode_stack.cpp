@@ -7,8 +7,7 @@
 // CPUs idle. This runs the same ops in the same order as llama.py's DecoderLayer (add + RMSNorm,
 // fused q/k/v matmul, RoPE + cache write + paged attention, output matmul, add + RMSNorm, gate/up
 // matmul, SiLU(gate) * up, down matmul), through the same kernels (rms_norm.cpp, rope_cache.cpp,
-// silu_mul.cpp; for the linears q4_linear.cpp's tiles or ATen's int4 matmul, whichever quant.pack
-// chose, or the dense op the Python linear calls: oneDNN's packed linear for bf16, at::linear for
+// silu_mul.cpp; for the linears q4_linear.cpp's tiles, or the dense op the Python linear calls: oneDNN's packed linear for bf16, at::linear for
 // fp32), so the tokens are exactly the same. Dense linears may run at most `split_rows` rows per
 // call, as the Python linears do for seeded steps (step_path.EXACT_ROWS), so those steps can
 // take the stack too.
@@ -33,13 +32,11 @@ at::Tensor q4_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const 
 
 namespace budrt_stack {
 
-constexpr int64_t kGroup = 32;  // GGUF Q4 block size = the int4 matmul's group size
 constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
 
-// quant.matmul's choice, made by the packing: tiles are one flat uint8 tensor (quant.pack_tiles).
-inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  if (packed.dim() == 1) return q4_tiles_linear(x, packed, scales, 2);
-  return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales);
+// The 4-bit tiles (quant.pack_tiles) with two int8 roundings of x, as linear.Linear calls them.
+inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm) {
+  return q4_tiles_linear(x, packed, dm, 2);
 }
 
 // oneDNN's linear on a weight `torch.ops.mkldnn._reorder_linear_weight` packed (engine/linear.py),
@@ -105,7 +102,7 @@ std::vector<at::Tensor> run_layers(
 
 }  // namespace budrt_stack
 
-// kind "q4": linears[4l + i] / scales[4l + i] are quant.pack's 4-bit weights of layer l's qkv, o,
+// kind "q4": linears[4l + i] / scales[4l + i] are quant.pack_tiles' 4-bit tiles of layer l's qkv, o,
 // gate_up and down; "dense": linears are their dense weights (bf16: oneDNN-packed, as
 // linear.Linear.weight; fp32: plain `[out, in]`), scales unused. x: the step's embeddings
 // `[N, hidden]` (bf16 or fp32: norms, cache and dense weights of its dtype). Per layer l: norms[2l]
