@@ -12,6 +12,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from budrt.config import (
     REVEAL_ALL,
+    ModelConfig,
     SecretText,
     Settings,
     load_runtime,
@@ -248,3 +249,13 @@ def test_a_yaml_syntax_error_names_the_line_not_its_text(tmp_path: Path) -> None
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "invalid YAML" in done.stderr and "line 2" in done.stderr
     assert "LEAKED" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("value", [-1, "sixteen", 2.5, "１６"])
+def test_q4_decode_rows_refuses_hostile_values(value: object) -> None:
+    """0 turns the 4-bit steps off and None leaves the crossover to the engine; nothing else."""
+    fields = {"name": "m", "task": "chat", "format": "gguf", "source": "x.gguf"}
+    with pytest.raises(ValidationError, match="q4_decode_rows"):
+        ModelConfig(**fields, q4_decode_rows=value)
+    assert ModelConfig(**fields).q4_decode_rows is None
+    assert ModelConfig(**fields, q4_decode_rows=0).q4_decode_rows == 0

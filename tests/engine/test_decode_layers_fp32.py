@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
-from gguf.quants import quantize
+from gguf_blocks import random_q4
 
 from budrt.engine import kernels, quant
 from budrt.engine.llama import RotaryEmbedding
@@ -25,20 +23,12 @@ def built() -> None:
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
-def random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
-    rng = np.random.default_rng(seed)
-    raw = quantize(0.2 * rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
-    assert q4 is not None
-    return q4
-
-
 def layer_weights() -> tuple[list[torch.Tensor], list[quant.Q4Weight]]:
     """Norm weights (2 per layer) and the 4 linears per layer (qkv, o, gate_up, down), in 4 bits."""
     qkv = (HEADS + 2 * KV_HEADS) * DIM
     shapes = [(qkv, HIDDEN), (HIDDEN, HEADS * DIM), (2 * INTER, HIDDEN), (HIDDEN, INTER)]
     norms = [1 + 0.1 * torch.randn(HIDDEN) for _ in range(2 * LAYERS)]
-    return norms, [random_q4(*shapes[i % 4], seed=i) for i in range(4 * LAYERS)]
+    return norms, [random_q4(*shapes[i % 4], seed=i, scale=0.2) for i in range(4 * LAYERS)]
 
 
 def step(rows: int) -> dict[str, torch.Tensor]:
@@ -90,6 +80,19 @@ def python_layers(
     return hidden, residual
 
 
+def run_stack(
+    kind: str,
+    s: dict[str, torch.Tensor],
+    norms: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    split: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.decode_layers` over the step `s` (from `step`)."""
+    step_tensors = (s["x"], s["cos"], s["sin"], s["cache"], s["slots"], s["tables"], s["lengths"])
+    return kernels.decode_layers(kind, *step_tensors, norms, weights, scales, HEADS, DIM**-0.5, EPS, split)
+
+
 @pytest.mark.parametrize("kind", ["dense", "q4"])
 @pytest.mark.parametrize("rows,split", [(1, 0), (5, 0), (5, 2)])
 def test_fp32_stack_equals_the_kernels_layer_by_layer(kind: str, rows: int, split: int) -> None:
@@ -108,24 +111,7 @@ def test_fp32_stack_equals_the_kernels_layer_by_layer(kind: str, rows: int, spli
     reference_step = {name: value.clone() for name, value in ours_step.items()}
     weights = [t[0] for t in tiles] if kind == "q4" else dense
     scales = [t[1] for t in tiles] if kind == "q4" else []
-    s = ours_step
-    hidden, residual = kernels.decode_layers(
-        kind,
-        s["x"],
-        s["cos"],
-        s["sin"],
-        s["cache"],
-        s["slots"],
-        s["tables"],
-        s["lengths"],
-        norms,
-        weights,
-        scales,
-        HEADS,
-        DIM**-0.5,
-        EPS,
-        split,
-    )
+    hidden, residual = run_stack(kind, ours_step, norms, weights, scales, split)
     expected_hidden, expected_residual = python_layers(reference_step, norms, linear)
     assert hidden.dtype == torch.float32 and hidden.shape == (rows, HIDDEN)
     assert torch.equal(hidden, expected_hidden) and torch.equal(residual, expected_residual)
@@ -133,22 +119,6 @@ def test_fp32_stack_equals_the_kernels_layer_by_layer(kind: str, rows: int, spli
 
 
 def test_decode_layers_refuses_an_unknown_kind() -> None:
-    s = step(1)
     norms, q4s = layer_weights()
     with pytest.raises(RuntimeError, match="kind"):
-        kernels.decode_layers(
-            "int8",
-            s["x"],
-            s["cos"],
-            s["sin"],
-            s["cache"],
-            s["slots"],
-            s["tables"],
-            s["lengths"],
-            norms,
-            [q4.dequantize() for q4 in q4s],
-            [],
-            HEADS,
-            DIM**-0.5,
-            EPS,
-        )
+        run_stack("int8", step(1), norms, [q4.dequantize() for q4 in q4s], [], 0)

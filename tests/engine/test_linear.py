@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
+from gguf_blocks import random_q4, random_q8
 
 from budrt.engine import kernels, quant
 from budrt.engine.cpu_features import native_bf16
@@ -30,22 +30,6 @@ DENSE_FORMS = [pytest.param(torch.float32, False, id="fp32")] + [
 def cpu_kernels() -> None:
     if not kernels.prepare():
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
-
-
-def random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
-    rng = np.random.default_rng(seed)
-    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
-    assert q4 is not None
-    return q4
-
-
-def random_q8(out: int, inp: int, seed: int) -> quant.Q8Weight:
-    rng = np.random.default_rng(seed)
-    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q8_0)
-    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, (out, inp))
-    assert q8 is not None
-    return q8
 
 
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from gguf_blocks import random_q4
 
 from budrt.config import ModelConfig
 from budrt.engine import kernels, quant
@@ -21,14 +22,6 @@ from budrt.engine.interface import SamplingParams
 from budrt.engine.linear import Linear
 from budrt.engine.llm_engine import LLMEngine
 from budrt.server.gguf_cache import dequantized_source
-
-
-def _random_q4(out: int, inp: int, seed: int) -> quant.Q4Weight:
-    rng = np.random.default_rng(seed)
-    raw = quantize(rng.standard_normal((out, inp)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    q4 = quant.from_gguf(raw, GGMLQuantizationType.Q4_1, (out, inp))
-    assert q4 is not None
-    return q4
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
@@ -164,7 +157,7 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
     # close to the exact product as fp32 arithmetic allows, not just int8-close (~5e-3).
     torch.manual_seed(0)
     for out, inp in ((32, 64), (48, 96), (160, 576)):
-        q4 = _random_q4(out, inp, seed=out)
+        q4 = random_q4(out, inp, seed=out)
         packed, dm = quant.pack_tiles(q4)
         assert packed.dim() == 1 and dm.shape == (out // 16, inp // 32, 2, 16)  # the tile layout
         for rows in (1, 2, 3, 4, 5, 7, 9, 13):  # whole and partial groups of rows at once
@@ -176,7 +169,7 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
             error = ((got.double() - exact).norm() / exact.norm()).item()
             assert error < (2e-4 if dtype == torch.float32 else 4e-3), (out, inp, rows, error)
     none = torch.empty(0, 64, dtype=dtype)
-    assert kernels.q4_tiles_linear(none, *quant.pack_tiles(_random_q4(32, 64, 1))).shape == (0, 32)
+    assert kernels.q4_tiles_linear(none, *quant.pack_tiles(random_q4(32, 64, 1))).shape == (0, 32)
 
 
 @pytest.mark.usefixtures("tiles")
@@ -184,7 +177,7 @@ def test_q4_tiles_compute_the_files_weights_times_x(dtype: torch.dtype) -> None:
 def test_q4_tiles_with_one_rounding_are_int8_close(dtype: torch.dtype) -> None:
     # One int8 rounding per 32-block of x: half the integer work, int8 activations' error.
     torch.manual_seed(1)
-    q4 = _random_q4(64, 576, seed=5)
+    q4 = random_q4(64, 576, seed=5)
     packed, dm = quant.pack_tiles(q4)
     for rows in (1, 5, 8):
         x = torch.randn(rows, 576).to(dtype)
@@ -199,7 +192,7 @@ def test_q4_tiles_with_one_rounding_are_int8_close(dtype: torch.dtype) -> None:
 
 @pytest.mark.usefixtures("tiles")
 def test_q4_tiles_refuse_bad_shapes() -> None:
-    packed, dm = quant.pack_tiles(_random_q4(32, 64, seed=4))
+    packed, dm = quant.pack_tiles(random_q4(32, 64, seed=4))
     with pytest.raises(RuntimeError, match="K must be"):
         kernels.q4_tiles_linear(torch.randn(1, 96, dtype=torch.bfloat16), packed, dm)
     with pytest.raises(RuntimeError, match="packed must be"):

@@ -42,9 +42,8 @@ class DecodeStack:
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> DecodeStack | None:
-        """The stack over a loaded `LlamaForCausalLM`'s layers, or None if they do not fit."""
-        if not kernels.prepare(compile_missing=False):
-            return None
+        """The stack over a loaded `LlamaForCausalLM`'s layers, or None if they do not fit. The
+        caller builds it only where the CPU kernels are loaded (engine/factory.py)."""
         norms: list[torch.Tensor] = []
         linears: list[Linear] = []
         for layer in model.layers:
