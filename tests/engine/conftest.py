@@ -99,7 +99,8 @@ def smollm2_fast(
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[LLMEngine]:
-    """A started fp32 engine (fp32 so outputs can be compared with transformers exactly)."""
+    """A started fp32 engine on the file's values (fp32, no int8 weights: outputs are compared
+    with transformers exactly; the int8 path has its own tests)."""
     cfg = ModelConfig(
         name="smollm2-135m-instruct",
         task="chat",
@@ -109,6 +110,7 @@ def engine() -> Iterator[LLMEngine]:
         max_model_len=512,
         max_num_seqs=4,
         max_waiting=8,
+        int8_linears=False,
     )
     eng = create_text_engine(cfg)
     assert isinstance(eng, LLMEngine)

@@ -19,10 +19,10 @@ from budrt.engine.sequence import make_sequence
 from budrt.engine.step_path import EXACT_ROWS
 
 
-def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4) -> LLMEngine:
+def make_engine(config: Callable[..., ModelConfig], max_num_seqs: int = 4, **overrides: object) -> LLMEngine:
     # A cache that holds every sequence at once (fp32 blocks are twice bf16's size).
     cache = max(16, 3 * max_num_seqs) * 1024**2
-    cfg = config(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_bytes=cache)
+    cfg = config(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_bytes=cache, **overrides)
     engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
     return engine
@@ -99,7 +99,7 @@ def test_small_decode_steps_give_the_same_tokens_with_the_stack(
 def test_larger_and_seeded_steps_give_the_same_tokens_on_the_dense_stack(
     smollm2_fast: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(smollm2_fast, max_num_seqs=40)
+    engine = make_engine(smollm2_fast, max_num_seqs=40, int8_linears=False)
     rule = engine.runner.rule
     assert engine.runner.stack is not None and rule.small_rows > 0
     calls = record_calls(monkeypatch)
@@ -120,6 +120,22 @@ def test_larger_and_seeded_steps_give_the_same_tokens_on_the_dense_stack(
         assert {rows for _, rows in calls} == {len(batch)}
         assert with_stack == without
         assert all(len(tokens) == 8 for tokens in with_stack)
+
+
+def test_with_int8_dense_weights_larger_and_seeded_steps_walk_the_python_layers(
+    smollm2_fast: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(smollm2_fast, max_num_seqs=40)
+    if not engine.runner.rule.dense_int8:
+        pytest.skip("this path's dense weights are not int8 here (bf16, or no FBGEMM)")
+    calls = record_calls(monkeypatch)
+    prompts = [list(range(100 + i, 120 + i)) for i in range(engine.runner.rule.small_rows + 1)]
+    for params in (
+        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=1.0, seed=7, ignore_eos=True),
+    ):
+        assert all(len(tokens) == 4 for tokens in decode(engine, prompts, 4, params))
+    assert not calls  # csrc/decode_stack.cpp has no int8 linear: these steps are Python layers
 
 
 def test_steps_with_a_prompt_chunk_keep_the_python_layers(

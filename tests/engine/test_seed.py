@@ -3,13 +3,16 @@
 bf16 is where this broke first: oneDNN rounds a row of some linears differently above 32 rows, the
 prompt attention (SDPA) rounds differently with where a chunk boundary falls, and cached prefix
 blocks of other prompts carry those roundings. The engine computes a seeded request's rows in a
-way none of that reaches (step_path: dense weights, EXACT_ROWS; PrefillChunk.row_lengths, seeded-only prefix
-blocks); this checks the tokens, alone against crowded and chunked steps.
+way none of that reaches (step_path: dense weights, EXACT_ROWS rows per call, or int8 weights at any
+row count; PrefillChunk.row_lengths, seeded-only prefix blocks); this checks the tokens, alone
+against crowded and chunked steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import pytest
 
 from budrt.config import ModelConfig
 from budrt.engine.factory import create_text_engine
@@ -18,8 +21,13 @@ from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.sequence import make_sequence
 
 
-def test_seeded_tokens_do_not_depend_on_the_batch(smollm2_fast: Callable[..., ModelConfig]) -> None:
-    engine = create_text_engine(smollm2_fast(max_num_seqs=48, kv_cache_bytes=64 * 1024**2))
+@pytest.mark.parametrize("int8_linears", [False, None], ids=["dense", "default"])
+def test_seeded_tokens_do_not_depend_on_the_batch(
+    smollm2_fast: Callable[..., ModelConfig], int8_linears: bool | None
+) -> None:
+    """`default`: the machine's own choice (fp32: the int8 weights where FBGEMM is; bf16: dense)."""
+    cfg = smollm2_fast(max_num_seqs=48, kv_cache_bytes=64 * 1024**2, int8_linears=int8_linears)
+    engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
     tok = engine.tokenizer
 

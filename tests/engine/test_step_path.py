@@ -28,3 +28,12 @@ def test_a_model_without_small_copies_or_stack_always_runs_dense_layers() -> Non
     rule = PathRule()
     assert rule.choose(1, decode_only=True, seeded=False) == StepPath(False, False, 0, False)
     assert "dense" in rule.describe() and "4-bit" in RULE.describe()
+
+
+def test_int8_dense_weights_need_no_split_and_leave_the_stack_to_small_steps() -> None:
+    rule = PathRule(small_rows=16, small_logits_rows=4, stack=True, dense_int8=True)
+    assert rule.choose(8, decode_only=True, seeded=False) == StepPath(True, False, 0, True)
+    assert rule.choose(40, decode_only=True, seeded=False) == StepPath(False, False, 0, False)
+    assert rule.choose(40, decode_only=True, seeded=True) == StepPath(False, False, 0, False)
+    assert rule.choose(1, decode_only=True, seeded=True) == StepPath(False, False, 0, False)
+    assert "int8" in rule.describe()

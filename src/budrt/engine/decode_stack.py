@@ -10,6 +10,7 @@ pieces of at most `split_rows` rows for seeded steps (step_path.EXACT_ROWS).
 
 A model fits when every layer is plain Llama (no QK-norm, no biases), its activations are fp32,
 or bf16 with oneDNN-packed weights, and either every layer linear has 4-bit tiles or none has.
+Where the dense weights are int8 (engine/int8.py) the stack runs the 4-bit steps only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class DecodeStack:
         eps: float,
     ) -> None:
         self.norms = norms  # 2 per layer: input, post-attention
-        self.dense = [linear.weight for linear in linears]  # 4 per layer: qkv, o, gate_up, down
+        # 4 per layer: qkv, o, gate_up, down; none where the dense form is int8 (4-bit steps only)
+        self.dense = [linear.weight for linear in linears if linear.weight is not None]
         tiles = [linear.q4_tiles for linear in linears]
         self.q4_packed = [t[0] for t in tiles if t is not None]
         self.q4_scales = [t[1] for t in tiles if t is not None]
@@ -53,11 +55,17 @@ class DecodeStack:
             linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             norms += [layer.input_norm.weight.detach(), layer.post_attn_norm.weight.detach()]
         dtype = norms[0].dtype
-        if any(linear.bias is not None or linear.weight.dtype != dtype for linear in linears):
+        if any(linear.bias is not None for linear in linears):
             return None
         if not (dtype == torch.float32 or (dtype == torch.bfloat16 and all(li.onednn for li in linears))):
             return None
         if len({linear.q4_tiles is not None for linear in linears}) != 1:
+            return None
+        weights = [linear.weight for linear in linears]
+        int8_dense = all(w is None for w in weights)  # then the stack runs the 4-bit steps only
+        if int8_dense and linears[0].q4_tiles is None:
+            return None
+        if not int8_dense and any(w is None or w.dtype != dtype for w in weights):
             return None
         first = model.layers[0]
         return cls(norms, linears, first.attn.num_heads, first.attn.head_dim, first.input_norm.eps)

@@ -36,6 +36,7 @@ SOURCES = [
         "q4_linear.cpp",
         "rope_cache.cpp",
         "decode_stack.cpp",
+        "quantize_rows.cpp",
     )
 ]
 FUNCTIONS = [
@@ -50,6 +51,7 @@ FUNCTIONS = [
     "rope_cache_decode_attention",
     "rope_cache_write",
     "decode_layers",
+    "quantize_rows",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"
 _NAME = "budrt_cpu_kernels"  # + "_<level>": the extension's module name, also in its cache key

@@ -10,7 +10,8 @@ extension, `budrt_cpu_kernels_<level>`; engine/cpu_features.py picks the level).
 - q4_linear.cpp: a linear on GGUF Q4 weights by int8 dot products (small decode steps; quant.py);
 - rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer (and
   the RoPE and cache write alone for steps with prompt chunks);
-- decode_stack.cpp: all layers of a decode-only step in one call (decode_stack.py).
+- decode_stack.cpp: all layers of a decode-only step in one call (decode_stack.py);
+- quantize_rows.cpp: activations to per-row int8 levels, blockwise Hadamard-rotated (int8.py).
 Built with torch's JIT extension builder (a C++ compiler and ninja, no network; kernel_build.py)
 into `$TORCH_EXTENSIONS_DIR` or `~/.cache/budrt/torch_extensions`; later processes load the cached
 build. `make` builds every level the compiler accepts (`python -m budrt.engine.kernels`), else the
@@ -203,6 +204,14 @@ def q4_tiles_linear(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, rou
     packing time)."""
     assert _module is not None
     return _module.q4_tiles_linear(x, packed, dm, rounds)
+
+
+def quantize_rows(x: torch.Tensor, block: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `x` `[N, K]`, each `block` inputs Hadamard-rotated, as (integers in -levels..levels
+    stored as fp32 `[N, K]`, per-row scales `[N, 1]`); see csrc/quantize_rows.cpp. The caller
+    checks `prepare()` (at load)."""
+    assert _module is not None
+    return _module.quantize_rows(x, block, levels)
 
 
 def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:

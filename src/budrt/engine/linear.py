@@ -1,9 +1,11 @@
 """A linear layer holding its weights in the forms its model's steps read, built whole at load.
 
-- The dense weights: fp32 (or CUDA's dtype) for `F.linear`; or, for bf16 on a CPU with bf16 dot
-  products, packed once for oneDNN: `F.linear` would hand oneDNN the plain layout, which it
-  reorders on every call (packing once cut SmolLM2's matmul time by 20-60% at 1-64 rows, the
-  49k-vocabulary logits by about 2x).
+- The dense weights, for prompt chunks and batched decode steps, in one of three forms: fp32 (or
+  CUDA's dtype) for `F.linear`; bf16 on a CPU with bf16 dot products, packed once for oneDNN
+  (`F.linear` would hand oneDNN the plain layout, which it reorders on every call: packing once
+  cut SmolLM2's matmul time by 20-60% at 1-64 rows, the 49k-vocabulary logits by about 2x); or,
+  for a GGUF model in fp32 on a CPU without bf16 dot products, int8 packed for FBGEMM
+  (engine/int8.py: 2-2.6x fp32's speed at 64 rows, a quarter of its bytes), kept instead of fp32.
 - The GGUF's own small copies, for decode steps bound by reading the weights (engine/quant.py):
   4-bit blocks repacked into tiles for csrc/q4_linear.cpp (a quarter of bf16's bytes), or the
   Q8_0 lm_head as stored (csrc/q8_linear.cpp).
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budrt.engine import kernels, quant
+from budrt.engine import int8, kernels, quant
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class LinearForms:
     """Which forms a model's linears keep; one decision per model (engine/factory.py)."""
 
     onednn: bool = False  # dense weights packed for oneDNN (bf16 on a CPU with bf16 dot products)
+    int8: bool = False  # dense weights as int8 for FBGEMM, instead of fp32 (engine/int8.py)
     small: bool = False  # keep the GGUF's 4-bit / Q8_0 copies (CPU with the kernels loaded)
 
 
@@ -46,11 +49,8 @@ class Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.onednn = forms.onednn
-        if forms.onednn:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-        else:  # a tied lm_head passes the embedding's own Parameter: one tensor, moved once
-            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)
+        self.int8_weight = int8.Int8Weight(weight) if forms.int8 else None
+        self.weight = None if forms.int8 else _dense_weight(weight, forms.onednn)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), False)
         self.q4_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
         self.q8: quant.Q8Weight | None = None
@@ -78,8 +78,12 @@ class Linear(nn.Module):
         return self._dense(x)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_weight is not None:
+            out = self.int8_weight(x)
+            return out if self.bias is None else out + self.bias
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,3 +91,11 @@ class Linear(nn.Module):
             return kernels.q4_tiles_linear(x, *self.q4_tiles)
         assert self.q8 is not None
         return kernels.q8_linear(x, self.q8.values, self.q8.scales)
+
+
+def _dense_weight(weight: torch.Tensor, onednn: bool) -> nn.Parameter:
+    if onednn:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
+        return nn.Parameter(packed, requires_grad=False)
+    # A tied lm_head passes the embedding's own Parameter: one tensor, moved once.
+    return weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)

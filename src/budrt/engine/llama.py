@@ -241,16 +241,28 @@ LayerStack = Callable[
 ]
 
 
-class LlamaForCausalLM(nn.Module):
-    """Built with its linears made by `make_linear` from the loaded weights; the embedding (on
-    `meta` until then: no random init) and the norms are then loaded with
-    `load_state_dict(assign=True)` (engine/factory.py)."""
+class Q8Embedding(nn.Module):
+    """The token embedding read from the GGUF's Q8_0 blocks, row by row: the fp32 table's values
+    in a quarter of its bytes, where nothing else reads that table (engine/factory.py)."""
 
-    def __init__(self, args: LlamaArgs, make_linear: MakeLinear) -> None:
+    def __init__(self, q8: quant.Q8Weight) -> None:
+        super().__init__()
+        self.q8 = q8
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q8.rows(ids)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Built with its linears made by `make_linear` from the loaded weights and, if given, its
+    `embedding`; else the embedding (on `meta` until then: no random init) is loaded with the
+    norms by `load_state_dict(assign=True)` (engine/factory.py)."""
+
+    def __init__(self, args: LlamaArgs, make_linear: MakeLinear, embedding: nn.Module | None = None) -> None:
         super().__init__()
         self.args = args
         placeholder = torch.empty(args.vocab_size, args.hidden_size, device="meta")  # no random init
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=placeholder)
+        self.embed_tokens = embedding or nn.Embedding(args.vocab_size, args.hidden_size, _weight=placeholder)
         self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = make_linear("lm_head")

@@ -59,6 +59,12 @@ class Q8Weight:
         out, inp = self.values.shape
         return (self.values.float().view(out, inp // GROUP, GROUP) * self.scales[..., None]).view(out, inp)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows `ids` (fp32, `[*ids.shape, in]`): `dequantize()[ids]`, same bits."""
+        inp = self.values.shape[1]
+        values = self.values[ids].float().view(*ids.shape, inp // GROUP, GROUP)
+        return (values * self.scales[ids][..., None]).view(*ids.shape, inp)
+
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
         parts = (self.values, self.scales)
         return {name + suffix: part.contiguous() for suffix, part in zip(Q8_SUFFIXES, parts, strict=True)}

@@ -1,15 +1,17 @@
 """Which weights and which code a step runs on, decided once per step by `PathRule.choose`.
 
 A model keeps its linears' weights in up to two forms (engine/linear.py): the dense weights (fp32,
-or bf16 packed for oneDNN) and, for GGUF models on CPU, the file's own 4-bit blocks (and a Q8_0
-lm_head). Decoding a few streams is bound by reading the weights, so such steps read the small
-copies; prompt chunks and larger batches are compute bound and read the dense ones.
+bf16 packed for oneDNN, or int8 for FBGEMM) and, for GGUF models on CPU, the file's own 4-bit
+blocks (and a Q8_0 lm_head). Decoding a few streams is bound by reading the weights, so such steps
+read the small copies; prompt chunks and larger batches are compute bound and read the dense ones.
 
 The small copies round differently from the dense weights, so a row's logits depend on which form
 computed it. A seeded request must give the same tokens whatever shares its step, so every step
-with a seeded request reads the dense weights, `EXACT_ROWS` rows per call: oneDNN rounds a row of
-some shapes (SmolLM2's fused q/k/v, the vocabulary projection) differently above 32 rows than at
-1 to 32, so a seeded row computed in a bigger step would not match the same row computed alone.
+with a seeded request reads the dense weights. fp32 and bf16 ones take `EXACT_ROWS` rows per call:
+oneDNN rounds a row of some shapes (SmolLM2's fused q/k/v, the vocabulary projection) differently
+above 32 rows than at 1 to 32, so a seeded row computed in a bigger step would not match the same
+row computed alone. int8 ones take any number: each row is quantized on its own and summed in
+integers (engine/int8.py).
 """
 
 from __future__ import annotations
@@ -47,16 +49,20 @@ class PathRule:
     small_rows: int = 0  # unseeded decode-only steps of at most this many rows read the 4-bit copies
     small_logits_rows: int = 0  # ... and the Q8_0 lm_head up to this many rows
     stack: bool = False  # decode-only steps may run all layers in one C++ call
+    # The dense weights are int8 (engine/int8.py): row-invariant at any row count, and not in the
+    # C++ stack (which runs the 4-bit steps only then).
+    dense_int8: bool = False
 
     def choose(self, rows: int, decode_only: bool, seeded: bool) -> StepPath:
         """The path of a step of `rows` rows; `decode_only`: no prompt chunk in it; `seeded`: some
         request in it has a seed."""
         small = decode_only and not seeded
+        small_layers = small and rows <= self.small_rows
         return StepPath(
-            small=small and rows <= self.small_rows,
+            small=small_layers,
             small_logits=small and rows <= self.small_logits_rows,
-            split_rows=EXACT_ROWS if seeded else 0,
-            stack=self.stack and decode_only,
+            split_rows=EXACT_ROWS if seeded and not self.dense_int8 else 0,
+            stack=self.stack and decode_only and (small_layers or not self.dense_int8),
         )
 
     def describe(self) -> str:
@@ -66,7 +72,8 @@ class PathRule:
             parts.append(f"decode steps of <= {self.small_rows} rows read the GGUF's 4-bit weights")
         if self.small_logits_rows:
             parts.append(f"their logits of <= {self.small_logits_rows} rows the Q8_0 lm_head")
-        parts.append("other steps the dense weights" if parts else "every step reads the dense weights")
+        dense = "the int8 weights" if self.dense_int8 else "the dense weights"
+        parts.append(f"other steps {dense}" if parts else f"every step reads {dense}")
         if self.stack:
             parts.append("decode-only steps run all layers in one C++ call")
         return "; ".join(parts)

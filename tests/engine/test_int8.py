@@ -1,0 +1,162 @@
+"""engine/int8.py: int8 linears through FBGEMM, with per-row, Hadamard-rotated activations; each
+row's result is the same bits whatever shares its call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from budrt.config import ModelConfig
+from budrt.engine import int8, kernels
+from budrt.engine.factory import create_text_engine
+from budrt.engine.interface import SamplingParams
+from budrt.engine.linear import Linear, LinearForms
+from budrt.engine.llm_engine import LLMEngine
+from budrt.engine.sequence import make_sequence
+
+pytestmark = pytest.mark.skipif(not int8.available(), reason="this torch build has no FBGEMM")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels() -> None:
+    if not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact.double()).norm() / exact.double().norm()).item()
+
+
+def activations(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Rows like an LLM's: mostly small values, a few channels 30x larger, rows of mixed size."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=gen) * torch.rand(rows, 1, generator=gen) * 3
+    x[:, 7] *= 30
+    x[:, width // 2 + 3] *= -20
+    return x
+
+
+def test_hadamard_block_is_the_largest_power_of_4_dividing_the_width() -> None:
+    assert int8.hadamard_block(576) == 64 and int8.hadamard_block(1536) == 64
+    assert int8.hadamard_block(48) == 16 and int8.hadamard_block(40) == 4 and int8.hadamard_block(42) == 1
+
+
+@pytest.mark.parametrize("width", [576, 1536, 48, 42])
+def test_int8_linear_is_close_to_fp32_on_rows_with_large_channels(width: int) -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(320, width) * 0.05
+    x = activations(64, width)
+    out = int8.Int8Weight(weight)(x)
+    assert out.shape == (64, 320) and out.dtype == torch.float32
+    # 7-bit activations: the rotation keeps the large channels from taking the other levels.
+    limit = 0.03 if int8.hadamard_block(width) >= 16 else 0.12
+    assert relative_error(out, F.linear(x, weight)) < limit
+
+
+def test_the_rotation_helps_rows_with_large_channels() -> None:
+    torch.manual_seed(2)
+    weight, x = torch.randn(256, 576) * 0.05, activations(32, 576)
+    ref = F.linear(x, weight)
+    levels, scales = kernels.quantize_rows(x, 1, int8.LEVELS)  # the same rounding, not rotated
+    weight_scales = weight.abs().amax(1, keepdim=True) / 127
+    unrotated = F.linear(levels * scales, torch.round(weight / weight_scales) * weight_scales)
+    assert relative_error(int8.Int8Weight(weight)(x), ref) < 0.6 * relative_error(unrotated, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_each_row_is_the_same_bits_alone_and_in_any_batch(rows: int) -> None:
+    torch.manual_seed(3)
+    weight = int8.Int8Weight(torch.randn(960, 576) * 0.05)
+    x = activations(rows, 576, seed=rows)
+    together = weight(x)
+    for r in {0, rows // 2, rows - 1}:
+        assert torch.equal(weight(x[r : r + 1].contiguous()), together[r : r + 1])
+    if rows > 4:
+        split = torch.cat([weight(x[:3].contiguous()), weight(x[3:].contiguous())])
+        assert torch.equal(split, together)
+
+
+def test_quantize_rows_gives_integer_levels_and_row_scales() -> None:
+    x = activations(5, 128)
+    x[2] = 0.0  # an all-zero row: zero levels, no NaN
+    levels, scales = kernels.quantize_rows(x, 64, int8.LEVELS)
+    assert levels.shape == x.shape and scales.shape == (5, 1)
+    assert torch.equal(levels, levels.round()) and levels.abs().max() == int8.LEVELS
+    assert torch.all(levels[2] == 0) and torch.isfinite(scales).all()
+    hadamard = int8._hadamard(64)
+    rotated = (x.view(-1, 64) @ hadamard).view_as(x)
+    assert torch.allclose(levels * scales, rotated, atol=float(scales.max()) * 0.51)
+
+
+@pytest.mark.parametrize(
+    ("x", "block", "levels"),
+    [
+        (torch.zeros(2, 48, dtype=torch.bfloat16), 16, 63),  # not fp32
+        (torch.zeros(2, 48), 32, 63),  # not a power of 4
+        (torch.zeros(2, 40), 16, 63),  # does not divide the width
+        (torch.zeros(2, 48), 16, 200),  # more levels than int8 has
+        (torch.zeros(48), 16, 63),  # not 2-d
+    ],
+)
+def test_quantize_rows_refuses_bad_arguments(x: torch.Tensor, block: int, levels: int) -> None:
+    with pytest.raises(RuntimeError, match="quantize_rows"):
+        kernels.quantize_rows(x, block, levels)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_int8_linear_keeps_no_fp32_weights_and_adds_its_bias(bias: bool) -> None:
+    torch.manual_seed(4)
+    weight, b = torch.randn(160, 96) * 0.05, torch.randn(160) if bias else None
+    linear = Linear(weight, b, LinearForms(int8=True))
+    assert linear.weight is None and linear.int8_weight is not None
+    x = activations(9, 96)
+    with torch.inference_mode():
+        out = linear(x)
+        assert out.shape == (9, 160)
+        assert relative_error(out, F.linear(x, weight, b)) < 0.03
+        assert torch.equal(linear(x, split_rows=4), out)  # any split: the same bits
+        assert linear(x.view(9, 1, 96)).shape == (9, 1, 160)
+
+
+def _smollm2(gguf_path: Path, **overrides: Any) -> ModelConfig:
+    fields: dict[str, Any] = {
+        "name": "smollm2",
+        "task": "chat",
+        "format": "gguf",
+        "source": str(gguf_path),
+        "dtype": "float32",
+        "max_model_len": 256,
+        "max_num_seqs": 8,
+        "kv_cache_bytes": 16 * 1024**2,
+    }
+    return ModelConfig(**(fields | overrides))
+
+
+def test_a_gguf_model_in_fp32_reads_int8_weights_and_answers(gguf_path: Path) -> None:
+    engine = create_text_engine(_smollm2(gguf_path))
+    assert isinstance(engine, LLMEngine)
+    model = engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(linear.weight is None and linear.int8_weight is not None for linear in linears)
+    assert engine.runner.rule.dense_int8 and "int8" in engine.runtime["weights"]
+    tok = engine.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    out: list[int] = []
+    seq = make_sequence("paris", ids, SamplingParams(max_tokens=12, temperature=0.0), tok, 256,
+                        engine.vocab_size, lambda o: out.extend(o.token_ids))  # fmt: skip
+    engine.scheduler.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert "Paris" in tok.decode(out)
+
+
+def test_int8_linears_can_be_turned_off_and_are_refused_where_they_cannot_run(gguf_path: Path) -> None:
+    engine = create_text_engine(_smollm2(gguf_path, int8_linears=False))
+    assert isinstance(engine, LLMEngine) and not engine.runner.rule.dense_int8
+    assert engine.runner.model.lm_head.int8_weight is None
+    with pytest.raises(ValueError, match="int8_linears"):
+        create_text_engine(_smollm2(gguf_path, dtype="bfloat16", int8_linears=True))
