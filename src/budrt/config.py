@@ -111,10 +111,10 @@ class ModelConfig(_Section):
     # CPU, Q4_0/Q4_1 GGUF: unseeded decode steps of at most this many rows read the file's own
     # 4-bit weights (the same values, an eighth of fp32's bytes; engine/quant.py, engine/step_path.py);
     # 0 = off; None = where the 4-bit steps measured faster than the dense ones on this kind of
-    # CPU (step_path.default_small_rows: 16 in bf16, 32 in fp32; docs/benchmarks.md).
+    # CPU (step_path.default_small_rows: 16 in bf16 and with int8 dense weights, else 32 in fp32).
     q4_decode_rows: int | None = Field(default=None, ge=0)
     # CPU, fp32, GGUF with 4/8-bit weights: prompt chunks and batched steps read the weights as
-    # int8 through FBGEMM instead of fp32 (2x the speed at 64 rows, a quarter of the memory;
+    # int8 through FBGEMM instead of fp32 (1.8x a step's matmuls at 64 rows, less memory; lossy:
     # engine/int8.py); None = wherever those conditions hold, false = fp32.
     int8_linears: bool | None = None
     default_max_tokens: int | None = None  # chat: None = up to the context length

@@ -176,12 +176,13 @@ def _assemble_model(
     the rule choosing among them per step, and on CPU the one-call decode layers where they fit."""
     # Before building: the small copies are kept only where their C++ kernels are loaded.
     kernels_ready = target.type == "cpu" and kernels.prepare()
+    dense_int8 = _int8_linears(cfg, checkpoint, dtype, kernels_ready)
     small_rows = cfg.q4_decode_rows
     if small_rows is None:
-        small_rows = default_small_rows(str(dtype).removeprefix("torch."))
+        small_rows = default_small_rows(str(dtype).removeprefix("torch."), dense_int8)
     forms = LinearForms(
         onednn=onednn_packs(dtype, target, cpu_features.native_bf16()[0]),
-        int8=_int8_linears(cfg, checkpoint, dtype, kernels_ready),
+        int8=dense_int8,
         small=kernels_ready and small_rows > 0,
     )
     model = build_model(checkpoint, dtype, max_model_len, forms)

@@ -3,9 +3,10 @@ GGUF models running in fp32 on CPUs without bf16 dot products.
 
 On such CPUs (AVX2, e.g. the AMD EPYC of issue 16) an fp32 matmul does 8 multiply-adds per
 instruction; FBGEMM's int8 kernels (`maddubs`/`madd`) do 32 per two. Measured on SmolLM2's
-shapes with 2 threads: 2.2-2.6x fp32's speed at 64 rows, 1.5x at 1,024 (docs/benchmarks.md),
-and the weights take a quarter of fp32's bytes. The file's weights were 4- or 8-bit already:
-these are its dequantized values, rounded once more to int8 per output row.
+shapes with 2 threads, row quantization included (bench/int8_linear_bench.py): a step's linears
+2.0x fp32's speed at 32 rows, 1.8x at 64, 1.3x at 1,024; the weights take a quarter of fp32's
+bytes in the packed form (FBGEMM also keeps the unpacked int8 copy). The file's weights were 4-
+or 8-bit already: these are its dequantized values, rounded once more to int8 per output row.
 
 Activations are quantized per row (csrc/quantize_rows.cpp) to `LEVELS` steps either side of
 zero and handed to FBGEMM as exact integers with scale 1 and zero point `LEVELS + 1`: every row's

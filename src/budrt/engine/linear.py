@@ -5,7 +5,7 @@
   (`F.linear` would hand oneDNN the plain layout, which it reorders on every call: packing once
   cut SmolLM2's matmul time by 20-60% at 1-64 rows, the 49k-vocabulary logits by about 2x); or,
   for a GGUF model in fp32 on a CPU without bf16 dot products, int8 packed for FBGEMM
-  (engine/int8.py: 2-2.6x fp32's speed at 64 rows, a quarter of its bytes), kept instead of fp32.
+  (engine/int8.py: 1.8x fp32's speed at 64 rows, less memory), kept instead of fp32.
 - The GGUF's own small copies, for decode steps bound by reading the weights (engine/quant.py):
   4-bit blocks repacked into tiles for csrc/q4_linear.cpp (a quarter of bf16's bytes), or the
   Q8_0 lm_head as stored (csrc/q8_linear.cpp).

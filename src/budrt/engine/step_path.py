@@ -24,11 +24,12 @@ EXACT_ROWS = 32
 SMALL_LOGITS_ROWS = 4
 
 
-def default_small_rows(dtype_name: str) -> int:
+def default_small_rows(dtype_name: str, dense_int8: bool = False) -> int:
     """The most rows a 4-bit step takes when the config leaves it open: where the dense weights
     start to win (`bench/step_ab.py --compare q4`). bf16 (oneDNN, AMX Xeon): 16 rows, 27.3 vs 32.6
-    ms. fp32 (MKL, AVX2 EPYC): 32 rows, 132 vs 149 ms; 64 rows about even."""
-    return 16 if dtype_name == "bfloat16" else 32
+    ms. fp32 (MKL, AVX2 EPYC): 32 rows, 132 vs 149 ms; 64 rows about even. fp32 with int8 dense
+    weights (FBGEMM, AVX2 EPYC): 16 rows, 71.2 vs 73.5 ms; at 32 the int8 ones win, 110.9 vs 133.5."""
+    return 16 if dtype_name == "bfloat16" or dense_int8 else 32
 
 
 @dataclass(frozen=True, slots=True)
