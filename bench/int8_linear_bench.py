@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from machine_info import cpu_summary
+from sampler_bench import timed  # ms per call
 
 from budrt.engine import int8, kernels
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 LM_HEAD = (49152, 576)
 LAYERS = 30
-
-
-def timed(fn: Callable[[], object], calls: int) -> float:
-    fn()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - started) / calls * 1e3
 
 
 def rows_like_activations(rows: int, width: int) -> torch.Tensor:

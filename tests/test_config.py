@@ -259,3 +259,13 @@ def test_q4_decode_rows_refuses_hostile_values(value: object) -> None:
         ModelConfig(**fields, q4_decode_rows=value)
     assert ModelConfig(**fields).q4_decode_rows is None
     assert ModelConfig(**fields, q4_decode_rows=0).q4_decode_rows == 0
+
+
+@pytest.mark.parametrize("value", ["definitely", 2, -1, "ｔｒｕｅ", [True]])
+def test_int8_linears_refuses_hostile_values(value: object) -> None:
+    """true, false, or None (the engine decides); nothing else."""
+    fields = {"name": "m", "task": "chat", "format": "gguf", "source": "x.gguf"}
+    with pytest.raises(ValidationError, match="int8_linears"):
+        ModelConfig(**fields, int8_linears=value)
+    assert ModelConfig(**fields).int8_linears is None
+    assert ModelConfig(**fields, int8_linears=False).int8_linears is False
