@@ -29,7 +29,9 @@ TEXT_SERVER = "text"  # the model server's name in the config written here
 # Kept between runs (the dequantized GGUF cache lives there), so start-up is measured as a restart,
 # as a user sees it after the first start; the first ever start also converts the GGUF (~13 s).
 ARTIFACTS = Path(os.environ.get("BUDRT_BENCH_ARTIFACTS") or Path.home() / ".cache/budrt/bench-artifacts")
-KV_LINE = re.compile(r"loaded (\S+) from .*\((\S+), max_model_len=(\d+), (\d+) KV blocks of (\d+) tokens\)")
+KV_LINE = re.compile(
+    r"loaded (\S+) from .*\((\S+), max_model_len=(\d+), (\d+) KV blocks of (\d+) tokens(?:, KV (\S+))?\)"
+)
 
 
 @contextmanager
@@ -72,14 +74,39 @@ def server_pids(launched: Launched) -> dict[str, int]:
     return {p["name"]: p["pid"] for p in status.get("processes", []) if p.get("pid")}
 
 
+def kv_bytes_for(model: dict[str, Any], metadata: dict[str, Any], tokens: int) -> int:
+    """The `kv_cache_bytes` that gives `model` (a ModelConfig dict for the GGUF whose `metadata`
+    is given) `tokens` KV positions, at the cache dtype the engine will choose for it."""
+    import torch
+
+    from budrt.engine.factory import auto_dtype
+    from budrt.engine.kv_cache import CACHE_DTYPES, bytes_per_block, cache_dtype
+
+    arch = metadata["general.architecture"]
+    heads = int(metadata[f"{arch}.attention.head_count"])
+    dtype = model.get("dtype", "auto")
+    activations = auto_dtype() if dtype == "auto" else CACHE_DTYPES[dtype]
+    element = cache_dtype(model.get("kv_cache_dtype", "auto"), activations, torch.device("cpu"))
+    block_size = int(model.get("block_size", 16))
+    per_block = bytes_per_block(
+        int(metadata[f"{arch}.block_count"]),
+        int(metadata.get(f"{arch}.attention.head_count_kv", heads)),
+        int(metadata.get(f"{arch}.attention.key_length") or metadata[f"{arch}.embedding_length"] // heads),
+        block_size,
+        element,
+    )
+    return -(-tokens // block_size) * per_block
+
+
 def kv_capacity(launched: Launched) -> dict[str, Any] | None:
     """The text engine's dtype and KV capacity, from the line it logs when loaded."""
     match = KV_LINE.search(launched.log.read_text(errors="replace"))
     if not match:
         return None
-    _, dtype, max_len, blocks, block_size = match.groups()
+    _, dtype, max_len, blocks, block_size, kv_dtype = match.groups()
     return {
         "dtype": dtype.removeprefix("torch."),
+        "kv_cache_dtype": kv_dtype or dtype.removeprefix("torch."),
         "max_model_len": int(max_len),
         "kv_tokens": int(blocks) * int(block_size),
     }

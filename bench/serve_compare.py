@@ -20,7 +20,8 @@ helps; the figures are medians over rounds), through each server's own HTTP API:
   outputs 32-256): output tok/s and TTFT p50;
 - budrt only: the largest concurrency again with a `seed` on every request (seeded vs unseeded).
 After the run: RSS of each process (budrt: supervisor, gateway, the "text" model server) and
-their RSS/PSS sums, and the KV capacity in tokens each server has. Then, with the servers
+their RSS/PSS sums, and the KV capacity in tokens each server has (budrt's KV budget is sized to
+llama.cpp's token count unless a config sets kv_cache_bytes, so memory compares alike). Then, with the servers
 stopped, transformers `generate` (greedy) one request alone and in static batches of 32.
 Writes bench/results/serve_compare-<time>.json and .md, and prints the markdown.
 """
@@ -42,7 +43,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
-from budrt_server import ADMIN_KEY, TEXT_SERVER, budrt_serve, kv_capacity, server_pids  # noqa: E402
+from budrt_server import ADMIN_KEY, TEXT_SERVER, budrt_serve, kv_bytes_for, kv_capacity, server_pids  # noqa: E402
 from compare_report import markdown  # noqa: E402
 from launch import Launched  # noqa: E402
 from llamacpp_baseline import llamacpp_serve, server_info, unavailable  # noqa: E402
@@ -83,7 +84,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-requests", type=int, help="default 3, quick 2")
     p.add_argument("--budrt-config", action="append", help='"k=v,..." ModelConfig fields; repeat to compare')
     p.add_argument(
-        "--llamacpp-ctx", type=int, help="llama.cpp KV tokens (default: the workload's worst case)"
+        "--llamacpp-ctx",
+        type=int,
+        help="KV tokens of llama.cpp, and of budrt unless a config sets kv_cache_bytes (default: the "
+        "workload's worst case)",
     )
     p.add_argument("--llamacpp-threads", type=int, help="llama.cpp's threads (default: --threads)")
     p.add_argument("--rounds", type=int, default=1, help="each phase this often, servers alternating")
@@ -121,6 +125,9 @@ def budrt_model(args: argparse.Namespace, config: str) -> dict[str, Any]:
     for item in filter(None, config.split(",")):
         key, _, value = item.partition("=")
         model[key.strip()] = yaml.safe_load(value)
+    if "kv_cache_bytes" not in model:  # as many KV tokens as llama.cpp has: memory compared alike
+        metadata = read_metadata(resolve_source(args.source))
+        model["kv_cache_bytes"] = kv_bytes_for(model, metadata, args.llamacpp_ctx)
     return model
 
 

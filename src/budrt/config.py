@@ -105,6 +105,9 @@ class ModelConfig(_Section):
     max_batch_tokens: int = 2048  # embedding micro-batch size in tokens
     # Text engine (see engine/scheduler.py, engine/block_manager.py).
     kv_cache_bytes: int = 512 * 1024**2  # CPU KV-cache budget; CUDA: free memory x utilization
+    # The cache's element type: "auto" = fp16 under fp32 activations on a CPU (twice the tokens in
+    # the budget; scores and sums stay fp32), else the activations' dtype (engine/kv_cache.py).
+    kv_cache_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     block_size: int = 16  # tokens per KV-cache block
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512  # tokens per engine step: decodes + prefill chunks

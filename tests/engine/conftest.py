@@ -99,8 +99,9 @@ def smollm2_fast(
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[LLMEngine]:
-    """A started fp32 engine on the file's values (fp32, no int8 weights: outputs are compared
-    with transformers exactly; the int8 path has its own tests)."""
+    """A started fp32 engine on the file's values (fp32, no int8 weights, an fp32 KV cache:
+    outputs are compared with transformers exactly; the int8 and fp16-cache paths have their own
+    tests)."""
     cfg = ModelConfig(
         name="smollm2-135m-instruct",
         task="chat",
@@ -111,6 +112,7 @@ def engine() -> Iterator[LLMEngine]:
         max_num_seqs=4,
         max_waiting=8,
         int8_linears=False,
+        kv_cache_dtype="float32",
     )
     eng = create_text_engine(cfg)
     assert isinstance(eng, LLMEngine)

@@ -82,6 +82,27 @@ def test_kernel_matches_gather_sdpa(built, dtype: torch.dtype, ratio: int) -> No
             torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_fp32_query_over_a_16bit_cache(built, cache_dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """The default cache under fp32 activations on a CPU: keys and values widened as read, the
+    rest in fp32 as over an fp32 cache, so the result is fp32 attention over the rounded cache."""
+    for dim in (64, 48):  # the vector path and the scalar one
+        cache, q, tables, lengths = make_case(LENGTHS, 9, 3, dim, cache_dtype, seed=dim)
+        q = q.float() + 0.001 * torch.randn(q.shape, generator=torch.Generator().manual_seed(dim))
+        k, v = cache.layer(1)
+        out = kernels.paged_decode_attention(q, k, v, tables, lengths, dim**-0.5)
+        assert out.dtype == torch.float32
+        widened = KVCache(2, cache.num_blocks, BLOCK, 3, dim, torch.float32)
+        widened.data.copy_(cache.data)
+        wk, wv = widened.layer(1)
+        exact = kernels.paged_decode_attention(q, wk, wv, tables, lengths, dim**-0.5)
+        torch.testing.assert_close(out, exact, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, reference(q, cache, 1, tables, LENGTHS), atol=1e-5, rtol=1e-4)
+    other = torch.float16 if cache_dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="fp32 or of the cache"):
+        kernels.paged_decode_attention(q.to(other), k, v, tables, lengths, 0.1)
+
+
 def test_int32_tables_and_threads(built) -> None:  # type: ignore[no-untyped-def]
     """int32 tables give the same result, and so does a single thread (different work split, so
     each task looks ahead at a different next one; an empty sequence among them)."""

@@ -1,5 +1,5 @@
-"""The fused calls (RoPE + cache write, + paged attention for decode-only steps), bf16 and fp32,
-against the torch ops they replace."""
+"""The fused calls (RoPE + cache write, + paged attention for decode-only steps), bf16 and fp32
+(over a cache of the same dtype, or fp16/bf16 under fp32), against the torch ops they replace."""
 
 from __future__ import annotations
 
@@ -26,8 +26,18 @@ def built() -> None:
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_matches_rope_write_and_attention_done_apart(dtype: torch.dtype) -> None:
+# (activations, cache)
+PAIRS = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+]
+PAIR_IDS = ["bf16", "fp32", "fp32-fp16-cache", "fp32-bf16-cache"]
+
+
+@pytest.mark.parametrize(("dtype", "cache_dtype"), PAIRS, ids=PAIR_IDS)
+def test_matches_rope_write_and_attention_done_apart(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     lengths = [1, 17, 40]  # the new token included
     rotary = RotaryEmbedding(DIM, 10000.0, 512)
@@ -41,8 +51,8 @@ def test_matches_rope_write_and_attention_done_apart(dtype: torch.dtype) -> None
     lens = torch.tensor(lengths)
 
     def cache_with_history() -> KVCache:
-        cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
-        cache.data.normal_(generator=torch.Generator().manual_seed(1))
+        cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, cache_dtype)
+        cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(1)))
         return cache
 
     fused_cache, torch_cache = cache_with_history(), cache_with_history()
@@ -55,16 +65,18 @@ def test_matches_rope_write_and_attention_done_apart(dtype: torch.dtype) -> None
     qk = apply_rope(qkv[:, : (HEADS + KV_HEADS) * DIM].view(n, -1, DIM), cos, sin)
     q, k = qk[:, :HEADS], qk[:, HEADS:]
     v = qkv[:, (HEADS + KV_HEADS) * DIM :].view(n, KV_HEADS, DIM)
-    torch_cache.write(0, slots, k, v)
+    torch_cache.write(0, slots, k, v)  # rounded to the cache's dtype as torch rounds
     keys, values = torch_cache.layer(0)
     expected = kernels.paged_decode_attention(q.contiguous(), keys, values, tables, lens, DIM**-0.5)
 
     assert torch.equal(fused_cache.data, torch_cache.data)  # same RoPE'd keys and values, same slots
-    assert torch.equal(fused, expected.reshape(n, HEADS * DIM))
+    assert fused.dtype == dtype and torch.equal(fused, expected.reshape(n, HEADS * DIM))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_cache_write_matches_rope_and_write_done_apart(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "cache_dtype"), PAIRS, ids=PAIR_IDS)
+def test_rope_cache_write_matches_rope_and_write_done_apart(
+    dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
     # A step with prompt chunks: rows at any positions, their slots in any blocks.
     torch.manual_seed(2)
     positions = torch.tensor([7, 0, 1, 2, 3, 4, 33])
@@ -74,8 +86,8 @@ def test_rope_cache_write_matches_rope_and_write_done_apart(dtype: torch.dtype) 
     slots = torch.tensor(
         [5 * BLOCK + 7, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3, 2 * BLOCK + 4, 17]
     )
-    fused_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
-    torch_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype)
+    fused_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, cache_dtype)
+    torch_cache = KVCache(1, 8, BLOCK, KV_HEADS, DIM, cache_dtype)
     keys, values = fused_cache.layer(0)
     q, k = kernels.rope_cache_write(qkv, cos.view(n, -1), sin.view(n, -1), keys, values, slots, HEADS)
 
@@ -83,8 +95,19 @@ def test_rope_cache_write_matches_rope_and_write_done_apart(dtype: torch.dtype) 
     v = qkv[:, (HEADS + KV_HEADS) * DIM :].view(n, KV_HEADS, DIM)
     torch_cache.write(0, slots, qk[:, HEADS:], v)
     assert torch.equal(q, qk[:, :HEADS])
-    assert torch.equal(k, qk[:, HEADS:])
+    assert torch.equal(k, qk[:, HEADS:])  # the keys before their rounding to the cache's dtype
     assert torch.equal(fused_cache.data, torch_cache.data)
+    assert not torch.equal(fused_cache.data, torch.zeros_like(fused_cache.data))
+
+
+def test_refuses_a_cache_it_cannot_convert_to() -> None:
+    cache = KVCache(1, 2, BLOCK, KV_HEADS, DIM, torch.float32)  # fp32 cache under bf16 activations
+    keys, values = cache.layer(0)
+    qkv = torch.zeros(1, (HEADS + 2 * KV_HEADS) * DIM, dtype=torch.bfloat16)
+    cos = torch.ones(1, DIM, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cache"):
+        kernels.rope_cache_write(qkv, cos, cos, keys, values, torch.tensor([0]), HEADS)
+    assert not kernels.use_fused_rope(qkv, cache.data)
 
 
 def test_refuses_a_slot_outside_the_cache() -> None:

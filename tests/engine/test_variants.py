@@ -42,6 +42,7 @@ def test_variant_greedy_matches_transformers(variant: str, tokenizer_files: Path
         format="safetensors",
         source=str(directory),
         dtype="float32",
+        kv_cache_dtype="float32",  # compared with transformers' fp32 exactly
         max_model_len=256,
         max_num_seqs=8,
         kv_cache_bytes=KV_BYTES,

@@ -53,6 +53,7 @@ def test_gguf_variant_matches_transformers(
         format="gguf",
         source=str(path),
         dtype="float32",
+        kv_cache_dtype="float32",  # compared with transformers' fp32 exactly
         max_model_len=256,
         kv_cache_bytes=KV_BYTES,
     )

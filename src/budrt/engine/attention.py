@@ -86,6 +86,7 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
         else:
             kc, vc = cache.gather(layer, chunk.block_table, chunk.context)
+            kc, vc = kc.to(q.dtype), vc.to(q.dtype)  # a 16-bit cache under fp32 activations
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1)
     return out.reshape(n, heads * dim)
@@ -104,6 +105,6 @@ def _decode(q: torch.Tensor, ctx: AttentionContext, cache: KVCache, layer: int) 
         assert ctx.decode_block_tables is not None
         keys, values = cache.gather(layer, ctx.decode_block_tables, ctx.decode_context)
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, enable_gqa=True
+        q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=ctx.decode_mask, enable_gqa=True
     )
     return o.squeeze(2)  # [B, heads, D]

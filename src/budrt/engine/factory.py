@@ -19,7 +19,7 @@ from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
-from budrt.engine.kv_cache import num_blocks_for
+from budrt.engine.kv_cache import cache_dtype, num_blocks_for
 from budrt.engine.linear import Linear, LinearForms, onednn_packs
 from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, Q8Embedding, fuse_weights
 from budrt.engine.llm_engine import LLMEngine
@@ -78,19 +78,21 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     args, tokenizer = checkpoint.args, checkpoint.tokenizer
     target = torch.device(device)
     dtype, dtype_reason = _model_dtype(cfg, target)
+    kv_dtype = cache_dtype(cfg.kv_cache_dtype, dtype, target)
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
     assembled = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
     del checkpoint  # the loaded tensors the model holds in other forms
     _return_freed_memory()
-    num_blocks = _num_kv_blocks(cfg, args, dtype, target)
+    num_blocks = _num_kv_blocks(cfg, args, kv_dtype, target)
     log.info(
-        "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens); %s",
+        "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens, KV %s); %s",
         cfg.name,
         path,
         dtype,
         max_model_len,
         num_blocks,
         cfg.block_size,
+        str(kv_dtype).removeprefix("torch."),
         assembled.rule.describe(),
     )
     return LLMEngine(
@@ -105,11 +107,13 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
         dtype=dtype,
+        kv_cache_dtype=kv_dtype,
         device=target,
         identity=f"{cfg.name}:{cfg.source}",
         path_rule=assembled.rule,
         decode_stack=assembled.stack,
-        runtime=_runtime(dtype, dtype_reason, target) | {"weights": assembled.rule.describe()},
+        runtime=_runtime(dtype, dtype_reason, target)
+        | {"kv_cache_dtype": str(kv_dtype).removeprefix("torch."), "weights": assembled.rule.describe()},
     )
 
 

@@ -110,12 +110,18 @@ def build_all() -> list[str]:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def reads_cache(activations: torch.dtype, cache: torch.dtype) -> bool:
+    """Whether the kernels read a cache of `cache` dtype under `activations`: the same dtype, or
+    bf16/fp16 under fp32 (engine/kv_cache.py)."""
+    return cache == activations or (activations == torch.float32 and cache in (torch.bfloat16, torch.float16))
+
+
 def use_paged_kernel(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether decode attention for `q` over `cache` goes through the C++ kernel: CPU only, q and
-    cache of one supported dtype, and the extension loaded by `prepare`."""
+    cache of dtypes it reads, and the extension loaded by `prepare`."""
     return (
         q.device.type == "cpu"
-        and q.dtype == cache.dtype
+        and reads_cache(q.dtype, cache.dtype)
         and q.dtype in KERNEL_DTYPES
         and _module is not None
         and enabled()
@@ -216,10 +222,10 @@ def quantize_rows(x: torch.Tensor, block: int, levels: int) -> tuple[torch.Tenso
 
 def use_fused_rope(qkv: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether a step's RoPE + cache write (+ attention, for a decode-only step) go through one C++
-    call per layer: bf16 or fp32, qkv and cache alike."""
+    call per layer: bf16 or fp32, the cache alike (or 16-bit under fp32)."""
     return (
         qkv.dtype in POINTWISE_DTYPES
-        and cache.dtype == qkv.dtype
+        and reads_cache(qkv.dtype, cache.dtype)
         and qkv.device.type == "cpu"
         and _module is not None
         and enabled()

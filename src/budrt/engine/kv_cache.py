@@ -11,6 +11,26 @@ from __future__ import annotations
 
 import torch
 
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_WIDTH = (torch.bfloat16, torch.float16)
+
+
+def cache_dtype(configured: str, activations: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache's element type: `configured`, or for "auto" fp16 under fp32 activations on a CPU
+    (as llama.cpp's default: half the bytes per token, so twice the tokens in the same budget and
+    half the bytes a decode step's attention reads; scores and sums stay fp32) and the
+    activations' own dtype elsewhere. The cache is the activations' dtype or 16-bit under fp32:
+    the pairs the C++ kernels and `KVCache` convert between."""
+    if configured == "auto":
+        return torch.float16 if device.type == "cpu" and activations == torch.float32 else activations
+    dtype = CACHE_DTYPES[configured]
+    if dtype != activations and not (activations == torch.float32 and dtype in HALF_WIDTH):
+        raise ValueError(
+            f"kv_cache_dtype {configured} under {str(activations).removeprefix('torch.')} activations: "
+            "the cache holds the activations' dtype, or bfloat16/float16 under float32"
+        )
+    return dtype
+
 
 def bytes_per_block(
     num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
@@ -70,15 +90,21 @@ class KVCache:
         """This layer's keys and values, `[num_blocks, block_size, kv_heads, head_dim]` each."""
         return self.data[layer, 0], self.data[layer, 1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' entries (`[N, kv_heads, head_dim]`) at their slots (`[N]`)."""
-        self._keys[layer].index_copy_(0, slots, k)
-        self._values[layer].index_copy_(0, slots, v)
+        """Store the new tokens' entries (`[N, kv_heads, head_dim]`) at their slots (`[N]`),
+        rounded to the cache's dtype."""
+        self._keys[layer].index_copy_(0, slots, k.to(self.dtype))
+        self._values[layer].index_copy_(0, slots, v.to(self.dtype))
 
     def gather(
         self, layer: int, block_tables: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` positions of each row's blocks: `[B, kv_heads, length, head_dim]`."""
+        """The first `length` positions of each row's blocks: `[B, kv_heads, length, head_dim]`,
+        in the cache's dtype."""
         b = block_tables.shape[0]
         # One index_select on whole blocks of keys and values together: far cheaper than fancy
         # indexing, and half the per-layer calls of selecting keys and values apart.

@@ -55,6 +55,7 @@ class LLMEngine(Engine):
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         dtype: torch.dtype = torch.float32,
+        kv_cache_dtype: torch.dtype | None = None,  # None: `dtype`
         device: torch.device | str = "cpu",
         identity: str = "",
         path_rule: PathRule | None = None,
@@ -73,9 +74,9 @@ class LLMEngine(Engine):
         self.dtype = dtype
         args = model.args
         self.vocab_size = args.vocab_size
-        cache = KVCache(
-            args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim, dtype, device
-        )
+        kv_dtype = kv_cache_dtype or dtype
+        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+        cache = KVCache(*shape, kv_dtype, device)
         self.runner = ModelRunner(model, cache, path_rule, decode_stack)
         # Prefix-cache hashes include the model's identity so two models never share blocks.
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, identity or model_name)

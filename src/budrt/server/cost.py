@@ -58,7 +58,7 @@ def estimate_cost(cfg: ModelConfig, path: Path, device: str = "cpu") -> int:
         dims = json.loads(config.read_text()) if config.exists() else {}
         if "head_dim" not in dims and dims.get("num_attention_heads"):
             dims["head_dim"] = dims["hidden_size"] // dims["num_attention_heads"]
-    kv = kv_cache_bytes(cfg, dims, elem) if cfg.task == "chat" else 0
+    kv = kv_cache_bytes(cfg, dims, _kv_element_bytes(cfg, device, elem)) if cfg.task == "chat" else 0
     return int((weights + kv) * (1 + OVERHEAD))
 
 
@@ -71,6 +71,19 @@ def kv_cache_bytes(cfg: ModelConfig, dims: dict[str, Any], elem: int) -> int:
     kv_heads = int(dims.get("num_key_value_heads") or dims.get("num_attention_heads") or 0)
     head_dim = int(dims.get("head_dim") or 0)
     return 2 * layers * kv_heads * head_dim * cfg.max_num_seqs * cfg.max_model_len * elem
+
+
+def _kv_element_bytes(cfg: ModelConfig, device: str, activation_bytes: int) -> int:
+    """Bytes per KV-cache element, by the engine's own rule (engine/kv_cache.cache_dtype)."""
+    try:
+        import torch
+
+        from budrt.engine.kv_cache import cache_dtype
+
+        activations = {4: torch.float32, 2: torch.bfloat16}.get(activation_bytes, torch.float32)
+        return int(cache_dtype(cfg.kv_cache_dtype, activations, torch.device(device)).itemsize)
+    except Exception:  # an inconsistent config fails at load, with its reason: assume the larger
+        return max(activation_bytes, _DTYPE_BYTES.get(cfg.kv_cache_dtype, 0))
 
 
 def _element_bytes(cfg: ModelConfig, device: str = "cpu") -> int:

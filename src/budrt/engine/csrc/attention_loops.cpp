@@ -63,20 +63,21 @@ inline __m512 reduce16(const __m512* a) {
 }
 
 // Scores of one query head against up to 16 key rows of a block (`row_stride` apart), written to
-// out[0..rows). qf: the head's query in fp32, already scaled; q: the same query as stored.
-template <typename T, int NV>
+// out[0..rows). qf: the head's query in fp32, already scaled; q: the same query as given (T),
+// the keys as cached (C).
+template <typename C, typename T, int NV>
 inline void block_scores16(
-    const T* k, int64_t rows, int64_t row_stride, const float* qf, const T* q, float scale, float* out) {
+    const C* k, int64_t rows, int64_t row_stride, const float* qf, const T* q, float scale, float* out) {
   __m512 acc[16];
   for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
   bool scaled = false;
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
     // bf16 x bf16 pairs summed in fp32 by the CPU (exact products): no widening of the keys.
     __m512bh qv[NV / 2];
     for (int j = 0; j < NV / 2; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
     for (int64_t r = 0; r < rows; ++r) {
-      const T* kr = k + r * row_stride;
+      const C* kr = k + r * row_stride;
       for (int j = 0; j < NV / 2; ++j) acc[r] = _mm512_dpbf16_ps(acc[r], qv[j], (__m512bh)_mm512_loadu_si512(kr + 32 * j));
     }
   } else
@@ -85,7 +86,7 @@ inline void block_scores16(
     __m512 qv[NV];
     for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(qf + 16 * j);
     for (int64_t r = 0; r < rows; ++r) {
-      const T* kr = k + r * row_stride;
+      const C* kr = k + r * row_stride;
       for (int j = 0; j < NV; ++j) acc[r] = _mm512_fmadd_ps(qv[j], __m512(load_f32(kr + 16 * j)), acc[r]);
     }
     scaled = true;

@@ -32,10 +32,10 @@ using namespace budrt_attention;
 // positions. Taking several kv heads at once reads each block's rows as one contiguous span.
 // NV is the number of Vec registers per head_dim row (head_dim == NV * kLanes); NV == 0 is the
 // generic scalar path.
-template <typename T, typename Index, int NV>
+template <typename T, typename C, typename Index, int NV>
 void attend(
-    const T* q, const T* k_cache, const T* v_cache, const Index* table, int64_t len, T* out,
-    int64_t kv_count, const Geometry& g, float* qf, float* scores, float* acc, Lookahead<T, Index>& ahead) {
+    const T* q, const C* k_cache, const C* v_cache, const Index* table, int64_t len, T* out,
+    int64_t kv_count, const Geometry& g, float* qf, float* scores, float* acc, Lookahead<C, Index>& ahead) {
   const int64_t G = g.group, D = g.dim, heads = kv_count * G;
   // The next task's lines, spread evenly over this task's block visits (once per block in the
   // score pass, once per block and query head in the value pass).
@@ -52,14 +52,14 @@ void attend(
   }
   const int64_t nblocks = (len + g.block_size - 1) / g.block_size;
   auto block_rows = [&](int64_t bi) { return std::min(g.block_size, len - bi * g.block_size); };
-  auto block_start = [&](const T* cache, int64_t bi) {
+  auto block_start = [&](const C* cache, int64_t bi) {
     return cache + static_cast<int64_t>(table[bi]) * g.cache_block_stride;
   };
 
   // Scores: each key row is dotted with every query head that shares it.
   prefetch_rows(block_start(k_cache, 0), block_rows(0), g.cache_row_stride);
   for (int64_t bi = 0; bi < nblocks; ++bi) {
-    const T* kb = block_start(k_cache, bi);
+    const C* kb = block_start(k_cache, bi);
     const int64_t rows = block_rows(bi);
     ahead.advance(quota);
     if (bi + 1 < nblocks) prefetch_rows(block_start(k_cache, bi + 1), block_rows(bi + 1), g.cache_row_stride);
@@ -68,7 +68,7 @@ void attend(
     if constexpr (NV == 4 || NV == 8) {
       if (g.block_size == 16) {
         for (int64_t h = 0; h < heads; ++h) {
-          block_scores16<T, NV>(
+          block_scores16<C, T, NV>(
               kb + (h / G) * D, rows, g.cache_row_stride, qf + h * D, q + h * g.q_head_stride, g.scale,
               scores + h * len + bi * 16);
         }
@@ -79,7 +79,7 @@ void attend(
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = bi * g.block_size + r;
       for (int64_t kv = 0; kv < kv_count; ++kv) {
-        const T* kr = kb + r * g.cache_row_stride + kv * D;
+        const C* kr = kb + r * g.cache_row_stride + kv * D;
         if constexpr (NV > 0) {
           Vec kvec[NV];
           for (int j = 0; j < NV; ++j) kvec[j] = load_f32(kr + j * kLanes);
@@ -134,7 +134,7 @@ void attend(
     for (int64_t h = kv * G; h < (kv + 1) * G;) {
       if constexpr (NV > 0) {
         const int64_t n = std::min<int64_t>(kJointHeads<NV>, (kv + 1) * G - h);
-        weighted_sums<T, Index, NV>(
+        weighted_sums<C, Index, NV>(
             n, v_cache, table, len, kv, scores + h * len, acc + h * D, g, ahead, quota);
         h += n;
       } else {
@@ -142,11 +142,11 @@ void attend(
         float* ah = acc + h * D;
         std::fill(ah, ah + D, 0.f);
         for (int64_t bi = 0; bi < nblocks; ++bi) {
-          const T* vb = block_start(v_cache, bi) + kv * D;
+          const C* vb = block_start(v_cache, bi) + kv * D;
           const int64_t rows = block_rows(bi);
           for (int64_t r = 0; r < rows; ++r) {
             const float w = p[bi * g.block_size + r];
-            const T* vr = vb + r * g.cache_row_stride;
+            const C* vr = vb + r * g.cache_row_stride;
             for (int64_t d = 0; d < D; ++d) ah[d] += w * static_cast<float>(vr[d]);
           }
         }
@@ -160,14 +160,14 @@ void attend(
   }
 }
 
-template <typename T, typename Index, int NV>
+template <typename T, typename C, typename Index, int NV>
 void run(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& lengths, at::Tensor& out, const Geometry& g) {
   const int64_t batch = q.size(0);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const C* kp = k_cache.data_ptr<C>();
+  const C* vp = v_cache.data_ptr<C>();
   const Index* tp = block_tables.data_ptr<Index>();
   const Index* lp = lengths.data_ptr<Index>();
   T* op = out.data_ptr<T>();
@@ -196,7 +196,7 @@ void run(
   at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(task_heads * g.dim), acc(task_heads * (g.dim + 1));
     std::vector<float> scores(task_heads * std::max<int64_t>(max_len, 1));
-    Lookahead<T, Index> ahead;
+    Lookahead<C, Index> ahead;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits, kv0 = (task % splits) * kv_per_task;
       const int64_t h0 = kv0 * g.group;
@@ -207,7 +207,7 @@ void run(
       } else {
         ahead.start(kp, vp, tp, 0, 0, g);  // this thread's last task: nothing to fetch
       }
-      attend<T, Index, NV>(
+      attend<T, C, Index, NV>(
           qp + b * g.q_row_stride + h0 * g.q_head_stride, kp + kv0 * g.dim, vp + kv0 * g.dim,
           tp + b * g.max_blocks, lp[b], op + b * g.out_row_stride + h0 * g.dim, kv_per_task, g,
           qf.data(), scores.data(), acc.data(), ahead);
@@ -215,39 +215,41 @@ void run(
   });
 }
 
-template <typename T, typename Index>
+template <typename T, typename C, typename Index>
 void dispatch_width(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
     const at::Tensor& len, at::Tensor& out, const Geometry& g) {
   // The common head sizes get the register-blocked path; anything else the scalar one.
-  if (g.dim == 4 * kLanes) return run<T, Index, 4>(q, k, v, bt, len, out, g);
-  if (g.dim == 8 * kLanes) return run<T, Index, 8>(q, k, v, bt, len, out, g);
-  if (g.dim == 2 * kLanes) return run<T, Index, 2>(q, k, v, bt, len, out, g);
-  if (g.dim == 16 * kLanes) return run<T, Index, 16>(q, k, v, bt, len, out, g);
-  return run<T, Index, 0>(q, k, v, bt, len, out, g);
+  if (g.dim == 4 * kLanes) return run<T, C, Index, 4>(q, k, v, bt, len, out, g);
+  if (g.dim == 8 * kLanes) return run<T, C, Index, 8>(q, k, v, bt, len, out, g);
+  if (g.dim == 2 * kLanes) return run<T, C, Index, 2>(q, k, v, bt, len, out, g);
+  if (g.dim == 16 * kLanes) return run<T, C, Index, 16>(q, k, v, bt, len, out, g);
+  return run<T, C, Index, 0>(q, k, v, bt, len, out, g);
 }
 
-template <typename T>
+template <typename T, typename C>
 void dispatch_index(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bt,
     const at::Tensor& len, at::Tensor& out, const Geometry& g) {
-  if (bt.scalar_type() == at::kInt) return dispatch_width<T, int32_t>(q, k, v, bt, len, out, g);
-  return dispatch_width<T, int64_t>(q, k, v, bt, len, out, g);
+  if (bt.scalar_type() == at::kInt) return dispatch_width<T, C, int32_t>(q, k, v, bt, len, out, g);
+  return dispatch_width<T, C, int64_t>(q, k, v, bt, len, out, g);
 }
 
 }  // namespace
 
 // q `[B, heads, D]`, k/v cache `[num_blocks, block_size, kv_heads, D]`, block_tables
-// `[B, max_blocks]`, lengths `[B]` (same integer type) -> `[B, heads, D]` in q's dtype.
+// `[B, max_blocks]`, lengths `[B]` (same integer type) -> `[B, heads, D]` in q's dtype. The cache
+// is of q's dtype, or 16-bit (bf16 or fp16) under fp32 q: half the bytes to keep and to read.
 at::Tensor paged_decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& lengths, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_decode_attention: bad ranks");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: k/v cache shapes differ");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: k/v cache dtypes differ");
   TORCH_CHECK(
-      q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-      "paged_decode_attention: q and cache dtypes differ");
+      q.scalar_type() == k_cache.scalar_type() || q.scalar_type() == at::kFloat,
+      "paged_decode_attention: q must be fp32 or of the cache's dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: cache not contiguous");
   TORCH_CHECK(q.stride(2) == 1, "paged_decode_attention: q's last dim must be contiguous");
   TORCH_CHECK(
@@ -278,18 +280,26 @@ at::Tensor paged_decode_attention(
   g.q_head_stride = q.stride(1);
   g.out_row_stride = heads * dim;
   g.scale = static_cast<float>(scale);
-  switch (q.scalar_type()) {
+  switch (k_cache.scalar_type()) {  // q is fp32 or the cache's dtype (checked above)
     case at::kFloat:
-      dispatch_index<float>(q, k_cache, v_cache, bt, lens, out, g);
+      dispatch_index<float, float>(q, k_cache, v_cache, bt, lens, out, g);
       break;
     case at::kBFloat16:
-      dispatch_index<at::BFloat16>(q, k_cache, v_cache, bt, lens, out, g);
+      if (q.scalar_type() == at::kFloat) {
+        dispatch_index<float, at::BFloat16>(q, k_cache, v_cache, bt, lens, out, g);
+      } else {
+        dispatch_index<at::BFloat16, at::BFloat16>(q, k_cache, v_cache, bt, lens, out, g);
+      }
       break;
     case at::kHalf:
-      dispatch_index<at::Half>(q, k_cache, v_cache, bt, lens, out, g);
+      if (q.scalar_type() == at::kFloat) {
+        dispatch_index<float, at::Half>(q, k_cache, v_cache, bt, lens, out, g);
+      } else {
+        dispatch_index<at::Half, at::Half>(q, k_cache, v_cache, bt, lens, out, g);
+      }
       break;
     default:
-      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", k_cache.scalar_type());
   }
   return out;
 }

@@ -13,7 +13,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <ATen/cpu/vec/vec.h>
+
 #include <type_traits>
+#include <vector>
 
 at::Tensor paged_decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -45,7 +48,9 @@ inline void rope_head(const T* x, const T* cos, const T* sin, T* dst, int64_t di
 
 namespace budrt_rope {
 
-template <typename T>
+// The cache holds T (the activations' dtype), or C = bf16/fp16 under fp32 activations: then a key
+// is RoPE'd in fp32 and rounded once to C, a value rounded once (ATen's vectorized conversions).
+template <typename T, typename C>
 void rope_and_write(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const int64_t* slot, int64_t num_heads, at::Tensor& q, T* keys_out) {
@@ -55,10 +60,11 @@ void rope_and_write(
   const T* c = cos.data_ptr<T>();
   const T* s = sin.data_ptr<T>();
   T* q_out = q.data_ptr<T>();
-  T* keys = k_cache.data_ptr<T>();
-  T* values = v_cache.data_ptr<T>();
+  C* keys = k_cache.data_ptr<C>();
+  C* values = v_cache.data_ptr<C>();
   const int64_t slot_stride = kv_heads * dim;
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> rotated(keys_out != nullptr ? 0 : dim);  // a key before its rounding to C
     for (int64_t n = begin; n < end; ++n) {
       const T* row = src + n * width;
       const T* cn = c + n * dim;
@@ -66,13 +72,20 @@ void rope_and_write(
       for (int64_t h = 0; h < num_heads; ++h) {
         rope_head(row + h * dim, cn, sn, q_out + (n * num_heads + h) * dim, dim);
       }
-      T* k_dst = keys + slot[n] * slot_stride;
-      T* v_dst = values + slot[n] * slot_stride;
+      C* k_dst = keys + slot[n] * slot_stride;
+      C* v_dst = values + slot[n] * slot_stride;
       for (int64_t j = 0; j < kv_heads; ++j) {
-        rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
-        if (keys_out != nullptr) std::copy(k_dst + j * dim, k_dst + (j + 1) * dim, keys_out + (n * kv_heads + j) * dim);
         const T* v_src = row + (num_heads + kv_heads + j) * dim;
-        std::copy(v_src, v_src + dim, v_dst + j * dim);
+        if constexpr (std::is_same_v<T, C>) {
+          rope_head(row + (num_heads + j) * dim, cn, sn, k_dst + j * dim, dim);
+          if (keys_out != nullptr) std::copy(k_dst + j * dim, k_dst + (j + 1) * dim, keys_out + (n * kv_heads + j) * dim);
+          std::copy(v_src, v_src + dim, v_dst + j * dim);
+        } else {
+          T* key = keys_out != nullptr ? keys_out + (n * kv_heads + j) * dim : rotated.data();
+          rope_head(row + (num_heads + j) * dim, cn, sn, key, dim);
+          at::vec::convert(key, k_dst + j * dim, dim);
+          at::vec::convert(v_src, v_dst + j * dim, dim);
+        }
       }
     }
   });
@@ -83,12 +96,16 @@ void rope_and_write(
 at::Tensor rope_and_write(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads, const at::Tensor& keys, const char* who) {
-  const auto dtype = qkv.scalar_type();
+  const auto dtype = qkv.scalar_type(), cache_dtype = k_cache.scalar_type();
   for (const at::Tensor* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
+    const auto expected = (t == &k_cache || t == &v_cache) ? cache_dtype : dtype;
     TORCH_CHECK(t->device().is_cpu() && (dtype == at::kBFloat16 || dtype == at::kFloat) &&
-                    t->scalar_type() == dtype && t->is_contiguous(),
-                who, ": contiguous CPU tensors, all bf16 or all fp32");
+                    t->scalar_type() == expected && t->is_contiguous(),
+                who, ": contiguous CPU tensors, all bf16 or all fp32 (the cache may be bf16/fp16 under fp32)");
   }
+  TORCH_CHECK(
+      cache_dtype == dtype || (dtype == at::kFloat && (cache_dtype == at::kBFloat16 || cache_dtype == at::kHalf)),
+      who, ": the cache must be of qkv's dtype, or bf16/fp16 under fp32");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, who, ": slots int64 [N]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), who, ": k/v cache [blocks, block_size, kv_heads, D]");
   const int64_t rows = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
@@ -103,10 +120,17 @@ at::Tensor rope_and_write(
     TORCH_CHECK(slot[n] >= 0 && slot[n] < capacity, who, ": slot ", slot[n], " out of range");
   }
   auto q = at::empty({rows, num_heads, dim}, qkv.options());
-  if (dtype == at::kFloat) {
-    rope_and_write<float>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys.defined() ? keys.data_ptr<float>() : nullptr);
+  if (dtype == at::kBFloat16) {
+    rope_and_write<bf16, bf16>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys.defined() ? keys.data_ptr<bf16>() : nullptr);
+    return q;
+  }
+  float* keys_out = keys.defined() ? keys.data_ptr<float>() : nullptr;
+  if (cache_dtype == at::kFloat) {
+    rope_and_write<float, float>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys_out);
+  } else if (cache_dtype == at::kBFloat16) {
+    rope_and_write<float, bf16>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys_out);
   } else {
-    rope_and_write<bf16>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys.defined() ? keys.data_ptr<bf16>() : nullptr);
+    rope_and_write<float, at::Half>(qkv, cos, sin, k_cache, v_cache, slot, num_heads, q, keys_out);
   }
   return q;
 }
@@ -115,7 +139,8 @@ at::Tensor rope_and_write(
 
 // qkv `[N, (heads + 2 kv_heads) * D]` (the fused projection's output), cos/signed sin `[N, D]`,
 // k/v cache `[num_blocks, block_size, kv_heads, D]`, slots `[N]` int64, block_tables and lengths
-// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16 or all fp32.
+// as paged_decode_attention takes them -> `[N, heads * D]`; all bf16 or all fp32 (the cache may be
+// bf16/fp16 under fp32).
 at::Tensor rope_cache_decode_attention(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
