@@ -49,11 +49,11 @@ def case(batch: int, longest: int, seed: int) -> dict[str, torch.Tensor]:
 
 def step(c: dict[str, torch.Tensor], cache: KVCache) -> torch.Tensor:
     outs = []
+    rows = (c["qkv"], c["cos"], c["sin"])
     for layer in range(LAYERS):
         keys, values = cache.layer(layer)
-        outs.append(kernels.rope_cache_decode_attention(
-            c["qkv"], c["cos"], c["sin"], keys, values, c["slots"], c["tables"], c["lengths"], HEADS, DIM**-0.5
-        ))  # fmt: skip
+        where = (c["slots"], c["tables"], c["lengths"])
+        outs.append(kernels.rope_cache_decode_attention(*rows, keys, values, *where, HEADS, DIM**-0.5))
     return outs[-1]
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     if not kernels.prepare():
         raise SystemExit("the CPU kernels could not be built here")
     print(cpu_summary())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels.describe()['kernel_level']}")
+    level = kernels.describe()["kernel_level"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels at {level}")
     print("| case | cache | ms per step (30 layers) | vs fp32 | bytes per token | max abs diff vs fp32 |")
     print("|---|---|---|---|---|---|")
     for spec in args.cases:

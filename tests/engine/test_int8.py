@@ -27,6 +27,14 @@ def cpu_kernels() -> None:
         pytest.skip("the CPU kernels could not be built here (see the logged warning)")
 
 
+def hadamard(block: int) -> torch.Tensor:
+    """The orthonormal Hadamard matrix of a power-of-2 `block` (Sylvester's order)."""
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < block:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
+    return matrix / block**0.5
+
+
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
     return ((got.double() - exact.double()).norm() / exact.double().norm()).item()
 
@@ -55,6 +63,19 @@ def test_int8_linear_is_close_to_fp32_on_rows_with_large_channels(width: int) ->
     # 7-bit activations: the rotation keeps the large channels from taking the other levels.
     limit = 0.03 if int8.hadamard_block(width) >= 16 else 0.12
     assert relative_error(out, F.linear(x, weight)) < limit
+
+
+def test_the_weight_is_rotated_as_the_rows_are_and_rounded_per_output_row() -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(48, 576) * 0.05
+    weight[:, 9] *= 25  # a large input channel: the rotation spreads it over its block
+    unpacked, _ = torch.ops.quantized.linear_unpack(int8.Int8Weight(weight).packed)
+    rotated = (weight.view(-1, 64) @ hadamard(64)).view_as(weight)
+    scales = rotated.abs().amax(1) / 127
+    assert torch.allclose(unpacked.q_per_channel_scales().float(), scales, rtol=1e-5)
+    expected = torch.round(rotated / scales[:, None])
+    assert (unpacked.int_repr().float() - expected).abs().max() <= 1  # summation order aside
+    assert unpacked.int_repr().abs().amax(1).eq(127).all()
 
 
 def test_the_rotation_helps_rows_with_large_channels() -> None:
@@ -87,8 +108,7 @@ def test_quantize_rows_gives_integer_levels_and_row_scales() -> None:
     assert levels.shape == x.shape and scales.shape == (5, 1)
     assert torch.equal(levels, levels.round()) and levels.abs().max() == int8.LEVELS
     assert torch.all(levels[2] == 0) and torch.isfinite(scales).all()
-    hadamard = int8._hadamard(64)
-    rotated = (x.view(-1, 64) @ hadamard).view_as(x)
+    rotated = (x.view(-1, 64) @ hadamard(64)).view_as(x)
     assert torch.allclose(levels * scales, rotated, atol=float(scales.max()) * 0.51)
 
 

@@ -19,6 +19,7 @@ log = logging.getLogger("budrt.gateway.health")
 # Consecutive timed-out checks that mean "hung". Two, so that one slow answer from a busy server
 # does not cancel its requests; a refused connection is not a hang (the requests fail by themselves).
 HUNG_AFTER_TIMEOUTS = 2
+NOT_READY_INTERVAL_S = 0.25  # between checks while some replica is not ready
 
 
 class HealthChecker:
@@ -39,7 +40,14 @@ class HealthChecker:
         while True:
             self.sweep()
             await self.check_all(session)
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.next_check_in())
+
+    def next_check_in(self) -> float:
+        """Seconds to the next round: `interval_s`, or less while a replica is not ready, so one
+        that finishes loading (at start-up, after a restart) takes traffic within a fraction of a
+        second rather than up to a whole interval later."""
+        waiting = any(not ep.ready for ep in self.targets())
+        return min(self.interval_s, NOT_READY_INTERVAL_S) if waiting else self.interval_s
 
     def sweep(self) -> None:
         for dep, ep in self.router.expire():
