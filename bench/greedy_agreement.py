@@ -9,7 +9,9 @@ read the total over many prompts, not one.
 Settings: `bf16` (bf16 weights only), `q4-bf16` (bf16 activations, the 4-bit layers through
 csrc/q4_linear.cpp's int8 dot products and the Q8_0 lm_head), `q4-fp32` (the same with fp32
 activations), `int8` (every step on the int8 weights of engine/int8.py), `int8-q4` (prompts on the
-int8 weights, decode steps on the 4-bit ones: what an AVX2 CPU runs by default). The bf16
+int8 weights, decode steps on the 4-bit ones), these with an fp32 KV cache; `fp16-kv` (the fp32
+engine with an fp16 KV cache alone); `default` (what this machine runs by default: on an AVX2 CPU,
+int8-q4 with an fp16 KV cache). The bf16
 settings are slow (emulated) without native bf16. With `--llamacpp-python V/bin/python` (a venv
 with xllamacpp, see bench/llamacpp_baseline.py), llama.cpp's server on the same GGUF and token ids
 is one more setting: what the baseline's own quantized arithmetic agrees to.
@@ -45,22 +47,24 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-# Each setting's (dtype, q4_decode_rows, int8_linears).
+# Each setting's (dtype, q4_decode_rows, int8_linears, kv_cache_dtype); None: the default.
 SETTINGS = {
-    "fp32": ("float32", 0, False),
-    "bf16": ("bfloat16", 0, False),
-    "q4-bf16": ("bfloat16", 8, False),
-    "q4-fp32": ("float32", 8, False),
-    "int8": ("float32", 0, True),
-    "int8-q4": ("float32", 8, True),
+    "fp32": ("float32", 0, False, "float32"),
+    "bf16": ("bfloat16", 0, False, "auto"),
+    "q4-bf16": ("bfloat16", 8, False, "auto"),
+    "q4-fp32": ("float32", 8, False, "float32"),
+    "int8": ("float32", 0, True, "float32"),
+    "int8-q4": ("float32", 8, True, "float32"),
+    "fp16-kv": ("float32", 0, False, "float16"),
+    "default": ("auto", None, None, "auto"),
 }
 
 
 def generate(setting: str, tokens: int) -> list[list[int]]:
-    dtype, q4_rows, int8_linears = SETTINGS[setting]
+    dtype, q4_rows, int8_linears, kv_cache_dtype = SETTINGS[setting]
     cfg = ModelConfig(
         name="m", task="chat", format="gguf", source=SOURCE, dtype=dtype, max_model_len=2048,
-        max_num_seqs=1, q4_decode_rows=q4_rows, int8_linears=int8_linears,
+        max_num_seqs=1, q4_decode_rows=q4_rows, int8_linears=int8_linears, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     engine = create_text_engine(cfg)
     assert isinstance(engine, LLMEngine)
