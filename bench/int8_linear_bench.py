@@ -45,7 +45,7 @@ def main() -> None:
     print(f"CPU: {cpu_summary()}; {args.threads} threads; torch {torch.__version__}")
     torch.manual_seed(0)
     weights = {name: torch.randn(*shape) * 0.05 for name, shape in (SHAPES | {"lm_head": LM_HEAD}).items()}
-    packed = {name: int8.Int8Weight(w) for name, w in weights.items()}
+    packed = dict(zip(weights, int8.pack([int8.round_weight(w) for w in weights.values()]), strict=True))
     for rows in args.rows:
         step = {"fp32": 0.0, "int8": 0.0}
         for name, weight in weights.items():

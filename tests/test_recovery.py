@@ -279,3 +279,33 @@ def test_unhealthy_server_is_restarted_by_the_supervisor(tmp_path: Path) -> None
     assert now["restarts"] == first["restarts"] + 1, now
     assert (now["last_error"] or "").startswith("unhealthy: model tiny-chat: self-test failed")
     assert "BUDRT_TEST_FAULT" in now["last_error"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """pids whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def test_model_servers_start_before_the_store_and_stop_if_it_cannot_be_prepared(tmp_path: Path) -> None:
+    """`budrt serve` starts the model servers while it migrates the metadata DB (their start-up
+    takes seconds); when preparing the store fails (an admin key no gateway would accept), it
+    exits with the error and leaves no model server behind."""
+    model_dir = build_tiny_llama(tmp_path / "tiny")
+    model = {"name": MODEL, "task": "chat", "format": "safetensors", "source": str(model_dir)}
+    config = {"models": [model], "model_servers": [{"name": "text", "models": [MODEL]}]}
+    s = start_serve(tmp_path, config, {"BUDRT_ADMIN_KEY": "my-admin-key-123"})
+    try:
+        assert s.proc.wait(timeout=60) == 2
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert "started text" in log and "BUDRT_ADMIN_KEY" in log and "started gateway" not in log
+    assert _processes_mentioning(str(tmp_path / "run")) == []

@@ -58,7 +58,7 @@ def test_int8_linear_is_close_to_fp32_on_rows_with_large_channels(width: int) ->
     torch.manual_seed(1)
     weight = torch.randn(320, width) * 0.05
     x = activations(64, width)
-    out = int8.Int8Weight(weight)(x)
+    out = int8.pack([int8.round_weight(weight)])[0](x)
     assert out.shape == (64, 320) and out.dtype == torch.float32
     # 7-bit activations: the rotation keeps the large channels from taking the other levels.
     limit = 0.03 if int8.hadamard_block(width) >= 16 else 0.12
@@ -69,7 +69,7 @@ def test_the_weight_is_rotated_as_the_rows_are_and_rounded_per_output_row() -> N
     torch.manual_seed(4)
     weight = torch.randn(48, 576) * 0.05
     weight[:, 9] *= 25  # a large input channel: the rotation spreads it over its block
-    unpacked, _ = torch.ops.quantized.linear_unpack(int8.Int8Weight(weight).packed)
+    unpacked, _ = torch.ops.quantized.linear_unpack(int8.pack([int8.round_weight(weight)])[0].packed)
     rotated = (weight.view(-1, 64) @ hadamard(64)).view_as(weight)
     scales = rotated.abs().amax(1) / 127
     assert torch.allclose(unpacked.q_per_channel_scales().float(), scales, rtol=1e-5)
@@ -85,13 +85,15 @@ def test_the_rotation_helps_rows_with_large_channels() -> None:
     levels, scales = kernels.quantize_rows(x, 1, int8.LEVELS)  # the same rounding, not rotated
     weight_scales = weight.abs().amax(1, keepdim=True) / 127
     unrotated = F.linear(levels * scales, torch.round(weight / weight_scales) * weight_scales)
-    assert relative_error(int8.Int8Weight(weight)(x), ref) < 0.6 * relative_error(unrotated, ref)
+    assert relative_error(int8.pack([int8.round_weight(weight)])[0](x), ref) < 0.6 * relative_error(
+        unrotated, ref
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_each_row_is_the_same_bits_alone_and_in_any_batch(rows: int) -> None:
     torch.manual_seed(3)
-    weight = int8.Int8Weight(torch.randn(960, 576) * 0.05)
+    weight = int8.pack([int8.round_weight(torch.randn(960, 576) * 0.05)])[0]
     x = activations(rows, 576, seed=rows)
     together = weight(x)
     for r in {0, rows // 2, rows - 1}:
@@ -180,3 +182,44 @@ def test_int8_linears_can_be_turned_off_and_are_refused_where_they_cannot_run(gg
     assert engine.runner.model.lm_head.int8_weight is None
     with pytest.raises(ValueError, match="int8_linears"):
         create_text_engine(_smollm2(gguf_path, dtype="bfloat16", int8_linears=True))
+
+
+def _int8_state(engine: LLMEngine) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each int8 linear's packed weight, unpacked: (int8 levels, per-row scales)."""
+    state = {}
+    for name, module in engine.runner.model.named_modules():
+        if isinstance(module, Linear) and module.int8_weight is not None:
+            unpacked, _ = torch.ops.quantized.linear_unpack(module.int8_weight.packed)
+            state[name] = (unpacked.int_repr(), unpacked.q_per_channel_scales())
+    return state
+
+
+def test_the_gguf_cache_stores_the_int8_forms_and_a_restart_reads_only_them(
+    gguf_path: Path, tmp_path: Path
+) -> None:
+    """The dequantized cache keeps each linear's int8 form; an engine loaded from it reads those
+    instead of the fp32 weights and gets the very weights the GGUF load rounds itself."""
+    from budrt.engine.factory import _load_checkpoint
+    from budrt.engine.safetensors_loader import stored_names
+    from budrt.server.gguf_cache import dequantized_source
+
+    cfg = _smollm2(gguf_path)
+    cached = dequantized_source(cfg, gguf_path, tmp_path)
+    assert cached.format == "safetensors"
+    names = stored_names(cached.source)
+    q_proj = "layers.0.attn.q_proj.weight"
+    assert {q_proj, q_proj + int8.SUFFIXES[0], "embed_tokens.weight" + int8.SUFFIXES[0]} <= names
+
+    checkpoint, dense_int8 = _load_checkpoint(cached, Path(cached.source), torch.float32, True)
+    assert dense_int8 and q_proj in checkpoint.rounded and q_proj not in checkpoint.weights
+    assert "embed_tokens.weight" not in checkpoint.weights  # its Q8_0 copy is the table
+    checkpoint, dense_int8 = _load_checkpoint(
+        cached.model_copy(update={"int8_linears": False}), Path(cached.source), torch.float32, True
+    )
+    assert not dense_int8 and not checkpoint.rounded and q_proj in checkpoint.weights
+
+    from_cache, from_gguf = _int8_state(create_text_engine(cached)), _int8_state(create_text_engine(cfg))
+    assert from_cache.keys() == from_gguf.keys() and "lm_head" in from_cache
+    for name, (levels, scales) in from_gguf.items():
+        assert torch.equal(from_cache[name][0], levels), name
+        assert torch.equal(from_cache[name][1], scales), name

@@ -144,7 +144,7 @@ def test_a_tied_lm_head_shares_the_embedding_and_takes_its_q8(tmp_path: Path) ->
     raw = quantize(embedding.numpy(), GGMLQuantizationType.Q8_0)
     q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, tuple(embedding.shape))
     checkpoint = _Checkpoint(
-        args, weights, {"embed_tokens.weight": q8}, TextTokenizer.from_directory(directory)
+        args, weights, {"embed_tokens.weight": q8}, {}, TextTokenizer.from_directory(directory)
     )
     for small in (False, True):
         model = build_model(checkpoint, torch.float32, 64, LinearForms(small=small))

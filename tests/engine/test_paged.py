@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from budrt.engine.interface import GenerationOutput, SamplingParams
+from budrt.engine.kv_cache import KVCache
 from budrt.engine.llm_engine import LLMEngine
 from budrt.engine.sequence import Sequence, make_sequence
 
@@ -52,14 +53,15 @@ def sibling(engine: LLMEngine, **overrides: Any) -> LLMEngine:
         max_model_len=512,
         max_num_seqs=8,
         max_waiting=32,
-        num_blocks=96,
-        block_size=16,
         max_num_batched_tokens=512,
         enable_prefix_caching=True,
         dtype=torch.float32,
     )
+    num_blocks = overrides.pop("num_blocks", 96)
     kwargs.update(overrides)
-    return LLMEngine("smollm2-paged", engine.runner.model, engine.tokenizer, **kwargs)
+    args = engine.runner.model.args
+    cache = KVCache(args.num_layers, num_blocks, 16, args.num_kv_heads, args.head_dim, torch.float32)
+    return LLMEngine("smollm2-paged", engine.runner.model, engine.tokenizer, cache=cache, **kwargs)
 
 
 def chat(engine: LLMEngine, prompt: str) -> list[int]:

@@ -41,8 +41,7 @@ def serve(host: Host = None, port: Port = None, home: Home = None, config: Confi
 
     settings = load(config, home, host, port)
     setup_logging("supervisor", settings.log_level)
-    _prepare_store(settings)
-    raise typer.Exit(Supervisor(settings).run())
+    raise typer.Exit(Supervisor(settings).run(lambda: _prepare_store(settings)))
 
 
 @serve_app.command()

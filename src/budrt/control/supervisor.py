@@ -14,6 +14,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -112,7 +113,6 @@ class Supervisor:
                 "internal_key": key,
             }
         )
-        self._record_deployments(replicas)
         self._plan_processes(resolved, replicas)
         return resolved
 
@@ -143,17 +143,21 @@ class Supervisor:
     def _server_runtime(self, server: str) -> Path:
         return self.run_dir / f"server-{server}.json"
 
-    def _record_deployments(self, replicas: list[tuple[ModelServerConfig, str, int]]) -> None:
+    def _reads_store(self, process: ManagedProcess) -> bool:
+        """The gateway, and a model server of a model whose files the registry names."""
+        return process.kind == "gateway" or any(self.settings.model(m).in_registry for m in process.models)
+
+    def _record_deployments(self) -> None:
         """Note in the model registry which processes serve each `registry:` model."""
         prefix = "registry:"
         wanted = {
             m.name: m.source[len(prefix) :] for m in self.settings.models if m.source.startswith(prefix)
         }
         serving: dict[str, list[str]] = {}
-        for server, name, _ in replicas:
-            for model in server.models:
+        for process in self.processes:
+            for model in process.models if process.kind == "model-server" else []:
                 if model in wanted:
-                    serving.setdefault(wanted[model], []).append(name)
+                    serving.setdefault(wanted[model], []).append(process.name)
         if not serving:
             return
         try:
@@ -165,13 +169,23 @@ class Supervisor:
         except Exception as exc:  # bookkeeping only: never stop the platform from starting
             log.warning("could not record deployments in the model registry: %s", exc)
 
-    def run(self) -> int:
+    def run(self, prepare_store: Callable[[], None] = lambda: None) -> int:
+        """Start every process, then keep them running until SIGINT/SIGTERM. The model servers
+        that read nothing from the metadata DB start first: their imports and model loads take
+        seconds, and `prepare_store` (migrations, the first admin key: ~0.5 s) runs meanwhile.
+        The gateway and the servers of registry models read the DB: they start after it."""
         self.plan()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        for process in self.processes:
-            process.start(self.env)
-            log.info("started %s pid=%s port=%s", process.name, process.pid, process.port)
+        later = [p for p in self.processes if self._reads_store(p)]
+        self._start([p for p in self.processes if p not in later])
+        try:
+            prepare_store()
+        except BaseException:  # e.g. an admin key no gateway would accept: nothing may outlive us
+            self.shutdown()
+            raise
+        self._record_deployments()
+        self._start(later)
         self.write_status()
         cfg = self.settings.supervisor
         with httpx.Client(timeout=cfg.probe_timeout_s) as client:
@@ -181,6 +195,11 @@ class Supervisor:
                 time.sleep(cfg.probe_interval_s)
         self.shutdown()
         return 0
+
+    def _start(self, processes: list[ManagedProcess]) -> None:
+        for process in processes:
+            process.start(self.env)
+            log.info("started %s pid=%s port=%s", process.name, process.pid, process.port)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,16 +15,16 @@ import torch
 from torch import nn
 
 from budrt.config import ModelConfig
-from budrt.engine import cpu_features, int8, kernels, quant
+from budrt.engine import cpu_features, int8, kernels, openmp, quant
 from budrt.engine.decode_stack import DecodeStack
 from budrt.engine.device import cuda_dtype, fit_kv_blocks, to_device
 from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import Engine
-from budrt.engine.kv_cache import cache_dtype, num_blocks_for
+from budrt.engine.kv_cache import KVCache, cache_dtype, num_blocks_for
 from budrt.engine.linear import Linear, LinearForms, onednn_packs
-from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, Q8Embedding, fuse_weights
+from budrt.engine.llama import LlamaArgs, LlamaForCausalLM, Q8Embedding, fuse_weights, linear_weight_names
 from budrt.engine.llm_engine import LLMEngine
-from budrt.engine.safetensors_loader import load_safetensors
+from budrt.engine.safetensors_loader import load_safetensors, stored_names
 from budrt.engine.step_path import SMALL_LOGITS_ROWS, PathRule, default_small_rows
 from budrt.engine.tokenizer import TextTokenizer
 from budrt.model_source import resolve_source
@@ -48,12 +49,25 @@ def auto_dtype() -> torch.dtype:
 
 
 class _Checkpoint(NamedTuple):
-    """A model's files as loaded: hyperparameters, weights, GGUF quantized copies, tokenizer."""
+    """A model's files as loaded: hyperparameters, weights, GGUF quantized copies, the int8 forms
+    of its dense weights (stored by the gguf cache), tokenizer."""
 
     args: LlamaArgs
     weights: dict[str, torch.Tensor]
     quantized: dict[str, quant.SmallWeight]
+    rounded: dict[str, int8.RoundedWeight]
     tokenizer: TextTokenizer
+
+
+class _Plan(NamedTuple):
+    """What is decided before building a model: where, in which dtypes, its weights' forms."""
+
+    target: torch.device
+    dtype: torch.dtype  # activations
+    kv_dtype: torch.dtype
+    max_model_len: int
+    dense_int8: bool  # `_int8_linears`
+    kernels_ready: bool  # the C++ kernels are loaded (CPU)
 
 
 class _Assembled(NamedTuple):
@@ -74,24 +88,27 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     if cfg.task != "chat":
         raise ValueError(f"model {cfg.name!r}: task {cfg.task!r} is not text generation")
     path = resolve_source(cfg.source)
-    checkpoint = _load_checkpoint(cfg, path)
-    args, tokenizer = checkpoint.args, checkpoint.tokenizer
     target = torch.device(device)
     dtype, dtype_reason = _model_dtype(cfg, target)
-    kv_dtype = cache_dtype(cfg.kv_cache_dtype, dtype, target)
+    kv_dtype = cache_dtype(cfg.kv_cache_dtype, dtype, target)  # refuses a pair the kernels cannot read
+    # Before loading: the weights' forms decide what is read. The small copies are kept only
+    # where their C++ kernels are loaded.
+    kernels_ready = target.type == "cpu" and kernels.prepare()
+    checkpoint, dense_int8 = _load_checkpoint(cfg, path, dtype, kernels_ready)
+    args, tokenizer = checkpoint.args, checkpoint.tokenizer
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
-    assembled = _assemble_model(cfg, checkpoint, dtype, max_model_len, target)
+    plan = _Plan(target, dtype, kv_dtype, max_model_len, dense_int8, kernels_ready)
+    assembled, cache = _build(cfg, checkpoint, plan)
     del checkpoint  # the loaded tensors the model holds in other forms
     _return_freed_memory()
-    num_blocks = _num_kv_blocks(cfg, args, kv_dtype, target)
     log.info(
         "loaded %s from %s (%s, max_model_len=%d, %d KV blocks of %d tokens, KV %s); %s",
         cfg.name,
         path,
         dtype,
         max_model_len,
-        num_blocks,
-        cfg.block_size,
+        cache.num_blocks,
+        cache.block_size,
         str(kv_dtype).removeprefix("torch."),
         assembled.rule.describe(),
     )
@@ -102,13 +119,10 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         max_waiting=cfg.max_waiting,
-        num_blocks=num_blocks,
-        block_size=cfg.block_size,
+        cache=cache,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
         dtype=dtype,
-        kv_cache_dtype=kv_dtype,
-        device=target,
         identity=f"{cfg.name}:{cfg.source}",
         path_rule=assembled.rule,
         decode_stack=assembled.stack,
@@ -129,17 +143,37 @@ def _return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
-def _load_checkpoint(cfg: ModelConfig, path: Path) -> _Checkpoint:
-    """The weights and tokenizer at `path`, a GGUF file or a safetensors directory."""
+def _load_checkpoint(
+    cfg: ModelConfig, path: Path, dtype: torch.dtype, kernels_ready: bool
+) -> tuple[_Checkpoint, bool]:
+    """The weights and tokenizer at `path`, a GGUF file or a safetensors directory; and whether
+    the dense weights are int8 (`_int8_linears`). Of a directory only the forms that path reads."""
     if cfg.format == "gguf":
         gguf = load_gguf(path)
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
-        return _Checkpoint(gguf.args, gguf.weights, gguf.quantized, tokenizer)
+        dense_int8 = _int8_linears(cfg, bool(gguf.quantized), dtype, kernels_ready)
+        return _Checkpoint(gguf.args, gguf.weights, gguf.quantized, {}, tokenizer), dense_int8
     if cfg.format == "safetensors":
-        args, weights = load_safetensors(path)
+        names = stored_names(path)
+        has_small = any(n.endswith((quant.SUFFIXES[0], quant.Q8_SUFFIXES[0])) for n in names)
+        dense_int8 = _int8_linears(cfg, has_small, dtype, kernels_ready)
+        args, weights = load_safetensors(path, skip=_unread(names, dense_int8))
         quantized = quant.split(weights)  # present in the gguf cache's directories
-        return _Checkpoint(args, weights, quantized, TextTokenizer.from_directory(path))
+        rounded = int8.split(weights)
+        checkpoint = _Checkpoint(args, weights, quantized, rounded, TextTokenizer.from_directory(path))
+        return checkpoint, dense_int8
     raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
+
+
+def _unread(names: set[str], dense_int8: bool) -> set[str]:
+    """Stored tensors the model will not read: with int8 linears, the fp32 weights that have an
+    int8 form (the embedding's only when its Q8_0 copy is the table: `build_model`); otherwise
+    the int8 forms."""
+    rounded = {n.removesuffix(int8.SUFFIXES[0]) for n in names if n.endswith(int8.SUFFIXES[0])}
+    if not dense_int8:
+        return {base + suffix for base in rounded for suffix in int8.SUFFIXES}
+    q8_embedding = "embed_tokens.weight" + quant.Q8_SUFFIXES[0] in names
+    return {base for base in rounded if base != "embed_tokens.weight" or q8_embedding}
 
 
 def _model_dtype(cfg: ModelConfig, target: torch.device) -> tuple[torch.dtype, str]:
@@ -159,48 +193,57 @@ def _runtime(dtype: torch.dtype, dtype_reason: str, target: torch.device) -> dic
     return {"device": str(target), "dtype": dtype_name, "dtype_reason": dtype_reason, **kernels.describe()}
 
 
-def _num_kv_blocks(cfg: ModelConfig, args: LlamaArgs, dtype: torch.dtype, target: torch.device) -> int:
-    """The KV cache blocks `cfg.kv_cache_bytes` holds; on CUDA also what free memory allows."""
-    num_blocks = num_blocks_for(
-        cfg.kv_cache_bytes,
+def _build(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> tuple[_Assembled, KVCache]:
+    """The model and its KV cache. On a CPU the cache is zeroed on another thread meanwhile (its
+    page faults took ~0.3 s for 720 MB); on CUDA it takes the memory the model leaves free."""
+    if plan.target.type != "cpu":
+        assembled = _assemble_model(cfg, checkpoint, plan)
+        return assembled, _kv_cache(cfg, checkpoint.args, plan)
+    with ThreadPoolExecutor(1) as pool:
+        zeroed = pool.submit(openmp.released(_kv_cache), cfg, checkpoint.args, plan)
+        return _assemble_model(cfg, checkpoint, plan), zeroed.result()
+
+
+def _kv_cache(cfg: ModelConfig, args: LlamaArgs, plan: _Plan) -> KVCache:
+    """The blocks `cfg.kv_cache_bytes` holds (on CUDA also what free memory allows), zeroed."""
+    shape = (args.num_layers, args.num_kv_heads, args.head_dim, cfg.block_size, plan.kv_dtype)
+    num_blocks = num_blocks_for(cfg.kv_cache_bytes, *shape, torch.device("cpu"))
+    num_blocks = fit_kv_blocks(num_blocks, args, cfg.block_size, plan.kv_dtype, plan.target)
+    return KVCache(
         args.num_layers,
+        num_blocks,
+        cfg.block_size,
         args.num_kv_heads,
         args.head_dim,
-        cfg.block_size,
-        dtype,
-        torch.device("cpu"),
+        plan.kv_dtype,
+        plan.target,
     )
-    return fit_kv_blocks(num_blocks, args, cfg.block_size, dtype, target)
 
 
-def _assemble_model(
-    cfg: ModelConfig, checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, target: torch.device
-) -> _Assembled:
-    """The model on `target`, its linears in the forms this machine's steps read (engine/linear.py),
-    the rule choosing among them per step, and on CPU the one-call decode layers where they fit."""
-    # Before building: the small copies are kept only where their C++ kernels are loaded.
-    kernels_ready = target.type == "cpu" and kernels.prepare()
-    dense_int8 = _int8_linears(cfg, checkpoint, dtype, kernels_ready)
+def _assemble_model(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> _Assembled:
+    """The model on its device, its linears in the forms this machine's steps read
+    (engine/linear.py), the rule choosing among them per step, and on CPU the one-call decode
+    layers where they fit."""
     small_rows = cfg.q4_decode_rows
     if small_rows is None:
-        small_rows = default_small_rows(str(dtype).removeprefix("torch."), dense_int8)
+        small_rows = default_small_rows(str(plan.dtype).removeprefix("torch."), plan.dense_int8)
     forms = LinearForms(
-        onednn=onednn_packs(dtype, target, cpu_features.native_bf16()[0]),
-        int8=dense_int8,
-        small=kernels_ready and small_rows > 0,
+        onednn=onednn_packs(plan.dtype, plan.target, cpu_features.native_bf16()[0]),
+        int8=plan.dense_int8,
+        small=plan.kernels_ready and small_rows > 0,
     )
-    model = build_model(checkpoint, dtype, max_model_len, forms)
-    to_device(model, target)  # no-op on CPU
-    stack = DecodeStack.build(model) if kernels_ready else None
+    model = build_model(checkpoint, plan.dtype, plan.max_model_len, forms)
+    to_device(model, plan.target)  # no-op on CPU
+    stack = DecodeStack.build(model) if plan.kernels_ready else None
     return _Assembled(model, _path_rule(model, small_rows, stack, forms.int8), stack)
 
 
-def _int8_linears(cfg: ModelConfig, checkpoint: _Checkpoint, dtype: torch.dtype, kernels_ready: bool) -> bool:
+def _int8_linears(cfg: ModelConfig, quantized_file: bool, dtype: torch.dtype, kernels_ready: bool) -> bool:
     """Whether the dense weights are int8 (engine/int8.py): `cfg.int8_linears`, by default for a
     file already quantized to 4 or 8 bits, run in fp32 on a CPU with FBGEMM and our kernels."""
     possible = kernels_ready and dtype == torch.float32 and int8.available()
     if cfg.int8_linears is None:
-        return possible and bool(checkpoint.quantized)
+        return possible and quantized_file
     if cfg.int8_linears and not possible:
         raise ValueError(f"model {cfg.name!r}: int8_linears needs fp32, FBGEMM and the C++ kernels")
     return cfg.int8_linears
@@ -228,26 +271,38 @@ def build_model(
     # RoPE tables only need to cover the positions we serve.
     args = dataclasses.replace(checkpoint.args, max_position_embeddings=max_model_len)
     weights, quantized = dict(checkpoint.weights), dict(checkpoint.quantized)
-    fuse_weights(weights, quantized)
+    rounded = dict(checkpoint.rounded) if forms.int8 else {}
+    fuse_weights(weights, quantized, rounded)
+    int8_weights = _int8_weights(weights, rounded, args) if forms.int8 else {}
     params = {name: nn.Parameter(t.to(dtype), requires_grad=False) for name, t in weights.items()}
     linears: set[str] = set()
 
     def make_linear(name: str) -> Linear:
         linears.add(name)
         tied = name == "lm_head" and args.tie_word_embeddings
-        source = "embed_tokens" if tied else name
-        weight = params[f"{source}.weight"] if tied else params.pop(f"{name}.weight")
+        source = f"{'embed_tokens' if tied else name}.weight"
+        weight = params.get(source) if tied else params.pop(source, None)
         bias = params.pop(f"{name}.bias", None)
-        return Linear(weight, bias, forms, quantized.get(f"{source}.weight"))
+        return Linear(weight, bias, forms, quantized.get(source), int8_weights.get(source))
 
     # With int8 linears nothing else reads the fp32 table: the embedding reads the file's Q8_0 one.
     embed_q8 = quantized.get("embed_tokens.weight")
     embedding = Q8Embedding(embed_q8) if forms.int8 and isinstance(embed_q8, quant.Q8Weight) else None
     model = LlamaForCausalLM(args, make_linear, embedding)
     if embedding is not None:
-        del params["embed_tokens.weight"]
+        params.pop("embed_tokens.weight", None)
     missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in linears]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
     return model.eval().requires_grad_(False)
+
+
+def _int8_weights(
+    weights: dict[str, torch.Tensor], rounded: dict[str, int8.RoundedWeight], args: LlamaArgs
+) -> dict[str, int8.Int8Weight]:
+    """Every linear's int8 weight by weight name: its stored rounded form (the gguf cache's), else
+    its fp32 weight rounded now; packed all at once, on torch's threads."""
+    names = linear_weight_names({*weights, *rounded}, args)
+    forms = [rounded[n] if n in rounded else int8.round_weight(weights[n]) for n in names]
+    return dict(zip(names, int8.pack(forms, torch.get_num_threads()), strict=True))

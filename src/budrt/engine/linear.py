@@ -41,16 +41,28 @@ def onednn_packs(dtype: torch.dtype, device: torch.device, native_bf16: bool) ->
 class Linear(nn.Module):
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         forms: LinearForms,
         small: quant.Q4Weight | quant.Q8Weight | None = None,
+        int8_weight: int8.Int8Weight | None = None,
     ) -> None:
+        """With `forms.int8`, `int8_weight` is the dense form (the factory packs a model's all at
+        once: engine/int8.pack) and `weight` may be None; without one, `weight` is rounded here."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
         self.onednn = forms.onednn
-        self.int8_weight = int8.Int8Weight(weight) if forms.int8 else None
-        self.weight = None if forms.int8 else _dense_weight(weight, forms.onednn)
+        self.int8_weight: int8.Int8Weight | None = None
+        self.weight: nn.Parameter | None = None
+        if forms.int8:
+            if int8_weight is None:
+                assert weight is not None, "a linear needs its weight or its int8 form"
+                [int8_weight] = int8.pack([int8.round_weight(weight)])
+            self.int8_weight = int8_weight
+            self.out_features, self.in_features = int8_weight.out_features, int8_weight.in_features
+        else:
+            assert weight is not None, "a dense linear needs its weight"
+            self.weight = _dense_weight(weight, forms.onednn)
+            self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), False)
         self.q4_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
         self.q8: quant.Q8Weight | None = None

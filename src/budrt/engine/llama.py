@@ -8,7 +8,7 @@ writes its keys/values into the engine's KV cache and attends over it, as told b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budrt.engine import kernels, quant
+from budrt.engine import int8, kernels, quant
 from budrt.engine.attention import AttentionContext, paged_attention
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.linear import Linear
@@ -297,10 +297,22 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.norm(x), path.small_logits, path.split_rows).float()
 
 
-def fuse_weights(weights: dict[str, torch.Tensor], quantized: dict[str, quant.SmallWeight]) -> None:
-    """Concatenate each layer's q/k/v and gate/up weights (and biases, and their GGUF 4-bit
-    copies: engine/quant.py) into the fused names the model is built with, in place."""
-    layers = {name.split(".")[1] for name in weights if name.startswith("layers.")}
+def linear_weight_names(names: Collection[str], args: LlamaArgs) -> list[str]:
+    """Which of a checkpoint's weights (`names`, before fusing) the model's linears read: every
+    layer's projections, and the lm_head's (the embedding's table when they are tied)."""
+    head = "embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    return sorted(n for n in names if n == head or (n.startswith("layers.") and n.endswith("_proj.weight")))
+
+
+def fuse_weights(
+    weights: dict[str, torch.Tensor],
+    quantized: dict[str, quant.SmallWeight],
+    rounded: dict[str, int8.RoundedWeight],
+) -> None:
+    """Concatenate each layer's q/k/v and gate/up weights (and biases, their GGUF 4-bit copies:
+    engine/quant.py, and their int8 forms: engine/int8.py) into the fused names the model is
+    built with, in place."""
+    layers = {name.split(".")[1] for name in (*weights, *rounded) if name.startswith("layers.")}
     for layer in layers:
         for fused, parts in FUSED.items():
             for suffix in ("weight", "bias"):
@@ -308,7 +320,9 @@ def fuse_weights(weights: dict[str, torch.Tensor], quantized: dict[str, quant.Sm
                 if names[0] in weights:
                     weights[f"layers.{layer}.{fused}.{suffix}"] = torch.cat([weights.pop(n) for n in names])
             names = [f"layers.{layer}.{part}.weight" for part in parts]
-            copies = [quantized.pop(n, None) for n in names]
-            fused_copy = quant.concat(copies)
-            if fused_copy is not None:
-                quantized[f"layers.{layer}.{fused}.weight"] = fused_copy
+            quantized_copy = quant.concat([quantized.pop(n, None) for n in names])
+            if quantized_copy is not None:
+                quantized[f"layers.{layer}.{fused}.weight"] = quantized_copy
+            rounded_copy = int8.concat([rounded.pop(n, None) for n in names])
+            if rounded_copy is not None:
+                rounded[f"layers.{layer}.{fused}.weight"] = rounded_copy

@@ -50,13 +50,10 @@ class LLMEngine(Engine):
         max_model_len: int,
         max_num_seqs: int,
         max_waiting: int,
-        num_blocks: int,
-        block_size: int = 16,
+        cache: KVCache,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         dtype: torch.dtype = torch.float32,
-        kv_cache_dtype: torch.dtype | None = None,  # None: `dtype`
-        device: torch.device | str = "cpu",
         identity: str = "",
         path_rule: PathRule | None = None,
         decode_stack: LayerStack | None = None,
@@ -69,17 +66,15 @@ class LLMEngine(Engine):
             log.info("model %s runs on %s", model_name, self.runtime)
         self.tokenizer = tokenizer
         # A sequence must fit the whole cache, or preempting everything else would not save it.
-        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.max_model_len = min(max_model_len, cache.num_blocks * cache.block_size)
         self.max_waiting = max_waiting
         self.dtype = dtype
-        args = model.args
-        self.vocab_size = args.vocab_size
-        kv_dtype = kv_cache_dtype or dtype
-        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
-        cache = KVCache(*shape, kv_dtype, device)
+        self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, cache, path_rule, decode_stack)
         # Prefix-cache hashes include the model's identity so two models never share blocks.
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, identity or model_name)
+        self.blocks = BlockManager(
+            cache.num_blocks, cache.block_size, enable_prefix_caching, identity or model_name
+        )
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.sampler = Sampler(tokenizer)
         self.max_num_seqs = max_num_seqs

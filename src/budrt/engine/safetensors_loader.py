@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from budrt.engine.llama import LlamaArgs
 from budrt.engine.rope import ROPE_TYPES
@@ -76,24 +77,52 @@ def _args_from_config(config: dict, has_lm_head: bool) -> LlamaArgs:
     )
 
 
-def load_safetensors(directory: Path | str) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+def _our_name(stored: str) -> str:
+    for old, new in _RENAMES:
+        stored = stored.replace(old, new)
+    return stored
+
+
+def _files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    return files
+
+
+def stored_names(directory: Path | str) -> set[str]:
+    """The tensors a checkpoint directory holds, by our names, read from the files' headers only."""
+    names: set[str] = set()
+    for file in _files(Path(directory)):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(_our_name(stored) for stored in f.keys())  # noqa: SIM118 - not a dict
+    return names
+
+
+def load_safetensors(
+    directory: Path | str, skip: Collection[str] = ()
+) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
+    """The model's hyperparameters and its tensors by our names, except those named in `skip`
+    (never read from disk)."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
-        for name, tensor in load_file(str(file)).items():
-            for old, new in _RENAMES:
-                name = name.replace(old, new)
-            # Floats load as fp32 (cast later to the serving dtype); the gguf cache's quantized
-            # values (uint8 / int8, engine/quant.py) stay as they are. Copies, not views of the
-            # mapped file: one kept view holds every page of the file read during the load
-            # (SmolLM2's int8 model server: 639 MB more resident).
-            floating = tensor.is_floating_point()
-            weights[name] = tensor.to(torch.float32, copy=True) if floating else tensor.clone()
-    args = _args_from_config(config, has_lm_head="lm_head.weight" in weights)
+    names: set[str] = set()
+    for file in _files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for stored in f.keys():  # noqa: SIM118 - not a dict
+                name = _our_name(stored)
+                names.add(name)
+                if name in skip:
+                    continue
+                tensor = f.get_tensor(stored)
+                # Floats load as fp32 (cast later to the serving dtype); the gguf cache's quantized
+                # values (uint8 / int8, engine/quant.py, engine/int8.py) stay as they are. Copies,
+                # not views of the mapped file: one kept view holds every page of the file read
+                # during the load (SmolLM2's int8 model server: 639 MB more resident).
+                floating = tensor.is_floating_point()
+                weights[name] = tensor.to(torch.float32, copy=True) if floating else tensor.clone()
+    args = _args_from_config(config, has_lm_head="lm_head.weight" in names)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return args, weights

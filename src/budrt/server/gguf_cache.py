@@ -2,8 +2,9 @@
 
 Loading a GGUF parses the whole vocabulary in Python and dequantizes every tensor (~13 s for
 SmolLM2-135M on the dev box); that is paid again at every restart. The first load writes the
-dequantized weights (in the serving dtype), config.json and the tokenizer into the cache; later
-loads hand the engine factory that directory instead. The conversion is checked before it is
+dequantized weights (in the serving dtype), the file's own quantized blocks, for an fp32 engine
+the int8 forms of its linears (engine/int8.py), config.json and the tokenizer into the cache;
+later loads hand the engine factory that directory instead. The conversion is checked before it is
 kept (same model args, same tokenizer behaviour); anything unexpected falls back to the GGUF.
 """
 
@@ -19,17 +20,25 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from budrt.config import ModelConfig
 
+if TYPE_CHECKING:
+    import torch
+
+    from budrt.engine.llama import LlamaArgs
+
 log = logging.getLogger(__name__)
-VERSION = 3  # bump when the layout written here changes
+VERSION = 4  # bump when the layout written here changes
 _CHECK_TEXT = "Hello, world! 123 — ünïcode <|im_start|>"
 
 
 def _key(path: Path, dtype: str) -> str:
+    from budrt.engine import int8
+
     st = path.stat()
-    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{dtype}:{VERSION}"
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{dtype}:{VERSION}:{int8.FORMAT}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
@@ -67,7 +76,7 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
     from safetensors.torch import save_file
 
     from budrt.engine.gguf_loader import load_gguf
-    from budrt.engine.safetensors_loader import _RENAMES, _args_from_config
+    from budrt.engine.safetensors_loader import _args_from_config, _our_name
     from budrt.engine.tokenizer import TextTokenizer
 
     gguf = load_gguf(path)
@@ -75,14 +84,12 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
     weights = {}
     for name, tensor in gguf.weights.items():
         hf = _to_hf_name(name)
-        check = hf
-        for old, new in _RENAMES:
-            check = check.replace(old, new)
-        if check != name:
+        if _our_name(hf) != name:
             raise ValueError(f"no round-trip name for {name}")
         weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
     for name, copy in gguf.quantized.items():  # the file's quantized blocks, exact (engine/quant.py)
         weights.update(copy.to_tensors(_to_hf_name(name)))
+    weights.update(_int8_forms(gguf.weights, args, dtype))
     config = {
         "model_type": "qwen3" if args.qk_norm else "llama",
         "vocab_size": args.vocab_size,
@@ -122,6 +129,21 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("dequantized %s into %s (%s)", path.name, target, dtype)
+
+
+def _int8_forms(weights: dict[str, torch.Tensor], args: LlamaArgs, dtype: str) -> dict[str, torch.Tensor]:
+    """The int8 forms of the linears' weights (engine/int8.py), where an fp32 engine on this
+    machine can read them: a restart then reads a quarter of the bytes and rounds nothing (the
+    load of SmolLM2 spent ~1 s rounding fp32 weights)."""
+    from budrt.engine import int8, kernels
+    from budrt.engine.llama import linear_weight_names
+
+    if dtype != "float32" or not (int8.available() and kernels.prepare()):
+        return {}
+    forms = {}
+    for name in linear_weight_names(weights, args):
+        forms.update(int8.to_tensors(int8.round_weight(weights[name]), _to_hf_name(name)))
+    return forms
 
 
 def _to_hf_name(name: str) -> str:
