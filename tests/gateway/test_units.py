@@ -1,7 +1,12 @@
-"""Gateway pieces that need no servers: usage extraction, the health checks' pace (limiter tests:
-tests/test_ratelimit.py)."""
+"""Gateway pieces that need no upstream processes: usage extraction, the health checks' pace and
+verdicts (a loopback aiohttp server; limiter tests: tests/test_ratelimit.py)."""
 
 from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import aiohttp.web
 
 from budrt.config import DeploymentConfig
 from budrt.gateway.health import NOT_READY_INTERVAL_S, HealthChecker
@@ -37,3 +42,45 @@ def test_health_checks_come_sooner_while_a_replica_is_not_ready() -> None:
     assert HealthChecker(router, interval_s=0.1).next_check_in() == 0.1  # never slower than configured
     b.ready = False
     assert HealthChecker(router, interval_s=0.1).next_check_in() == 0.1
+
+
+async def _serve_health(slow: dict[str, float]) -> tuple[aiohttp.web.AppRunner, str]:
+    """A loopback server whose /health/ready answers after `slow["s"]` seconds."""
+
+    async def ready(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        await asyncio.sleep(slow["s"])
+        return aiohttp.web.Response(text="ok")
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/health/ready", ready)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+def test_one_slow_health_answer_keeps_a_busy_replica_in_rotation() -> None:
+    """A model server busy with a batch may answer one check late: it stays ready (a single
+    replica would otherwise refuse every request with 503 until the next check). Two late answers
+    in a row mean hung: out of rotation, its waiting requests cancelled."""
+
+    async def scenario() -> list[bool]:
+        slow = {"s": 0.0}
+        runner, url = await _serve_health(slow)
+        router = Router([DeploymentConfig(model="m", endpoints=[url], managed=True)])
+        checker = HealthChecker(router, interval_s=0.5, timeout_s=0.2)
+        [endpoint] = router.deployments[0].endpoints
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for delay in (0.0, 0.4, 0.0, 0.4, 0.4):
+                    slow["s"] = delay
+                    await checker.check_all(session)
+                    seen.append(endpoint.ready)
+        finally:
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, True, True, False]

@@ -17,7 +17,9 @@ from budrt.gateway.routing import Endpoint, Router
 
 log = logging.getLogger("budrt.gateway.health")
 # Consecutive timed-out checks that mean "hung". Two, so that one slow answer from a busy server
-# does not cancel its requests; a refused connection is not a hang (the requests fail by themselves).
+# neither cancels its requests nor takes it out of rotation (a lone replica would refuse every
+# request with 503 until the next check); a refused connection is not a hang (the requests fail
+# by themselves) and is not ready at once.
 HUNG_AFTER_TIMEOUTS = 2
 NOT_READY_INTERVAL_S = 0.25  # between checks while some replica is not ready
 
@@ -74,6 +76,8 @@ class HealthChecker:
         except (aiohttp.ClientError, OSError):
             ready = False
         count = self.timeouts[ep] = self.timeouts.get(ep, 0) + 1 if timed_out else 0
+        if timed_out and count < HUNG_AFTER_TIMEOUTS:
+            ready = ep.ready  # one late answer from a busy server is not a verdict either way
         if count == HUNG_AFTER_TIMEOUTS or (count > HUNG_AFTER_TIMEOUTS and ep.waiters):
             cancelled = ep.hung()
             log.warning(
