@@ -206,8 +206,15 @@ def _build(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> tuple[_Ass
 
 def _kv_cache(cfg: ModelConfig, args: LlamaArgs, plan: _Plan) -> KVCache:
     """The blocks `cfg.kv_cache_bytes` holds (on CUDA also what free memory allows), zeroed."""
-    shape = (args.num_layers, args.num_kv_heads, args.head_dim, cfg.block_size, plan.kv_dtype)
-    num_blocks = num_blocks_for(cfg.kv_cache_bytes, *shape, torch.device("cpu"))
+    num_blocks = num_blocks_for(
+        cfg.kv_cache_bytes,
+        args.num_layers,
+        args.num_kv_heads,
+        args.head_dim,
+        cfg.block_size,
+        plan.kv_dtype,
+        torch.device("cpu"),
+    )
     num_blocks = fit_kv_blocks(num_blocks, args, cfg.block_size, plan.kv_dtype, plan.target)
     return KVCache(
         args.num_layers,
