@@ -6,12 +6,17 @@ Content-Length when `"mock_chunked"`); streams take `"mock_chunks"` and `"mock_d
 `"mock_status": N` answers N with an error body; `"mock_headers": [[name, value], ...]` adds
 response headers. Per-instance behaviour is `MockUpstream.mode`: "ok", an HTTP status such as
 "500" or "503" (503 with Retry-After), "hang" (set over HTTP with `POST /_mode/<mode>`).
+`POST /v1/images/generations` answers real images (Pillow) as b64_json with the usage of budrt's
+image servers; `"mock": "bad_b64"` sends an image that is not base64.
 `python -m tests.mock_upstream --port N --name X` runs one as a process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import re
 import socket
 import threading
 import time
@@ -24,6 +29,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MOCK_STEPS = 4  # denoising steps per image the mock reports
 
 
 def chat_response(name: str, model: str) -> bytes:
@@ -40,6 +48,49 @@ def chat_response(name: str, model: str) -> bytes:
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
         }
     )
+
+
+def image_bytes(index: int, size: tuple[int, int], fmt: str = "png") -> bytes:
+    """A small real picture (a different colour per index) in `fmt`."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, ((40 * index) % 256, 120, 200)).save(out, IMAGE_FORMATS[fmt])
+    return out.getvalue()
+
+
+def _refused(message: str) -> tuple[int, bytes]:
+    return 400, orjson.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+
+
+def image_response(body: dict[str, Any]) -> tuple[int, bytes]:
+    """(status, body) of an image generation, as budrt's image servers answer one: 400 for what
+    they refuse (bounds kept tiny: the fuzz sends any `n` and `size`)."""
+    n, size, fmt = body.get("n", 1), body.get("size") or "8x8", body.get("output_format", "png")
+    shape = re.fullmatch(r"([1-9][0-9]?)x([1-9][0-9]?)", size) if isinstance(size, str) else None
+    if n.__class__ is not int or not 1 <= n <= 4 or shape is None:
+        return _refused("mock refuses this n or size")
+    if not isinstance(fmt, str) or fmt not in IMAGE_FORMATS:
+        return _refused("mock refuses this output_format")
+    if body.get("response_format", "b64_json") != "b64_json":
+        return _refused("mock answers b64_json only")
+    width, height = int(shape[1]), int(shape[2])
+    images = [base64.b64encode(image_bytes(i, (width, height), fmt)).decode() for i in range(n)]
+    if body.get("mock") == "bad_b64":
+        images[-1] = "not base64!"
+    prompt = len(str(body.get("prompt", ""))) // 4 + 1
+    usage = {
+        "input_tokens": prompt,
+        "output_tokens": 0,
+        "total_tokens": prompt,
+        "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+        "images": n,
+        "pixels": n * width * height,
+        "steps": n * MOCK_STEPS,
+    }
+    data = [{"b64_json": image, "revised_prompt": f"revised {i}"} for i, image in enumerate(images)]
+    answer = {"created": 1700000000, "data": data, "output_format": fmt, "size": size, "usage": usage}
+    return 200, orjson.dumps(answer)
 
 
 def stream_chunk(i: int, model: str) -> bytes:
@@ -65,6 +116,7 @@ class MockUpstream:
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/images/generations", self.images, methods=["POST"]),
                 Route("/health/ready", self.health),
                 Route("/_stats", self.stats),
                 Route("/_mode/{mode}", self.set_mode, methods=["POST"]),
@@ -80,6 +132,19 @@ class MockUpstream:
 
     async def stats(self, request: Request) -> Response:
         return Response(orjson.dumps({"requests": self.requests, "cancelled": self.cancelled}))
+
+    async def images(self, request: Request) -> Response:
+        self.requests += 1
+        self.last_headers = dict(request.headers)
+        try:
+            self.last_body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return Response(
+                b'{"error":{"message":"not JSON"}}', status_code=400, media_type="application/json"
+            )
+        body = self.last_body if isinstance(self.last_body, dict) else {}
+        status, answer = await asyncio.to_thread(image_response, body)
+        return Response(answer, status_code=status, media_type="application/json")
 
     async def chat(self, request: Request) -> Response:
         # Wrapped so the handler itself can watch for the client going away.

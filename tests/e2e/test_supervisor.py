@@ -13,14 +13,18 @@ from tests.e2e.conftest import Platform
 
 
 def test_status_lists_every_process(platform: Platform) -> None:
+    deadline = time.time() + 30  # the supervisor publishes its probes' results once a second
     status = platform.status()
+    while any(p["state"] != "ready" for p in status["processes"]) and time.time() < deadline:
+        time.sleep(0.5)
+        status = platform.status()
     assert status["running"] is True
     kinds = sorted(p["kind"] for p in status["processes"])
-    assert kinds == ["gateway", "model-server", "model-server"]
+    assert kinds == ["gateway", "model-server", "model-server", "model-server"]
     for p in status["processes"]:
         assert p["pid"] > 0 and p["port"] > 0 and p["state"] == "ready"
     served = {m for p in status["processes"] if p["kind"] == "model-server" for m in p["models"]}
-    assert served == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert served == {"smollm2-135m-instruct", "all-minilm-l6-v2", "shapes-diffusion"}
     for p in status["processes"]:
         if p["kind"] == "model-server":  # resident models with their memory, no health error
             assert [(r["name"], r["state"]) for r in p["resident"]] == [(p["models"][0], "ready")]

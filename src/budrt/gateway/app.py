@@ -33,12 +33,13 @@ from budrt.gateway.forwarding import (
     stream_flag,
 )
 from budrt.gateway.health import HealthChecker
+from budrt.gateway.images import ImageFiles, ask_for_b64, form_fields
 from budrt.gateway.jwt_auth import JWTVerifier
 from budrt.gateway.metering import MODEL, PRINCIPAL, Meter, metered, spool_dir
 from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.openapi import openapi_endpoint
 from budrt.gateway.proxy import Proxy
-from budrt.gateway.ratelimit import LimiterUnavailable, RateLimited
+from budrt.gateway.ratelimit import Limit, LimiterUnavailable, RateLimited
 from budrt.gateway.routing import Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.observe.metrics import metrics_endpoint
@@ -54,8 +55,10 @@ from budrt.protocol.errors import (
     parse_json_body,
 )
 from budrt.security.rbac import ENDPOINT_ACTIONS, Principal
+from budrt.security.signed_urls import url_key
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
+from budrt.store.objects import make_object_store
 from budrt.store.quotas import period_usage
 from budrt.store.usage import UsageStore
 
@@ -67,8 +70,10 @@ PROXIED_PATHS = {
     "/v1/completions": "/completions",
     "/v1/embeddings": "/embeddings",
     "/v1/images/generations": "/images/generations",
+    "/v1/images/edits": "/images/edits",
 }
 IMAGES_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"  # a multipart form, forwarded as it came
 EMBEDDINGS_PATH = "/v1/embeddings"
 
 
@@ -94,6 +99,7 @@ class Gateway:
         self.proxy = Proxy(settings.gateway)
         self.forwarder = Forwarder(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
+        self.images = ImageFiles(make_object_store(settings), settings.gateway, url_key(settings))
         self.created = int(time.time())
         self.max_body = settings.gateway.max_body_bytes
 
@@ -138,10 +144,17 @@ class Gateway:
             d for d in self.router.chain(dep) if d is dep or key.can_use_model(action, d.name, *d.aliases)
         ]
 
+    def _limits(self, key: Principal, dep: Deployment) -> tuple[Limit, ...]:
+        """The caller's limits, then the deployment's own (`model:` scope), if it has any."""
+        limits = key_limits(key, self.settings.gateway.ratelimit)
+        if (model_limit := self.model_limits.get(dep.name)) is not None:
+            limits = (*limits, model_limit)
+        return limits
+
     def _cost(self, path: str, body: bytes, data: dict[str, Any]) -> tuple[int, int]:
         """(tokens, images) a request is charged before the call; 400 for a bad `max_tokens`/`n`.
         Images count against image budgets, not tokens; embeddings reserve their input only."""
-        if path == IMAGES_PATH:
+        if path in (IMAGES_PATH, EDITS_PATH):
             return 0, image_count(data)
         most = self.settings.gateway.ratelimit.default_max_tokens
         return reserve_tokens(len(body), data, most, embeddings=path == EMBEDDINGS_PATH), 0
@@ -155,7 +168,8 @@ class Gateway:
             key = await self.auth.authenticate(request.headers)
             request.scope[PRINCIPAL] = key  # for the meter
             body = await read_body(request.receive, self.max_body, request.scope)
-            data = parse_json_body(body)
+            form = request.headers.get("content-type", "") if path == EDITS_PATH else None
+            data = parse_json_body(body) if form is None else form_fields(body, form)
             model = data.get("model")
             if not isinstance(model, str) or not model:
                 raise invalid_request("You must provide a model parameter.", param="model")
@@ -167,20 +181,22 @@ class Gateway:
             action = ENDPOINT_ACTIONS[path]
             require_model(key, action, model, dep.name, model)
             stream = stream_flag(data)
-            chain = [dep] if not dep.fallbacks else self._fallback_chain(key, action, dep)
-            limits = key_limits(key, self.settings.gateway.ratelimit)
-            if (model_limit := self.model_limits.get(dep.name)) is not None:
-                limits = (*limits, model_limit)
+            # A form goes as it came: no fallback model, no alias renamed (model servers know aliases).
+            chain = [dep] if not dep.fallbacks or form else self._fallback_chain(key, action, dep)
+            limits = self._limits(key, dep)
             cost = (0, 0)
             if limits or len(chain) > 1:
                 cost = self._cost(path, body, data)
-            if model != dep.name:  # an alias: upstream only knows the canonical name
+            urls = path in (IMAGES_PATH, EDITS_PATH) and ask_for_b64(data, stream)  # answered with URLs
+            if form is None and (model != dep.name or urls):  # an alias: upstream knows the model's name
                 data["model"] = dep.name
                 body = dump_body(data)
             # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
-            out = Outgoing(request, chain, PROXIED_PATHS[path], data, body, tracker, key, stream, cost)
+            out = Outgoing(request, chain, PROXIED_PATHS[path], data, body, tracker, key, stream, cost, form)
             result = await self.forwarder.send(out, ticket)
+            if urls:
+                result = await self.images.to_urls(result, request, data)
             status = result.status_code
             return result
         except RateLimited as exc:
@@ -316,13 +332,15 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         session = await gw.proxy.start()
         checker = asyncio.create_task(gw.health.run(session))
+        retention = asyncio.create_task(gw.images.keep_retention())
         if gw.meter is not None:
             await gw.meter.start()  # replays the usage spool a crash left behind
         try:
             yield
         finally:
             checker.cancel()
-            await asyncio.gather(checker, return_exceptions=True)
+            retention.cancel()
+            await asyncio.gather(checker, retention, return_exceptions=True)
             await gw.proxy.close()
             if gw.meter is not None:
                 await gw.meter.close()  # after in-flight requests ended: their records included
@@ -340,6 +358,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
+        Route("/v1/images/files/{name}", gw.images.serve, methods=["GET"]),  # signed URL, no API key
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()),
         *gw.admin.routes(),
     ]

@@ -147,6 +147,12 @@ def used_tokens(data: bytes | bytearray, usage: dict[str, Any] | None = None) ->
     return sum(counts) if counts else None
 
 
+def served(used: int | None) -> int | None:
+    """The usage a served answer settles with: 0 tokens (an image answer has none) becomes None,
+    "keep the charge", since 0 tells the limiters nothing was served and refunds image budgets."""
+    return None if used == 0 else used
+
+
 @dataclass(slots=True)
 class Outgoing:
     """An admitted request on its way upstream: built once by the gateway's `forward`."""
@@ -160,6 +166,7 @@ class Outgoing:
     principal: Principal
     stream: bool
     cost: tuple[int, int] = (0, 0)  # (tokens, images) a fallback's own limits are charged
+    content_type: str | None = None  # the body's when it is not JSON (a multipart image edit)
 
 
 class Forwarder:
@@ -220,7 +227,7 @@ class Forwarder:
         ok = result.status_code == 200
         if tickets:
             settles = tickets[0].settles if len(tickets) == 1 else any(t.settles for t in tickets)
-            used = (used_tokens(result.body, result.usage) if ok else 0) if settles else None
+            used = (served(used_tokens(result.body, result.usage)) if ok else 0) if settles else None
             # Settled by the caller once the response is sent: off its latency, and in the
             # request's own task (a task per request for this was a visible cost).
             if len(tickets) == 1:
@@ -258,7 +265,16 @@ class Forwarder:
         admit = partial(self._admit_fallback, tickets, len(tickets), out.cost) if len(chain) > 1 else None
         affinity = affinity_key(data, dep.affinity_key) if dep.strategy == "affinity" else None
         result = await self.proxy.forward(
-            out.request.receive, chain, out.path, body_for, out.stream, out.tracker, extra, affinity, admit
+            out.request.receive,
+            chain,
+            out.path,
+            body_for,
+            out.stream,
+            out.tracker,
+            extra,
+            affinity,
+            admit,
+            out.content_type,
         )
         if ckey is not None and isinstance(result, Buffered):
             if result.status_code == 200 and len(result.body) <= self.config.cache.max_entry_bytes:
@@ -287,4 +303,4 @@ class Forwarder:
         if ckey is not None and stream.completed and stream.captured is not None and self.cache is not None:
             await self.cache.set(ckey, "text/event-stream", bytes(stream.captured))
         if tickets:
-            await self._release(tickets, used_tokens(stream.tail))
+            await self._release(tickets, served(used_tokens(stream.tail)))

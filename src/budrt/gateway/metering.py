@@ -42,8 +42,10 @@ WRITTEN = Counter("budrt_gateway_usage_written_total", "Usage records written to
 FAILED = Counter("budrt_gateway_usage_write_failures_total", "Failed usage inserts (retried)")
 
 # One record, as spooled: [id, unix time, key id, user, team, model, endpoint, prompt tokens,
-# completion tokens, latency ms, status, cache hit]. A flat JSON array: cheap to write and read.
+# completion tokens, latency ms, status, cache hit, images, pixels, steps]. A flat JSON array:
+# cheap to write and read. Records of an older gateway end after "cache hit" (their images: 0).
 Record = list[Any]
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # what the usage columns hold (tables.py)
 
 # Where the request handler leaves what the meter needs (request.scope keys).
 PRINCIPAL = "budrt.principal"
@@ -79,7 +81,10 @@ class Meter:
         cache_hit: bool,
     ) -> None:
         """Spool one request's record (the request path: one write, nothing awaited)."""
+        if usage is not None and not isinstance(usage, dict):
+            usage = find_usage(usage)
         prompt, completion = _tokens(usage)
+        images, pixels, steps = _images(usage)
         record = [
             f"{self.spool.boot}-{next(self._ids):x}",
             time.time(),
@@ -93,6 +98,9 @@ class Meter:
             round(latency_ms, 3),
             status,
             cache_hit,
+            images,
+            pixels,
+            steps,
         ]
         self._spool(record)
         if self.spool.pending >= self.config.batch_size:
@@ -277,20 +285,38 @@ class _Metered:
         )
 
 
-def _tokens(usage: dict[str, Any] | bytes | bytearray | None) -> tuple[int, int]:
-    """(prompt, completion) tokens of a usage object, or of the bytes that hold one."""
-    if usage is not None and not isinstance(usage, dict):
-        usage = find_usage(usage)
+def _count(value: Any, most: int = INT32_MAX) -> int:
+    """A usage number as its column can hold it: 0 unless a non-negative integer, at most `most`
+    (an upstream reporting 10**30 must not make the batch's insert fail forever)."""
+    if value.__class__ is not int or value < 0:
+        return 0
+    return min(value, most)
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(prompt, completion) tokens of a usage object; the Images API names them input/output."""
     if not usage:
         return 0, 0
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (p if isinstance(p, int) else 0), (c if isinstance(c, int) else 0)
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if prompt is None and completion is None:
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    return _count(prompt), _count(completion)
+
+
+def _images(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    """(images, pixels, steps) of an image answer's usage object; zeros for any other."""
+    if not usage:
+        return 0, 0, 0
+    return _count(usage.get("images")), _count(usage.get("pixels"), INT64_MAX), _count(usage.get("steps"))
 
 
 def _usage(record: Record) -> Usage | None:
     """The DB row of a spooled record; None (logged) for one this version cannot read."""
     try:
-        rid, at, key_id, user, team, model, endpoint, prompt, completion, latency_ms, status, hit = record
+        if not isinstance(record, list):
+            raise TypeError("not a record")
+        rid, at, key_id, user, team, model, endpoint, prompt, completion, latency, status, hit = record[:12]
+        images, pixels, steps = record[12:] or (0, 0, 0)  # an older gateway's record ends at `hit`
         at = datetime.fromtimestamp(at, UTC)
     except (ValueError, TypeError, OverflowError, OSError):
         log.warning("usage spool: skipped an unreadable record", extra={"fields": {"record": repr(record)}})
@@ -304,10 +330,13 @@ def _usage(record: Record) -> Usage | None:
         endpoint=endpoint,
         prompt_tokens=prompt,
         completion_tokens=completion,
-        latency_ms=latency_ms,
+        latency_ms=latency,
         status=status,
         cache_hit=hit,
         request_id=rid,
+        images=images,
+        pixels=pixels,
+        steps=steps,
     )
 
 

@@ -102,8 +102,11 @@ def _openai_schemas(schemas: Schema) -> None:
             "n": {"type": "integer", "minimum": 1, "description": "images; what image budgets count"},
             "size": {"type": "string", "examples": ["512x512"]},
             "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+            "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
         },
-        "description": "Relayed unchanged to an image-capable upstream.",
+        "description": "Relayed to an image-capable upstream. With `response_format` url (the default) "
+        "and no `stream`, the gateway asks for b64_json, stores the images and answers with signed URLs "
+        "that work without an API key (`GET /v1/images/files/{name}`).",
     }
     schemas["Model"] = {
         "type": "object",
@@ -137,6 +140,9 @@ def _usage_schemas(schemas: Schema) -> None:
         n: {"type": "integer"} for n in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
     }
     sums["cache_hits"] = {"type": "integer"}
+    sums["images"] = {"type": "integer", "description": "images generated"}
+    sums["pixels"] = {"type": "integer", "description": "their pixels (width x height, summed)"}
+    sums["steps"] = {"type": "integer", "description": "their denoising steps, summed"}
     schemas["UsageSums"] = {"type": "object", "properties": sums}
     schemas["UsageReport"] = {
         "type": "object",
@@ -358,7 +364,16 @@ def _openai_paths() -> Schema:
         "/v1/chat/completions": post("Chat completion (JSON, or SSE with `stream`)", "ChatCompletionRequest"),
         "/v1/completions": post("Text completion", "CompletionRequest"),
         "/v1/embeddings": post("Embeddings", "EmbeddingRequest"),
-        "/v1/images/generations": post("Image generation (external upstreams)", "ImageGenerationRequest"),
+        "/v1/images/generations": post(
+            "Image generation (JSON, or SSE with `stream`)", "ImageGenerationRequest"
+        ),
+        "/v1/images/edits": {
+            "post": _op(
+                "Image edit: img2img at a `strength`, inpainting with a `mask` (multipart, as the SDK sends)",
+                {**_ok(ref("Completion"), stream=True), **_errors(400, *proxied)},
+                requestBody=_edit_body(),
+            )
+        },
         "/v1/models": {"get": _op("Models the caller may use", {**_ok(ref("ModelList")), **_errors(401)})},
         "/v1/models/{model}": {
             "get": _op("One model", {**_ok(ref("Model")), **_errors(401, 404)}, parameters=[model])
@@ -370,6 +385,51 @@ def _openai_paths() -> Schema:
                 parameters=usage_params,
             )
         },
+        **_image_files(),
+    }
+
+
+def _edit_body() -> Schema:
+    text = {"type": "string"}
+    binary = {"type": "string", "format": "binary"}
+    fields = {
+        "model": text,
+        "prompt": text,
+        "n": {"type": "integer", "minimum": 1},
+        "size": text,
+        "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+        "strength": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    schema = {
+        "type": "object",
+        "required": ["model", "prompt", "image"],
+        "properties": {**fields, "image": binary, "mask": binary},
+    }
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+def _image_files() -> Schema:
+    name = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{8,64}\.(png|jpeg|webp)$"}
+    images = {
+        t: {"schema": {"type": "string", "format": "binary"}}
+        for t in ("image/png", "image/jpeg", "image/webp")
+    }
+    parameters = [
+        _path("name", name, "the image's id and extension, as in its URL"),
+        _query("expires", {"type": "integer", "minimum": 0}, "unix time the URL expires", required=True),
+        _query("sig", {"type": "string"}, "the URL's signature (HMAC-SHA256, base64url)", required=True),
+    ]
+    ok = {
+        "200": {
+            "description": "the image (`Cache-Control: private` until the URL expires)",
+            "content": images,
+        }
+    }
+    summary = "A generated image, by the signed URL an image generation answered with (no API key)"
+    return {
+        "/v1/images/files/{name}": {
+            "get": _op(summary, {**ok, **_errors(403, 404)}, parameters=parameters, security=[])
+        }
     }
 
 

@@ -98,6 +98,7 @@ class Call:
     stream: bool
     extra: RawHeaders  # the gateway's own response headers (rate limits, cache)
     task: asyncio.Task[object]  # the request's task: a hung endpoint cancels it (`Endpoint.waiters`)
+    content_type: str | None = None  # the body's, when not JSON (a multipart image edit)
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -216,6 +217,7 @@ class Proxy:
         extra_headers: dict[str, str],
         affinity: str | None = None,
         admit: Admit | None = None,
+        content_type: str | None = None,
     ) -> Buffered | UpstreamStream:
         """Send to an endpoint of `chain[0]` (then its fallbacks, each only if `admit` says so);
         a client that disconnects cancels the upstream request, and so does the request
@@ -225,7 +227,9 @@ class Proxy:
         extra = encode_headers(extra_headers) if extra_headers else []
         watch = Watch(task, receive, self.config.request_deadline_s)
         try:
-            result = await self._attempts(chain, Call(path, stream, extra, task), bodies, affinity, admit)
+            result = await self._attempts(
+                chain, Call(path, stream, extra, task, content_type), bodies, affinity, admit
+            )
             if isinstance(result, Buffered):
                 return result
             disconnected = watch.hand_off()
@@ -298,8 +302,11 @@ class Proxy:
         resp: aiohttp.ClientResponse | None = None
         started = False
         try:
+            headers = (
+                ep.headers if call.content_type is None else {**ep.headers, "Content-Type": call.content_type}
+            )
             resp = await self.session.post(
-                ep.url(call.path), data=body, headers=ep.headers, timeout=self._timeout(dep)
+                ep.url(call.path), data=body, headers=headers, timeout=self._timeout(dep)
             )
             if call.stream and resp.status == 200:
                 # Wait for the first chunk here, so a server that accepts the request and then

@@ -50,8 +50,9 @@ def record_usage(model: str, data: bytes | bytearray) -> dict[str, Any] | None:
     usage = find_usage(data)
     if not usage:
         return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
+    # The Images API names them input and output tokens.
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if isinstance(prompt, int) and prompt > 0:
         child(TOKENS, model, "prompt").inc(prompt)
     if isinstance(completion, int) and completion > 0:

@@ -215,3 +215,38 @@ class EmbeddingRequest(_Request):
         if isinstance(value, str) and value == "":
             raise ValueError("input must not be an empty string")
         return value
+
+
+MAX_PROMPT_CHARS = 32_000  # OpenAI's limit for gpt-image-1; the encoder reads far fewer tokens
+
+
+class ImageGenerationRequest(_Request):
+    """`POST /v1/images/generations`, plus the diffusers knobs the SDK sends through `extra_body`
+    (`seed`, `negative_prompt`, `steps`, `guidance_scale`). Size, steps and `n` bounds depend on
+    the model and the server; the server checks them."""
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(default=1, ge=1)  # the server's `max_n` bounds it
+    size: str | None = Field(default=None, max_length=32)  # "WxH"; None or "auto": the model's own
+    response_format: Literal["url", "b64_json"] = "b64_json"  # the gateway turns url into b64_json
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] = "auto"
+    stream: bool = False
+    partial_images: int = Field(default=2, ge=0, le=3)
+    user: str | None = Field(default=None, max_length=256)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    background: str | None = Field(default=None, max_length=32)  # accepted, ignored (as dall-e-2)
+    style: str | None = Field(default=None, max_length=32)
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """`POST /v1/images/edits` (multipart form: the fields as text, validated leniently); `image`
+    and `mask` are files, read apart. `strength`: how much of the input is noised away (1 = all;
+    default 0.8, or 1 with a mask, as diffusers' img2img and inpainting pipelines)."""
+
+    strength: float | None = Field(default=None, ge=0.0, le=1.0)

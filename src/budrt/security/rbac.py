@@ -22,6 +22,7 @@ ENDPOINT_ACTIONS = {
     "/v1/completions": "inference:completion",
     "/v1/embeddings": "inference:embedding",
     "/v1/images/generations": "inference:image",
+    "/v1/images/edits": "inference:image",
 }
 
 # Model servers that register with the gateway by heartbeat (gateway/replicas.py) need

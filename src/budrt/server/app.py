@@ -29,6 +29,7 @@ from budrt.protocol.body_limit import BodyLimit
 from budrt.protocol.errors import APIError, client_left, internal_error, model_not_found, unauthorized
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
+from budrt.server.image_routes import image_edits, image_generations
 from budrt.server.metrics import register_engine_collector
 from budrt.server.model_pool import HostedModel, ModelPool, Resolver
 from budrt.server.residency import server_budgets
@@ -261,6 +262,8 @@ ROUTES = [
     Route("/v1/chat/completions", holding_model(chat_completions), methods=["POST"]),
     Route("/v1/completions", holding_model(completions), methods=["POST"]),
     Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
+    Route("/v1/images/generations", holding_model(image_generations), methods=["POST"]),
+    Route("/v1/images/edits", holding_model(image_edits), methods=["POST"]),
 ]
 
 

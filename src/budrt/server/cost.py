@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from budrt.config import ModelConfig
+from budrt.model_source import resolve_source
 
 # Activations, allocator slack, tokenizer: a share on top of weights + KV.
 OVERHEAD = 0.10
@@ -51,6 +52,8 @@ def estimate_cost(cfg: ModelConfig, path: Path, device: str = "cpu") -> int:
             "head_dim": meta.get(f"{arch}.attention.key_length")
             or int(meta.get(f"{arch}.embedding_length", 0)) // max(heads, 1),
         }
+    elif cfg.format == "diffusers":
+        weights, dims = _diffusers_numel(path) * elem, {}
     else:
         weights = sum(_safetensors_numel(f) for f in sorted(path.glob("*.safetensors"))) * elem
         if weights == 0:  # e.g. pytorch_model.bin: the file size is the fp32 size
@@ -100,6 +103,17 @@ def _element_bytes(cfg: ModelConfig, device: str = "cpu") -> int:
         return int(auto_dtype().itemsize)
     except Exception:  # the engine may not expose it: assume the larger
         return 4
+
+
+def _diffusers_numel(path: Path) -> int:
+    """Weights of a pipeline directory's components, plus a text encoder it names by source
+    (budrt's demo pipeline reads the embedding model's package rather than a copy)."""
+    total = sum(_safetensors_numel(f) for f in sorted(path.glob("*/*.safetensors")))
+    index = json.loads((path / "model_index.json").read_text())
+    source = index.get("text_encoder_source")
+    if isinstance(source, str):
+        total += sum(_safetensors_numel(f) for f in sorted(resolve_source(source).glob("*.safetensors")))
+    return total
 
 
 def _safetensors_numel(file: Path) -> int:

@@ -15,15 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from budrt.config import ModelConfig
 from budrt.engine import openmp
 from budrt.engine.interface import Engine
 from budrt.model_source import resolve_source
-from budrt.protocol.errors import APIError, model_not_found
+from budrt.protocol.errors import APIError, invalid_request, model_not_found
 from budrt.server.cost import estimate_cost
 from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel
+
+if TYPE_CHECKING:
+    from budrt.image.engine import DiffusionEngine
 from budrt.server.gguf_cache import dequantized_source
 from budrt.server.placement import DeviceRoom, NeverFits, place
 from budrt.server.residency import MemoryBudget
@@ -31,6 +34,7 @@ from budrt.server.residency import MemoryBudget
 log = logging.getLogger(__name__)
 ModelState = Literal["available", "loading", "ready", "failed"]
 RETRY_FAILED_AFTER_S = 10.0
+_TASKS = {"chat": "a chat model", "embedding": "an embedding model", "image": "an image model"}
 # The config with a local path as its `source` (fetched, verified; the model registry's defaults applied).
 Resolver = Callable[[ModelConfig], ModelConfig]
 
@@ -42,6 +46,7 @@ class HostedModel:
     error: str | None = None
     engine: Engine | None = None
     embedder: EmbeddingBatcher | None = None
+    imager: DiffusionEngine | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
     failed_at: float = 0.0
@@ -133,8 +138,14 @@ class ModelPool:
     async def acquire(self, name: str, task: str) -> HostedModel:
         """The model, loaded and held for one request; `release` it when the response ends."""
         hosted = self.get(name)
-        if hosted is None or hosted.config.task != task:
+        if hosted is None:
             raise model_not_found(name)
+        if hosted.config.task != task:
+            raise invalid_request(
+                f"The model `{name}` is {_TASKS[hosted.config.task]}; it cannot serve this endpoint.",
+                param="model",
+                code="model_task_mismatch",
+            )
         deadline = time.monotonic() + self.load_timeout_s
         while hosted.state != "ready":  # re-checked: an eviction may slip in before we wake up
             await self._wait_loaded(hosted, deadline)
@@ -227,13 +238,15 @@ class ModelPool:
             "evicting model %s from %s (idle, %d MB)", hosted.name, hosted.device, hosted.cost_bytes >> 20
         )
         hosted.state = "available"
-        engine, embedder = hosted.engine, hosted.embedder
-        hosted.engine = hosted.embedder = None
+        engine, embedder, imager = hosted.engine, hosted.embedder, hosted.imager
+        hosted.engine = hosted.embedder = hosted.imager = None
         if engine is not None:
             await engine.stop()
         if embedder is not None:
             await embedder.stop()
-        del engine, embedder
+        if imager is not None:
+            await asyncio.to_thread(imager.stop)
+        del engine, embedder, imager
         gc.collect()  # give the weights back now, not at some later collection
         if hosted.device and hosted.device.startswith("cuda"):  # pragma: no cover - no GPU in CI
             import torch
@@ -254,6 +267,10 @@ class ModelPool:
             batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens, cfg.max_waiting)
             batcher.start()
             hosted.embedder = batcher
+        elif cfg.task == "image":
+            from budrt.image.engine import start_engine
+
+            hosted.imager = await openmp.to_thread(start_engine, cfg, device)
         else:  # pragma: no cover - config validation forbids it
             raise ValueError(f"unsupported task {cfg.task}")
 
@@ -278,6 +295,8 @@ class ModelPool:
                 await model.engine.stop()
             if model.embedder is not None:
                 await model.embedder.stop()
+            if model.imager is not None:
+                await asyncio.to_thread(model.imager.stop)
 
 
 class ModelTooLarge(Exception):

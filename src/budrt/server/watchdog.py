@@ -76,7 +76,7 @@ class Watchdog:
     def check_progress(self, now: float) -> None:
         stalled: list[str] = []
         for hosted in list(self.pool.models.values()):
-            engine = hosted.engine
+            engine = hosted.engine or hosted.imager
             if hosted.state != "ready" or engine is None:
                 self._progress.pop(hosted.name, None)
                 continue
@@ -137,10 +137,13 @@ async def _one_token(hosted: HostedModel) -> None:
     if hosted.embedder is not None:
         model = hosted.embedder.model
         await hosted.embedder.embed([model.wrap_ids(model.tokenize(["ok"])[0])])
+    if hosted.imager is not None:
+        await hosted.imager.self_test()
 
 
 def _busy(hosted: HostedModel) -> bool:
-    if hosted.engine is not None:
-        stats = hosted.engine.stats()
+    engine = hosted.engine or hosted.imager
+    if engine is not None:
+        stats = engine.stats()
         return float(stats.get("running", 0)) + float(stats.get("waiting", 0)) > 0
     return hosted.embedder is not None and not hosted.embedder.queue.empty()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 
 from budrt.store.tables import UsageRecord
 
@@ -72,7 +72,8 @@ def period_usage(engine: Engine, scope: str, start: datetime) -> tuple[int, int]
     """(tokens, images) recorded for `scope` ("key:12", "user:alice", "team:ml") since `start`.
 
     Counts successful requests not answered from the cache, as the limiter charges them.
-    Images: one per successful request (the record does not keep `n`), a lower bound.
+    Images: those recorded (revision 0007), at least one per successful image request (an older
+    row, or an upstream that does not report them, records 0).
     """
     kind, _, name = scope.partition(":")
     column = {"key": UsageRecord.key_id, "user": UsageRecord.user, "team": UsageRecord.team}.get(kind)
@@ -80,7 +81,8 @@ def period_usage(engine: Engine, scope: str, start: datetime) -> tuple[int, int]
         return 0, 0
     value: int | str = int(name) if kind == "key" else name
     tokens = func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0)
-    images = func.count().filter(UsageRecord.endpoint == IMAGE_ENDPOINT)
+    made = case((UsageRecord.images > 0, UsageRecord.images), else_=1)
+    images = func.coalesce(func.sum(made).filter(UsageRecord.endpoint == IMAGE_ENDPOINT), 0)
     query = select(tokens, images).where(
         column == value,
         UsageRecord.at >= start,

@@ -115,6 +115,10 @@ class UsageRecord(Base):
     # Added by revision 0005: the meter's id for the request, unique, so a record replayed from
     # the spool after a crash is inserted once. None for rows written before it.
     request_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # Added by revision 0007: what an image request produced (0 for any other request).
+    images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pixels: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # images x width x height
+    steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # denoising steps, all images
 
 
 class ModelRecord(Base):

@@ -33,6 +33,9 @@ class Usage:
     status: int
     cache_hit: bool
     request_id: str | None = None  # unique; a record inserted again (spool replay) is skipped
+    images: int = 0  # image requests: images made, their pixels, their denoising steps
+    pixels: int = 0
+    steps: int = 0
 
 
 class UsageStore:
@@ -58,6 +61,9 @@ class UsageStore:
                 "status": r.status,
                 "cache_hit": r.cache_hit,
                 "request_id": r.request_id,
+                "images": r.images,
+                "pixels": r.pixels,
+                "steps": r.steps,
             }
             for r in records
         ]
@@ -101,11 +107,14 @@ class UsageStore:
             func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
             func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
             func.coalesce(func.sum(cast(UsageRecord.cache_hit, Integer)), 0),
+            func.coalesce(func.sum(UsageRecord.images), 0),
+            func.coalesce(func.sum(UsageRecord.pixels), 0),
+            func.coalesce(func.sum(UsageRecord.steps), 0),
         )
         query = select(group, *sums).where(*filters).group_by(group).order_by(group)
         with self._sessions() as session:
             rows = [_sums(row[1:]) | {group_by: row[0]} for row in session.execute(query)]
-        totals = _sums((0, 0, 0, 0))
+        totals = _sums((0,) * len(sums))
         for row in rows:
             for name in totals:
                 totals[name] += row[name]
@@ -128,11 +137,14 @@ def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> None:
 
 
 def _sums(row: Sequence[Any]) -> dict[str, int]:
-    requests, prompt, completion, hits = (int(v or 0) for v in row)
+    requests, prompt, completion, hits, images, pixels, steps = (int(v or 0) for v in row)
     return {
         "requests": requests,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "cache_hits": hits,
+        "images": images,
+        "pixels": pixels,
+        "steps": steps,
     }

