@@ -37,6 +37,7 @@ from budrt_server import ADMIN_KEY, budrt_serve  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
 
 from budrt.config import Settings  # noqa: E402
+from budrt.engine import openmp  # noqa: E402
 from budrt.image import shapes  # noqa: E402
 from budrt.image.engine import ImageJob, start_engine  # noqa: E402
 
@@ -91,13 +92,17 @@ def closed_loop(requests: list[Request], clients: int, serve: Any) -> dict[str, 
 
 
 def run_direct(pipe: Any, requests: list[Request], clients: int) -> dict[str, float]:
-    lock = threading.Lock()
+    """One worker thread runs the pipeline (one OpenMP pool, as in a server that calls it)."""
+    worker = ThreadPoolExecutor(1)
 
     def serve(request: Request) -> None:
-        with lock:
-            pipe(request["prompt"], num_inference_steps=request["steps"], num_images_per_prompt=request["n"])
+        steps, n = request["steps"], request["n"]
+        worker.submit(pipe, request["prompt"], num_inference_steps=steps, num_images_per_prompt=n).result()
 
-    return closed_loop(requests, clients, serve)
+    try:
+        return closed_loop(requests, clients, serve)
+    finally:
+        worker.shutdown()
 
 
 class StaticBatcher:
@@ -128,7 +133,7 @@ class StaticBatcher:
         done.wait()
 
     def _job(self, request: Request, steps: int) -> ImageJob:
-        cond, uncond = self.engine.denoiser.encode([request["prompt"]], [""])
+        cond, uncond = openmp.released(self.engine.denoiser.encode)([request["prompt"]], [""])
         return ImageJob(64, 64, cond, uncond, 4.0, steps, torch.Generator().manual_seed(0))
 
 
@@ -170,7 +175,7 @@ def main() -> None:
     one = {"prompt": requests[0]["prompt"], "steps": 20, "n": 1}
     report["direct"] = run_direct(pipe, requests, args.clients)
     report["static"] = closed_loop(requests, args.clients, StaticBatcher(engine, args.clients).serve)
-    bare_s = alone(lambda: pipe(one["prompt"], num_inference_steps=20), args.alone)
+    bare_s = alone(openmp.released(lambda: pipe(one["prompt"], num_inference_steps=20)), args.alone)
     engine.stop()
     model = cfg.model_dump(mode="json") | {"max_batch_images": args.clients * 2}
     with budrt_serve(model) as launched:

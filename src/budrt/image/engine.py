@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from budrt.config import ModelConfig
+from budrt.engine import openmp
 from budrt.engine.interface import EngineOverloaded
 from budrt.image.denoiser import Denoiser, load_pipeline
 from budrt.model_source import resolve_source
@@ -123,7 +124,7 @@ class DiffusionEngine:
     async def self_test(self) -> None:
         """One single-step picture at the native size, through the queue like any request."""
         size = self.denoiser.native_size
-        cond, _ = await asyncio.to_thread(self.denoiser.encode, ["ok"], None)
+        cond, _ = await openmp.to_thread(self.denoiser.encode, ["ok"], None)
         job = ImageJob(size, size, cond, None, 1.0, 1, torch.Generator().manual_seed(0))
         self.submit([job])
         await asyncio.wrap_future(job.result)
@@ -159,6 +160,8 @@ class DiffusionEngine:
             self.last_step_at = time.monotonic()
 
     def _admit(self, block: bool) -> None:
+        if block:  # idle: let other threads' OpenMP pools spin (engine/openmp.py)
+            openmp.release_thread_pool()
         try:
             job = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
         except queue.Empty:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from budrt.engine import openmp
 from budrt.engine.interface import EngineOverloaded
 from budrt.image import preprocess
 from budrt.image.edit import make_start, read_mask
@@ -35,7 +36,7 @@ from budrt.server.text_routes import serving_model, validate
 async def image_generations(request: Request) -> Response:
     req = await validate(request, ImageGenerationRequest)
     engine, plan = await _planned(request, req)
-    jobs = await asyncio.to_thread(make_jobs, engine, plan, req.n, None)
+    jobs = await openmp.to_thread(make_jobs, engine, plan, req.n, None)
     return await run_jobs(request, engine, jobs, plan, req)
 
 
@@ -69,10 +70,8 @@ async def image_edits(request: Request) -> Response:
     except ValueError as exc:
         raise invalid_request(f"'mask' is {exc}.", param="mask") from None
     strength = req.strength if req.strength is not None else (1.0 if repaint is not None else 0.8)
-    start = await asyncio.to_thread(
-        make_start, engine.denoiser, picture, repaint, strength, torch.Generator()
-    )
-    jobs = await asyncio.to_thread(make_jobs, engine, plan, req.n, start)
+    start = await openmp.to_thread(make_start, engine.denoiser, picture, repaint, strength, torch.Generator())
+    jobs = await openmp.to_thread(make_jobs, engine, plan, req.n, start)
     return await run_jobs(request, engine, jobs, plan, req)
 
 
