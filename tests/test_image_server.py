@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +150,52 @@ def test_edits_take_the_sdks_multipart_form(server: str, tmp_path: Path) -> None
     assert bad_strength.status_code == 400 and bad_strength.json()["error"]["param"] == "strength"
     as_json = httpx.post(server + EDIT, json=fields, timeout=30)
     assert as_json.status_code == 400
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` pixels in a few dozen bytes (a decompression bomb's
+    header: the pixels would need gigabytes)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_upload_declaring_too_many_pixels_is_refused_before_decoding(server: str) -> None:
+    fields = {"model": "shapes-diffusion", "prompt": PROMPT, "strength": "0.5"}
+    for side in (12_000, 30_000):  # under and over Pillow's own limit (179 M pixels)
+        bomb = {"image": ("bomb.png", _png_header_only(side, side), "image/png")}
+        r = httpx.post(server + EDIT, data=fields, files=bomb, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+        message = r.json()["error"]["message"]
+        assert "pixels" in message and (side != 12_000 or "12000x12000 picture is over" in message)
+    mask = {"image": ("in.png", _png(Image.new("RGB", (64, 64))), "image/png")}
+    mask["mask"] = ("m.png", _png_header_only(9000, 9000), "image/png")
+    r = httpx.post(server + EDIT, data=fields, files=mask, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+
+
+def test_metrics_count_images_steps_and_unet_calls(server: str) -> None:
+    def counters() -> dict[str, float]:
+        text = httpx.get(server + "/metrics", timeout=10).text
+        found = {}
+        for name in ("images_generated_total", "image_denoising_steps_total", "image_unet_calls_total"):
+            line = next(
+                x for x in text.splitlines() if x.startswith(f'budrt:{name}{{model_name="shapes-diffusion"')
+            )
+            found[name] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    before = counters()
+    assert generate(server, n=3, steps=5).status_code == 200
+    after = counters()
+    assert after["images_generated_total"] - before["images_generated_total"] == 3
+    assert after["image_denoising_steps_total"] - before["image_denoising_steps_total"] == 15
+    calls = after["image_unet_calls_total"] - before["image_unet_calls_total"]
+    assert 5 <= calls < 15  # the three images share UNet calls
+    text = httpx.get(server + "/metrics", timeout=10).text
+    assert 'budrt:e2e_request_latency_seconds_count{model_name="shapes-diffusion"}' in text

@@ -194,7 +194,7 @@ def test_engine_metrics_are_exported(engine: LLMEngine) -> None:
     eng = sibling(engine)
     ids = chat(eng, GREEDY_PROMPTS[0])
     run(eng, [ids, ids], SamplingParams(max_tokens=4, temperature=0.0), together=True)
-    pool = SimpleNamespace(models={"m": SimpleNamespace(state="ready", engine=eng)})
+    pool = SimpleNamespace(models={"m": SimpleNamespace(state="ready", engine=eng, stepping_engine=eng)})
     families = {f.name: f for f in EngineStatsCollector(pool).collect()}  # type: ignore[arg-type]
     for name in ("budrt:num_requests_running", "budrt:kv_cache_usage_perc", "budrt:prefix_cache_queries"):
         assert name in families

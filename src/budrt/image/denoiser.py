@@ -62,6 +62,7 @@ class Denoiser:
         self.channels = int(unet.config.in_channels)
         self.native_size = int(unet.config.sample_size) * self.scale
         self.vae = getattr(pipe, "vae", None)
+        self._empty_states: torch.Tensor | None = None
 
     def new_scheduler(self) -> Any:
         """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
@@ -72,9 +73,19 @@ class Denoiser:
         self, prompts: list[str], negatives: list[str] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt states [B, L, D] and, when guided, the negative prompts' (empty = unconditional)."""
-        guided = negatives is not None
-        cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, guided, negatives)
-        return cond, uncond
+        if negatives is not None and any(negatives):
+            return self.pipe.encode_prompt(prompts, self.device, 1, True, negatives)
+        cond, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        if negatives is None:
+            return cond, None
+        return cond, self._unconditional().expand(len(prompts), -1, -1)
+
+    def _unconditional(self) -> torch.Tensor:
+        """The empty prompt's states, encoded once: most guided requests have no negative prompt,
+        so this saves a text-encoder call per request."""
+        if self._empty_states is None:
+            self._empty_states, _ = self.pipe.encode_prompt([""], self.device, 1, False)
+        return self._empty_states
 
     def read(self, prompt: str) -> tuple[int, str | None]:
         """(tokens the text encoder reads of `prompt`, the part it reads when that is not all)."""

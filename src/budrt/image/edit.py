@@ -6,23 +6,18 @@ no alpha channel marks it in white, as diffusers' inpainting pipelines read it.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
 
 from budrt.image.denoiser import Denoiser
+from budrt.image.encode import open_upload
 from budrt.image.engine import Start
 
 
 def read_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """[H, W] float32, 1 = repaint; ValueError when it is not a readable image."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:
-        raise ValueError(f"not a readable image: {exc}") from None
+    image = open_upload(data)
     if image.size != size:
         image = image.resize(size, Image.Resampling.NEAREST)
     if "A" in image.getbands():

@@ -94,6 +94,8 @@ class DiffusionEngine:
         self._queued_lock = threading.Lock()
         self.last_step_at = 0.0  # the watchdog watches it move while work is pending
         self.images_done = 0
+        self.image_steps = 0  # denoising steps, one per image per step: the work done
+        self.unet_calls = 0  # steps / calls = how many images a UNet call served on average
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -119,6 +121,9 @@ class DiffusionEngine:
             "waiting": max(0, self.queued - running),
             "last_step_at": self.last_step_at,
             "requests_finished_total": self.images_done,
+            "images_generated_total": self.images_done,
+            "image_steps_total": self.image_steps,
+            "unet_calls_total": self.unet_calls,
         }
 
     async def self_test(self) -> None:
@@ -215,6 +220,8 @@ class DiffusionEngine:
         groups = ([shared] if shared else []) + [[j] for j in active if j.exact]
         for group in groups:
             noise = self._predict(group)
+            self.unet_calls += 1
+            self.image_steps += len(group)
             for i, job in enumerate(group):
                 self._advance(job, noise[i : i + 1])
 

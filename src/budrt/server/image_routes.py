@@ -29,6 +29,7 @@ from budrt.image.engine import DiffusionEngine, ImageJob, Start
 from budrt.image.preprocess import ImagePlan
 from budrt.protocol.errors import from_validation_error, invalid_request, overloaded
 from budrt.protocol.schemas import ImageEditRequest, ImageGenerationRequest
+from budrt.server import metrics
 from budrt.server.generation import check_n, check_queue_room, wait_for_disconnect
 from budrt.server.text_routes import serving_model, validate
 
@@ -127,12 +128,16 @@ async def run_jobs(
     try:
         engine.submit(jobs)
     except EngineOverloaded:
+        metrics.REQUEST_ERRORS.labels(req.model, "503").inc()
         raise overloaded(retry_after=1) from None
     if events is not None:
         return StreamingResponse(_stream(jobs, events, plan, req), media_type="text/event-stream")
+    started = time.perf_counter()
     pictures = await _collect(request, jobs)
+    metrics.REQUESTS.labels(req.model, "abort" if pictures is None else "stop").inc()
     if pictures is None:
         return Response(status_code=499)
+    metrics.E2E.labels(req.model).observe(time.perf_counter() - started)
     files = await asyncio.to_thread(_encode_all, pictures, req)
     data = [_datum(f, plan) for f in files]
     body = {"created": int(time.time()), "data": data, **_shape(plan, req), "usage": _usage(plan, len(jobs))}

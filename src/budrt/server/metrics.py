@@ -51,9 +51,10 @@ class EngineStatsCollector(Collector):
         ready = GaugeMetricFamily("budrt:model_ready", "1 when the model can serve", labels=["model_name"])
         for name, hosted in self.pool.models.items():
             ready.add_metric([name], 1.0 if hosted.state == "ready" else 0.0)
-            if hosted.engine is None:
+            engine = hosted.stepping_engine
+            if engine is None:
                 continue
-            stats = hosted.engine.stats()
+            stats = engine.stats()
             running.add_metric([name], float(stats.get("running", 0)))
             waiting.add_metric([name], float(stats.get("waiting", 0)))
             kv.add_metric([name], float(stats.get("kv_usage", 0.0)))
@@ -70,6 +71,9 @@ class EngineStatsCollector(Collector):
             ),
             "prefix_cache_hits": ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache"),
             "num_preemptions": ("num_preemptions_total", "Sequences preempted (recomputed) for KV blocks"),
+            "images_generated": ("images_generated_total", "Images generated"),
+            "image_denoising_steps": ("image_steps_total", "Denoising steps run, one per image per step"),
+            "image_unet_calls": ("unet_calls_total", "UNet calls (each serves one or more images' steps)"),
         }
         families = {
             key: CounterMetricFamily(f"budrt:{key}", doc, labels=["model_name"])
@@ -77,7 +81,7 @@ class EngineStatsCollector(Collector):
         }
         histograms: dict[str, HistogramMetricFamily] = {}
         for name, hosted in self.pool.models.items():
-            engine = hosted.engine
+            engine = hosted.stepping_engine
             if engine is None:
                 continue
             stats = engine.stats()

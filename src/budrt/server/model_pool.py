@@ -60,6 +60,11 @@ class HostedModel:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def stepping_engine(self) -> Engine | DiffusionEngine | None:
+        """The engine that runs steps (text or image), whose `stats()` the watchdog and metrics read."""
+        return self.engine or self.imager
+
+    @property
     def name(self) -> str:
         return self.config.name
 

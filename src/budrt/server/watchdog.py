@@ -76,7 +76,7 @@ class Watchdog:
     def check_progress(self, now: float) -> None:
         stalled: list[str] = []
         for hosted in list(self.pool.models.values()):
-            engine = hosted.engine or hosted.imager
+            engine = hosted.stepping_engine
             if hosted.state != "ready" or engine is None:
                 self._progress.pop(hosted.name, None)
                 continue
@@ -142,7 +142,7 @@ async def _one_token(hosted: HostedModel) -> None:
 
 
 def _busy(hosted: HostedModel) -> bool:
-    engine = hosted.engine or hosted.imager
+    engine = hosted.stepping_engine
     if engine is not None:
         stats = engine.stats()
         return float(stats.get("running", 0)) + float(stats.get("waiting", 0)) > 0
