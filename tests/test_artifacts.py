@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -16,15 +17,18 @@ from budrt.config import ModelConfig, Settings
 from budrt.store.artifact_cache import ArtifactCache
 from budrt.store.db import migrate
 from budrt.store.models import ModelStore
+from budrt.store.objects import LocalObjectStore, ObjectStore, StoredObject
 from budrt.store.repository import (
     ArtifactCorrupt,
     InvalidManifest,
-    LocalObjectStore,
     ModelRepository,
     blob_key,
     file_sha256,
     manifest_key,
+    store_for_url,
 )
+from budrt.store.s3_objects import S3ObjectStore
+from tests.procs import S3Server
 from tests.tiny_models import build_tiny_llama, start_server, tiny_config
 
 
@@ -72,10 +76,32 @@ def put_raw_manifest(repository: ModelRepository, files: list[dict], kind: str =
     """A manifest stored as is (as a hostile or broken repository could hold it); its digest."""
     raw = json.dumps({"kind": kind, "files": files}).encode()
     digest = hashlib.sha256(raw).hexdigest()
-    source = Path(repository.store.root) / "incoming"  # type: ignore[attr-defined]
-    source.write_bytes(raw)
-    repository.store.put(manifest_key(digest), source)
+    repository.store.put(manifest_key(digest), raw, "application/json")
     return digest
+
+
+class CountingStore:
+    """An object store that counts the objects read through it (manifests by get, blobs by open)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def _count(self) -> None:
+        with self._lock:
+            self.reads += 1
+
+    def get(self, key: str) -> StoredObject | None:
+        self._count()
+        return self.inner.get(key)
+
+    def open(self, key: str) -> BinaryIO | None:
+        self._count()
+        return self.inner.open(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def test_manifests_with_escaping_or_unnormalized_paths_are_refused(
@@ -137,11 +163,9 @@ def test_a_cached_file_reached_by_a_symlink_is_fetched_again(tmp_path: Path, tin
 
 
 def test_concurrent_loaders_share_one_fetch(tmp_path: Path, tiny_dirs: list[Path]) -> None:
-    repository = repo(tmp_path)
-    manifest = repository.push(tiny_dirs[0])
-    store = repository.store
-    assert isinstance(store, LocalObjectStore)
-    store.reads = 0
+    manifest = repo(tmp_path).push(tiny_dirs[0])
+    store = CountingStore(LocalObjectStore(tmp_path / "repository"))
+    repository = ModelRepository(store)  # type: ignore[arg-type]
     cache = ArtifactCache(tmp_path / "cache", 1 << 30)
     results: list[Path] = []
     threads = [
@@ -239,7 +263,8 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
         assert too_long.status_code == 400 and "context length is 64" in too_long.json()["error"]["message"]
         refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "reg-bad"}, timeout=60)
         assert refused.status_code == 503
-        assert "does not match its digest" in refused.json()["error"]["message"]
+        # The repository is encrypted: the changed blob fails its envelope before its digest.
+        assert "failed authentication" in refused.json()["error"]["message"]
         escaping = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "evil"}, timeout=60)
         assert escaping.status_code == 503
         assert "leaves the artifact directory" in escaping.json()["error"]["message"]
@@ -252,3 +277,39 @@ def test_model_server_loads_from_the_registry_and_refuses_corrupt_bytes(
     assert file_sha256(cached) == file_sha256(tiny_dirs[0] / "model.safetensors")
     assert not (tmp_path / "artifacts" / bad.digest).exists()
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "artifacts" / evil).exists()
+
+
+def test_store_for_url(tmp_path: Path, s3_server: S3Server) -> None:
+    settings = Settings(home=tmp_path)
+    for url in (f"file://{tmp_path}/repo", str(tmp_path / "repo")):
+        store = store_for_url(url, settings)
+        assert isinstance(store, LocalObjectStore) and store.root == tmp_path / "repo"
+    s3 = settings.model_copy(
+        update={"objects": settings.objects.model_copy(update={"s3": s3_server.config("ignored")})}
+    )
+    store = store_for_url("s3://budrt-models/team/one/", s3)
+    assert isinstance(store, S3ObjectStore)
+    assert (store.bucket, store.prefix) == ("budrt-models", "team/one/")
+    for bad in ("s3:///no-bucket", "s3://bucket/p?x=1", "gs://bucket/x", "http://host/x"):
+        with pytest.raises(ValueError):
+            store_for_url(bad, s3)
+
+
+def test_an_s3_repository(tmp_path: Path, tiny_dirs: list[Path], s3_server: S3Server) -> None:
+    """Push to, fetch from and remove from a repository in S3 (SeaweedFS): the same layout."""
+    store = S3ObjectStore(s3_server.config("budrt-models", prefix=f"repo-{tmp_path.name}"))
+    repository = ModelRepository(store)
+    first = repository.push(tiny_dirs[0])
+    second = repository.push(tiny_dirs[1])
+    keys = {info.key for info in store.list("")}
+    assert manifest_key(first.digest) in keys and all(blob_key(f.sha256) in keys for f in first.files)
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    local = cache.get(first.digest, repository)
+    for item in first.files:
+        assert file_sha256(local / item.path) == file_sha256(tiny_dirs[0] / item.path)
+    repository.remove(first.digest)
+    shared = {f.sha256 for f in second.files}
+    left = {info.key for info in store.list("blobs/")}
+    assert left == {blob_key(digest) for digest in shared}  # only what the other model uses
+    with pytest.raises(FileNotFoundError):
+        repository.manifest(first.digest)

@@ -17,15 +17,18 @@ import orjson
 import pytest
 from sqlalchemy import select
 
+from budrt.config import ObjectStoreConfig
 from budrt.gateway.app import create_app
 from budrt.gateway.images import FILES_PATH, ImageFiles
 from budrt.security.signed_urls import sign, url_key
 from budrt.store.db import migrate
+from budrt.store.encrypted_objects import EncryptedObjectStore
 from budrt.store.keys import KeyStore
 from budrt.store.tables import UsageRecord
 from budrt.store.usage import UsageStore
 from tests.gateway.identity import Gateway, settings
 from tests.mock_upstream import MOCK_STEPS, MockUpstream, ServerThread
+from tests.procs import S3Server
 
 MODEL = "painter"
 IMAGES = "/v1/images/generations"
@@ -66,8 +69,8 @@ def upstream() -> Iterator[Upstream]:
     server.stop()
 
 
-def _start(home: Path, upstream: Upstream, gateway: dict[str, Any] | None = None) -> Images:
-    s = settings(home, upstream.url, [MODEL], gateway=gateway, metering={"flush_interval_s": 0.05})
+def _start(home: Path, upstream: Upstream, gateway: dict[str, Any] | None = None, **extra: Any) -> Images:
+    s = settings(home, upstream.url, [MODEL], gateway=gateway, metering={"flush_interval_s": 0.05}, **extra)
     migrate(s.database_url_resolved)
     store = KeyStore.from_settings(s)
     app = create_app(s, key_store=store)
@@ -220,6 +223,48 @@ def test_public_url(tmp_path: Path, upstream: Upstream) -> None:
         assert _fetch(here).status_code == 200
     finally:
         public.stop()
+
+
+def test_images_stored_encrypted_on_s3_behind_gateway_links(
+    tmp_path: Path, upstream: Upstream, s3_server: S3Server
+) -> None:
+    objects = ObjectStoreConfig(backend="s3", s3=s3_server.config("images-sealed"))
+    sealed = _start(tmp_path, upstream, objects=objects)
+    try:
+        resp = sealed.post({"size": "16x16"})
+        assert resp.status_code == 200, resp.text
+        url = resp.json()["data"][0]["url"]
+        assert url.startswith(sealed.gateway.url + FILES_PATH)
+        sent = upstream.direct({"prompt": "a red circle", "response_format": "b64_json", "size": "16x16"})
+        picture = base64.b64decode(sent.json()["data"][0]["b64_json"])
+        assert _fetch(url).content == picture
+        (key,) = sealed.stored()
+        assert isinstance(sealed.files.store, EncryptedObjectStore)
+        in_bucket = sealed.files.store.inner.get(key)
+        assert in_bucket is not None and picture not in in_bucket.data  # S3 holds ciphertext only
+    finally:
+        sealed.stop()
+
+
+def test_store_links_are_s3_presigned_urls(tmp_path: Path, upstream: Upstream, s3_server: S3Server) -> None:
+    objects = ObjectStoreConfig(backend="s3", s3=s3_server.config("images-open"), encrypt=False)
+    presigned = _start(tmp_path, upstream, {"images": {"links": "store"}}, objects=objects)
+    try:
+        url = presigned.post({"size": "16x16"}).json()["data"][0]["url"]
+        assert url.startswith(s3_server.endpoint_url + "/images-open/images/") and "X-Amz-Signature" in url
+        got = _fetch(url)
+        assert got.status_code == 200 and got.content.startswith(b"\x89PNG")
+        assert _fetch(url.replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403
+    finally:
+        presigned.stop()
+    with pytest.raises(ValueError, match="objects.encrypt false"):  # presigned ciphertext: refused
+        settings(
+            tmp_path,
+            upstream.url,
+            [MODEL],
+            gateway={"images": {"links": "store"}},
+            objects=objects.model_copy(update={"encrypt": True}),
+        )
 
 
 def test_retention_deletes_old_images(images: Images) -> None:

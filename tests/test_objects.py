@@ -1,25 +1,46 @@
-"""The local object store (store/objects.py): put/get/delete/list, atomic writes, key checks and
-private permissions."""
+"""The object stores (store/objects.py, store/s3_objects.py): put/get/delete/list, metadata, key
+checks on both backends (`store` runs each test on the local one and on SeaweedFS' S3); atomic
+writes, sidecars and private permissions of the local one."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from budrt.config import Settings
-from budrt.store.objects import DEFAULT_TYPE, LocalObjectStore, check_key, make_object_store
+from budrt.config import ObjectStoreConfig, Settings
+from budrt.store.encrypted_objects import EncryptedObjectStore
+from budrt.store.object_stores import make_object_store
+from budrt.store.objects import (
+    DEFAULT_TYPE,
+    LocalObjectStore,
+    ObjectStore,
+    check_key,
+)
+from budrt.store.s3_objects import S3ObjectStore
+from tests.procs import S3Server
+
+BUCKET = "budrt-objects"  # one bucket for the session, a fresh prefix per test
 
 
 def _mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def test_put_get_delete(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """An empty store: files under `tmp_path/objects`, or a fresh prefix in the S3 server's bucket."""
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "objects")
+    server = request.getfixturevalue("s3_server")
+    return S3ObjectStore(server.config(BUCKET, prefix=f"test-{uuid.uuid4().hex[:12]}"))
+
+
+def test_put_get_delete(store: ObjectStore) -> None:
     before = time.time()
     store.put("images/abc.png", b"\x89PNG data", "image/png")
     got = store.get("images/abc.png")
@@ -33,19 +54,25 @@ def test_put_get_delete(tmp_path: Path) -> None:
     assert store.get("images/abc.png") is None
     assert store.delete("images/abc.png") is False
     assert store.get("never/put.png") is None
-    assert sorted(os.listdir(tmp_path / "objects" / "images")) == []  # the type sidecar went too
+    assert store.list("") == []
+
+
+def test_delete_takes_the_sidecar_too(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put("images/abc.png", b"x", "image/png", {"a": "b"})
+    assert store.delete("images/abc.png") is True
+    assert sorted(os.listdir(tmp_path / "objects" / "images")) == []
 
 
 def test_a_missing_type_reads_as_octet_stream(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path)
     store.put("a/b.bin", b"x", "application/x-thing")
-    (tmp_path / "a" / ".b.bin.type").unlink()
+    (tmp_path / "a" / ".b.bin.meta").unlink()
     got = store.get("a/b.bin")
     assert got is not None and got.content_type == DEFAULT_TYPE
 
 
-def test_list_by_prefix(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
+def test_list_by_prefix(store: ObjectStore) -> None:
     assert store.list("images/") == []  # nothing stored yet, not even the root
     for key in ("images/b.png", "images/ab.png", "images/a/deep.png", "other/x.png", "top.png"):
         store.put(key, key.encode(), "image/png")
@@ -62,8 +89,13 @@ def test_list_by_prefix(tmp_path: Path) -> None:
     assert store.list("nothing/") == []
     info = store.list("top")[0]
     assert (info.key, info.size) == ("top.png", len(b"top.png")) and info.modified > 0
+
+
+def test_list_hides_sidecars_and_temporary_files(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put("images/b.png", b"b", "image/png", {"k": "v"})
     (tmp_path / "objects" / "images" / ".stray.png.1234.tmp").write_bytes(b"half")  # a crashed put
-    assert [i.key for i in store.list("images/b")] == ["images/b.png"]  # sidecars and temp files hidden
+    assert [i.key for i in store.list("images/")] == ["images/b.png"]
 
 
 @pytest.mark.parametrize(
@@ -86,22 +118,84 @@ def test_list_by_prefix(tmp_path: Path) -> None:
         "x" * 1025,
     ],
 )
-def test_bad_keys_are_refused(tmp_path: Path, key: str) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    with pytest.raises(ValueError):
-        store.put(key, b"x", "image/png")
-    with pytest.raises(ValueError):
-        store.get(key)
-    with pytest.raises(ValueError):
-        store.delete(key)
+def test_bad_keys_are_refused(store: ObjectStore, tmp_path: Path, key: str) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x")
+    calls = [
+        lambda: store.put(key, b"x", "image/png"),
+        lambda: store.put_file(key, source, "image/png"),
+        lambda: store.get(key),
+        lambda: store.open(key),
+        lambda: store.head(key),
+        lambda: store.set_metadata(key, {}),
+        lambda: store.delete(key),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError):
+            call()
     assert not (tmp_path / "objects").exists() or list((tmp_path / "objects").rglob("*")) == []
+    assert store.list("") == []
 
 
-def test_good_keys(tmp_path: Path) -> None:
+def test_good_keys(store: ObjectStore) -> None:
     for key in ("a", "images/Abc_-9.png", "a/b/c/d.e.f", "x" * 1024):
         assert check_key(key) == key
+    long = "/".join(["x" * 200] * 5)  # 1004 characters: room for the S3 store's test prefix
+    store.put(long, b"long", "text/plain")
+    assert [i.key for i in store.list("")] == [long]
     with pytest.raises(ValueError):
-        LocalObjectStore(tmp_path).list("../")
+        store.list("../")
+
+
+def test_metadata_head_and_set_metadata(store: ObjectStore) -> None:
+    store.put("m/a.png", b"pixels", "image/png", {"owner": "team-1", "seed": "42"})
+    head = store.head("m/a.png")
+    assert head is not None
+    assert (head.key, head.size, head.content_type) == ("m/a.png", 6, "image/png")
+    assert dict(head.metadata) == {"owner": "team-1", "seed": "42"} and head.modified > 0
+    got = store.get("m/a.png")
+    assert got is not None and dict(got.metadata) == {"owner": "team-1", "seed": "42"}
+    assert store.set_metadata("m/a.png", {"owner": "team-2"}) is True  # replaced, not merged
+    head = store.head("m/a.png")
+    assert head is not None and dict(head.metadata) == {"owner": "team-2"}
+    assert head.content_type == "image/png" and head.size == 6
+    got = store.get("m/a.png")
+    assert got is not None and got.data == b"pixels" and got.content_type == "image/png"
+    assert store.set_metadata("m/missing.png", {"a": "b"}) is False
+    assert store.head("m/missing.png") is None and store.head("m") is None
+    for bad in ({"Upper": "x"}, {"a": "caf\u00e9"}, {"a": "x" * 2100}, {"a_b": "x"}):
+        with pytest.raises(ValueError):
+            store.put("m/b.png", b"x", "image/png", bad)
+        with pytest.raises(ValueError):
+            store.set_metadata("m/a.png", bad)
+    assert store.head("m/b.png") is None
+
+
+def test_put_file_and_open(store: ObjectStore, tmp_path: Path) -> None:
+    source = tmp_path / "model.bin"
+    data = os.urandom(3 << 20)
+    source.write_bytes(data)
+    store.put_file("models/m.bin", source, "application/x-model", {"sha256": "abc"})
+    head = store.head("models/m.bin")
+    assert head is not None and head.size == len(data) and head.content_type == "application/x-model"
+    assert dict(head.metadata) == {"sha256": "abc"}
+    stream = store.open("models/m.bin")
+    assert stream is not None
+    with stream:
+        chunks = []
+        while chunk := stream.read(1 << 20):
+            chunks.append(chunk)
+    assert b"".join(chunks) == data
+    assert store.open("models/missing.bin") is None
+
+
+def test_presign(store: ObjectStore) -> None:
+    store.put("p/a.txt", b"hello", "text/plain")
+    url = store.presign("p/a.txt", 60)
+    if isinstance(store, LocalObjectStore):
+        assert url is None  # served by the gateway's signed links instead
+    else:
+        assert url is not None and url.startswith("http")
 
 
 def test_private_permissions(tmp_path: Path) -> None:
@@ -114,7 +208,7 @@ def test_private_permissions(tmp_path: Path) -> None:
     root = tmp_path / "objects"
     for directory in (root, root / "images", root / "images/a", root / "images/a/b"):
         assert _mode(directory) == 0o700, directory
-    for path in (root / "images/a/b/c.png", root / "images/a/b/.c.png.type"):
+    for path in (root / "images/a/b/c.png", root / "images/a/b/.c.png.meta"):
         assert _mode(path) == 0o600, path
 
 
@@ -131,12 +225,11 @@ def test_a_failed_write_keeps_the_old_object(tmp_path: Path, monkeypatch: pytest
     monkeypatch.undo()
     got = store.get("k.png")
     assert got is not None and got.data == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.png.type", "k.png"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.png.meta", "k.png"]  # no temp file left
 
 
-def test_readers_see_whole_objects(tmp_path: Path) -> None:
-    """A put replaces the file at once: a reader racing the writer gets one version whole."""
-    store = LocalObjectStore(tmp_path)
+def test_readers_see_whole_objects(store: ObjectStore) -> None:
+    """A put replaces the object at once: a reader racing the writer gets one version whole."""
     versions = [bytes([v]) * (1 << 20) for v in (1, 2)]
     store.put("race.bin", versions[0], "application/octet-stream")
     stop = threading.Event()
@@ -158,9 +251,17 @@ def test_readers_see_whole_objects(tmp_path: Path) -> None:
         writer.join()
 
 
-def test_make_object_store(tmp_path: Path) -> None:
+def test_make_object_store(tmp_path: Path, s3_server: S3Server) -> None:
     default = make_object_store(Settings(home=tmp_path, secret_key="test-secret-test-secret"))
-    assert isinstance(default, LocalObjectStore) and default.root == tmp_path / "objects"
-    chosen = Settings(home=tmp_path, objects={"path": str(tmp_path / "elsewhere")})
+    assert isinstance(default, EncryptedObjectStore)  # encrypted by default
+    assert isinstance(default.inner, LocalObjectStore) and default.inner.root == tmp_path / "objects"
+    chosen = Settings(home=tmp_path, objects={"path": str(tmp_path / "elsewhere"), "encrypt": False})
     store = make_object_store(chosen)
     assert isinstance(store, LocalObjectStore) and store.root == tmp_path / "elsewhere"
+    objects = ObjectStoreConfig(backend="s3", s3=s3_server.config("budrt-factory"))
+    on_s3 = make_object_store(Settings(home=tmp_path, objects=objects))
+    assert isinstance(on_s3, EncryptedObjectStore) and isinstance(on_s3.inner, S3ObjectStore)
+    on_s3.put("images/x.png", b"secret pixels", "image/png")
+    raw = on_s3.inner.get("images/x.png")
+    assert raw is not None and b"secret pixels" not in raw.data  # the bucket holds ciphertext
+    assert on_s3.get("images/x.png").data == b"secret pixels"  # type: ignore[union-attr]

@@ -220,13 +220,58 @@ class ImagesConfig(_Section):
 
     url_ttl_s: int = Field(3600, gt=0)  # how long a URL works (OpenAI's: 60 minutes)
     retention_s: int = Field(86400, gt=0)  # images are deleted this long after they were stored
+    # "gateway": links to the gateway's GET /v1/images/files/{id} signed with the platform's key;
+    # "store": the object store's own presigned URLs (S3 backend with objects.encrypt off only:
+    # the store would hand out ciphertext otherwise).
+    links: Literal["gateway", "store"] = "gateway"
+
+
+class S3Config(_Section):
+    """An S3-compatible object store (store/s3_objects.py): AWS S3, SeaweedFS, MinIO, Ceph RGW."""
+
+    endpoint_url: str | None = None  # None: AWS's endpoint for `region`; https:// in production
+    region: str = "us-east-1"
+    bucket: str = "budrt"
+    prefix: str = ""  # every key is stored under this prefix (several platforms in one bucket)
+    # None: boto3's own chain (AWS_* variables, profile, instance or pod role).
+    access_key_id: SecretText | None = None
+    secret_access_key: SecretText | None = None
+    ca_bundle: Path | None = None  # verify the endpoint's TLS certificate against this CA file
+    create_bucket: bool = False  # create `bucket` at start when missing (tests, first runs)
 
 
 class ObjectStoreConfig(_Section):
-    """Where the gateway keeps objects it serves later (store/objects.py)."""
+    """Where the platform keeps objects: generated images, the model repository (store/objects.py)."""
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "s3"] = "local"
     path: Path | None = None  # local: None = $home/objects
+    s3: S3Config = Field(default_factory=S3Config)
+    # Envelope encryption of every object (security/envelope.py) under `kms`' key.
+    encrypt: bool = True
+
+
+class KmsConfig(_Section):
+    """The key-encryption keys that wrap every data key (security/kms.py)."""
+
+    provider: Literal["local", "aws-kms"] = "local"
+    keyring: Path | None = None  # local: None = $home/keyring.json (0600, versioned keys)
+    key_id: str | None = None  # aws-kms: the KMS key's id, ARN or alias/...
+    region: str = "us-east-1"  # aws-kms
+    endpoint_url: str | None = None  # aws-kms: None = AWS's endpoint for `region`
+    access_key_id: SecretText | None = None  # aws-kms: None = boto3's own credential chain
+    secret_access_key: SecretText | None = None
+
+
+class TlsConfig(_Section):
+    """The private CA and the certificates of the platform's own hops (security/certs.py)."""
+
+    enabled: bool = False  # serve with TLS (a later change); `budrt certs init` works either way
+    dir: Path | None = None  # None = $home/tls
+    # Subject alternative names of the server certificate: DNS names and IP addresses.
+    hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    valid_days: int = Field(90, gt=0)  # server and client certificates
+    ca_valid_days: int = Field(3650, gt=0)
+    renew_before_days: int = Field(30, ge=0)  # reissued when they expire within this many days
 
 
 class GatewayConfig(_Section):
@@ -313,6 +358,7 @@ class MeteringConfig(_Section):
     flush_interval_s: float = 1.0
     batch_size: int = 500  # a full batch is written without waiting for the interval
     max_queue: int = 100_000  # records the disk refused wait in memory up to this; then dropped
+    encrypt_spool: bool = True  # seal every spooled record under a data key from `kms`
 
 
 class SupervisorConfig(_Section):
@@ -387,6 +433,8 @@ class Settings(BaseSettings):
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     objects: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
+    kms: KmsConfig = Field(default_factory=KmsConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     models: list[ModelConfig] = Field(default_factory=_package_default_models)
     model_servers: list[ModelServerConfig] = Field(default_factory=_default_servers)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -420,6 +468,11 @@ class Settings(BaseSettings):
             for model in server.models:
                 if model not in names:
                     raise ValueError(f"model server '{server.name}' serves unknown model '{model}'")
+        if self.gateway.images.links == "store" and (self.objects.backend != "s3" or self.objects.encrypt):
+            raise ValueError(
+                "gateway.images.links 'store' needs objects.backend 's3' with objects.encrypt false "
+                "(presigned URLs serve the stored bytes as they are)"
+            )
         return self
 
     @property

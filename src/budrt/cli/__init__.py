@@ -1,15 +1,17 @@
 """`budrt`: the command line. Thin: every command loads the settings tree and calls one part.
 
 One module per command group (`serve`: serve, gateway, status, config; `keys`; `identity`: users,
-teams, roles; `models`); `common` holds what they share, `limits` the limit options.
+teams, roles; `models`; `kms`; `certs`); `common` holds what they share, `limits` the limit options.
 """
 
 from __future__ import annotations
 
 import typer
 
+from budrt.cli.certs import certs_app
 from budrt.cli.identity import roles_app, teams_app, users_app
 from budrt.cli.keys import keys_app
+from budrt.cli.kms import kms_app
 from budrt.cli.models import models_app
 from budrt.cli.serve import config_app, serve_app
 
@@ -21,5 +23,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(teams_app, name="teams")
 app.add_typer(roles_app, name="roles")
 app.add_typer(models_app, name="models")
+app.add_typer(kms_app, name="kms")
+app.add_typer(certs_app, name="certs")
 
 __all__ = ["app"]

@@ -54,11 +54,12 @@ from budrt.protocol.errors import (
     model_not_found,
     parse_json_body,
 )
+from budrt.security.kms import make_key_provider
 from budrt.security.rbac import ENDPOINT_ACTIONS, Principal
 from budrt.security.signed_urls import url_key
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
-from budrt.store.objects import make_object_store
+from budrt.store.object_stores import make_object_store
 from budrt.store.quotas import period_usage
 from budrt.store.usage import UsageStore
 
@@ -91,7 +92,10 @@ class Gateway:
         self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)
         self.usage = UsageStore(store.engine)
         metering = settings.metering
-        self.meter = Meter(self.usage, metering, spool_dir(settings.home)) if metering.enabled else None
+        spool_keys = make_key_provider(settings) if metering.encrypt_spool else None
+        self.meter = (
+            Meter(self.usage, metering, spool_dir(settings.home), spool_keys) if metering.enabled else None
+        )
         self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
         # In process, budgets start from the usage recorded this period (survive a restart).
         self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))

@@ -116,6 +116,12 @@ class ImageFiles:
         self.key = key
 
     def url(self, base: str, name: str, now: float) -> str:
+        """The link to image `name`: the store's presigned URL or the gateway's signed one."""
+        if self.config.links == "store":
+            presigned = self.store.presign(PREFIX + name, self.config.url_ttl_s)
+            if presigned is None:
+                raise RuntimeError("the object store gives no presigned URLs")
+            return presigned
         expires = int(now) + self.config.url_ttl_s
         path = FILES_PATH + name
         return f"{base}{path}?expires={expires}&sig={sign(path, expires, self.key)}"

@@ -32,6 +32,7 @@ from budrt.config import MeteringConfig
 from budrt.gateway.spool import Segment, Spool
 from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.gateway.usage import STREAM_TAIL_BYTES, find_usage
+from budrt.security.kms import KeyProvider
 from budrt.security.rbac import Principal
 from budrt.store.usage import Usage, UsageStore
 
@@ -58,10 +59,12 @@ def spool_dir(home: Path) -> Path:
 
 
 class Meter:
-    def __init__(self, store: UsageStore, config: MeteringConfig, spool: Path) -> None:
+    def __init__(
+        self, store: UsageStore, config: MeteringConfig, spool: Path, keys: KeyProvider | None = None
+    ) -> None:
         self.store = store
         self.config = config
-        self.spool = Spool(spool)
+        self.spool = Spool(spool, keys)
         self._ids = itertools.count(1)
         self._unspooled: list[Record] = []  # the disk refused them; spooled again at the next flush
         self._sealed: list[Segment] = []  # spooled, waiting for the DB (oldest first)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -46,18 +48,41 @@ def touch_private(path: Path) -> None:
     private_file(path)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with a 0600 file holding `data`: a reader never sees a partial
-    file, and the old file's permissions do not carry over."""
+def write_private(
+    path: Path,
+    data: bytes | Callable[[BinaryIO], object],
+    *,
+    durable: bool = False,
+    mode: int = PRIVATE_FILE,
+) -> None:
+    """Replace `path` atomically with a 0600 file holding `data` (bytes, or what `data(file)`
+    writes): a reader never sees a partial file, and the old file's permissions do not carry
+    over. `durable`: fsync the file before the rename and the directory after it, so that the
+    new file survives a power loss (keyrings, stored objects, certificates). `mode`: another
+    mode for a file that is not secret (a certificate: 0644), set whatever the umask."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if mode != PRIVATE_FILE:
+                os.fchmod(f.fileno(), mode)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def secure_home(home: Path) -> Path:

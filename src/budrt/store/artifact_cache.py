@@ -29,7 +29,6 @@ from budrt.store.repository import (
     InvalidManifest,
     Manifest,
     ModelRepository,
-    blob_key,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class ArtifactCache:
                 target = tmp / item.path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 h = hashlib.sha256()
-                with repository.store.open(blob_key(item.sha256)) as src, target.open("wb") as dst:
+                with repository.open_blob(item.sha256) as src, target.open("wb") as dst:
                     while chunk := src.read(CHUNK):
                         h.update(chunk)
                         dst.write(chunk)

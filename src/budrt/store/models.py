@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from budrt.config import Settings
 from budrt.model_source import resolve_source
 from budrt.store.db import make_engine, session_factory
-from budrt.store.repository import ModelRepository, manifest_key, open_store
+from budrt.store.object_stores import make_repository_store, repository_url
+from budrt.store.repository import ModelRepository, manifest_key
 from budrt.store.tables import ModelRecord
 
 REGISTRY_PREFIX = "registry:"  # ModelConfig.source naming a registered model
@@ -57,10 +58,6 @@ def _info(row: ModelRecord) -> ModelInfo:
     )
 
 
-def repository_url(settings: Settings) -> str:
-    return settings.repository_url or f"file://{settings.home / 'repository'}"
-
-
 class ModelStore:
     def __init__(self, engine: Engine, repository: ModelRepository, repository_url: str) -> None:
         self.sessions = session_factory(engine)
@@ -69,8 +66,8 @@ class ModelStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelStore:
-        url = repository_url(settings)
-        return cls(make_engine(settings.database_url_resolved), ModelRepository(open_store(url)), url)
+        repository = ModelRepository(make_repository_store(settings))
+        return cls(make_engine(settings.database_url_resolved), repository, repository_url(settings))
 
     def push(
         self,

@@ -1,38 +1,55 @@
-"""Object storage for what the gateway serves back later (generated images): put, get, delete, list.
+"""Object storage: generated images, the model repository's files; put, get, open, head, list,
+delete, presign.
 
-`ObjectStore` is shaped after S3 (flat keys with `/` in them, a content type per object, listing
-by key prefix), so an S3 backend can stand in for `LocalObjectStore`. Every method blocks: async
-callers run them in a thread (`asyncio.to_thread`).
+`ObjectStore` is shaped after S3 (flat keys with `/` in them, a content type and a little
+user metadata per object, listing by key prefix), with two backends: `LocalObjectStore` here and
+`S3ObjectStore` (store/s3_objects.py). `EncryptedObjectStore` (store/encrypted_objects.py) wraps
+either one to encrypt every object; store/object_stores.py picks and wraps them from the
+settings. Every method blocks: async callers run them in a thread (`asyncio.to_thread`).
 
-`LocalObjectStore` keeps object `a/b.png` in `<root>/a/b.png` and its content type in the sidecar
-`<root>/a/.b.png.type`. Each file is written to a temporary file and renamed into place, so a
-reader sees a whole object or none; the type is written before the bytes, so a visible object
-always has one. Directories are 0700, files 0600. No key has a path component starting with `.`,
-so neither sidecars nor temporary files can collide with an object.
+`LocalObjectStore` keeps object `a/b.png` in `<root>/a/b.png` and its content type and metadata
+in the sidecar `<root>/a/.b.png.meta` (JSON). Each file is written to a temporary file and renamed
+into place, so a reader sees a whole object or none; the sidecar is written before the bytes, so
+a visible object always has one. Directories are 0700, files 0600. No key has a path component
+starting with `.`, so neither sidecars nor temporary files can collide with an object.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import secrets
-from dataclasses import dataclass
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from budrt.config import Settings
-from budrt.security.files import PRIVATE_DIR, PRIVATE_FILE, private_dir
+import orjson
+
+from budrt.security.files import PRIVATE_DIR, private_dir, write_private
 
 MAX_KEY_LEN = 1024  # as S3
 _KEY = re.compile(r"[A-Za-z0-9._/-]+")
+_META_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+MAX_METADATA_BYTES = 2048  # S3's limit on user metadata, names and values together
 DEFAULT_TYPE = "application/octet-stream"
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     key: str
-    size: int
+    size: int  # bytes as stored
     modified: float  # unix time of the last put
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectHead:
+    key: str
+    size: int
+    modified: float
+    content_type: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +58,54 @@ class StoredObject:
     content_type: str
     size: int
     modified: float
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 class ObjectStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """Store `data` under `key`, replacing any object there (readers see old or new, whole)."""
+
+    def put_file(
+        self, key: str, source: Path, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """As `put`, streaming the file at `source` (model files are larger than memory)."""
 
     def get(self, key: str) -> StoredObject | None: ...
 
-    def delete(self, key: str) -> bool: ...
+    def open(self, key: str) -> BinaryIO | None:
+        """A stream of the object's bytes (the caller closes it), or None if there is none."""
 
-    def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def head(self, key: str) -> ObjectHead | None: ...
+
+    def set_metadata(self, key: str, metadata: Mapping[str, str]) -> bool:
+        """Replace the object's metadata, leaving its bytes as they are; False if there is none."""
+
+    def delete(self, key: str) -> bool:
+        """Whether the object existed."""
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix` (a plain string prefix, as in S3), by key."""
+
+    def presign(self, key: str, expires_s: int) -> str | None:
+        """A URL that serves the object for `expires_s` seconds, or None where the backend has none."""
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """`metadata` as a dict if S3 would take it as user metadata: lowercase names of
+    `[a-z0-9-]`, printable ASCII values, 2 KiB in all; else ValueError."""
+    checked = dict(metadata or {})
+    total = 0
+    for name, value in checked.items():
+        if not isinstance(name, str) or _META_NAME.fullmatch(name) is None:
+            raise ValueError(f"invalid metadata name {str(name)[:40]!r}")
+        if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+            raise ValueError(f"metadata {name!r}: the value must be printable ASCII")
+        total += len(name) + len(value)
+    if total > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata of {total} bytes (at most {MAX_METADATA_BYTES})")
+    return checked
 
 
 def check_key(key: str) -> str:
@@ -63,23 +118,8 @@ def check_key(key: str) -> str:
     return key
 
 
-def _type_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.type")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`data` in a new 0600 file renamed over `path`, after fsync: never a partial file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _meta_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.meta")
 
 
 class LocalObjectStore:
@@ -99,11 +139,39 @@ class LocalObjectStore:
             current = current / part
             current.mkdir(mode=PRIVATE_DIR, exist_ok=True)
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def _write_meta(self, path: Path, content_type: str, metadata: Mapping[str, str] | None) -> None:
+        sidecar = orjson.dumps({"content_type": content_type, "metadata": check_metadata(metadata)})
+        write_private(_meta_path(path), sidecar, durable=True)
+
+    def _read_meta(self, path: Path) -> tuple[str, dict[str, str]]:
+        try:
+            sidecar = orjson.loads(_meta_path(path).read_bytes())
+            return str(sidecar.get("content_type") or DEFAULT_TYPE), dict(sidecar.get("metadata") or {})
+        except (FileNotFoundError, orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return DEFAULT_TYPE, {}
+
+    def put(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
         path = self._path(key)
         self._make_dirs(path.parent)
-        _write_atomic(_type_path(path), content_type.encode())
-        _write_atomic(path, data)
+        self._write_meta(path, content_type, metadata)
+        write_private(path, data, durable=True)
+
+    def put_file(
+        self, key: str, source: Path, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        path = self._path(key)
+        self._make_dirs(path.parent)
+        self._write_meta(path, content_type, metadata)
+        with open(source, "rb") as src:
+            write_private(path, lambda f: shutil.copyfileobj(src, f, CHUNK), durable=True)
+
+    def open(self, key: str) -> BinaryIO | None:
+        try:
+            return open(self._path(key), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
 
     def get(self, key: str) -> StoredObject | None:
         path = self._path(key)
@@ -113,24 +181,38 @@ class LocalObjectStore:
                 modified = os.fstat(f.fileno()).st_mtime
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        content_type, metadata = self._read_meta(path)
+        return StoredObject(data, content_type, len(data), modified, metadata)
+
+    def head(self, key: str) -> ObjectHead | None:
+        path = self._path(key)
         try:
-            content_type = _type_path(path).read_text().strip() or DEFAULT_TYPE
-        except FileNotFoundError:
-            content_type = DEFAULT_TYPE
-        return StoredObject(data, content_type, len(data), modified)
+            stat = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        content_type, metadata = self._read_meta(path)
+        return ObjectHead(key, stat.st_size, stat.st_mtime, content_type, metadata)
+
+    def set_metadata(self, key: str, metadata: Mapping[str, str]) -> bool:
+        path = self._path(key)
+        if not path.is_file():
+            return False
+        content_type, _ = self._read_meta(path)
+        self._write_meta(path, content_type, metadata)
+        return True
 
     def delete(self, key: str) -> bool:
-        """Whether the object existed."""
         path = self._path(key)
         try:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
-        _type_path(path).unlink(missing_ok=True)
+        _meta_path(path).unlink(missing_ok=True)
         return True
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose key starts with `prefix` (a plain string prefix, as in S3), by key."""
         directory = prefix.rpartition("/")[0]
         if directory:
             check_key(directory)
@@ -139,7 +221,7 @@ class LocalObjectStore:
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
-                if name.startswith("."):  # a content-type sidecar or a temporary file
+                if name.startswith("."):  # a metadata sidecar or a temporary file
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
@@ -152,8 +234,5 @@ class LocalObjectStore:
                 found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
         return sorted(found, key=lambda info: info.key)
 
-
-def make_object_store(settings: Settings) -> ObjectStore:
-    """The store `settings.objects` names (`local`: under `path`, default `$home/objects`)."""
-    config = settings.objects
-    return LocalObjectStore(Path(config.path) if config.path is not None else Path(settings.home) / "objects")
+    def presign(self, key: str, expires_s: int) -> str | None:
+        return None  # files are served by the gateway's signed links (security/signed_urls.py)

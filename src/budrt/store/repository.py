@@ -1,92 +1,50 @@
 """The model repository: model files, content-addressed, in an object store.
 
-Layout (any object store): `blobs/sha256/<hex>` holds one file's bytes; `manifests/sha256/<hex>`
-a JSON list of (relative path, sha256, size) - one entry for a single-file model (GGUF), one
-per file for a directory. A model's digest is its manifest's sha256, so one digest pins every byte.
-`LocalObjectStore` keeps objects on the filesystem; an S3-compatible store implements the same
-four methods.
+Layout (any `ObjectStore` of store/objects.py): `blobs/sha256/<hex>` holds one file's bytes;
+`manifests/sha256/<hex>` a JSON list of (relative path, sha256, size) - one entry for a
+single-file model (GGUF), one per file for a directory. A model's digest is its manifest's sha256,
+so one digest pins every byte. `store_for_url` opens the store a repository URL names: a local
+directory (`file://`, a path) or an S3 bucket and prefix (`s3://`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
-import shutil
-import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 import orjson
+
+from budrt.config import Settings
+from budrt.store.objects import LocalObjectStore, ObjectStore
 
 CHUNK = 1 << 20
 CACHE_MANIFEST = ".manifest.json"  # where an artifact cache entry keeps its manifest (reserved)
 KINDS = ("file", "dir")
+BLOB_TYPE = "application/octet-stream"
+MANIFEST_TYPE = "application/json"
 
 
-class ObjectStore(ABC):
-    @abstractmethod
-    def put(self, key: str, source: Path) -> None:
-        """Store the file at `source` under `key` (atomically: readers see all of it or nothing)."""
-
-    @abstractmethod
-    def open(self, key: str) -> BinaryIO:
-        """A binary stream of the object; FileNotFoundError if there is none."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    @abstractmethod
-    def keys(self, prefix: str) -> Iterator[str]: ...
-
-
-class LocalObjectStore(ObjectStore):
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.reads = 0  # objects opened; tests check that waiters share one fetch
-
-    def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"invalid object key {key!r}")
-        return self.root / key
-
-    def put(self, key: str, source: Path) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-
-    def open(self, key: str) -> BinaryIO:
-        self.reads += 1
-        return self._path(key).open("rb")
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def keys(self, prefix: str) -> Iterator[str]:
-        base = self._path(prefix)
-        if base.is_dir():
-            for path in sorted(base.rglob("*")):
-                if path.is_file() and not path.name.endswith(".tmp"):
-                    yield path.relative_to(self.root).as_posix()
-
-
-def open_store(url: str) -> ObjectStore:
-    """`file:///path` or a plain path; other schemes arrive with their backends."""
+def store_for_url(url: str, settings: Settings) -> ObjectStore:
+    """The object store of a repository URL: `file:///path` or a plain path (a local directory),
+    or `s3://bucket/prefix` (that bucket and prefix, reached with `settings.objects.s3`'s endpoint,
+    region, credentials and CA bundle)."""
     if url.startswith("file://"):
         return LocalObjectStore(Path(url[len("file://") :]))
+    if url.startswith("s3://"):
+        parts = urlsplit(url)
+        if not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"model repository URL {url!r}: expected s3://bucket[/prefix]")
+        # Imported here: boto3 takes a while to import and a local repository never needs it.
+        from budrt.store.s3_objects import S3ObjectStore
+
+        s3 = settings.objects.s3.model_copy(update={"bucket": parts.netloc, "prefix": parts.path.strip("/")})
+        return S3ObjectStore(s3)
     if "://" in url:
-        raise ValueError(f"unsupported model repository URL {url!r} (supported: file://, a path)")
+        raise ValueError(f"unsupported model repository URL {url!r} (supported: file://, s3://, a path)")
     return LocalObjectStore(Path(url).expanduser())
 
 
@@ -148,6 +106,13 @@ class ModelRepository:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A stream of the file stored as `digest` (the caller closes it); FileNotFoundError if none."""
+        stream = self.store.open(blob_key(digest))
+        if stream is None:
+            raise FileNotFoundError(f"blob {digest[:12]} is not in the model repository")
+        return stream
+
     def push(self, path: Path) -> Manifest:
         """Upload a model file or directory (hidden files skipped); returns its manifest."""
         if path.is_file():
@@ -163,21 +128,20 @@ class ModelRepository:
         entries = []
         for rel, file in files:
             digest = file_sha256(file)
-            if not self.store.exists(blob_key(digest)):  # content-addressed: shared files upload once
-                self.store.put(blob_key(digest), file)
+            if self.store.head(blob_key(digest)) is None:  # content-addressed: shared files upload once
+                self.store.put_file(blob_key(digest), file, BLOB_TYPE)
             entries.append(ManifestFile(rel, digest, file.stat().st_size))
         manifest = Manifest("file" if path.is_file() else "dir", tuple(entries))
-        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"budrt-manifest-{uuid.uuid4().hex}"
-        try:
-            tmp.write_bytes(manifest.to_bytes())
-            self.store.put(manifest_key(manifest.digest), tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # After its blobs: a manifest in the store names only files that are there.
+        self.store.put(manifest_key(manifest.digest), manifest.to_bytes(), MANIFEST_TYPE)
         return manifest
 
     def manifest(self, digest: str) -> Manifest:
-        with self.store.open(manifest_key(digest)) as f:
-            raw = f.read()
+        """The manifest stored as `digest`, checked against it; FileNotFoundError if there is none."""
+        stored = self.store.get(manifest_key(digest))
+        if stored is None:
+            raise FileNotFoundError(f"manifest {digest[:12]} is not in the model repository")
+        raw = stored.data
         if hashlib.sha256(raw).hexdigest() != digest:
             raise ArtifactCorrupt(f"manifest {digest[:12]}: digest mismatch in the repository")
         return Manifest.from_bytes(raw)
@@ -186,8 +150,8 @@ class ModelRepository:
         """Delete a manifest and the blobs no other manifest uses."""
         doomed = {f.sha256 for f in self.manifest(digest).files}
         self.store.delete(manifest_key(digest))
-        for key in self.store.keys("manifests/sha256"):
-            other = key.rsplit("/", 1)[-1]
+        for info in self.store.list("manifests/sha256/"):
+            other = info.key.rsplit("/", 1)[-1]
             try:
                 doomed -= {f.sha256 for f in self.manifest(other).files}
             except (ArtifactCorrupt, FileNotFoundError, ValueError):
