@@ -12,20 +12,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from budrt.config import S3Config, Settings, runtime_dump
+from budrt.security import certs
 from tests.mock_upstream import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _wait(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
+def _wait(proc: subprocess.Popen, url: str, timeout: float = 30.0, verify: Any = True) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if httpx.get(url, timeout=1, verify=verify).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
@@ -131,6 +133,11 @@ def start_gateway(settings: Settings, runtime: Path) -> tuple[subprocess.Popen, 
         stderr=log,
     )
     log.close()
+    if settings.tls.enabled:  # the CA the gateway found or made (init is idempotent and locked)
+        url = f"https://127.0.0.1:{port}"
+        paths = certs.init(settings.tls, Path(settings.home))
+        _wait(proc, url + "/health/live", verify=certs.client_context(paths, with_client_cert=False))
+        return proc, url
     url = f"http://127.0.0.1:{port}"
     _wait(proc, url + "/health/live")
     return proc, url

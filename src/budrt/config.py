@@ -265,7 +265,9 @@ class KmsConfig(_Section):
 class TlsConfig(_Section):
     """The private CA and the certificates of the platform's own hops (security/certs.py)."""
 
-    enabled: bool = False  # serve with TLS (a later change); `budrt certs init` works either way
+    # The gateway serves HTTPS (certificates made at its start when missing); model servers,
+    # Redis and PostgreSQL over TLS come later. `budrt certs init` works either way.
+    enabled: bool = False
     dir: Path | None = None  # None = $home/tls
     # Subject alternative names of the server certificate: DNS names and IP addresses.
     hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)

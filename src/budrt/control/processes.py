@@ -55,6 +55,7 @@ class ManagedProcess:
     resident: list[dict[str, object]] = field(default_factory=list)  # from its readiness answer
     held: list[str] = field(default_factory=list)  # models to preload when it is restarted
     probe_headers: dict[str, str] = field(default_factory=dict)  # a model server's: the internal key
+    scheme: str = "http"  # "https": the gateway with `tls.enabled`
 
     @property
     def pid(self) -> int | None:
@@ -63,7 +64,7 @@ class ManagedProcess:
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self, env: dict[str, str]) -> None:
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pydantic import SecretStr
 
 from budrt.config import DeploymentConfig, ModelServerConfig, Settings, runtime_dump
 from budrt.control.processes import ManagedProcess, free_port
+from budrt.security import certs
 from budrt.security.files import private_dir, write_private
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,19 @@ class Supervisor:
         gateway = resolved.gateway
         argv = [python, "-m", "budrt.gateway", "--runtime", str(runtime)]
         models = [d.model for d in resolved.deployments]
-        self.processes.append(ManagedProcess("gateway", "gateway", argv, gateway.host, gateway.port, models))
+        scheme = "https" if resolved.tls.enabled else "http"
+        process = ManagedProcess(
+            "gateway", "gateway", argv, gateway.host, gateway.port, models, scheme=scheme
+        )
+        self.processes.append(process)
+
+    def _probe_verify(self) -> ssl.SSLContext | bool:
+        """What the probes trust: with `tls.enabled`, the platform's CA (made now if missing, so
+        the gateway and the supervisor agree on it); plain HTTP needs nothing."""
+        if not self.settings.tls.enabled:
+            return True
+        paths = certs.init(self.settings.tls, Path(self.settings.home))
+        return certs.client_context(paths, with_client_cert=False)
 
     def _server_runtime(self, server: str) -> Path:
         return self.run_dir / f"server-{server}.json"
@@ -188,7 +202,7 @@ class Supervisor:
         self._start(later)
         self.write_status()
         cfg = self.settings.supervisor
-        with httpx.Client(timeout=cfg.probe_timeout_s) as client:
+        with httpx.Client(timeout=cfg.probe_timeout_s, verify=self._probe_verify()) as client:
             while not self.stopping:
                 self.tick(client)
                 self.write_status()

@@ -1,10 +1,11 @@
-"""`budrt gateway`: migrate, make sure an admin key exists, then serve."""
+"""`budrt gateway`: migrate, make sure an admin key exists, then serve (HTTPS with `tls.enabled`)."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import math
+import ssl
 from pathlib import Path
 
 import uvicorn
@@ -13,6 +14,7 @@ from budrt.config import Settings
 from budrt.gateway.app import create_app
 from budrt.observe.logging import setup_logging
 from budrt.protocol.http_server import BoundedHeadProtocol
+from budrt.security import certs
 from budrt.store.db import migrate
 from budrt.store.keys import ADMIN_KEY_FILE, KeyStore
 
@@ -32,6 +34,15 @@ def prepare(settings: Settings) -> KeyStore:
     return store
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """With `tls.enabled`: the server context of the platform's certificates, made first if
+    missing or due (`budrt certs init`); else None (plain HTTP)."""
+    if not settings.tls.enabled:
+        return None
+    paths = certs.init(settings.tls, Path(settings.home))
+    return certs.server_context(paths, require_client_cert=False)
+
+
 def run_gateway(settings: Settings) -> None:
     setup_logging("gateway", settings.log_level)
     store = prepare(settings)
@@ -47,6 +58,7 @@ def run_gateway(settings: Settings) -> None:
     # fewer collections, not more memory held.
     gc.freeze()
     gc.set_threshold(7000, 10, 10)
+    context = tls_context(settings)
     config = uvicorn.Config(
         app,
         host=settings.gateway.host,
@@ -58,6 +70,8 @@ def run_gateway(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.supervisor.shutdown_grace_s),
         lifespan="on",
+        # TLS 1.2+ with AEAD ciphers only (security/certs.py), which uvicorn's own options cannot say.
+        ssl_context_factory=None if context is None else lambda _config, _default: context,
     )
     try:
         uvicorn.Server(config).run()
