@@ -1,13 +1,15 @@
 """The gateway's added latency and throughput, versus the mock upstream called directly (and
 LiteLLM proxy when it is installed), in one invocation. Everything on 127.0.0.1.
 
-    .venv/bin/python bench/gateway_bench.py [--duration 10] [--rounds 5] [--save] [--profile 15]
+    .venv/bin/python bench/gateway_bench.py [--duration 10] [--rounds 5] [--save] [--profile 15] [--tracing]
 
 One gateway process (`python -m budrt.gateway --runtime FILE`, pinned to CPU 0) with API-key
 auth, Redis rate limits (the key has rpm and tpm, so every request runs the acquire script and
 the tpm settle script), routing and usage metering on, in front of bench/mock_upstream.py. wrk,
 the mock and redis-server share CPU 1. LiteLLM proxy (optional) runs from /tmp/litellm-venv:
     python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]==1.108.0'
+`--tracing` adds the same gateway with tracing on at 1% and at 100% sampling, exporting over
+OTLP/HTTP to a local receiver that counts what it gets and drops it (on CPU 1 too).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -43,12 +46,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ok(proc: subprocess.Popen, url: str, headers: dict[str, str], timeout: float = 120) -> None:
+def wait_ok(
+    proc: subprocess.Popen,
+    url: str,
+    headers: dict[str, str],
+    timeout: float = 120,
+    context: ssl.SSLContext | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             req = urllib.request.Request(url + PATH, data=REQUEST_BODY, headers=headers)
-            with urllib.request.urlopen(req, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -73,6 +82,57 @@ def process(cmd: list[str], cpu: str, env: dict[str, str] | None = None):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(15)
         proc.kill()
+
+
+# An OTLP/HTTP receiver that reads each export, counts it and answers an empty (valid) response;
+# GET answers the counts.
+OTLP_SINK = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+seen = {"exports": 0, "bytes": 0}
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        size = int(self.headers["Content-Length"])
+        self.rfile.read(size)
+        seen["exports"] += 1
+        seen["bytes"] += size
+        self.answer(b"", "application/x-protobuf")
+    def do_GET(self):
+        self.answer(json.dumps(seen).encode(), "application/json")
+    def answer(self, body, kind):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+
+
+def start_otlp_sink(stack: contextlib.ExitStack) -> str:
+    """The receiver's base URL (traces go to /v1/traces)."""
+    port = free_port()
+    stack.enter_context(process([sys.executable, "-c", OTLP_SINK, str(port)], LOADGEN_CPU))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
+            return url
+        time.sleep(0.05)
+    raise RuntimeError("the OTLP sink did not start")
+
+
+def add_traced(stack: contextlib.ExitStack, home: Path, upstream: str, redis_url: str, targets: dict) -> str:
+    """Gateways like "budrt" with tracing on at 1% and 100% (`budrt_trace1`, `budrt_trace100`),
+    exporting to an OTLP sink; returns the sink's URL."""
+    sink = start_otlp_sink(stack)
+    for name, ratio in (("budrt_trace1", 0.01), ("budrt_trace100", 1.0)):
+        (home / name).mkdir()
+        tracing = {"enabled": True, "endpoint": sink + "/v1/traces", "sample_ratio": ratio}
+        url, key, pid = start_budrt(stack, home / name, upstream, redis_url, tracing=tracing)
+        targets[name] = (url, lua_script(key), pid)
+    return sink
 
 
 def redis_server() -> str | None:
@@ -113,6 +173,7 @@ def start_budrt(
     """The gateway process; returns its URL, an API key (with rpm and tpm limits unless
     `limits` is false) and its pid. `overrides` are extra settings (for experiments)."""
     from budrt.config import DeploymentConfig, Settings, runtime_dump
+    from budrt.security import certs
     from budrt.store.db import migrate
     from budrt.store.keys import KeyStore
 
@@ -128,15 +189,19 @@ def start_budrt(
     migrate(settings.database_url_resolved)
     store = KeyStore.from_settings(settings)
     key, _ = store.create("bench", rpm=100_000_000, tpm=2_000_000_000) if limits else store.create("bench")
-    store.engine.dispose()
+    store.db.dispose()
     runtime = home / "runtime.json"
     runtime.write_bytes(runtime_dump(settings))
     runtime.chmod(0o600)
     proc = stack.enter_context(
         process([sys.executable, "-m", "budrt.gateway", "--runtime", str(runtime)], SERVER_CPU)
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_ok(proc, url, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    paths = certs.platform_paths(settings.tls, home)  # the gateway's own: it made them at start
+    url = f"{'https' if paths else 'http'}://127.0.0.1:{port}"
+    context = certs.client_context(paths, with_client_cert=False) if paths else None
+    wait_ok(
+        proc, url, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}, context=context
+    )
     return url, key, proc.pid
 
 
@@ -245,6 +310,16 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10, help="seconds of load per target and level")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="also a gateway serving HTTPS (tls.enabled), wrk over TLS with keep-alive",
+    )
+    ap.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also the gateway with tracing at 1%% and 100%% sampling (OTLP/HTTP to a local sink)",
+    )
     ap.add_argument("--save", action="store_true", help="write JSON to bench/results/")
     ap.add_argument(
         "--profile", type=int, default=0, metavar="S", help="then py-spy the gateway for S seconds at c64"
@@ -277,6 +352,13 @@ def main() -> None:
             "bare_proxy": (bare_url, lua_script(None), bare.pid),
             "budrt": (gw_url, lua_script(key), gw_pid),
         }
+        if args.tls:  # the same gateway over HTTPS, its own home (and certificates)
+            (home / "tls").mkdir()
+            tls_url, tls_key, tls_pid = start_budrt(
+                stack, home / "tls", upstream, redis_url, tls={"enabled": True}
+            )
+            targets["budrt_tls"] = (tls_url, lua_script(tls_key), tls_pid)
+        sink = add_traced(stack, home, upstream, redis_url, targets) if args.tracing else None
         if LITELLM.exists() and not args.no_litellm:
             ll_url, master, ll_pid = start_litellm(stack, home, upstream)
             targets["litellm"] = (ll_url, lua_script(master), ll_pid)
@@ -290,6 +372,9 @@ def main() -> None:
                 out = Path(tempfile.gettempdir()) / f"gateway-profile-{datetime.now():%Y%m%d-%H%M%S}.txt"
                 res["profile"] = {"raw": str(out)}
                 res["profile"]["share_pct"] = profile(gw_pid, gw_url, targets["budrt"][1], args.profile, out)
+            if sink is not None:
+                with urllib.request.urlopen(sink, timeout=5) as r:
+                    res["otlp_sink"] = json.loads(r.read())
         finally:
             for _, lua, _ in targets.values():
                 os.unlink(lua)
@@ -316,12 +401,12 @@ def report(res: dict) -> None:
     m, r = res["machine"], res["results"]
     print(f"\n{m['date']} | nproc={m['nproc']} | {m['cpu']} | load avg {m['loadavg_at_start']:.2f} at start")
     print(
-        f"{'target':<10}{'req/s c64':>11}{'p50 c1 ms':>11}{'p99 c1 ms':>11}"
+        f"{'target':<15}{'req/s c64':>11}{'p50 c1 ms':>11}{'p99 c1 ms':>11}"
         f"{'CPU us/req c64':>16}{'errors':>8}"
     )
     for name, x in r.items():
         print(
-            f"{name:<10}{x['rps_c64']:>11.0f}{x['p50_ms_c1']:>11.3f}{x['p99_ms_c1']:>11.3f}"
+            f"{name:<15}{x['rps_c64']:>11.0f}{x['p50_ms_c1']:>11.3f}{x['p99_ms_c1']:>11.3f}"
             f"{x['cpu_us_per_req_c64']:>16.0f}{x['errors']:>8}"
         )
     d, b = r["direct"], r["budrt"]
@@ -331,6 +416,22 @@ def report(res: dict) -> None:
     )
     if "litellm" in r:
         print(f"budrt / litellm req/s at c64: {b['rps_c64'] / r['litellm']['rps_c64']:.1f}x")
+    if "budrt_tls" in r:
+        t = r["budrt_tls"]
+        print(
+            f"TLS at c64 (keep-alive): CPU/req {t['cpu_us_per_req_c64'] / b['cpu_us_per_req_c64'] - 1:+.1%}, "
+            f"req/s {t['rps_c64'] / b['rps_c64'] - 1:+.1%}"
+        )
+    for name, ratio in (("budrt_trace1", "1%"), ("budrt_trace100", "100%")):
+        if name in r:
+            t = r[name]
+            rps = t["rps_c64"] / b["rps_c64"] - 1
+            cpu = t["cpu_us_per_req_c64"] / b["cpu_us_per_req_c64"] - 1
+            verdict = f"; within 5% of off: {'met' if rps >= -0.05 else 'NOT met'}" if ratio == "1%" else ""
+            print(f"tracing at {ratio} vs off, c64: req/s {rps:+.1%}, CPU/req {cpu:+.1%}{verdict}")
+    if "otlp_sink" in res:
+        sink = res["otlp_sink"]
+        print(f"OTLP sink received {sink['exports']} exports, {sink['bytes'] / 1024:.0f} KiB of spans")
     if "profile" in res:
         shares = ", ".join(f"{g} {pct}%" for g, pct in res["profile"]["share_pct"].items())
         print(f"budrt gateway CPU samples at c64 by package: {shares}")

@@ -230,6 +230,13 @@ def test_refused_calls_changed_nothing(world: World) -> None:
     # The admin's own calls went through.
     assert users["boss-admin"]["roles"] == [] and w.victims["admin"]["replica"] not in replicas
     actors = {e["actor"] for e in w.admin("GET", "/admin/audit?limit=1000")["data"]}
+    # Filtered on the server: a text each named column contains (literally: `%` and `_` too).
+    revokes = w.admin("GET", "/admin/audit?action=KEYS:REV&limit=1000")["data"]
+    assert revokes and {e["action"] for e in revokes} == {"keys:revoke"}
+    research = w.admin("GET", "/admin/audit?target=research&limit=1000")["data"]
+    assert research and all("research" in e["target"] for e in research)
+    assert w.admin("GET", "/admin/audit?target=%25")["data"] == []  # no target holds a literal %
+    assert w.admin("GET", "/admin/audit?start=2999-01-01")["data"] == []
     dev_viewer = {f"key:{k['id']}" for k in keys.values() if k["name"] in ("dev", "viewer")}
     assert not actors & dev_viewer  # nothing they tried was written
 
@@ -353,6 +360,9 @@ BAD_PARAMS: list[tuple[str, str, Any, str | None]] = [  # method, path, body, th
     ("POST", "/admin/roles", {"name": "Bad Name", "permissions": []}, "name"),
     ("GET", "/admin/audit?limit=%C2%B2", None, "limit"),  # "²".isdigit(), but int("²") fails
     ("GET", "/admin/audit?limit=-1", None, "limit"),
+    ("GET", "/admin/audit?actor=a%00b", None, "actor"),
+    ("GET", "/admin/audit?target=" + "x" * 201, None, "target"),
+    ("GET", "/admin/audit?start=yesterday", None, "start"),
     ("GET", "/admin/usage?user=a%00b", None, "user"),
     ("GET", "/admin/usage?group_by=%00", None, "group_by"),
 ]  # fmt: skip

@@ -24,6 +24,7 @@ from budrt.store.repository import (
     ModelRepository,
     blob_key,
     file_sha256,
+    files_to_push,
     manifest_key,
     store_for_url,
 )
@@ -59,6 +60,18 @@ def test_a_corrupted_cache_entry_is_refused_and_fetched_again(tmp_path: Path, ti
     again = cache.get(manifest.digest, repository)
     assert again == local and cache.fetches == 2
     assert file_sha256(weights) == file_sha256(tiny_dirs[0] / "model.safetensors")
+
+
+def test_a_fetch_reports_its_bytes(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    repository = repo(tmp_path)
+    manifest = repository.push(tiny_dirs[0])
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    seen: list[tuple[int, int]] = []
+    cache.get(manifest.digest, repository, lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, manifest.size) and seen[-1] == (manifest.size, manifest.size)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))  # bytes only grow
+    cache.get(manifest.digest, repository, lambda done, total: seen.append((-1, -1)))
+    assert (-1, -1) not in seen  # a cached artifact is not fetched: nothing to report
 
 
 def test_a_corrupted_repository_blob_is_never_cached(tmp_path: Path, tiny_dirs: list[Path]) -> None:
@@ -313,3 +326,19 @@ def test_an_s3_repository(tmp_path: Path, tiny_dirs: list[Path], s3_server: S3Se
     assert left == {blob_key(digest) for digest in shared}  # only what the other model uses
     with pytest.raises(FileNotFoundError):
         repository.manifest(first.digest)
+
+
+def test_push_reports_every_byte_read_and_uploaded(tmp_path: Path, tiny_dirs: list[Path]) -> None:
+    """What `budrt models push` draws its progress bars from: each file's bytes once read (to
+    hash it), once uploaded (or found already there)."""
+    repository = ModelRepository(LocalObjectStore(tmp_path / "repo"))
+    seen: dict[str, int] = {"read": 0, "upload": 0}
+
+    def progress(phase: str, n: int) -> None:
+        seen[phase] += n
+
+    total = sum(f.stat().st_size for _, f in files_to_push(tiny_dirs[0]))
+    repository.push(tiny_dirs[0], progress)
+    assert seen == {"read": total, "upload": total} and total > 0
+    repository.push(tiny_dirs[0], progress)  # all there already: still reported, nothing sent
+    assert seen == {"read": 2 * total, "upload": 2 * total}

@@ -116,7 +116,7 @@ class Gateway:
     def __init__(self, settings: Settings, store: KeyStore | None = None) -> None:
         migrate(settings.database_url_resolved)
         self.store = store or KeyStore.from_settings(settings)
-        self.identity = IdentityStore(self.store.engine)
+        self.identity = IdentityStore(self.store.db)
         self.settings = settings
         self.server = ServerThread(create_app(settings, key_store=self.store)).start()
 
@@ -135,7 +135,7 @@ class Gateway:
 
     def close(self) -> None:
         self.server.stop()
-        self.store.engine.dispose()
+        self.store.db.dispose()
 
 
 @pytest.fixture()
@@ -322,7 +322,7 @@ def test_two_gateways_sharing_redis_admit_exactly_the_budget(
     finally:
         for proc, _ in gateways:
             stop(proc)
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_cli_sets_limits_and_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -414,7 +414,7 @@ def test_redis_outage_keeps_budgets_through_the_gateway(tmp_path: Path, upstream
         assert [strict_gw.post(budgeted, CHAT, body).status_code for _ in range(2)] == [200, 200]
         deadline = time.monotonic() + 10  # metered (in batches): both requests are on record
         start = datetime.fromtimestamp(periods(time.time())[0] * 86400, UTC)
-        while period_usage(store.engine, f"key:{record.id}", start)[0] < 2 * _reserved(body):
+        while period_usage(store.db, f"key:{record.id}", start)[0] < 2 * _reserved(body):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         redis.stop()

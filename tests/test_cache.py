@@ -50,7 +50,7 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     other.close()
     server.stop()
     upstream.stop()
-    store.engine.dispose()
+    store.db.dispose()
     if redis:
         redis.stop()
 
@@ -141,7 +141,7 @@ def test_memory_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
     finally:
         server.stop()
         upstream.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_key_and_lru_units() -> None:

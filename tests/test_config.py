@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 import orjson
 import pytest
@@ -132,7 +132,9 @@ def _secret_paths(node: BaseModel, path: tuple[str | int, ...] = ()) -> list[tup
     out = []
     for name, field in type(node).model_fields.items():
         value = getattr(node, name)
-        if _has_secret(field.annotation):
+        if get_origin(field.annotation) is list and _has_secret(field.annotation):
+            out.append((*path, name, 0))  # a list of secrets: its first item
+        elif _has_secret(field.annotation):
             out.append((*path, name))
         elif isinstance(value, BaseModel):
             out += _secret_paths(value, (*path, name))
@@ -162,7 +164,10 @@ def _every_secret_set(home: Path) -> tuple[Settings, dict[tuple[str | int, ...],
         word = "-".join(str(p) for p in path)
         values[path] = f"redis://user:pw-{word}-0123456789@db.example:6379/0"
         parent = _get(data, path[:-1]) if len(path) > 1 else data
-        parent[path[-1]] = values[path]
+        if isinstance(parent, list) and len(parent) == path[-1]:
+            parent.append(values[path])
+        else:
+            parent[path[-1]] = values[path]
     return Settings.model_validate(data), values
 
 
@@ -196,7 +201,12 @@ def test_model_servers_get_only_the_secrets_marked_for_them(tmp_path: Path) -> N
     runtime.write_bytes(runtime_dump(settings, servers=True))
     child = load_runtime(runtime)
     kept = {path for path in values if _get(child, path) is not None}
-    assert kept == {("internal_key",), ("database_url",), ("model_servers", 0, "register_key")}
+    assert kept == {
+        ("internal_key",),
+        ("database_url",),
+        ("database_replica_urls", 0),
+        ("model_servers", 0, "register_key"),
+    }
     for path in kept:
         assert _get(child, path).get_secret_value() == values[path]
 

@@ -41,7 +41,8 @@ def test_round_trip_sizes(size: int) -> None:
     assert len(blob) == ciphertext_size(size, SEG)
     assert plaintext_size(len(blob), SEG) == size
     assert decrypt_bytes(blob, KEY, AAD) == plain
-    assert plain == b"" or plain not in blob
+    # A short plaintext can occur in random ciphertext by chance (one byte: ~15%).
+    assert len(plain) < 8 or plain not in blob
 
 
 def test_default_segment_size_and_streams() -> None:

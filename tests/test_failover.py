@@ -239,4 +239,4 @@ def test_fallbacks_respect_the_callers_models_rbac_and_their_own_limits(tmp_path
     finally:
         server.stop()
         upstream.stop()
-        store.engine.dispose()
+        store.db.dispose()

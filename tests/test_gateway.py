@@ -73,7 +73,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     gateway.stop()
     for s in servers:
         s.stop()
-    store.engine.dispose()
+    store.db.dispose()
 
 
 def _chat(model: str, **extra: object) -> dict[str, object]:
@@ -281,7 +281,7 @@ def test_not_ready_when_managed_endpoint_down(tmp_path: Path) -> None:
         assert httpx.get(gateway.url + "/nope").json()["error"]["type"] == "not_found_error"
     finally:
         gateway.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_stream_failover_and_broken_stream(env: Env) -> None:

@@ -21,6 +21,7 @@ from budrt.store.keys import KeyStore
 from tests.e2e.conftest import ADMIN_KEY
 from tests.procs import start_gateway, start_upstream, stop
 from tests.test_recovery import Serve, start_serve, stop_serve
+from tests.tiny_models import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     finally:
         stop(proc)
         stop(upstream)
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_the_sdk_talks_to_the_gateway_over_tls(gateway: tuple[str, str, certs.CertPaths]) -> None:
@@ -81,33 +82,49 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(
         context.wrap_socket(raw, server_hostname="not-in-the-certificate.example")
 
 
-def _gateway_state(serve: Serve) -> str | None:
-    return next((p.get("state") for p in serve.status()["processes"] if p["name"] == "gateway"), None)
+def _states(serve: Serve) -> dict[str, tuple[str | None, bool, str]]:
+    """Each process's (state, answered its readiness, URL) as `budrt status` sees them: the
+    supervisor's state, and `budrt status`'s own probe, over TLS with the client certificate."""
+    processes = serve.status()["processes"]
+    return {p["name"]: (p.get("state"), p.get("health", {}).get("ready", False), p["url"]) for p in processes}
 
 
-def test_budrt_serve_probes_its_https_gateway(tmp_path: Path) -> None:
+def test_budrt_serve_runs_every_hop_over_tls(tmp_path: Path) -> None:
+    """One flag, `--tls`: the gateway serves HTTPS, the model server takes only mutual TLS from
+    the gateway and the supervisor's probes, an external upstream keeps its own HTTP."""
     upstream, upstream_url = start_upstream("up")
     config = {
-        "tls": {"enabled": True},
-        "models": [],
-        "model_servers": [],
+        "models": [
+            {
+                "name": "tiny",
+                "task": "chat",
+                "format": "safetensors",
+                "source": str(build_tiny_llama(tmp_path / "tiny")),
+                "dtype": "float32",
+                "max_model_len": 128,
+                "kv_cache_bytes": 4 << 20,
+            }
+        ],
+        "model_servers": [{"name": "text", "models": ["tiny"], "self_test_interval_s": 0}],
         "deployments": [{"model": "m", "endpoints": [upstream_url]}],
     }
-    serve = start_serve(tmp_path, config)
+    serve = start_serve(tmp_path, config, flags=("--tls",))
     try:
-        deadline = time.monotonic() + 60
-        while _gateway_state(serve) != "ready":  # the supervisor's probes got in
+        deadline = time.monotonic() + 90
+        while {(state, ready) for state, ready, _ in _states(serve).values()} != {("ready", True)}:
             assert serve.proc.poll() is None and time.monotonic() < deadline, serve.log_tail()
             time.sleep(0.3)
+        assert {url.split(":")[0] for _, _, url in _states(serve).values()} == {"https"}
         paths = certs.cert_paths(Settings(home=tmp_path).tls, tmp_path)
         https = serve.url.replace("http://", "https://")
         verify = certs.client_context(paths, with_client_cert=False)
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        reply = httpx.post(
-            https + "/v1/chat/completions", json=chat, headers=headers, verify=verify, timeout=30
-        )
-        assert reply.status_code == 200, reply.text
+        for model in ("m", "tiny"):
+            chat = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            reply = httpx.post(
+                https + "/v1/chat/completions", json=chat, headers=headers, verify=verify, timeout=60
+            )
+            assert reply.status_code == 200, reply.text
     finally:
         stop_serve(serve)
         stop(upstream)

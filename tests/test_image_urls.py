@@ -310,12 +310,12 @@ def test_usage_rows_count_images(tmp_path: Path, upstream: Upstream) -> None:
         resp = metered.post(body)
         assert resp.status_code == 200
         tokens = resp.json()["usage"]["input_tokens"]
-        usage = UsageStore(metered.gateway.store.engine)
+        usage = UsageStore(metered.gateway.store.db)
         deadline = time.monotonic() + 10
         while usage.count() < 1:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with usage._sessions() as session:
+        with usage.db.session() as session:
             row = session.scalars(select(UsageRecord)).one()
         assert (row.endpoint, row.status, row.prompt_tokens) == ("image", 200, tokens)
         assert row.completion_tokens == 0

@@ -22,12 +22,12 @@ from budrt.store.keys import KeyStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    settings = Settings(home=tmp_path)
+def store(tmp_path: Path, database_url: str) -> KeyStore:
+    settings = Settings(home=tmp_path, database_url=database_url)
     migrate(settings.database_url_resolved)
     ks = KeyStore.from_settings(settings)
     yield ks
-    ks.engine.dispose()
+    ks.db.dispose()
 
 
 def _mode(path: Path) -> int:
@@ -88,12 +88,12 @@ def test_ensure_admin_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     path = tmp_path / "admin.key"
     assert path.read_text().strip() == chosen and _mode(path) == 0o600
     assert store.ensure_admin(settings) is None
-    store.engine.dispose()
+    store.db.dispose()
 
 
 def test_ensure_admin_generated_and_printed_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(home=tmp_path)
-    prepare(settings).engine.dispose()
+    prepare(settings).db.dispose()
     out = capsys.readouterr().out
     match = re.fullmatch(r"admin key: (budrt-\S+) \(saved to (\S+)\)\n", out)
     assert match, out
@@ -104,7 +104,7 @@ def test_ensure_admin_generated_and_printed_once(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().out == ""
     record = store.verify(match.group(1))
     assert record is not None and record.is_admin
-    store.engine.dispose()
+    store.db.dispose()
 
 
 def test_secret_file(tmp_path: Path) -> None:
@@ -137,8 +137,8 @@ def test_extract_key() -> None:
 def test_authenticator_caches(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
     key, _ = store.create("cached")
     calls: list[str] = []
-    verify = store.verify
-    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    verify = store.verify_digest
+    monkeypatch.setattr(store, "verify_digest", lambda d: calls.append(d) or verify(d))
     auth = Authenticator(store, ttl_s=60)
     headers = Headers({"authorization": f"Bearer {key}"})
 
@@ -151,7 +151,7 @@ def test_authenticator_caches(store: KeyStore, monkeypatch: pytest.MonkeyPatch) 
 
     unknown = generate_api_key()
     asyncio.run(run())
-    assert calls == [key, unknown]  # concurrent misses share one DB read
+    assert calls == [store.hash(key), store.hash(unknown)]  # concurrent misses share one DB read
 
 
 def _bearer(key: str) -> Headers:
@@ -175,8 +175,8 @@ def test_garbage_keys_cost_no_reads_and_evict_nothing(
     monkeypatch.setattr(auth_module, "_MAX_MISSES", 50)
     key, _ = store.create("valid")
     calls: list[str] = []
-    verify = store.verify
-    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    verify = store.verify_digest
+    monkeypatch.setattr(store, "verify_digest", lambda d: calls.append(d) or verify(d))
     auth = Authenticator(store, ttl_s=60)
     malformed = [
         "wrong",
@@ -195,10 +195,10 @@ def test_garbage_keys_cost_no_reads_and_evict_nothing(
         for bad in malformed * 3:
             if bad:
                 await _refused(auth, bad)
-        assert calls == [key]  # not one read for a malformed key
+        assert calls == [store.hash(key)]  # not one read for a malformed key
         for bad in unknown:
             await _refused(auth, bad)
-        assert calls == [key, *unknown]  # one read each...
+        assert calls == [store.hash(k) for k in (key, *unknown)]  # one read each...
         for bad in unknown[-50:]:
             await _refused(auth, bad)
         assert len(calls) == 1 + len(unknown)  # ...and none again while remembered
@@ -206,7 +206,7 @@ def test_garbage_keys_cost_no_reads_and_evict_nothing(
         await _refused(auth, unknown[0])
         assert len(calls) == 2 + len(unknown)
         assert (await auth.authenticate(_bearer(key))).name == "valid"
-        assert calls.count(key) == 1  # the valid key's entry survived all of it
+        assert calls.count(store.hash(key)) == 1  # the valid key's entry survived all of it
 
     asyncio.run(run())
 
@@ -217,8 +217,8 @@ def test_positive_cache_is_bounded_without_flushing(store: KeyStore, monkeypatch
     monkeypatch.setattr(auth_module, "_MAX_CACHED", 5)
     keys = [store.create(f"k{i}")[0] for i in range(8)]
     calls: list[str] = []
-    verify = store.verify
-    monkeypatch.setattr(store, "verify", lambda k: calls.append(k) or verify(k))
+    verify = store.verify_digest
+    monkeypatch.setattr(store, "verify_digest", lambda d: calls.append(d) or verify(d))
     auth = Authenticator(store, ttl_s=60)
 
     async def run() -> None:
@@ -227,6 +227,6 @@ def test_positive_cache_is_bounded_without_flushing(store: KeyStore, monkeypatch
         assert len(auth._cache) == 5
         for k in keys[-5:]:  # the five loaded last are all still cached: one entry went per insert
             await auth.authenticate(_bearer(k))
-        assert calls == keys
+        assert calls == [store.hash(k) for k in keys]
 
     asyncio.run(run())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -20,10 +21,13 @@ from sqlalchemy import select
 from starlette.responses import Response
 
 from budrt.config import DeploymentConfig, MeteringConfig, Settings
-from budrt.gateway.metering import DROPPED, Meter, _Metered, spool_dir
+from budrt.gateway.metering import ARCHIVE_PREFIX, DROPPED, Meter, _Metered, spool_dir
+from budrt.gateway.spool import Segment
+from budrt.security.kms import make_key_provider
 from budrt.security.rbac import Principal
 from budrt.store.db import migrate
 from budrt.store.keys import KeyStore
+from budrt.store.object_stores import make_object_store
 from budrt.store.tables import UsageRecord
 from budrt.store.usage import UsageStore
 from tests.gateway.identity import CHAT, Gateway, chat, settings, start
@@ -39,7 +43,7 @@ def upstream() -> Iterator[str]:
 
 
 def _rows(store: UsageStore) -> list[UsageRecord]:
-    with store._sessions() as session:
+    with store.db.session() as session:
         return list(session.scalars(select(UsageRecord).order_by(UsageRecord.id)))
 
 
@@ -54,7 +58,7 @@ def test_batches_and_flush_on_shutdown(tmp_path: Path, upstream: str) -> None:
     # A long interval: rows appear only as full batches, the rest only at shutdown.
     metering = {"batch_size": 5, "flush_interval_s": 60}
     g = start(settings(tmp_path, upstream, ["m1", "m2"], metering=metering))
-    usage = UsageStore(g.store.engine)
+    usage = UsageStore(g.store.db)
     key, record = g.store.create("metered")
     stopped = False
     try:
@@ -73,7 +77,7 @@ def test_batches_and_flush_on_shutdown(tmp_path: Path, upstream: str) -> None:
     finally:
         if not stopped:
             g.server.stop()
-        g.store.engine.dispose()
+        g.store.db.dispose()
     assert len(rows) == 12
     assert {r.key_id for r in rows} == {record.id} and {r.endpoint for r in rows} == {"chat"}
     non_stream, stream, missing = rows[0], rows[10], rows[11]
@@ -124,7 +128,7 @@ def test_meter_spools_every_record_and_bounds_what_the_disk_refuses(tmp_path: Pa
     settings_ = settings(tmp_path, "http://127.0.0.1:9/v1", ["m"])
     g = start(settings_)
     g.server.stop()  # only the migrated database is needed
-    usage = UsageStore(g.store.engine)
+    usage = UsageStore(g.store.db)
     meter = Meter(usage, MeteringConfig(batch_size=2, max_queue=3), tmp_path / "spool")
     principal = Principal(kind="key", id=7, name="k", key_id=7, user="u", team="t")
     dropped_before = DROPPED._value.get()
@@ -161,7 +165,7 @@ def test_meter_spools_every_record_and_bounds_what_the_disk_refuses(tmp_path: Pa
 
     asyncio.run(run())
     rows = _rows(usage)
-    g.store.engine.dispose()
+    g.store.db.dispose()
     assert len(rows) == 8 and DROPPED._value.get() - dropped_before == 2
     assert all((r.cache_hit, r.prompt_tokens, r.user, r.team) == (True, 4, "u", "t") for r in rows)
     assert len({r.request_id for r in rows}) == 8
@@ -183,7 +187,7 @@ class Durable:
         migrate(self.settings.database_url_resolved)
         self.store = KeyStore.from_settings(self.settings)
         self.key, _ = self.store.create("load")
-        self.usage = UsageStore(self.store.engine)
+        self.usage = UsageStore(self.store.db)
         self.runs = 0
 
     def start(self) -> tuple[subprocess.Popen, str]:
@@ -198,7 +202,7 @@ class Durable:
 
     def close(self) -> None:
         stop(self.upstream)
-        self.store.engine.dispose()
+        self.store.db.dispose()
 
 
 def _load_then_sigkill(
@@ -306,3 +310,41 @@ def test_a_db_outage_during_flush_is_retried_and_loses_nothing(tmp_path: Path) -
     finally:
         stop(gateway)
         d.close()
+
+
+def test_committed_segments_are_archived_sealed_in_the_object_store(tmp_path: Path, upstream: str) -> None:
+    """`metering.archive`: each segment, once in the DB, is kept (encrypted) in the object store;
+    its sealed lines read back, with the spool's key provider, as exactly the rows inserted."""
+    g = start(settings(tmp_path, upstream, ["m"], metering={"archive": True, "flush_interval_s": 0.05}))
+    usage = UsageStore(g.store.db)
+    key, _ = g.store.create("archived")
+    try:
+        with g.client(key) as c:
+            for _ in range(7):
+                assert c.post(CHAT, json=chat("m")).status_code == 200
+        _wait_count(usage, 7)
+    finally:
+        g.stop()  # the last segment too
+    settings_ = g.settings
+    objects = make_object_store(settings_)
+    archived = objects.list(ARCHIVE_PREFIX)
+    assert archived and all(
+        re.fullmatch(r"usage-archive/\d{4}-\d\d-\d\d/[0-9a-f]+-\d+\.jsonl", o.key) for o in archived
+    )
+    ids = []
+    for info in archived:
+        copy = tmp_path / "restored" / info.key.rsplit("/", 1)[1]  # the name carries the boot id
+        copy.parent.mkdir(exist_ok=True)
+        stream = objects.open(info.key)
+        assert stream is not None
+        with stream, copy.open("wb") as out:
+            out.write(stream.read())
+        assert b'"budrt-spool-key"' in copy.read_bytes()[:200]  # the lines are sealed in there too
+        segment = Segment.adopt(copy, make_key_provider(settings_))
+        assert segment is not None
+        ids += [record[0] for record in segment.records()]
+        segment.close()
+    assert sorted(ids) == sorted(r.request_id for r in _rows(usage))
+    # The object store's files hold ciphertext only: no record's id in the clear.
+    local = list((tmp_path / "objects").rglob("*.jsonl"))
+    assert local and not any(i.encode() in f.read_bytes() for f in local for i in ids)

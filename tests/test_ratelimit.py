@@ -174,7 +174,7 @@ def test_gateway_fail_closed_is_503(tmp_path: Path, upstream: str) -> None:
         assert 'budrt_gateway_ratelimit_redis_errors_total{policy="closed"}' in metrics
     finally:
         server.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_two_gateway_processes_share_one_limit(
@@ -214,7 +214,7 @@ def test_two_gateway_processes_share_one_limit(
     finally:
         for proc, _ in gateways:
             stop(proc)
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_redis_restart_falls_back_then_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +264,7 @@ def test_token_reservation_is_settled_with_actual_usage(tmp_path: Path, upstream
             assert "tokens per minute" in third.json()["error"]["message"]
     finally:
         server.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_redis_calendar_agrees_with_python(redis_server: RedisServer) -> None:
@@ -522,7 +522,7 @@ def test_counts_in_requests_through_the_gateway(
                 assert int(resp.headers["x-ratelimit-remaining-tokens"]) > 800
     finally:
         server.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_a_body_too_deep_to_forward_is_400_and_leaks_no_slot(tmp_path: Path, upstream: str) -> None:
@@ -549,4 +549,4 @@ def test_a_body_too_deep_to_forward_is_400_and_leaks_no_slot(tmp_path: Path, ups
             assert c.post(CHAT, json={**BODY, "model": "alias"}).status_code == 200
     finally:
         server.stop()
-        store.engine.dispose()
+        store.db.dispose()

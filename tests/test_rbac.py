@@ -297,12 +297,12 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "revoked" in cli("keys", "revoke", str(legacy["id"]))
     users = json.loads(cli("users", "list", "--json"))
     assert [(u["name"], u["team"], u["roles"]) for u in users] == [("alice", "research", ["developer"])]
-    from budrt.store.db import make_engine
+    from budrt.store.database import Database
     from budrt.store.identity import IdentityStore
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'budrt.db'}")
-    actions = [(e["actor"], e["action"]) for e in IdentityStore(engine).audit_log()]
-    engine.dispose()
+    db = Database(f"sqlite:///{tmp_path / 'budrt.db'}")
+    actions = [(e["actor"], e["action"]) for e in IdentityStore(db).audit_log()]
+    db.dispose()
     assert ("cli", "keys:revoke") in actions and ("cli", "keys:create") in actions
 
 

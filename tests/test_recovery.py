@@ -78,13 +78,21 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     stop_serve(s)
 
 
-def start_serve(home: Path, config: dict, env_extra: dict[str, str] | None = None) -> Serve:
-    """`budrt serve` with `config` in `home`; does not wait for it to be ready."""
+def start_serve(
+    home: Path,
+    config: dict,
+    env_extra: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+    port: int | None = None,
+) -> Serve:
+    """`budrt serve` with `config` in `home` (and `flags`, the gateway on `port` or a free one);
+    does not wait for it to be ready."""
     (home / "config.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
     env.update({"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", **(env_extra or {})})
     argv = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]
+    argv += flags
     with (home / "serve.log").open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Serve(f"http://127.0.0.1:{port}", home, proc)

@@ -66,10 +66,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     store = KeyStore.from_settings(settings)
     admin, _ = store.create("admin", role="admin")
     # The documented way: a custom role holding only `replicas:register` (here on tiny-* models).
-    IdentityStore(store.engine).create_role("model-server", ["replicas:register@model:tiny-*"], "test")
+    IdentityStore(store.db).create_role("model-server", ["replicas:register@model:tiny-*"], "test")
     registrar, _ = store.create("registrar", role="model-server")
     developer, _ = store.create("dev", role="developer")
-    store.engine.dispose()
+    store.db.dispose()
     procs, urls = [], []
     try:
         for i in range(2):
@@ -302,7 +302,7 @@ def test_a_stream_in_flight_finishes_after_its_replica_expires(tmp_path: Path) -
     finally:
         gateway.stop()
         upstream.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_registered_endpoints_keep_weights_and_the_hash_ring_in_step() -> None:
@@ -358,7 +358,7 @@ def test_heartbeat_failures_are_logged_once_and_never_raise(
     async def scenario() -> Heartbeat:
         hb = Heartbeat(server, ModelPool([model]))
         hb._session = aiohttp.ClientSession(timeout=hb.timeout)  # what run() opens
-        assert hb.models() == [{"id": "tiny-z", "aliases": ["z"]}]
+        assert hb.models() == [{"id": "tiny-z", "aliases": ["z"], "state": "available", "pinned": False}]
         for _ in range(3):
             await hb.beat()
         await hb.close()  # the leaving heartbeat fails the same way, and still returns
@@ -369,7 +369,7 @@ def test_heartbeat_failures_are_logged_once_and_never_raise(
             hb = asyncio.run(scenario())
     finally:
         gateway.stop()
-        store.engine.dispose()
+        store.db.dispose()
     assert hb.registered == set()
     failures = [r for r in caplog.records if r.getMessage() == "heartbeat to gateway failed"]
     errors = sorted(r.fields["error"][:8] for r in failures)  # type: ignore[attr-defined]
@@ -391,7 +391,7 @@ def _gateway_for(
     migrate(settings.database_url_resolved)
     store = KeyStore.from_settings(settings)
     key, _ = store.create("admin", role="admin")
-    store.engine.dispose()
+    store.db.dispose()
     return ServerThread(create_app(settings, key_store=store)).start(), key
 
 

@@ -139,7 +139,7 @@ def test_a_load_slower_than_the_timeout_answers_503_with_retry_after(tiny_models
     from budrt.server.model_pool import ModelPool
 
     async def scenario() -> None:
-        def slow_fetch(cfg: ModelConfig) -> ModelConfig:  # e.g. an artifact still downloading
+        def slow_fetch(cfg: ModelConfig, progress: object) -> ModelConfig:  # e.g. still downloading
             time.sleep(1.0)
             return cfg
 

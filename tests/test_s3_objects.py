@@ -14,11 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, SSLError
 
-from budrt.config import S3Config
+from budrt.config import S3Config, Settings
+from budrt.security import certs
 from budrt.store.s3_objects import S3ObjectStore
-from tests.procs import S3Server
+from tests.procs import S3Server, TcpRelay
 
 BUCKET = "budrt-s3-objects"
 
@@ -230,3 +231,27 @@ def test_invalid_keys_raise_before_any_request(s3_server: S3Server, tmp_path: Pa
     with pytest.raises(ValueError):
         store.list("../")
     assert calls == []
+
+
+def test_https_endpoint_checked_against_the_ca_bundle(s3_server: S3Server, tmp_path: Path) -> None:
+    """S3 over HTTPS (a TLS front with the platform's certificate): `ca_bundle` trusts it, a
+    bundle without its CA or the system's roots refuse it, and presigned URLs are https too."""
+    paths = certs.init(Settings(home=tmp_path).tls, tmp_path)
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    front = TcpRelay(port, certs.server_context(paths, require_client_cert=False)).start()
+    try:
+        https = f"https://127.0.0.1:{front.port}"
+        store = fresh(s3_server, endpoint_url=https, ca_bundle=paths.ca)
+        store.put("k", b"over tls", "text/plain")
+        got = store.get("k")
+        assert got is not None and got.data == b"over tls"
+        url = store.presign("k", 60)
+        assert url is not None and url.startswith(https)
+        verify = certs.client_context(paths, with_client_cert=False)
+        assert httpx.get(url, verify=verify, timeout=10).content == b"over tls"
+        other = certs.init(Settings(home=tmp_path / "other").tls, tmp_path / "other")
+        for bundle in (other.ca, None):  # another CA; boto3's default roots
+            with pytest.raises(SSLError):
+                fresh(s3_server, endpoint_url=https, ca_bundle=bundle, prefix=store.prefix).get("k")
+    finally:
+        front.stop()

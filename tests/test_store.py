@@ -1,4 +1,4 @@
-"""Schema migrations on a fresh SQLite database."""
+"""Schema migrations on a fresh database, SQLite and PostgreSQL (the `database_url` fixture)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,8 @@ def _heads() -> list[str]:
     return sorted(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
 
 
-def _url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'sub' / 'budrt.db'}"
-
-
-def test_migrate_creates_tables(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_migrate_creates_tables(database_url: str) -> None:
+    url = database_url
     migrate(url)
     engine = make_engine(url)
     try:
@@ -48,15 +44,16 @@ def test_migrate_creates_tables(tmp_path: Path) -> None:
         # A key's role is any role name (64 characters); PostgreSQL enforces the declared length.
         role = next(c for c in insp.get_columns("api_keys") if c["name"] == "role")
         assert role["type"].length == 64
-        with engine.connect() as conn:
-            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
     finally:
         engine.dispose()
 
 
-def test_migrate_is_idempotent(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_migrate_is_idempotent(database_url: str) -> None:
+    url = database_url
     migrate(url)
     engine = make_engine(url)
     with engine.begin() as conn:
@@ -74,8 +71,14 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_concurrent_migrations(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_migrate_makes_the_sqlite_directory(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sub' / 'budrt.db'}"
+    migrate(url)
+    assert (tmp_path / "sub" / "budrt.db").is_file()
+
+
+def test_concurrent_migrations(database_url: str) -> None:
+    url = database_url
     code = f"from budrt.store.db import migrate; migrate({url!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:

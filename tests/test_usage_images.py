@@ -4,12 +4,12 @@ and the image budgets seeded from the usage records."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from alembic import command
 from sqlalchemy import inspect, text
 
 from budrt.gateway.metering import _images, _tokens, _usage
+from budrt.store.database import Database
 from budrt.store.db import alembic_config, make_engine, migrate
 from budrt.store.quotas import IMAGE_ENDPOINT, period_usage
 from budrt.store.usage import Usage, UsageStore
@@ -17,13 +17,9 @@ from budrt.store.usage import Usage, UsageStore
 NOW = datetime(2026, 12, 5, 12, tzinfo=UTC)
 
 
-def _url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'budrt.db'}"
-
-
-def test_0007_adds_the_columns_and_old_rows_read_zero(tmp_path: Path) -> None:
-    url = _url(tmp_path)
-    engine = make_engine(url, migration=True)
+def test_0007_adds_the_columns_and_old_rows_read_zero(database_url: str) -> None:
+    url = database_url
+    engine = make_engine(url, immediate=True)
     with engine.begin() as conn:  # the schema as an older budrt left it, with a row in it
         cfg = alembic_config(url)
         cfg.attributes["connection"] = conn
@@ -31,7 +27,7 @@ def test_0007_adds_the_columns_and_old_rows_read_zero(tmp_path: Path) -> None:
         conn.execute(
             text(
                 "INSERT INTO usage_records (at, endpoint, prompt_tokens, completion_tokens, latency_ms,"
-                " status, cache_hit, request_id) VALUES (:at, 'chat', 3, 4, 1.0, 200, 0, 'old-1')"
+                " status, cache_hit, request_id) VALUES (:at, 'chat', 3, 4, 1.0, 200, false, 'old-1')"
             ),
             {"at": NOW},
         )
@@ -94,12 +90,12 @@ def _record(endpoint: str, images: int, status: int = 200, **extra: object) -> U
     return Usage(**fields)  # type: ignore[arg-type]
 
 
-def test_reports_and_budgets_count_images(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_reports_and_budgets_count_images(database_url: str) -> None:
+    url = database_url
     migrate(url)
-    engine = make_engine(url)
+    db = Database(url)
     try:
-        store = UsageStore(engine)
+        store = UsageStore(db)
         store.insert(
             [
                 _record(IMAGE_ENDPOINT, 3),
@@ -113,7 +109,7 @@ def test_reports_and_budgets_count_images(tmp_path: Path) -> None:
         assert (totals["requests"], totals["images"], totals["pixels"], totals["steps"]) == (4, 8, 512, 80)
         by_model = {row["model"]: row for row in report["data"]}
         assert by_model["painter"]["images"] == 8 and by_model["talker"]["images"] == 0
-        assert period_usage(engine, "key:1", NOW - timedelta(days=1)) == (9, 4)
-        assert period_usage(engine, "user:alice", NOW + timedelta(days=1)) == (0, 0)
+        assert period_usage(db, "key:1", NOW - timedelta(days=1)) == (9, 4)
+        assert period_usage(db, "user:alice", NOW + timedelta(days=1)) == (0, 0)
     finally:
-        engine.dispose()
+        db.dispose()

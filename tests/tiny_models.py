@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from budrt.config import ModelConfig, Settings, runtime_dump
+from budrt.security import certs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,43 +88,52 @@ def build_tiny_llama(
 
 
 def tiny_config(name: str, path: Path, **extra: object) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        task="chat",
-        format="safetensors",
-        source=str(path),
-        dtype="float32",
-        max_model_len=512,
-        max_num_seqs=4,
-        kv_cache_bytes=8 << 20,
-        preload=False,
-        **extra,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "name": name,
+        "task": "chat",
+        "format": "safetensors",
+        "source": str(path),
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 4,
+        "kv_cache_bytes": 8 << 20,
+        "preload": False,
+    }
+    return ModelConfig(**(fields | extra))  # type: ignore[arg-type]
 
 
 def start_server(
-    home: Path, models: list[ModelConfig], internal_key: str | None = None, **server: object
+    home: Path,
+    models: list[ModelConfig],
+    internal_key: str | None = None,
+    tls: dict[str, object] | None = None,
+    **server: object,
 ) -> tuple[subprocess.Popen, str]:
-    """A model server process on a free port; `internal_key`: the credential it then requires."""
-    port = _free_port()
+    """A model server process on a free port; `internal_key`: the credential it then requires;
+    `tls`: the settings' `tls` section (enabled: HTTPS, clients need the platform's certificate)."""
+    port = int(server.pop("port", 0)) or _free_port()  # a restart takes its old port again
     settings = Settings(
         home=home,
         models=models,
         model_servers=[{"name": "s", "models": [m.name for m in models], "port": port, **server}],
         internal_key=internal_key,
+        tls=tls or {},
     )
+    paths = certs.platform_paths(settings.tls, home)  # made here first: the test may need them
+    verify = certs.client_context(paths, with_client_cert=True) if paths is not None else True
     auth = {"Authorization": f"Bearer {internal_key}"} if internal_key else {}
     runtime = home / "runtime.json"
     runtime.write_bytes(runtime_dump(settings, servers=True))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "budrt.server", "--runtime", str(runtime), "--name", "s"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=(home / "server.log").open("wb"))
-    url = f"http://127.0.0.1:{port}"
+    host = str(server.get("host", "127.0.0.1"))
+    url = f"{'https' if paths is not None else 'http'}://{host}:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         assert proc.poll() is None, (home / "server.log").read_text()
         try:
-            if httpx.get(f"{url}/health/ready", headers=auth, timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health/ready", headers=auth, timeout=2, verify=verify).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass

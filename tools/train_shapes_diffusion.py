@@ -24,6 +24,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from budrt.image import shapes
 from budrt.image.shapes_pipeline import ShapesDiffusionPipeline
+from budrt.observe.logging import setup_logging
+from budrt.observe.progress import NO_PROGRESS, LogReporter, ProgressReporter
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/budrt/image/weights/shapes-diffusion"
 
@@ -64,7 +66,15 @@ def save(pipe: ShapesDiffusionPipeline, ema: UNet2DConditionModel, out: Path) ->
     pipe.save_pretrained(out)
 
 
-def train(args: argparse.Namespace) -> None:
+def expected_steps(step: int, elapsed_s: float, args: argparse.Namespace) -> int:
+    """The steps this run will have made when it stops: `--steps`, or fewer if `--minutes` runs
+    out first at the pace so far (the bar's total)."""
+    if step == 0 or elapsed_s <= 0:
+        return args.steps
+    return max(step, min(args.steps, int(step * args.minutes * 60 / elapsed_s)))
+
+
+def train(args: argparse.Namespace, progress: ProgressReporter = NO_PROGRESS) -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     torch.set_num_threads(args.threads)
@@ -108,10 +118,13 @@ def train(args: argparse.Namespace) -> None:
             for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
         step += 1
+        elapsed = time.monotonic() - started
+        progress.report("train", step, expected_steps(step, elapsed, args))
         if step % 25 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.monotonic() - started:.0f}s", flush=True)
         if step % args.save_every == 0:
             save(pipe, ema, args.out)
+    progress.report("train", step, step)  # stopped: by steps or by time
     save(pipe, ema, args.out)
     print(f"saved {args.out} after {step} steps, {time.monotonic() - started:.0f}s", flush=True)
 
@@ -132,7 +145,13 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--init", type=Path, default=None, help="a saved pipeline to start from")
     parser.add_argument("--low-t-share", type=float, default=0.0, help="share of timesteps drawn below 200")
-    train(parser.parse_args())
+    # Logs and a progress bar on a terminal (JSON lines otherwise), as `budrt serve` shows them.
+    setup_logging("train", "info", "auto")
+    progress = LogReporter("shapes-diffusion")
+    try:
+        train(parser.parse_args(), progress)
+    finally:
+        progress.end()
 
 
 if __name__ == "__main__":

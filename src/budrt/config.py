@@ -146,7 +146,9 @@ class ModelServerConfig(_Section):
     models: list[str]
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port at start
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    # torch intra-op threads; None = torch's default, or with several replicas the CPUs split
+    # between them (control/supervisor.py `replica_threads`)
+    threads: int | None = None
     replicas: int = Field(1, ge=1)  # identical processes; the gateway balances and fails over
     memory_budget_bytes: int | None = None  # CPU: None = 80% of physical memory
     memory_utilization: float = Field(0.9, gt=0, le=1)  # CUDA: fraction of device memory to use
@@ -180,6 +182,10 @@ class DeploymentConfig(_Section):
     # Load balancing over `endpoints` (see budrt.gateway.balancer).
     strategy: Literal["least_outstanding", "p2c", "weighted_rr", "affinity"] = "least_outstanding"
     weights: list[float] = Field(default_factory=list)  # weighted_rr: one per endpoint, default 1
+    # The zone of each endpoint, in order (missing or "": unknown, never preferred as local).
+    zones: list[str] = Field(default_factory=list)
+    # Replicas wanted in every zone the gateway knows of; /admin/replicas warns when one has fewer.
+    min_replicas_per_zone: int = Field(0, ge=0)
     affinity_key: Literal["prefix", "user"] = "prefix"  # affinity: hash the prompt prefix or `user`
     fallbacks: list[str] = Field(default_factory=list)  # models tried in order when this one fails
     # Replicas may join this deployment by heartbeat (gateway/replicas.py); they never get `api_key`.
@@ -265,8 +271,9 @@ class KmsConfig(_Section):
 class TlsConfig(_Section):
     """The private CA and the certificates of the platform's own hops (security/certs.py)."""
 
-    # The gateway serves HTTPS (certificates made at its start when missing); model servers,
-    # Redis and PostgreSQL over TLS come later. `budrt certs init` works either way.
+    # Every hop of the platform over TLS (certificates made at start when missing): the gateway
+    # serves HTTPS, model servers take only clients with a certificate from the CA (docs/storage.md;
+    # Redis and PostgreSQL over TLS are set in their URLs). `budrt certs init` works either way.
     enabled: bool = False
     dir: Path | None = None  # None = $home/tls
     # Subject alternative names of the server certificate: DNS names and IP addresses.
@@ -288,6 +295,9 @@ class GatewayConfig(_Section):
     request_deadline_s: float = 600.0  # all attempts of one request, until its first byte
     breaker_failures: int = 3  # consecutive failures that eject a replica
     breaker_cooldown_s: float = 5.0  # ejected this long before one half-open probe
+    # With a `zone`: requests stay on replicas in the gateway's zone while one is available with
+    # fewer than this many requests in flight from this gateway; beyond, they spill to any zone.
+    zone_spill_at: int = Field(8, gt=0)
     max_body_bytes: int = Field(16 * 1024**2, gt=0)  # larger request bodies get 413, unread
     max_response_bytes: int = Field(64 * 1024**2, gt=0)  # larger non-streaming upstream bodies: 502
     # Replicas registering by heartbeat: every address their URL's host resolves to must lie in
@@ -350,7 +360,43 @@ class JWTConfig(_Section):
 
 class AuthConfig(_Section):
     cache_ttl_s: float = 1.0  # how long an authenticated key is trusted; also the revocation delay
+    # With the database unreachable, a key seen within this many seconds is still served (logged,
+    # counted in budrt:auth_stale_total); 0 refuses every key whose cache entry has expired.
+    stale_key_window_s: float = Field(default=300.0, ge=0)
     jwt: JWTConfig = Field(default_factory=JWTConfig)
+
+
+class OIDCConfig(_Section):
+    """Console sign-in with an OpenID Connect provider (authorization code + PKCE). The ID token
+    it returns is verified as a bearer JWT, so `auth.jwt` must trust the same provider
+    (`jwks_url`, `issuer`, and `audience` = `client_id`)."""
+
+    issuer: str | None = None  # e.g. https://idp.example/realms/main; None: OIDC sign-in is off
+    client_id: str | None = None
+    client_secret: SecretText | None = None  # confidential clients; public ones rely on PKCE alone
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # Where the provider sends the browser back; None: this gateway's /console/oidc/callback as
+    # the browser reached it. Register the same URL with the provider.
+    redirect_url: str | None = None
+    label: str = "Single sign-on"  # the button's text on the sign-in page
+
+    @property
+    def enabled(self) -> bool:
+        return self.issuer is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> OIDCConfig:
+        if self.issuer is not None and not self.client_id:
+            raise ValueError("console.oidc: with issuer, client_id is required")
+        return self
+
+
+class ConsoleConfig(_Section):
+    """The web console at /console (gateway/console)."""
+
+    enabled: bool = True
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0, le=30 * 86400)  # sign in again after
+    oidc: OIDCConfig = Field(default_factory=OIDCConfig)
 
 
 class MeteringConfig(_Section):
@@ -361,6 +407,9 @@ class MeteringConfig(_Section):
     batch_size: int = 500  # a full batch is written without waiting for the interval
     max_queue: int = 100_000  # records the disk refused wait in memory up to this; then dropped
     encrypt_spool: bool = True  # seal every spooled record under a data key from `kms`
+    # Keep every spool segment, once written to the DB, in the object store (`objects`) under
+    # usage-archive/<UTC date>/<segment>: the raw record of what was metered, for audits.
+    archive: bool = False
 
 
 class SupervisorConfig(_Section):
@@ -373,6 +422,29 @@ class SupervisorConfig(_Section):
     probe_timeout_s: float = 2.0
     probe_failures_before_kill: int = 5  # no answer this many times in a row = hung (e.g. SIGSTOP)
     unhealthy_before_restart: int = 3  # answers "unhealthy" this many times in a row = restart
+
+
+class TracingConfig(_Section):
+    """OpenTelemetry traces of requests, gateway into model server (docs/observability.md)."""
+
+    enabled: bool = False
+    # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces. None: spans are still made (the
+    # logs carry their trace ids) but sent nowhere.
+    endpoint: str | None = None
+    # Share of the requests traced that arrive without a caller's decision (a `traceparent`);
+    # one that carries one is traced as its caller decided.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str | None = None  # None: by process, "budrt-gateway" or "budrt-model-server"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("tracing.endpoint must be an http(s) URL, e.g. http://collector:4318/v1/traces")
+        return value
 
 
 def _package_default_models() -> list[ModelConfig]:
@@ -421,9 +493,21 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.budrt")))
     config: Path | None = None  # the YAML file this tree was loaded from
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: coloured lines on a terminal, JSON lines otherwise (files, pipes, log collectors).
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # Where this process runs (BUDRT_ZONE; on Kubernetes the node's topology.kubernetes.io/zone):
+    # a gateway prefers replicas of its own zone, a model server announces it in its heartbeat.
+    zone: str | None = Field(None, max_length=63)
     # Default: sqlite:///$home/budrt.db. Model servers get it only when a model of theirs is in
     # the model registry (`ModelConfig.in_registry`).
     database_url: Annotated[SecretStr, Secret(url=True, servers=True)] | None = None
+    # Read replicas of `database_url` (PostgreSQL streaming standbys): key lookups on a cache
+    # miss, listings and usage reports read one that is at most `database_replica_max_lag_s`
+    # behind; writes and reads of one's own writes stay on the primary.
+    database_replica_urls: list[Annotated[SecretStr, Secret(url=True, servers=True)]] = Field(
+        default_factory=list
+    )
+    database_replica_max_lag_s: float = Field(default=5.0, gt=0)
     secret_key: SecretText | None = None  # HMAC key for API-key hashes; default: $home/secret.key
     admin_key: SecretText | None = None  # becomes the admin key on first start
     # Bearer credential the gateway sends to budrt's model servers, which then require it on
@@ -432,11 +516,13 @@ class Settings(BaseSettings):
     internal_key: Annotated[SecretStr, Secret(servers=True), Field(min_length=16)] | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     objects: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     kms: KmsConfig = Field(default_factory=KmsConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     models: list[ModelConfig] = Field(default_factory=_package_default_models)
     model_servers: list[ModelServerConfig] = Field(default_factory=_default_servers)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -470,6 +556,12 @@ class Settings(BaseSettings):
             for model in server.models:
                 if model not in names:
                     raise ValueError(f"model server '{server.name}' serves unknown model '{model}'")
+        oidc, jwt = self.console.oidc, self.auth.jwt
+        if oidc.enabled and (jwt.jwks_url is None or jwt.audience != oidc.client_id):
+            raise ValueError(
+                "console.oidc needs auth.jwt to verify the provider's ID tokens: set auth.jwt.jwks_url, "
+                "auth.jwt.issuer, and auth.jwt.audience to console.oidc.client_id"
+            )
         if self.gateway.images.links == "store" and (self.objects.backend != "s3" or self.objects.encrypt):
             raise ValueError(
                 "gateway.images.links 'store' needs objects.backend 's3' with objects.encrypt false "

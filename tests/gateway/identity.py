@@ -32,7 +32,7 @@ class Gateway:
 
     def stop(self) -> None:
         self.server.stop()
-        self.store.engine.dispose()
+        self.store.db.dispose()
 
 
 def settings(

@@ -64,11 +64,11 @@ def test_proxied_paths_with_and_without_starlette(tmp_path: Path, upstream: str,
             wrong = c.get(CHAT)
             assert wrong.status_code == 405 and wrong.json()["error"]["message"] == "Method not allowed."
             assert c.post(CHAT, content=b"{not json").json()["error"]["type"] == "invalid_request_error"
-        usage = UsageStore(store.engine)
+        usage = UsageStore(store.db)
         _wait_rows(usage, 3)  # both 200s and the 400 were metered
     finally:
         server.stop()
-        store.engine.dispose()
+        store.db.dispose()
 
 
 def test_buffered_headers() -> None:

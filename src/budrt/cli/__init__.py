@@ -12,11 +12,15 @@ from budrt.cli.certs import certs_app
 from budrt.cli.identity import roles_app, teams_app, users_app
 from budrt.cli.keys import keys_app
 from budrt.cli.kms import kms_app
+from budrt.cli.model_server import model_server_app
 from budrt.cli.models import models_app
 from budrt.cli.serve import config_app, serve_app
+from budrt.cli.top import top_app
 
 app = typer.Typer(help="budrt: a self-hosted OpenAI-compatible serving platform.", no_args_is_help=True)
 app.add_typer(serve_app)  # no name: serve, gateway and status are top-level commands
+app.add_typer(model_server_app)  # `budrt model-server`: one model server alone (containers)
+app.add_typer(top_app)  # `budrt top`: a live view of a running platform
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")

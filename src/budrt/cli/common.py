@@ -28,11 +28,19 @@ ACTOR = "cli"  # the actor the audit log records for a change made here
 
 
 def load(
-    config: Path | None, home: Path | None, host: str | None = None, port: int | None = None
+    config: Path | None,
+    home: Path | None,
+    host: str | None = None,
+    port: int | None = None,
+    tls: bool = False,
+    log_format: str | None = None,
 ) -> Settings:
-    """The settings tree, `--host/--port` over the config; a config error exits 2, no traceback."""
+    """The settings tree, `--host/--port` (and `--tls`: `tls.enabled`, `--log-format`) over the
+    config; a config error exits 2, no traceback."""
     try:
-        settings = load_settings(config, home=home, gateway={"host": host, "port": port})
+        gateway = {"host": host, "port": port}
+        tls_on = {"enabled": True if tls else None}
+        settings = load_settings(config, home=home, gateway=gateway, tls=tls_on, log_format=log_format)
     except Exception as exc:  # a config error is the user's to fix: say what, no traceback
         fail(f"invalid configuration: {exc}", 2)
     os.environ["BUDRT_HOME"] = str(settings.home)
@@ -56,10 +64,10 @@ def key_store(config: Path | None, home: Path | None) -> KeyStore:
 
 
 def identity_store(config: Path | None, home: Path | None) -> IdentityStore:
-    from budrt.store.db import make_engine
+    from budrt.store.database import Database
     from budrt.store.identity import IdentityStore
 
-    return IdentityStore(make_engine(load_migrated(config, home).database_url_resolved))
+    return IdentityStore(Database.from_settings(load_migrated(config, home)))
 
 
 def model_store(config: Path | None, home: Path | None) -> ModelStore:

@@ -21,14 +21,14 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 def _audit(store: KeyStore, action: str, key_id: int, detail: dict[str, Any] | None = None) -> None:
     from budrt.store.identity import IdentityStore
 
-    IdentityStore(store.engine).record(ACTOR, action, f"key:{key_id}", detail)
+    IdentityStore(store.db).record(ACTOR, action, f"key:{key_id}", detail)
 
 
 def _owner(store: KeyStore, role: str | None, user: str | None) -> tuple[int | None, int | None]:
     """(user id, team id) of the key's owner, after checking its role exists; exits 2 if not."""
     from budrt.store.identity import IdentityStore
 
-    identity = IdentityStore(store.engine)
+    identity = IdentityStore(store.db)
     run(identity.check_roles, [role or "user"])
     if user is None:
         return None, None

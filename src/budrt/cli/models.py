@@ -6,11 +6,17 @@ A pushed model is served by naming it in a model config: `source: registry:<name
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from budrt.cli.common import AsJson, ConfigFile, Home, fail, model_store
+from budrt.model_source import resolve_source
+
+if TYPE_CHECKING:
+    from budrt.store.repository import Progress
 
 models_app = typer.Typer(help="Manage the model registry and repository.", no_args_is_help=True)
 
@@ -30,8 +36,6 @@ def _params(values: list[str]) -> dict[str, Any]:
 
 
 def _guess_format(source: str) -> str:
-    from budrt.model_source import resolve_source
-
     if source.endswith(".gguf"):
         return "gguf"
     try:
@@ -65,7 +69,10 @@ def models_push(
     """Upload a model into the repository and register it."""
     store = model_store(config, home)
     try:
-        info = store.push(path, name, task, format or _guess_format(path), alias or [], _params(param or []))
+        with _push_progress(path) as progress:
+            info = store.push(
+                path, name, task, format or _guess_format(path), alias or [], _params(param or []), progress
+            )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
     if as_json:
@@ -73,6 +80,31 @@ def models_push(
     else:
         typer.echo(f"pushed {info.name}: sha256:{info.digest} ({info.size_bytes} bytes); serve it with")
         typer.echo(f"  source: registry:{info.name}")
+
+
+@contextmanager
+def _push_progress(source: str) -> Iterator[Progress | None]:
+    """Two bars on a terminal's stderr, bytes read (hashed) and bytes uploaded; nothing when
+    stderr is not a terminal (scripts, --json) or the source cannot be sized."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+    from rich.progress import Progress as Bars
+
+    console = Console(stderr=True)
+    try:
+        root = resolve_source(source)
+    except (ValueError, FileNotFoundError):
+        root = None
+    if root is None or not console.is_terminal:
+        yield None
+        return
+    from budrt.store.repository import files_to_push
+
+    total = sum(f.stat().st_size for _, f in files_to_push(root))
+    columns = (TextColumn("{task.description:>9}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Bars(*columns, console=console, transient=True) as bars:
+        tasks = {phase: bars.add_task(phase, total=total) for phase in ("read", "upload")}
+        yield lambda phase, n: bars.advance(tasks[phase], n)
 
 
 @models_app.command("ls")

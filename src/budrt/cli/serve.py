@@ -33,23 +33,54 @@ def _prepare_store(settings: Settings) -> None:
         typer.echo(f"admin key: {admin} (saved to {settings.home / ADMIN_KEY_FILE})")
 
 
+Tls = Annotated[
+    bool,
+    typer.Option(
+        "--tls",
+        help="Every hop over TLS (tls.enabled): HTTPS at the gateway, mutual TLS to model servers, "
+        "certificates made under $BUDRT_HOME/tls when missing.",
+    ),
+]
+
+
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format", help="auto (lines on a terminal, else JSON), json or text.", show_default=False
+    ),
+]
+
+
 @serve_app.command()
-def serve(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+def serve(
+    host: Host = None,
+    port: Port = None,
+    home: Home = None,
+    config: ConfigFile = None,
+    tls: Tls = False,
+    log_format: LogFormat = None,
+) -> None:
     """Start the gateway and the model servers behind it, under a supervisor."""
     from budrt.control.supervisor import Supervisor
     from budrt.observe.logging import setup_logging
 
-    settings = load(config, home, host, port)
-    setup_logging("supervisor", settings.log_level)
+    settings = load(config, home, host, port, tls, log_format)
+    setup_logging("supervisor", settings.log_level, settings.log_format)
     raise typer.Exit(Supervisor(settings).run(lambda: _prepare_store(settings)))
 
 
 @serve_app.command()
-def gateway(host: Host = None, port: Port = None, home: Home = None, config: ConfigFile = None) -> None:
+def gateway(
+    host: Host = None,
+    port: Port = None,
+    home: Home = None,
+    config: ConfigFile = None,
+    log_format: LogFormat = None,
+) -> None:
     """Run a gateway alone, in front of the upstreams named in the config's `deployments`."""
     from budrt.gateway.main import run_gateway
 
-    run_gateway(load(config, home, host, port))
+    run_gateway(load(config, home, host, port, log_format=log_format))
 
 
 def _model_cell(name: str, resident: dict[str, Any]) -> str:
@@ -82,7 +113,11 @@ def _print_status_table(data: dict[str, Any], home: Path) -> None:
             ", ".join(models),
             p.get("health_error") or p.get("last_error") or "",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for row in data.get("models", []):
+        for warning in row["warnings"]:
+            console.print(f"warning: {row['model']}: {warning}")
 
 
 @serve_app.command()

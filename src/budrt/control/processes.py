@@ -8,12 +8,15 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
+
+from budrt.control.relay import start_relay
 
 ProcessKind = Literal["gateway", "model-server"]
 ProcessState = Literal["starting", "ready", "not_ready", "restarting", "failed", "stopping", "stopped"]
@@ -56,10 +59,22 @@ class ManagedProcess:
     held: list[str] = field(default_factory=list)  # models to preload when it is restarted
     probe_headers: dict[str, str] = field(default_factory=dict)  # a model server's: the internal key
     scheme: str = "http"  # "https": the gateway with `tls.enabled`
+    relay_output: bool = False  # its stdout and stderr go through the supervisor's logging
+    relay: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def label(self) -> str:
+        """How its log lines are marked: `gateway`, `model-server:text-0`."""
+        return self.name if self.kind == "gateway" else f"{self.kind}:{self.name}"
+
+    def wait_relay(self, timeout: float) -> None:
+        """Wait (a bounded time) until its last lines have been relayed."""
+        if self.relay is not None:
+            self.relay.join(timeout)
 
     @property
     def base_url(self) -> str:
@@ -70,7 +85,13 @@ class ManagedProcess:
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
         # stops the children in order (gateway first, so in-flight requests can finish).
         argv = [*self.argv, "--preload", ",".join(self.held)] if self.held else self.argv
-        self.proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        out = subprocess.PIPE if self.relay_output else None
+        err = subprocess.STDOUT if self.relay_output else None
+        self.proc = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_die_with_parent, stdout=out, stderr=err
+        )
+        if self.proc.stdout is not None:
+            self.relay = start_relay(self.proc.stdout, self.label)
         self.state, self.started_at, self.ready_since = "starting", time.time(), None
         self.probe_failures, self.unhealthy_count, self.next_start_at = 0, 0, None
         self.resident = []

@@ -24,6 +24,8 @@ from pydantic import SecretStr
 
 from budrt.config import DeploymentConfig, ModelServerConfig, Settings, runtime_dump
 from budrt.control.processes import ManagedProcess, free_port
+from budrt.observe.logging import text_logs
+from budrt.observe.startup import EXIT_CANNOT_START, take_reason
 from budrt.security import certs
 from budrt.security.files import private_dir, write_private
 
@@ -53,14 +55,24 @@ def child_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def replica_threads(server: ModelServerConfig) -> int | None:
+    """Torch threads of each process of `server`: as configured; else, for several replicas, the
+    machine's CPUs split between them. Replicas run at once under load, and two processes each
+    spinning an OpenMP pool as wide as the machine oversubscribe it (on 2 cores, requests took
+    a second each instead of milliseconds: tests/test_drills.py). One process: torch's default."""
+    if server.threads is not None or server.replicas == 1:
+        return server.threads
+    return max(1, (os.cpu_count() or 1) // server.replicas)
+
+
 def server_settings(settings: Settings, server: ModelServerConfig) -> Settings:
     """The tree a model server gets: its own section, no deployments, the metadata DB only when
     a model of its comes from the registry; `runtime_dump(servers=True)` drops other secrets."""
     needs_db = any(settings.model(m).in_registry for m in server.models)
-    database_url = settings.database_url if needs_db else None
-    return settings.model_copy(
-        update={"model_servers": [server], "deployments": [], "database_url": database_url}
-    )
+    update: dict[str, object] = {"model_servers": [server], "deployments": []}
+    if not needs_db:
+        update |= {"database_url": None, "database_replica_urls": []}
+    return settings.model_copy(update=update)
 
 
 class Supervisor:
@@ -69,11 +81,19 @@ class Supervisor:
         self.run_dir = settings.home / "run"
         self.processes: list[ManagedProcess] = []
         self.stopping = False
+        self.cannot_start = False  # a process exited with EXIT_CANNOT_START: `run` returns 1
         self.announced_ready = False
         self.env = child_env(os.environ)
         # Model servers require it from every caller (the gateway, the probes): one per run
         # unless configured (servers on other hosts registering by heartbeat need it too).
         self.internal_key = settings.internal_key or SecretStr(secrets.token_urlsafe(32))
+        # With `tls.enabled` every hop is HTTPS: the gateway's port, and the model servers',
+        # which take only clients with a certificate from the platform's CA.
+        self.tls = certs.platform_paths(settings.tls, settings.home)
+        self.scheme = "https" if self.tls is not None else "http"
+        # Logs for a person: the children log JSON into pipes and their lines come out through
+        # this process's handler (control/relay.py), which also draws their progress bars.
+        self.relay_output = text_logs(settings.log_format)
 
     def plan(self) -> Settings:
         """Fix ports, add one deployment per served model, and write the runtime files.
@@ -87,7 +107,7 @@ class Supervisor:
             ports = [
                 server.port + i if server.port else free_port(server.host) for i in range(server.replicas)
             ]
-            servers.append(server.model_copy(update={"port": ports[0]}))
+            servers.append(server.model_copy(update={"port": ports[0], "threads": replica_threads(server)}))
             for i, port in enumerate(ports):
                 name = server.name if server.replicas == 1 else f"{server.name}-{i}"
                 replicas.append((server, name, port))
@@ -95,7 +115,7 @@ class Supervisor:
         for server, _, port in replicas:
             host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
             for model in server.models:
-                endpoints.setdefault(model, []).append(f"http://{host}:{port}/v1")
+                endpoints.setdefault(model, []).append(f"{self.scheme}://{host}:{port}/v1")
         key = self.internal_key
         managed = [
             DeploymentConfig(
@@ -114,6 +134,7 @@ class Supervisor:
                 "deployments": [*self.settings.deployments, *managed],
                 "internal_key": key,
             }
+            | ({"log_format": "json"} if self.relay_output else {})
         )
         self._plan_processes(resolved, replicas)
         return resolved
@@ -122,6 +143,8 @@ class Supervisor:
         """Write the runtime files (the gateway's; one per model server, fewer secrets) and plan
         the processes."""
         private_dir(self.run_dir)
+        for stale in self.run_dir.glob("*.cannot-start"):  # a previous run's: not this one's
+            stale.unlink(missing_ok=True)
         write_private(internal_key_path(self.settings.home), self.internal_key.get_secret_value().encode())
         runtime = self.run_dir / "runtime.json"
         write_private(runtime, runtime_dump(resolved))
@@ -134,25 +157,27 @@ class Supervisor:
             server_runtime = self._server_runtime(server.name)
             argv = [python, "-m", "budrt.server", "--runtime", str(server_runtime), "--name", server.name]
             argv += ["--port", str(port)]
-            process = ManagedProcess(name, "model-server", argv, server.host, port, list(server.models))
+            process = ManagedProcess(
+                name, "model-server", argv, server.host, port, list(server.models), scheme=self.scheme
+            )
             process.probe_headers = probe_auth
+            process.relay_output = self.relay_output
             self.processes.append(process)
         gateway = resolved.gateway
         argv = [python, "-m", "budrt.gateway", "--runtime", str(runtime)]
         models = [d.model for d in resolved.deployments]
-        scheme = "https" if resolved.tls.enabled else "http"
         process = ManagedProcess(
-            "gateway", "gateway", argv, gateway.host, gateway.port, models, scheme=scheme
+            "gateway", "gateway", argv, gateway.host, gateway.port, models, scheme=self.scheme
         )
+        process.relay_output = self.relay_output
         self.processes.append(process)
 
     def _probe_verify(self) -> ssl.SSLContext | bool:
-        """What the probes trust: with `tls.enabled`, the platform's CA (made now if missing, so
-        the gateway and the supervisor agree on it); plain HTTP needs nothing."""
-        if not self.settings.tls.enabled:
+        """What the probes trust and present: with TLS, the platform's CA and its client
+        certificate, which model servers require; plain HTTP needs nothing."""
+        if self.tls is None:
             return True
-        paths = certs.init(self.settings.tls, Path(self.settings.home))
-        return certs.client_context(paths, with_client_cert=False)
+        return certs.client_context(self.tls, with_client_cert=True)
 
     def _server_runtime(self, server: str) -> Path:
         return self.run_dir / f"server-{server}.json"
@@ -206,9 +231,10 @@ class Supervisor:
             while not self.stopping:
                 self.tick(client)
                 self.write_status()
-                time.sleep(cfg.probe_interval_s)
+                if not self.stopping:
+                    time.sleep(cfg.probe_interval_s)
         self.shutdown()
-        return 0
+        return 1 if self.cannot_start else 0
 
     def _start(self, processes: list[ManagedProcess]) -> None:
         for process in processes:
@@ -233,6 +259,9 @@ class Supervisor:
                     )
                 continue
             code = process.exited()
+            if code == EXIT_CANNOT_START:  # a restart would fail alike: stop everything now
+                self._cannot_start(process)
+                return
             if code is not None:
                 self._schedule_restart(process, f"exited with code {code}", now)
                 continue
@@ -253,6 +282,7 @@ class Supervisor:
             if healthy:
                 if process.state != "ready":
                     process.ready_since = now
+                    log.info("%s ready in %.1f s", process.name, now - process.started_at)
                 process.state = "ready"
                 if now - (process.ready_since or now) > STABLE_AFTER_S:
                     process.backoff_s = 0.0
@@ -262,6 +292,26 @@ class Supervisor:
             self.announced_ready = True
             gateway = self.processes[-1]
             print(f"budrt is ready: {gateway.base_url}/v1 (gateway pid {gateway.pid})", flush=True)
+            print(f"  models: {', '.join(gateway.models) or 'none'}", flush=True)
+            from budrt.store.keys import ADMIN_KEY_FILE
+
+            key_file = self.settings.home / ADMIN_KEY_FILE
+            print(f"  keys: the admin key is in {key_file}; more: budrt keys create --name app", flush=True)
+            if self.settings.console.enabled:
+                print(f"  console: {gateway.base_url}/console (sign in with a key)", flush=True)
+
+    def _cannot_start(self, process: ManagedProcess) -> None:
+        """One clear line, then the platform stops and `run` returns 1."""
+        # A replica (text-0) reports under its server's name (text).
+        names = (process.name, process.name.rsplit("-", 1)[0])
+        reason = next((r for n in names if (r := take_reason(self.settings.home, n))), None)
+        process.state, process.last_error = "failed", reason or "exited: cannot start"
+        # The process said why on the shared stderr (observe/startup.py); this says what follows.
+        print(
+            f"budrt: stopping: {process.name} cannot start, and a restart would fail alike", file=sys.stderr
+        )
+        self.cannot_start = True
+        self.stopping = True
 
     def _kill_and_restart(self, process: ManagedProcess, reason: str, now: float) -> None:
         # SIGKILL works on a stopped (SIGSTOP) process too; SIGTERM would wait for SIGCONT.
@@ -299,6 +349,7 @@ class Supervisor:
                 self._wait(process, group_deadline)
         for process in self.processes:
             process.state = "stopped"
+            process.wait_relay(timeout=2.0)  # its last lines before ours
         self.write_status(running=False)
         print("budrt stopped", flush=True)
 
@@ -315,7 +366,11 @@ class Supervisor:
     def write_status(self, running: bool = True) -> None:
         data = {
             "running": running,
-            "supervisor": {"pid": os.getpid(), "home": str(self.settings.home)},
+            "supervisor": {
+                "pid": os.getpid(),
+                "home": str(self.settings.home),
+                "tls_dir": str(self.tls.ca.parent) if self.tls is not None else None,
+            },
             "updated_at": round(time.time(), 3),
             "processes": [p.describe() for p in self.processes],
         }

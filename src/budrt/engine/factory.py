@@ -28,6 +28,7 @@ from budrt.engine.safetensors_loader import load_safetensors, stored_names
 from budrt.engine.step_path import SMALL_LOGITS_ROWS, PathRule, default_small_rows
 from budrt.engine.tokenizer import TextTokenizer
 from budrt.model_source import resolve_source
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,12 @@ class _Assembled(NamedTuple):
     stack: DecodeStack | None
 
 
-def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> Engine:
+def create_text_engine(
+    cfg: ModelConfig, device: str | torch.device = "cpu", progress: ProgressReporter = NO_PROGRESS
+) -> Engine:
     """Load the model and tokenizer named by `cfg` (GGUF or a Hugging Face safetensors directory)
-    onto `device` ("cpu", "cuda:N": chosen by the server's placement).
+    onto `device` ("cpu", "cuda:N": chosen by the server's placement). `progress` hears of its
+    phases: "compile" (the kernels, if not built yet), "dequantize" or "read", then "pack".
 
     Synchronous and slow (seconds): call it before serving, then `await engine.start()`.
     """
@@ -93,12 +97,12 @@ def create_text_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> 
     kv_dtype = cache_dtype(cfg.kv_cache_dtype, dtype, target)  # refuses a pair the kernels cannot read
     # Before loading: the weights' forms decide what is read. The small copies are kept only
     # where their C++ kernels are loaded.
-    kernels_ready = target.type == "cpu" and kernels.prepare()
-    checkpoint, dense_int8 = _load_checkpoint(cfg, path, dtype, kernels_ready)
+    kernels_ready = target.type == "cpu" and kernels.prepare(progress=progress)
+    checkpoint, dense_int8 = _load_checkpoint(cfg, path, dtype, kernels_ready, progress)
     args, tokenizer = checkpoint.args, checkpoint.tokenizer
     max_model_len = min(cfg.max_model_len, args.max_position_embeddings)
     plan = _Plan(target, dtype, kv_dtype, max_model_len, dense_int8, kernels_ready)
-    assembled, cache = _build(cfg, checkpoint, plan)
+    assembled, cache = _build(cfg, checkpoint, plan, progress)
     del checkpoint  # the loaded tensors the model holds in other forms
     _return_freed_memory()
     log.info(
@@ -144,12 +148,16 @@ def _return_freed_memory() -> None:
 
 
 def _load_checkpoint(
-    cfg: ModelConfig, path: Path, dtype: torch.dtype, kernels_ready: bool
+    cfg: ModelConfig,
+    path: Path,
+    dtype: torch.dtype,
+    kernels_ready: bool,
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> tuple[_Checkpoint, bool]:
     """The weights and tokenizer at `path`, a GGUF file or a safetensors directory; and whether
     the dense weights are int8 (`_int8_linears`). Of a directory only the forms that path reads."""
     if cfg.format == "gguf":
-        gguf = load_gguf(path)
+        gguf = load_gguf(path, progress)
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
         dense_int8 = _int8_linears(cfg, bool(gguf.quantized), dtype, kernels_ready)
         return _Checkpoint(gguf.args, gguf.weights, gguf.quantized, {}, tokenizer), dense_int8
@@ -157,7 +165,7 @@ def _load_checkpoint(
         names = stored_names(path)
         has_small = any(n.endswith((quant.SUFFIXES[0], quant.Q8_SUFFIXES[0])) for n in names)
         dense_int8 = _int8_linears(cfg, has_small, dtype, kernels_ready)
-        args, weights = load_safetensors(path, skip=_unread(names, dense_int8))
+        args, weights = load_safetensors(path, _unread(names, dense_int8), progress)
         quantized = quant.split(weights)  # present in the gguf cache's directories
         rounded = int8.split(weights)
         checkpoint = _Checkpoint(args, weights, quantized, rounded, TextTokenizer.from_directory(path))
@@ -193,15 +201,17 @@ def _runtime(dtype: torch.dtype, dtype_reason: str, target: torch.device) -> dic
     return {"device": str(target), "dtype": dtype_name, "dtype_reason": dtype_reason, **kernels.describe()}
 
 
-def _build(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> tuple[_Assembled, KVCache]:
+def _build(
+    cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan, progress: ProgressReporter
+) -> tuple[_Assembled, KVCache]:
     """The model and its KV cache. On a CPU the cache is zeroed on another thread meanwhile (its
     page faults took ~0.3 s for 720 MB); on CUDA it takes the memory the model leaves free."""
     if plan.target.type != "cpu":
-        assembled = _assemble_model(cfg, checkpoint, plan)
+        assembled = _assemble_model(cfg, checkpoint, plan, progress)
         return assembled, _kv_cache(cfg, checkpoint.args, plan)
     with ThreadPoolExecutor(1) as pool:
         zeroed = pool.submit(openmp.released(_kv_cache), cfg, checkpoint.args, plan)
-        return _assemble_model(cfg, checkpoint, plan), zeroed.result()
+        return _assemble_model(cfg, checkpoint, plan, progress), zeroed.result()
 
 
 def _kv_cache(cfg: ModelConfig, args: LlamaArgs, plan: _Plan) -> KVCache:
@@ -227,7 +237,9 @@ def _kv_cache(cfg: ModelConfig, args: LlamaArgs, plan: _Plan) -> KVCache:
     )
 
 
-def _assemble_model(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> _Assembled:
+def _assemble_model(
+    cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan, progress: ProgressReporter
+) -> _Assembled:
     """The model on its device, its linears in the forms this machine's steps read
     (engine/linear.py), the rule choosing among them per step, and on CPU the one-call decode
     layers where they fit."""
@@ -239,7 +251,7 @@ def _assemble_model(cfg: ModelConfig, checkpoint: _Checkpoint, plan: _Plan) -> _
         int8=plan.dense_int8,
         small=plan.kernels_ready and small_rows > 0,
     )
-    model = build_model(checkpoint, plan.dtype, plan.max_model_len, forms)
+    model = build_model(checkpoint, plan.dtype, plan.max_model_len, forms, progress)
     to_device(model, plan.target)  # no-op on CPU
     stack = DecodeStack.build(model) if plan.kernels_ready else None
     return _Assembled(model, _path_rule(model, small_rows, stack, forms.int8), stack)
@@ -271,12 +283,19 @@ def _path_rule(
 
 
 def build_model(
-    checkpoint: _Checkpoint, dtype: torch.dtype, max_model_len: int, forms: LinearForms = LinearForms()
+    checkpoint: _Checkpoint,
+    dtype: torch.dtype,
+    max_model_len: int,
+    forms: LinearForms = LinearForms(),
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> LlamaForCausalLM:
     """The model with `checkpoint`'s weights in `dtype`: its linears made whole from the weights
-    (fused q/k/v and gate/up), the embedding and norms loaded in place."""
+    (fused q/k/v and gate/up), the embedding and norms loaded in place. `progress` hears of the
+    linears made (phase "pack")."""
     # RoPE tables only need to cover the positions we serve.
     args = dataclasses.replace(checkpoint.args, max_position_embeddings=max_model_len)
+    num_linears = 4 * args.num_layers + 1  # per layer qkv, o, gate_up, down; and the lm_head
+    progress.report("pack", 0, num_linears)
     weights, quantized = dict(checkpoint.weights), dict(checkpoint.quantized)
     rounded = dict(checkpoint.rounded) if forms.int8 else {}
     fuse_weights(weights, quantized, rounded)
@@ -290,7 +309,9 @@ def build_model(
         source = f"{'embed_tokens' if tied else name}.weight"
         weight = params.get(source) if tied else params.pop(source, None)
         bias = params.pop(f"{name}.bias", None)
-        return Linear(weight, bias, forms, quantized.get(source), int8_weights.get(source))
+        linear = Linear(weight, bias, forms, quantized.get(source), int8_weights.get(source))
+        progress.report("pack", min(len(linears), num_linears), num_linears)
+        return linear
 
     # With int8 linears nothing else reads the fp32 table: the embedding reads the file's Q8_0 one.
     embed_q8 = quantized.get("embed_tokens.weight")
@@ -302,6 +323,7 @@ def build_model(
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in linears]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
+    progress.report("pack", num_linears, num_linears)
     return model.eval().requires_grad_(False)
 
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from budrt.engine import quant
 from budrt.engine.llama import LlamaArgs
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -110,8 +111,9 @@ def _args_from_metadata(
     )
 
 
-def load_gguf(path: Path | str) -> GGUFModel:
-    """Load a GGUF model, dequantizing every tensor to fp32 (callers cast to the serving dtype)."""
+def load_gguf(path: Path | str, progress: ProgressReporter = NO_PROGRESS) -> GGUFModel:
+    """Load a GGUF model, dequantizing every tensor to fp32 (callers cast to the serving dtype).
+    `progress` hears of the file's tensor bytes dequantized (phase "dequantize")."""
     reader = GGUFReader(path)
     meta = read_metadata(path, reader)
     names = {t.name for t in reader.tensors}
@@ -121,41 +123,47 @@ def load_gguf(path: Path | str) -> GGUFModel:
         has_qkv_bias="blk.0.attn_q.bias" in names,
         has_qk_norm="blk.0.attn_q_norm.weight" in names,
     )
+    model = GGUFModel(args=args, weights={}, metadata=meta)
     permuted = meta["general.architecture"] == "llama"
-
-    weights: dict[str, torch.Tensor] = {}
-    quantized: dict[str, quant.Q4Weight | quant.Q8Weight] = {}
+    total, done = sum(int(t.n_bytes) for t in reader.tensors), 0
     for tensor in reader.tensors:
-        # gguf dequantizes to numpy in PyTorch's [out, in] order already. Unquantized tensors come
-        # back as read-only views of the memory-mapped file, hence the copy.
-        value = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-        if tensor.name in _GLOBAL_NAMES:
-            weights[_GLOBAL_NAMES[tensor.name]] = value
-            shape = tuple(value.shape)
-            q8 = quant.q8_from_gguf(tensor.data, tensor.tensor_type, shape) if value.dim() == 2 else None
-            if q8 is not None:  # the token embedding / lm_head, for small decode steps' logits
-                quantized[_GLOBAL_NAMES[tensor.name]] = q8
-            continue
-        if tensor.name == "rope_freqs.weight":
-            # Llama 3.1+ RoPE scaling, as llama.cpp stores it: one divisor per rotary frequency.
-            if args.rope_scaling is not None:
-                raise ValueError("GGUF has both rope_freqs and a rope scaling type")
-            scaling = {"rope_type": "freq_factors", "factors": value.flatten().tolist()}
-            args = dataclasses.replace(args, rope_scaling=scaling)
-            continue
-        match = _LAYER_RE.match(tensor.name)
-        if match is None or match.group(2) not in _LAYER_NAMES:
-            continue  # tensors the supported architectures do not use
-        layer, kind, suffix = match.groups()
-        name = f"layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
-        q4 = (
-            quant.from_gguf(tensor.data, tensor.tensor_type, tuple(value.shape)) if value.dim() == 2 else None
-        )
-        if permuted and kind in ("attn_q", "attn_k"):
-            heads = args.num_heads if kind == "attn_q" else args.num_kv_heads
-            value = _unpermute(value, heads)
-            q4 = q4 and q4.map_rows(lambda t, heads=heads: _unpermute(t, heads))
-        weights[name] = value
-        if q4 is not None:
-            quantized[name] = q4
-    return GGUFModel(args=args, weights=weights, metadata=meta, quantized=quantized)
+        progress.report("dequantize", done, total)  # a clock read: the reporter throttles
+        _add_tensor(model, tensor, permuted)
+        done += int(tensor.n_bytes)
+    progress.report("dequantize", total, total)
+    return model
+
+
+def _add_tensor(model: GGUFModel, tensor: ReaderTensor, permuted: bool) -> None:
+    """One tensor of the file into `model`: dequantized, under our name, with its quantized copy."""
+    args, weights, quantized = model.args, model.weights, model.quantized
+    # gguf dequantizes to numpy in PyTorch's [out, in] order already. Unquantized tensors come
+    # back as read-only views of the memory-mapped file, hence the copy.
+    value = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+    if tensor.name in _GLOBAL_NAMES:
+        weights[_GLOBAL_NAMES[tensor.name]] = value
+        shape = tuple(value.shape)
+        q8 = quant.q8_from_gguf(tensor.data, tensor.tensor_type, shape) if value.dim() == 2 else None
+        if q8 is not None:  # the token embedding / lm_head, for small decode steps' logits
+            quantized[_GLOBAL_NAMES[tensor.name]] = q8
+        return
+    if tensor.name == "rope_freqs.weight":
+        # Llama 3.1+ RoPE scaling, as llama.cpp stores it: one divisor per rotary frequency.
+        if args.rope_scaling is not None:
+            raise ValueError("GGUF has both rope_freqs and a rope scaling type")
+        scaling = {"rope_type": "freq_factors", "factors": value.flatten().tolist()}
+        model.args = dataclasses.replace(args, rope_scaling=scaling)
+        return
+    match = _LAYER_RE.match(tensor.name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return  # tensors the supported architectures do not use
+    layer, kind, suffix = match.groups()
+    name = f"layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    q4 = quant.from_gguf(tensor.data, tensor.tensor_type, tuple(value.shape)) if value.dim() == 2 else None
+    if permuted and kind in ("attn_q", "attn_k"):
+        heads = args.num_heads if kind == "attn_q" else args.num_kv_heads
+        value = _unpermute(value, heads)
+        q4 = q4 and q4.map_rows(lambda t, heads=heads: _unpermute(t, heads))
+    weights[name] = value
+    if q4 is not None:
+        quantized[name] = q4

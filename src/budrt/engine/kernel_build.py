@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
+
 log = logging.getLogger(__name__)
 
 # One translation unit, in this order: each file calls functions of the files before it.
@@ -180,15 +182,18 @@ def build(level: str) -> Path:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def load(level: str, compile_missing: bool) -> ModuleType | None:
+def load(level: str, compile_missing: bool, progress: ProgressReporter = NO_PROGRESS) -> ModuleType | None:
     """The cached library of `level` (which this CPU must run); compiled first (blocking) if
-    missing and `compile_missing`, else None. Raises if the build fails."""
+    missing and `compile_missing`, else None. Raises if the build fails. `progress` hears of a
+    build (phase "compile", 0 then 1 of 1: one compiler run, no steps to count)."""
     library = library_path(level)
     if not library.exists():
         if not compile_missing:
             return None
         log.info("compiling the CPU kernels for %s (once per machine, about a minute)", level)
         started = time.monotonic()
+        progress.report("compile", 0, 1)
         build(level)
+        progress.report("compile", 1, 1)
         log.info("compiled the CPU kernels for %s in %.0f s", level, time.monotonic() - started)
     return _load_library(module_name(level), library)

@@ -35,6 +35,7 @@ import torch
 from budrt.engine import cpu_features, kernel_build
 from budrt.engine.kernel_build import ENV_SWITCH as ENV_SWITCH
 from budrt.engine.kernel_build import enabled
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,12 @@ _failed: str | None = None  # why the kernels are not in use, once `prepare` gav
 _level: tuple[str | None, str] | None = None  # the level `prepare` chose, and why
 
 
-def prepare(compile_missing: bool = True) -> bool:
+def prepare(compile_missing: bool = True, progress: ProgressReporter = NO_PROGRESS) -> bool:
     """Load the cached CPU kernels of this CPU's level (or `BUDRT_CPU_ISA`'s), or compile them here
     first (blocking) if missing and `compile_missing`. Returns whether the kernels are in use.
     Threads calling at once wait for one build; a failure is warned about once and remembered.
-    Raises ValueError if `BUDRT_CPU_ISA` asks for more than the CPU has."""
+    Raises ValueError if `BUDRT_CPU_ISA` asks for more than the CPU has. `progress` hears of a
+    build (kernel_build.load)."""
     global _module, _failed, _level
     if not enabled():
         return False
@@ -62,7 +64,7 @@ def prepare(compile_missing: bool = True) -> bool:
             log.warning("CPU kernels %s; using the torch paths", why)
             return False
         try:
-            _module = kernel_build.load(level, compile_missing)
+            _module = kernel_build.load(level, compile_missing, progress)
         except Exception as exc:  # compiler/ninja missing, build error, unwritable cache dir
             _failed = f"build failed: {exc}"
             log.warning("CPU kernels unavailable, using the torch paths: %s", exc)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from budrt.engine.llama import LlamaArgs
 from budrt.engine.rope import ROPE_TYPES
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -99,22 +100,33 @@ def stored_names(directory: Path | str) -> set[str]:
     return names
 
 
+def _tensor_bytes(file: Path) -> dict[str, int]:
+    """Each tensor's size in `file`, from its header (8 bytes of length, then JSON)."""
+    with file.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
 def load_safetensors(
-    directory: Path | str, skip: Collection[str] = ()
+    directory: Path | str, skip: Collection[str] = (), progress: ProgressReporter = NO_PROGRESS
 ) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
     """The model's hyperparameters and its tensors by our names, except those named in `skip`
-    (never read from disk)."""
+    (never read from disk). `progress` hears of the bytes read (phase "read")."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     weights: dict[str, torch.Tensor] = {}
     names: set[str] = set()
-    for file in _files(directory):
+    sizes = {file: _tensor_bytes(file) for file in _files(directory)}
+    total = sum(n for file in sizes.values() for stored, n in file.items() if _our_name(stored) not in skip)
+    done = 0
+    for file, stored_sizes in sizes.items():
         with safe_open(str(file), framework="pt") as f:
             for stored in f.keys():  # noqa: SIM118 - not a dict
                 name = _our_name(stored)
                 names.add(name)
                 if name in skip:
                     continue
+                progress.report("read", done, total)  # a clock read: the reporter throttles
                 tensor = f.get_tensor(stored)
                 # Floats load as fp32 (cast later to the serving dtype); the gguf cache's quantized
                 # values (uint8 / int8, engine/quant.py, engine/int8.py) stay as they are. Copies,
@@ -122,6 +134,8 @@ def load_safetensors(
                 # during the load (SmolLM2's int8 model server: 639 MB more resident).
                 floating = tensor.is_floating_point()
                 weights[name] = tensor.to(torch.float32, copy=True) if floating else tensor.clone()
+                done += stored_sizes[stored]
+    progress.report("read", total, total)
     args = _args_from_config(config, has_lm_head="lm_head.weight" in names)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from budrt.gateway.auth import Authenticator, forbidden, require, require_any
 from budrt.gateway.metering import Meter
+from budrt.gateway.model_admin import ModelAdminAPI
 from budrt.gateway.params import (
     int_field,
     parse_time,
@@ -44,6 +45,8 @@ from budrt.store.usage import UsageStore
 
 GROUPS = ("user", "team", "model", "key")
 MAX_ROLE_NAME = 64  # rbac.ROLE_NAME
+MAX_SERIES_BUCKET_S = 86400
+MAX_SERIES_POINTS = 2000  # buckets in one series request
 MAX_EXPIRES_IN_S = 100 * 366 * 86400  # a century: far enough, and a datetime can hold it
 
 
@@ -74,6 +77,7 @@ class AdminAPI:
         return [
             Route("/v1/usage", self.own_usage, methods=["GET"]),
             Route("/admin/usage", self.usage_report, methods=["GET"]),
+            Route("/admin/usage/series", self.usage_series, methods=["GET"]),
             Route("/admin/keys", self.create_key, methods=["POST"]),
             Route("/admin/keys", self.list_keys, methods=["GET"]),
             Route("/admin/keys/{key_id}", self.revoke_key, methods=["DELETE"]),
@@ -89,6 +93,7 @@ class AdminAPI:
             Route("/admin/roles", self.list_roles, methods=["GET"]),
             Route("/admin/audit", self.audit, methods=["GET"]),
             *ReplicaAPI(self.auth, self.identity).routes(),  # model servers' heartbeats
+            *ModelAdminAPI(self.auth, self.identity).routes(),  # load, unload, pin on model servers
         ]
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -135,6 +140,30 @@ class AdminAPI:
         )
         head = {"object": "usage", "group_by": group_by, "start": _iso(start), "end": _iso(end)}
         return _json({**head, **report})
+
+    async def usage_series(self, request: Request) -> Response:
+        """Per time bucket and group: requests, errors, tokens, images, latency and time to
+        first byte (p50/p95), over the widest usage the caller may read (all, its team's, or its
+        own). The console's overview and usage charts. Default: the last hour by minute."""
+        p = await self.auth.authenticate(request.headers)
+        scope = _usage_scope(p, _query_name(request, "team"))
+        group_by = request.query_params.get("group_by", "model")
+        if group_by not in GROUPS:
+            raise invalid_request(f"'group_by' must be one of {', '.join(GROUPS)}.", param="group_by")
+        q = request.query_params
+        bucket_s = query_int(q.get("bucket_s"), "bucket_s", 60, MAX_SERIES_BUCKET_S)
+        end = parse_time(q.get("end"), "end") or datetime.now(UTC)
+        start = parse_time(q.get("start"), "start") or end - timedelta(hours=1)
+        if not start < end or (end - start).total_seconds() / bucket_s > MAX_SERIES_POINTS:
+            message = f"start must precede end, with at most {MAX_SERIES_POINTS} buckets between them."
+            raise invalid_request(message, param="start")
+        if self.meter is not None:
+            await self.meter.flush()
+        data = await self._call(
+            lambda: self.usage.series(group_by, bucket_s, start, end, **scope)  # type: ignore[arg-type]
+        )
+        head = {"object": "usage.series", "group_by": group_by, "bucket_s": bucket_s}
+        return _json({**head, "start": _iso(start), "end": _iso(end), "data": data})
 
     def _range(self, request: Request) -> tuple[datetime | None, datetime | None]:
         q = request.query_params
@@ -388,8 +417,16 @@ class AdminAPI:
     async def audit(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         require(p, "audit:read")
-        limit = query_int(request.query_params.get("limit"), "limit", default=100, maximum=1000)
-        return _json({"object": "list", "data": await self._call(self.identity.audit_log, limit)})
+        q = request.query_params
+        limit = query_int(q.get("limit"), "limit", default=100, maximum=1000)
+        contains = {name: _query_text(request, name) for name in ("actor", "action", "target")}
+        start, end = self._range(request)
+        entries = await self._call(
+            lambda: self.identity.audit_log(
+                limit, contains={k: v for k, v in contains.items() if v}, start=start, end=end
+            )
+        )
+        return _json({"object": "list", "data": entries})
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -450,6 +487,27 @@ def _expiry(p: Principal, expires_in: int | None) -> datetime | None:
     if p.kind == "key" and p.expires_at is not None and (at is None or at > p.expires_at):
         return p.expires_at
     return at
+
+
+def _usage_scope(p: Principal, team: str | None) -> dict[str, Any]:
+    """The filters of the widest usage `p` may read: everything (narrowed to `team` if given),
+    its own team's, or its own requests (a key's, or a token holder's user's)."""
+    if p.can("usage:read:all"):
+        return {"team": team}
+    if p.can("usage:read:team") and p.team is not None:
+        if team not in (None, p.team):
+            raise forbidden("This caller may only read its own team's usage.")
+        return {"team": p.team}
+    require(p, "usage:read:own")
+    return {"key_id": p.key_id} if p.kind == "key" else {"user": p.user}
+
+
+def _query_text(request: Request, param: str, max_len: int = 200) -> str | None:
+    value = request.query_params.get(param) or None
+    if value is not None and (len(value) > max_len or not value.isprintable()):
+        message = f"'{param}' must be printable text of at most {max_len} characters."
+        raise invalid_request(message, param=param)
+    return value
 
 
 def _query_name(request: Request, param: str) -> str | None:

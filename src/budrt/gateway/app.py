@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from budrt.config import Settings, reveal
 from budrt.gateway.admin import AdminAPI
 from budrt.gateway.auth import Authenticator, require_model
+from budrt.gateway.console.app import Console
 from budrt.gateway.forwarding import (
     Forwarder,
     Outgoing,
@@ -40,27 +42,43 @@ from budrt.gateway.metrics import RequestTracker
 from budrt.gateway.openapi import openapi_endpoint
 from budrt.gateway.proxy import Proxy
 from budrt.gateway.ratelimit import Limit, LimiterUnavailable, RateLimited
-from budrt.gateway.routing import Deployment, Router
+from budrt.gateway.routing import MODEL_IN_FLIGHT, Deployment, Router
 from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.observe.metrics import metrics_endpoint
+from budrt.observe.tracing import (
+    UNTRACED,
+    Phases,
+    RequestTrace,
+    Tracing,
+    begin_request,
+    current_request,
+    enter_request,
+    leave_request,
+    sending_request_id,
+    stamp_request_id,
+)
 from budrt.protocol.body_limit import BodyLimit, declared_length
 from budrt.protocol.errors import (
     CLIENT_CLOSED,
     APIError,
     body_too_large,
     client_left,
+    database_unavailable,
     internal_error,
     invalid_request,
     model_not_found,
     parse_json_body,
 )
+from budrt.security import certs
 from budrt.security.kms import make_key_provider
 from budrt.security.rbac import ENDPOINT_ACTIONS, Principal
 from budrt.security.signed_urls import url_key
+from budrt.store.database import is_unavailable
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyStore
 from budrt.store.object_stores import make_object_store
 from budrt.store.quotas import period_usage
+from budrt.store.sessions import SessionStore
 from budrt.store.usage import UsageStore
 
 log = logging.getLogger("budrt.gateway")
@@ -83,29 +101,55 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, store: KeyStore) -> None:
+    def __init__(self, settings: Settings, store: KeyStore, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.router = Router(settings.deployments, settings.gateway, reveal(settings.internal_key))
-        self.identity = IdentityStore(store.engine)
+        self.tracing = tracing  # None: tracing is off
+        self.router = Router(
+            settings.deployments, settings.gateway, reveal(settings.internal_key), settings.zone
+        )
+        MODEL_IN_FLIGHT.track(self.router)
+        self.identity = IdentityStore(store.db)
         self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt.enabled else None
-        self.auth = Authenticator(store, settings.auth.cache_ttl_s, identity=self.identity, jwt=self.jwt)
-        self.usage = UsageStore(store.engine)
+        sessions = SessionStore(store.db) if settings.console.enabled else None  # console sign-ins
+        self.auth = Authenticator(
+            store,
+            settings.auth.cache_ttl_s,
+            stale_window_s=settings.auth.stale_key_window_s,
+            identity=self.identity,
+            jwt=self.jwt,
+            sessions=sessions,
+        )
+        self.console = Console(settings.console, self.auth, sessions) if sessions is not None else None
+        self.usage = UsageStore(store.db)
+        objects = make_object_store(settings)  # images, and usage spool archives
         metering = settings.metering
         spool_keys = make_key_provider(settings) if metering.encrypt_spool else None
+        archive = objects if metering.archive else None
         self.meter = (
-            Meter(self.usage, metering, spool_dir(settings.home), spool_keys) if metering.enabled else None
+            Meter(self.usage, metering, spool_dir(settings.home), spool_keys, archive)
+            if metering.enabled
+            else None
         )
         self.admin = AdminAPI(self.auth, store, self.identity, self.usage, self.meter)
         # In process, budgets start from the usage recorded this period (survive a restart).
-        self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.engine))
+        self.limiter = make_limiter(settings.gateway, seed=partial(period_usage, store.db))
         self.model_limits = model_limits(settings.deployments)
-        self.proxy = Proxy(settings.gateway)
+        platform_tls = certs.platform_paths(settings.tls, settings.home)
+        self.proxy = Proxy(settings.gateway, certs.upstream_context(platform_tls) if platform_tls else None)
         self.forwarder = Forwarder(settings.gateway, self.router, self.proxy, self.limiter, self.model_limits)
         self.health = HealthChecker(self.router, settings.gateway.health_interval_s)
-        self.images = ImageFiles(make_object_store(settings), settings.gateway, url_key(settings))
+        self.images = ImageFiles(objects, settings.gateway, url_key(settings))
         self.created = int(time.time())
         self.max_body = settings.gateway.max_body_bytes
+
+    async def close_clients(self) -> None:
+        """Close the HTTP clients to the JWKS, the OIDC provider and the upstreams."""
+        if self.jwt is not None:
+            await self.jwt.close()
+        if self.console is not None and self.console.oidc is not None:
+            await self.console.oidc.close()
+        await self.forwarder.close()
 
     async def live(self, request: Request) -> Response:
         return _json({"status": "ok"})
@@ -121,14 +165,17 @@ class Gateway:
             headers={"Retry-After": "1"},
         )
 
-    def _model_object(self, model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "budrt"}
+    def _model_object(self, model_id: str, task: str | None) -> dict[str, Any]:
+        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "budrt"}
+        return model if task is None else {**model, "task": task}
 
     async def list_models(self, request: Request) -> Response:
         key = await self.auth.authenticate(request.headers)
         deps = self.router.deployments
         data = [
-            self._model_object(d.name) for d in deps if key.can_use_model("models:list", d.name, *d.aliases)
+            self._model_object(d.name, d.task)
+            for d in deps
+            if key.can_use_model("models:list", d.name, *d.aliases)
         ]
         return _json({"object": "list", "data": data})
 
@@ -138,7 +185,18 @@ class Gateway:
         dep = self.router.resolve(model)
         if dep is None or not key.can_use_model("models:list", dep.name, model):
             raise model_not_found(model)
-        return _json(self._model_object(model))
+        return _json(self._model_object(model, dep.task))
+
+    def _deployment(self, key: Principal, data: dict[str, Any]) -> tuple[str, Deployment]:
+        """The model a request names and its deployment; 400 without one, 404 for one the
+        caller may not use (as for one that does not exist)."""
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise invalid_request("You must provide a model parameter.", param="model")
+        dep = self.router.resolve(model)
+        if dep is None or not key.allows(dep.name, model):
+            raise model_not_found(model)
+        return model, dep
 
     def _fallback_chain(self, key: Principal, action: str, dep: Deployment) -> list[Deployment]:
         """`dep`, then the fallbacks (and theirs) this caller may use: like the model asked for,
@@ -163,23 +221,23 @@ class Gateway:
         most = self.settings.gateway.ratelimit.default_max_tokens
         return reserve_tokens(len(body), data, most, embeddings=path == EMBEDDINGS_PATH), 0
 
-    async def forward(self, request: Request, path: str) -> Response | Buffered | UpstreamStream:
-        """Handles a POST to `path`, one of PROXIED_PATHS; the caller sends the response."""
+    async def forward(
+        self, request: Request, path: str, trace: Phases = UNTRACED
+    ) -> Response | Buffered | UpstreamStream:
+        """Handles a POST to `path`, one of PROXIED_PATHS; the caller sends the response (and
+        ends `trace`, whose phases are stepped through here)."""
         tracker = RequestTracker(time.monotonic())
         result: Buffered | UpstreamStream | None = None
         status = 500
         try:
+            trace.step("auth")
             key = await self.auth.authenticate(request.headers)
             request.scope[PRINCIPAL] = key  # for the meter
+            trace.step("routing")
             body = await read_body(request.receive, self.max_body, request.scope)
             form = request.headers.get("content-type", "") if path == EDITS_PATH else None
             data = parse_json_body(body) if form is None else form_fields(body, form)
-            model = data.get("model")
-            if not isinstance(model, str) or not model:
-                raise invalid_request("You must provide a model parameter.", param="model")
-            dep = self.router.resolve(model)
-            if dep is None or not key.allows(dep.name, model):
-                raise model_not_found(model)
+            model, dep = self._deployment(key, data)
             tracker.model = dep.name
             request.scope[MODEL] = dep.name
             action = ENDPOINT_ACTIONS[path]
@@ -188,41 +246,48 @@ class Gateway:
             # A form goes as it came: no fallback model, no alias renamed (model servers know aliases).
             chain = [dep] if not dep.fallbacks or form else self._fallback_chain(key, action, dep)
             limits = self._limits(key, dep)
-            cost = (0, 0)
-            if limits or len(chain) > 1:
-                cost = self._cost(path, body, data)
+            cost = self._cost(path, body, data) if limits or len(chain) > 1 else (0, 0)
             urls = path in (IMAGES_PATH, EDITS_PATH) and ask_for_b64(data, stream)  # answered with URLs
             if form is None and (model != dep.name or urls):  # an alias: upstream knows the model's name
                 data["model"] = dep.name
                 body = dump_body(data)
+            trace.step("limits" if limits else None)
             # Nothing may fail between acquiring and `send`, which releases the ticket from then on.
             ticket = await self.limiter.acquire(limits, *cost) if limits else None
+            # The proxy ends this phase when no cache answered.
+            trace.step("cache" if self.forwarder.cache is not None else None)
             out = Outgoing(request, chain, PROXIED_PATHS[path], data, body, tracker, key, stream, cost, form)
             result = await self.forwarder.send(out, ticket)
             if urls:
+                trace.step("images.store")
                 result = await self.images.to_urls(result, request, data)
+            trace.step(None)
             status = result.status_code
             return result
-        except RateLimited as exc:
-            status = 429
-            # type = code = "insufficient_quota" for a spent budget, as OpenAI sends it.
-            kind = exc.code if exc.code == "insufficient_quota" else None
-            return APIError(429, exc.message(), type=kind, code=exc.code, headers=exc.headers()).to_response()
-        except LimiterUnavailable:
-            status = 503
-            message = "Rate limits cannot be checked right now; retry shortly."
-            return APIError(
-                503, message, code="rate_limiter_unavailable", headers={"Retry-After": "1"}
-            ).to_response()
-        except APIError as exc:
-            status = exc.status
-            return exc.to_response()
+        except (RateLimited, LimiterUnavailable, APIError) as exc:
+            response = _refusal(exc)
+            status = response.status_code
+            return response
         except ClientDisconnect:  # gone while sending the body: nobody to answer
             status = CLIENT_CLOSED
             return Buffered(CLIENT_CLOSED, b"", [])
         finally:
             if not isinstance(result, UpstreamStream):  # a stream is counted when it ends
                 tracker.done(status, time.monotonic())
+
+
+def _refusal(exc: RateLimited | LimiterUnavailable | APIError) -> Response:
+    """The answer to a request refused before any upstream was called."""
+    if isinstance(exc, RateLimited):
+        # type = code = "insufficient_quota" for a spent budget, as OpenAI sends it.
+        kind = exc.code if exc.code == "insufficient_quota" else None
+        return APIError(429, exc.message(), type=kind, code=exc.code, headers=exc.headers()).to_response()
+    if isinstance(exc, LimiterUnavailable):
+        message = "Rate limits cannot be checked right now; retry shortly."
+        return APIError(
+            503, message, code="rate_limiter_unavailable", headers={"Retry-After": "1"}
+        ).to_response()
+    return exc.to_response()
 
 
 async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
@@ -255,7 +320,9 @@ async def read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
 
 
 class Proxied:
-    """The ASGI endpoint of one proxied path: `Gateway.forward`, then the response, metered."""
+    """The ASGI endpoint of one proxied path: `Gateway.forward`, then the response, metered,
+    with the request's `x-request-id`; traced when tracing is on (its span ends with the
+    response, a stream's included)."""
 
     def __init__(self, gateway: Gateway, path: str) -> None:
         self.gateway = gateway
@@ -265,11 +332,16 @@ class Proxied:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.monotonic()
         gw = self.gateway
+        outer = current_request()  # set already when Starlette's middleware ran first (`_routed`)
+        req = begin_request(
+            scope["headers"], gw.tracing, "POST", self.path, outer.request_id if outer is not None else None
+        )
+        token = enter_request(req)
         try:
-            response = await gw.forward(Request(scope, receive), self.path)
-        except Exception as exc:  # as Starlette's ServerErrorMiddleware would, before any byte
-            log.error("unhandled error", exc_info=exc, extra={"fields": {"path": self.path}})
-            response = internal_error().to_response()
+            response = await gw.forward(Request(scope, receive), self.path, req.trace or UNTRACED)
+        except Exception as exc:  # as Starlette's exception handlers would, before any byte
+            response = _failure(exc, self.path)
+        stamp_request_id(response.raw_headers, req.request_id)
         try:
             await metered(response, gw.meter, scope, self.endpoint, start)(scope, receive, send)
         finally:
@@ -279,6 +351,16 @@ class Proxied:
                     await after()
                 except Exception as exc:  # the client has its answer; only log
                     log.error("settling after the response failed", exc_info=exc)
+            if req.trace is not None:
+                self._end_trace(req.trace, scope, response.status_code)
+            leave_request(token)
+
+    @staticmethod
+    def _end_trace(trace: RequestTrace, scope: Scope, status: int) -> None:
+        model = scope.get(MODEL)
+        if model is not None:
+            trace.set("budrt.model", model)
+        trace.end(status)
 
 
 class GatewayApp(Starlette):
@@ -300,9 +382,19 @@ class GatewayApp(Starlette):
                     scope["app"] = self
                     await endpoint(scope, receive, send)
                     return
-            await self.body_limit(scope, receive, send)
+            await self._routed(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Any other HTTP request, behind `body_limit`: its id in its log lines and answered in
+        `x-request-id` (a proxied endpoint reached this way keeps that id for its trace)."""
+        req = begin_request(scope["headers"], None, scope["method"], scope["path"])
+        token = enter_request(req)
+        try:
+            await self.body_limit(scope, receive, sending_request_id(send, req.request_id))
+        finally:
+            leave_request(token)
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Starlette's own handling (middleware, router), behind `body_limit`."""
@@ -322,15 +414,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, message, headers=exc.headers).to_response()
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.url.path}})
+async def _failed(request: Request, exc: Exception) -> Response:
+    return _failure(exc, request.url.path)
+
+
+def _failure(exc: Exception, path: str) -> Response:
+    """An unreachable database (admin writes with the primary down, a budget first read during
+    an outage): 503, logged as a warning. Anything else: 500, logged with its traceback."""
+    if is_unavailable(exc):
+        log.warning("database unavailable", extra={"fields": {"path": path, "error": str(exc)}})
+        return database_unavailable().to_response()
+    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": path}})
     return internal_error().to_response()
 
 
-def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Starlette:
-    """The gateway app. The database must already be migrated (`budrt.store.db.migrate`)."""
+def create_app(
+    settings: Settings, *, key_store: KeyStore | None = None, tracing: Tracing | None = None
+) -> Starlette:
+    """The gateway app. The database must already be migrated (`budrt.store.db.migrate`).
+    `tracing`: this process's (`observe.tracing.setup_tracing`), when tracing is on."""
     store = key_store or KeyStore.from_settings(settings)
-    gw = Gateway(settings, store)
+    gw = Gateway(settings, store, tracing)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -348,11 +452,9 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
             await gw.proxy.close()
             if gw.meter is not None:
                 await gw.meter.close()  # after in-flight requests ended: their records included
-            if gw.jwt is not None:
-                await gw.jwt.close()
-            await gw.forwarder.close()
+            await gw.close_clients()
             if key_store is None:
-                store.engine.dispose()
+                store.db.dispose()
 
     proxied = {path: Proxied(gw, path) for path in PROXIED_PATHS}
     routes = [
@@ -365,6 +467,7 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
         Route("/v1/images/files/{name}", gw.images.serve, methods=["GET"]),  # signed URL, no API key
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()),
         *gw.admin.routes(),
+        *([gw.console.mount()] if gw.console is not None else []),
     ]
     app = GatewayApp(
         routes=routes,
@@ -373,7 +476,9 @@ def create_app(settings: Settings, *, key_store: KeyStore | None = None) -> Star
             APIError: _api_error,
             ClientDisconnect: client_left,
             HTTPException: _http_error,
-            Exception: _unexpected,
+            # Handled here, not re-raised as an `Exception` handler's is: an outage is no crash.
+            DBAPIError: _failed,
+            Exception: _failed,
         },
     )
     app.proxied = proxied

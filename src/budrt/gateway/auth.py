@@ -11,26 +11,42 @@ keys neither evicts valid ones nor costs a database read per repeat.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
+from prometheus_client import Counter
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 
 from budrt.gateway.jwt_auth import JWTVerifier, looks_like_jwt
 from budrt.gateway.ratelimit import Limit, quota_limit
-from budrt.protocol.errors import APIError, unauthorized
+from budrt.protocol.errors import APIError, database_unavailable, unauthorized
 from budrt.security.keys import KEY_PREFIX, MAX_KEY_LEN, well_formed
 from budrt.security.rbac import BUILTIN_ROLES, LEGACY_ROLES, PermissionSet, Principal, role_permissions
+from budrt.store.database import is_unavailable
 from budrt.store.identity import IdentityStore
 from budrt.store.keys import KeyRecord, KeyStore
 from budrt.store.quotas import Quota
+from budrt.store.sessions import Session, SessionStore
 
 _MAX_CACHED = 10_000  # valid principals; beyond it the longest-loaded (likely expired) goes
 _MAX_MISSES = 10_000  # unknown keys remembered; beyond it the least recently seen goes
 _CustomRoles = dict[str, tuple[str, ...]]
+_STALE_LOG_EVERY_S = 10.0
+SESSION_COOKIE = "budrt_session"  # the web console's sign-in (gateway/console)
+CSRF_HEADER = "x-csrf-token"
+
+log = logging.getLogger("budrt.gateway")
+STALE = Counter(
+    "budrt:auth_stale_total",
+    "Requests authenticated from an expired cache entry while the metadata database was unavailable",
+)
 
 
 def extract_key(headers: Headers) -> str | None:
@@ -84,28 +100,37 @@ class Authenticator:
         store: KeyStore,
         ttl_s: float = 1.0,
         *,
+        stale_window_s: float = 0.0,
         identity: IdentityStore | None = None,
         jwt: JWTVerifier | None = None,
+        sessions: SessionStore | None = None,
     ) -> None:
         self.store = store
-        self.identity = identity or IdentityStore(store.engine)
+        self.sessions = sessions  # web-console sign-ins; None: cookies are not credentials
+        self.identity = identity or IdentityStore(store.db)
         self.jwt = jwt
         self.ttl_s = ttl_s
+        self.stale_window_s = stale_window_s  # past `ttl_s`, while the database is unavailable
+        self._stale_logged = -float("inf")
         self._cache: dict[str, tuple[float, Principal]] = {}  # insertion order = load order
         self._misses: OrderedDict[str, float] = OrderedDict()  # digest -> until (monotonic)
         self._pending: dict[str, asyncio.Future[Principal | None]] = {}
         self._sets: dict[tuple[str, ...], PermissionSet] = {}  # shared: their memos warm up once
         self._custom: tuple[float, _CustomRoles] = (-float("inf"), {})
+        self._sessions: dict[str, tuple[float, Session | None]] = {}  # cookie token -> (until, session)
 
     def invalidate(self) -> None:
         """Forget every cached principal (after a change made through this process)."""
         self._cache.clear()
         self._misses.clear()
         self._custom = (-float("inf"), {})
+        self._sessions.clear()
 
     async def authenticate(self, headers: Headers) -> Principal:
         token = extract_key(headers)
         if not token:
+            if self.sessions is not None and SESSION_COOKIE in headers.get("cookie", ""):
+                return await self._session_principal(headers)
             raise unauthorized("Missing API key. Send it as 'Authorization: Bearer <key>'.")
         if self.jwt is not None and not token.startswith(KEY_PREFIX) and looks_like_jwt(token):
             principal = await self._cached(token, token, self._load_jwt)
@@ -123,6 +148,58 @@ class Authenticator:
             raise unauthorized("Incorrect API key provided.")
         return principal
 
+    async def session(self, token: str) -> Session | None:
+        """The live console session of a cookie token, read at most once per `ttl_s`; it ends at
+        its expiry even while cached."""
+        now = time.monotonic()
+        hit = self._sessions.get(token)
+        if hit is not None and hit[0] > now:
+            cached = hit[1]
+            return cached if cached is None or cached.expires_at > datetime.now(UTC) else None
+        assert self.sessions is not None
+        session = await run_in_threadpool(self.sessions.get, token)
+        if len(self._sessions) >= _MAX_CACHED:
+            self._sessions.clear()
+        self._sessions[token] = (now + self.ttl_s, session)
+        return session
+
+    def forget_session(self, token: str) -> None:
+        self._sessions.pop(token, None)
+
+    async def session_principal(self, session: Session) -> Principal | None:
+        """Whoever signed in to `session`, as of now: None once the key is revoked or the
+        token has expired."""
+        if session.key_hash is not None:
+            return await self._cached(session.key_hash, session.key_hash, self._load_key)
+        if session.id_token is not None:
+            return await self.token_principal(session.id_token)
+        return None
+
+    async def token_principal(self, token: str) -> Principal | None:
+        """The principal of a JWT (an OIDC ID token), None when it is not (or no longer) valid."""
+        if self.jwt is None:
+            return None
+        try:
+            return await self._cached(token, token, self._load_jwt)
+        except APIError as exc:
+            if exc.status != 401:  # e.g. the database is unavailable: not the token's fault
+                raise
+            return None
+
+    async def _session_principal(self, headers: Headers) -> Principal:
+        """A console request: the session cookie plus its CSRF token in `x-csrf-token`, which a
+        page of another site can neither read nor send without a CORS preflight."""
+        token = cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE, "")
+        session = await self.session(token) if token else None
+        if session is None:
+            raise unauthorized("The console session has ended; sign in again.")
+        if not hmac.compare_digest(headers.get(CSRF_HEADER, ""), session.csrf):
+            raise forbidden("Missing or wrong CSRF token (x-csrf-token).")
+        principal = await self.session_principal(session)
+        if principal is None:
+            raise unauthorized("The console session's credential is no longer valid; sign in again.")
+        return principal
+
     async def lookup(self, key: str, digest: str | None = None) -> Principal | None:
         """The key's principal; None for a malformed key (no database read), a recently seen
         unknown one (no read either) or one the database does not know (remembered)."""
@@ -135,7 +212,7 @@ class Authenticator:
                 self._misses.move_to_end(digest)
                 return None
             del self._misses[digest]
-        return await self._cached(digest, key, self._load_key)
+        return await self._cached(digest, digest, self._load_key)
 
     async def _cached(
         self, cache_key: str, secret: str, load: Callable[[str], Awaitable[Principal | None]]
@@ -154,8 +231,11 @@ class Authenticator:
         future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
         self._pending[cache_key] = future
         try:
-            principal = await load(secret)
-            self._remember(cache_key, principal)
+            try:
+                principal = await load(secret)
+                self._remember(cache_key, principal)
+            except DBAPIError as exc:
+                principal = self._stale(hit, exc)
             future.set_result(principal)
             return principal
         except asyncio.CancelledError:
@@ -167,6 +247,25 @@ class Authenticator:
             raise
         finally:
             del self._pending[cache_key]
+
+    def _stale(self, hit: tuple[float, Principal] | None, exc: DBAPIError) -> Principal | None:
+        """With the database unavailable, the principal of an expired cache entry younger than
+        the stale window (not remembered again: the window runs from the last real load);
+        otherwise a 503, or the error itself when it is not about availability."""
+        if not is_unavailable(exc):
+            raise exc
+        now = time.monotonic()
+        if hit is None or now > hit[0] + self.stale_window_s:
+            raise database_unavailable() from exc
+        principal = hit[1]
+        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            return None
+        STALE.inc()
+        if now - self._stale_logged > _STALE_LOG_EVERY_S:
+            self._stale_logged = now
+            fields = {"error": str(exc), "window_s": self.stale_window_s}
+            log.warning("database unavailable; serving keys from the stale cache", extra={"fields": fields})
+        return principal
 
     def _remember(self, cache_key: str, principal: Principal | None) -> None:
         until = time.monotonic() + self.ttl_s
@@ -181,8 +280,8 @@ class Authenticator:
         if len(self._cache) > _MAX_CACHED:
             del self._cache[next(iter(self._cache))]
 
-    async def _load_key(self, key: str) -> Principal | None:
-        found = await run_in_threadpool(self._read_key, key)
+    async def _load_key(self, digest: str) -> Principal | None:
+        found = await run_in_threadpool(self._read_key, digest)
         if found is None:
             return None
         record, owner = found
@@ -211,8 +310,8 @@ class Authenticator:
             ),
         )
 
-    def _read_key(self, key: str):  # type: ignore[no-untyped-def]
-        record: KeyRecord | None = self.store.verify(key)
+    def _read_key(self, digest: str):  # type: ignore[no-untyped-def]
+        record: KeyRecord | None = self.store.verify_digest(digest)
         if record is None:
             return None
         return record, self.identity.owner(record.user_id, record.team_id)

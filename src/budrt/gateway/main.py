@@ -13,6 +13,8 @@ import uvicorn
 from budrt.config import Settings
 from budrt.gateway.app import create_app
 from budrt.observe.logging import setup_logging
+from budrt.observe.startup import cannot_start, port_problem
+from budrt.observe.tracing import setup_tracing
 from budrt.protocol.http_server import BoundedHeadProtocol
 from budrt.security import certs
 from budrt.store.db import migrate
@@ -44,12 +46,16 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def run_gateway(settings: Settings) -> None:
-    setup_logging("gateway", settings.log_level)
+    setup_logging("gateway", settings.log_level, settings.log_format)
+    problem = port_problem(settings.gateway.host, settings.gateway.port)
+    if problem is not None:
+        cannot_start(settings.home, "gateway", problem + "; choose another with --port")
     store = prepare(settings)
     if settings.gateway.workers != 1:
         # Rate limits and health state live in process memory; one process for now.
         log.warning("gateway.workers > 1 is not supported yet; running one worker")
-    app = create_app(settings, key_store=store)
+    tracing = setup_tracing(settings.tracing, "budrt-gateway")
+    app = create_app(settings, key_store=store, tracing=tracing)
     # The cyclic GC took ~20% of the CPU under load (bench/gateway_bench.py): each full
     # collection walked every object built at startup, and the first generation filled every
     # few requests with objects still in use. Startup objects live as long as the process, so
@@ -76,4 +82,4 @@ def run_gateway(settings: Settings) -> None:
     try:
         uvicorn.Server(config).run()
     finally:
-        store.engine.dispose()
+        store.db.dispose()

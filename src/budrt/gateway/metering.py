@@ -34,6 +34,7 @@ from budrt.gateway.stream import Buffered, UpstreamStream
 from budrt.gateway.usage import STREAM_TAIL_BYTES, find_usage
 from budrt.security.kms import KeyProvider
 from budrt.security.rbac import Principal
+from budrt.store.objects import ObjectStore
 from budrt.store.usage import Usage, UsageStore
 
 log = logging.getLogger("budrt.gateway.metering")
@@ -43,8 +44,9 @@ WRITTEN = Counter("budrt_gateway_usage_written_total", "Usage records written to
 FAILED = Counter("budrt_gateway_usage_write_failures_total", "Failed usage inserts (retried)")
 
 # One record, as spooled: [id, unix time, key id, user, team, model, endpoint, prompt tokens,
-# completion tokens, latency ms, status, cache hit, images, pixels, steps]. A flat JSON array:
-# cheap to write and read. Records of an older gateway end after "cache hit" (their images: 0).
+# completion tokens, latency ms, status, cache hit, images, pixels, steps, ttft ms]. A flat JSON
+# array: cheap to write and read. Records of an older gateway end after "cache hit" (their
+# images: 0) or after "steps" (no ttft).
 Record = list[Any]
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # what the usage columns hold (tables.py)
 
@@ -52,19 +54,33 @@ INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # what the usage columns hold (tabl
 PRINCIPAL = "budrt.principal"
 MODEL = "budrt.model"
 MAX_BACKOFF_S = 30.0
+ARCHIVE_PREFIX = "usage-archive/"
 
 
 def spool_dir(home: Path) -> Path:
     return home / "run" / "usage-spool"
 
 
+def archive_key(segment: Path) -> str:
+    """usage-archive/<UTC date of the segment's last write>/<segment name>: the same for every
+    attempt (a sealed segment no longer changes), unique per gateway process (the boot id)."""
+    written = datetime.fromtimestamp(segment.stat().st_mtime, UTC)
+    return f"{ARCHIVE_PREFIX}{written:%Y-%m-%d}/{segment.name}"
+
+
 class Meter:
     def __init__(
-        self, store: UsageStore, config: MeteringConfig, spool: Path, keys: KeyProvider | None = None
+        self,
+        store: UsageStore,
+        config: MeteringConfig,
+        spool: Path,
+        keys: KeyProvider | None = None,
+        archive: ObjectStore | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.spool = Spool(spool, keys)
+        self.archive = archive  # with `metering.archive`: where committed segments are kept
         self._ids = itertools.count(1)
         self._unspooled: list[Record] = []  # the disk refused them; spooled again at the next flush
         self._sealed: list[Segment] = []  # spooled, waiting for the DB (oldest first)
@@ -82,6 +98,7 @@ class Meter:
         latency_ms: float,
         status: int,
         cache_hit: bool,
+        ttft_ms: float | None = None,
     ) -> None:
         """Spool one request's record (the request path: one write, nothing awaited)."""
         if usage is not None and not isinstance(usage, dict):
@@ -104,6 +121,7 @@ class Meter:
             images,
             pixels,
             steps,
+            None if ttft_ms is None else round(ttft_ms, 3),
         ]
         self._spool(record)
         if self.spool.pending >= self.config.batch_size:
@@ -165,8 +183,12 @@ class Meter:
             return True
 
     def _commit(self, segment: Segment) -> int:
-        """fsync the segment, insert its records batch by batch, then delete it."""
+        """fsync the segment, archive it (if configured), insert its records batch by batch,
+        then delete it. Archiving first: if it fails nothing is inserted and all is retried;
+        a retry after a failed insert writes the same archive key again."""
         segment.sync()
+        if self.archive is not None:
+            self.archive.put_file(archive_key(segment.path), segment.path, "application/jsonl")
         size, written = max(self.config.batch_size, 1), 0
         batch: list[Usage] = []
         for record in segment.records():
@@ -185,7 +207,8 @@ class Meter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.flush()
+        if await self.flush():
+            await self.flush()  # the open segment, sealed only once nothing older waited
         for segment in self._sealed:  # the DB is still down: the next start replays them
             segment.close()
         self._sealed.clear()
@@ -208,6 +231,7 @@ class _Metered:
         "cache_hit",
         "tail",
         "recorded",
+        "first_byte",
     )
 
     def __init__(
@@ -223,6 +247,7 @@ class _Metered:
         self.cache_hit = False
         self.tail: bytes | bytearray = b""
         self.recorded = False
+        self.first_byte: float | None = None  # monotonic time the answer's first body bytes left
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         inner = self.inner
@@ -239,6 +264,8 @@ class _Metered:
             self.cache_hit = (b"x-budrt-cache", b"hit") in inner.raw_headers
 
             async def before_end(message: Message) -> None:
+                if self.first_byte is None and message["type"] == "http.response.body":
+                    self.first_byte = time.monotonic()
                 if not message.get("more_body", False) and message["type"] == "http.response.body":
                     self.tail = inner.tail  # the stream is over: its final chunk is in the tail
                     self._record()
@@ -254,6 +281,8 @@ class _Metered:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.body":
                 body = message.get("body", b"")
+                if body and self.first_byte is None:
+                    self.first_byte = time.monotonic()
                 if body:
                     # Usage is the last object of a body and of a stream's final chunk.
                     tail = self.tail + body if len(body) < STREAM_TAIL_BYTES else body
@@ -282,9 +311,11 @@ class _Metered:
             if usage is None:
                 pos = self.tail.rfind(b'"usage"')
                 usage = self.tail[pos:] if pos >= 0 else None
-        latency_ms = (time.monotonic() - self.start) * 1000
+        now = time.monotonic()
+        latency_ms = (now - self.start) * 1000
+        ttft_ms = ((self.first_byte or now) - self.start) * 1000  # a buffered answer: all at once
         self.meter.add(
-            self.principal, self.model, self.endpoint, usage, latency_ms, self.status, self.cache_hit
+            self.principal, self.model, self.endpoint, usage, latency_ms, self.status, self.cache_hit, ttft_ms
         )
 
 
@@ -319,7 +350,8 @@ def _usage(record: Record) -> Usage | None:
         if not isinstance(record, list):
             raise TypeError("not a record")
         rid, at, key_id, user, team, model, endpoint, prompt, completion, latency, status, hit = record[:12]
-        images, pixels, steps = record[12:] or (0, 0, 0)  # an older gateway's record ends at `hit`
+        images, pixels, steps = record[12:15] or (0, 0, 0)  # an older gateway's record ends at `hit`
+        ttft = record[15] if len(record) > 15 else None
         at = datetime.fromtimestamp(at, UTC)
     except (ValueError, TypeError, OverflowError, OSError):
         log.warning("usage spool: skipped an unreadable record", extra={"fields": {"record": repr(record)}})
@@ -340,6 +372,7 @@ def _usage(record: Record) -> Usage | None:
         images=images,
         pixels=pixels,
         steps=steps,
+        ttft_ms=ttft,
     )
 
 

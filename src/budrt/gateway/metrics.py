@@ -18,6 +18,11 @@ UPSTREAM_ERRORS = Counter(
     "budrt_gateway_upstream_errors_total", "Failed upstream attempts", ["model", "reason"]
 )
 TOKENS = Counter("budrt_gateway_tokens_total", "Tokens reported by upstream usage", ["model", "kind"])
+ZONE_SPILLS = Counter(
+    "budrt_gateway_zone_spills_total",
+    "Requests sent to a replica outside the gateway's zone (local ones down, busy or tried)",
+    ["model"],
+)
 CLIENT_DISCONNECTS = Counter(
     "budrt_gateway_client_disconnects_total", "Requests abandoned by the client", ["model"]
 )

@@ -116,6 +116,11 @@ def _openai_schemas(schemas: Schema) -> None:
             "object": {"const": "model"},
             "created": {"type": "integer"},
             "owned_by": {"type": "string"},
+            "task": {
+                "type": "string",
+                "enum": ["chat", "embedding", "image"],
+                "description": "what the model does, when the gateway knows (a budrt extension)",
+            },
         },
     }
     schemas["ModelList"] = {
@@ -156,6 +161,26 @@ def _usage_schemas(schemas: Schema) -> None:
         },
     }
 
+    number = {"type": ["number", "null"]}
+    point = {
+        "t": {"type": "number", "description": "the bucket's start, unix seconds"},
+        "group": {"type": ["string", "integer", "null"]},
+        **{n: {"type": "integer"} for n in ("requests", "errors", "prompt_tokens", "completion_tokens")},
+        "images": {"type": "integer"},
+        **{f"{m}_ms_{q}": number for m in ("latency", "ttft") for q in ("p50", "p95")},
+    }
+    schemas["UsageSeries"] = {
+        "type": "object",
+        "properties": {
+            "object": {"const": "usage.series"},
+            "group_by": {"type": "string", "enum": ["user", "team", "model", "key"]},
+            "bucket_s": {"type": "integer"},
+            "start": {"type": "string"},
+            "end": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object", "properties": point}},
+        },
+    }
+
 
 def _key_schemas(schemas: Schema) -> None:
     strings = {"type": "array", "items": {"type": "string", "minLength": 1}}
@@ -189,6 +214,7 @@ def _key_schemas(schemas: Schema) -> None:
             "created_at": {"type": "string"},
             "expires_at": nullable_str,
             "revoked_at": nullable_str,
+            "last_used_at": {**nullable_str, "description": "to within a minute"},
         },
     }
     schemas["NewKey"] = {
@@ -288,6 +314,8 @@ def _replica_schemas(schemas: Schema) -> None:
                             "properties": {
                                 "id": model_name,
                                 "aliases": {"type": "array", "items": model_name},
+                                "state": {"enum": ["resident", "loading", "available", "failed"]},
+                                "pinned": {"type": "boolean"},
                             },
                         },
                     ]
@@ -301,6 +329,49 @@ def _replica_schemas(schemas: Schema) -> None:
                 "description": "default 3x2 s",
             },
             "leaving": {"type": "boolean", "default": False},
+        },
+    }
+    _model_action_schemas(schemas)
+
+
+def _model_action_schemas(schemas: Schema) -> None:
+    replica = {
+        "type": "string",
+        "format": "uri",
+        "maxLength": 2048,
+        "description": "one replica's URL as `GET /admin/replicas` lists it; default: every replica",
+    }
+    schemas["ModelAction"] = {"type": "object", "properties": {"replica": replica}}
+    schemas["PinAction"] = {
+        "type": "object",
+        "required": ["pinned"],
+        "properties": {"pinned": {"type": "boolean"}, "replica": replica},
+    }
+    schemas["ModelActionResult"] = {
+        "type": "object",
+        "properties": {
+            "object": {"const": "model_action"},
+            "model": {"type": "string"},
+            "action": {"enum": ["load", "unload", "pin"]},
+            "pinned": {"type": "boolean", "description": "pin only"},
+            "ok": {"type": "boolean", "description": "every replica answered 2xx"},
+            "replicas": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "replica": {"type": "string"},
+                        "zone": {"type": ["string", "null"]},
+                        "ok": {"type": "boolean"},
+                        "status": {
+                            "type": ["integer", "null"],
+                            "description": "the replica's HTTP status; null: unreachable or timed out",
+                        },
+                        "model": {"type": ["object", "null"], "description": "its model card when ok"},
+                        "error": {"type": ["object", "null"], "description": "an OpenAI-style error"},
+                    },
+                },
+            },
         },
     }
 
@@ -472,6 +543,20 @@ def _admin_usage_and_keys() -> Schema:
                 ],
             )
         },
+        "/admin/usage/series": {
+            "get": _op(
+                "Usage per time bucket and group, over the widest usage the caller may read "
+                "(`usage:read:all`, its team's with `usage:read:team`, else its own)",
+                {**_ok(ref("UsageSeries")), **_errors(400, 401, 403)},
+                parameters=[
+                    _query("group_by", group_by, "grouping"),
+                    _query("bucket_s", {"type": "integer", "minimum": 1, "maximum": 86400}, "bucket width"),
+                    _query("team", {"type": "string"}, "only this team's requests"),
+                    _query("start", TIME, "from (inclusive); default: an hour before end"),
+                    _query("end", TIME, "to (exclusive); default: now"),
+                ],
+            )
+        },
         "/admin/keys": {
             "post": _op(
                 "Create a key (`keys:create`); the secret is in the answer only",
@@ -541,7 +626,15 @@ def _admin_identity() -> Schema:
             "get": _op(
                 "The audit log, newest first (`audit:read`)",
                 {**_ok(ref("List")), **_errors(400, 401, 403)},
-                parameters=[_query("limit", audit_limit, "entries (1-1000)")],
+                parameters=[
+                    _query("limit", audit_limit, "entries (1-1000)"),
+                    *(
+                        _query(name, {"type": "string", "maxLength": 200}, f"whose {name} contains it")
+                        for name in ("actor", "action", "target")
+                    ),
+                    _query("start", TIME, "from (inclusive)"),
+                    _query("end", TIME, "to (exclusive)"),
+                ],
             )
         },
     }
@@ -550,6 +643,7 @@ def _admin_identity() -> Schema:
 def _admin_replicas() -> Schema:
     url = _query("url", {"type": "string", "format": "uri"}, "the replica's base URL", required=True)
     return {
+        **_admin_model_actions(),
         "/admin/replicas/heartbeat": {
             "post": _op(
                 "A model server announces (or, with `leaving`, withdraws) its models (`replicas:register`)",
@@ -569,6 +663,24 @@ def _admin_replicas() -> Schema:
             ),
         },
     }
+
+
+def _admin_model_actions() -> Schema:
+    model = _path("model", {"type": "string", "minLength": 1}, "the model's name or alias")
+    replica = _query("replica", {"type": "string", "format": "uri"}, "one replica (default: every one)")
+    optional = {"required": False, "content": {"application/json": {"schema": ref("ModelAction")}}}
+    done = {**_ok(ref("ModelActionResult")), **_errors(400, 401, 403, 404)}
+    summaries = {
+        "load": "Load the model on its replicas (`models:manage`); each answers 202 loading or 200 resident",
+        "unload": "Evict the model from its replicas (`models:manage`); 409 per replica while busy or pinned",
+        "pin": "Pin or unpin the model on its replicas (`models:manage`): pinned, never evicted for room",
+    }
+    paths = {}
+    for action, summary in summaries.items():
+        body = _json_body(ref("PinAction")) if action == "pin" else optional
+        operation = _op(summary, done, parameters=[model, replica], requestBody=body)
+        paths[f"/admin/replicas/models/{{model}}/{action}"] = {"post": operation}
+    return paths
 
 
 @functools.cache

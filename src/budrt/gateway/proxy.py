@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -37,7 +39,11 @@ from budrt.gateway.metrics import CLIENT_DISCONNECTS, UPSTREAM_ERRORS, RequestTr
 from budrt.gateway.routing import Deployment, Endpoint, cancelled_for_hang
 from budrt.gateway.stream import Buffered, RawHeaders, UpstreamStream, encode_headers, pass_headers
 from budrt.gateway.usage import record_usage
+from budrt.observe.tracing import Attributes, RequestScope, current_request
 from budrt.protocol.errors import CLIENT_CLOSED, APIError
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("budrt.gateway.proxy")
 
@@ -99,6 +105,7 @@ class Call:
     extra: RawHeaders  # the gateway's own response headers (rate limits, cache)
     task: asyncio.Task[object]  # the request's task: a hung endpoint cancels it (`Endpoint.waiters`)
     content_type: str | None = None  # the body's, when not JSON (a multipart image edit)
+    request: RequestScope | None = None  # its id and trace, which every attempt carries upstream
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -174,14 +181,17 @@ class Watch:
 
 
 class Proxy:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, tls: ssl.SSLContext | None = None) -> None:
         self.config = config
+        self.tls = tls  # `certs.upstream_context` with `tls.enabled`; else the system's defaults
         self.session: aiohttp.ClientSession | None = None
         # By read timeout, not deployment: registered deployments come and go by name.
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=60, ttl_dns_cache=60, ssl=self.tls if self.tls is not None else True
+        )
         # No total timeout: streams may run for minutes. Per-deployment read timeouts apply.
         # No cookie jar: one session serves every client, so upstream cookies must not stick.
         self.session = aiohttp.ClientSession(
@@ -225,11 +235,13 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         extra = encode_headers(extra_headers) if extra_headers else []
+        request = current_request()
+        if request is not None and request.trace is not None:
+            request.trace.step(None)  # the gateway's phases are over (the cache's, if any)
         watch = Watch(task, receive, self.config.request_deadline_s)
         try:
-            result = await self._attempts(
-                chain, Call(path, stream, extra, task, content_type), bodies, affinity, admit
-            )
+            call = Call(path, stream, extra, task, content_type, request)
+            result = await self._attempts(chain, call, bodies, affinity, admit)
             if isinstance(result, Buffered):
                 return result
             disconnected = watch.hand_off()
@@ -273,7 +285,7 @@ class Proxy:
                     await asyncio.sleep(self.config.retry_backoff_s * (2 ** min(failures - 1, 5)))
                 tried.add(ep)
                 try:
-                    outcome = await self._attempt(dep, ep, body, call)
+                    outcome = await self._traced(dep, ep, body, call)
                 except asyncio.CancelledError:  # the client left or the deadline passed
                     ep.breaker.record("abandoned")
                     raise
@@ -293,8 +305,25 @@ class Proxy:
             return last_5xx  # the model server's own error (503 keeps its Retry-After)
         raise none_answered(chain[0], timed_out)
 
-    async def _attempt(self, dep: Deployment, ep: Endpoint, body: bytes, call: Call) -> Outcome:
-        """One request to `ep`. Only a cancel that is not the endpoint's hang escapes."""
+    async def _traced(self, dep: Deployment, ep: Endpoint, body: bytes, call: Call) -> Outcome:
+        """`_attempt`, as a CLIENT span of the request's trace when it is sampled."""
+        trace = call.request.trace if call.request is not None else None
+        if trace is None or not trace.sampled:
+            return await self._attempt(dep, ep, body, call)
+        span = trace.open("upstream", {"budrt.deployment": dep.name, "url.full": str(ep.url(call.path))})
+        try:
+            outcome = await self._attempt(dep, ep, body, call, span)
+        except BaseException:  # the client left, the deadline passed
+            trace.close(span, {"budrt.outcome": "abandoned"}, failed=True)
+            raise
+        trace.close(span, _describe(outcome), failed=isinstance(outcome, Failed | Fatal))
+        return outcome
+
+    async def _attempt(
+        self, dep: Deployment, ep: Endpoint, body: bytes, call: Call, span: Span | None = None
+    ) -> Outcome:
+        """One request to `ep` (under `span`, if traced). Only a cancel that is not the
+        endpoint's hang escapes."""
         assert self.session is not None, "Proxy.start() was not called"
         ep.outstanding += 1
         ep.breaker.on_attempt(time.monotonic())
@@ -305,6 +334,8 @@ class Proxy:
             headers = (
                 ep.headers if call.content_type is None else {**ep.headers, "Content-Type": call.content_type}
             )
+            if call.request is not None:  # its id, and its trace context when tracing is on
+                headers = {**headers, **call.request.upstream_headers(span)}
             resp = await self.session.post(
                 ep.url(call.path), data=body, headers=headers, timeout=self._timeout(dep)
             )
@@ -353,6 +384,19 @@ def judge(
     if status == 200:
         out.usage = record_usage(dep.name, data)
     return Answered(out, "ok" if status < 400 else "answered")
+
+
+def _describe(outcome: Outcome) -> Attributes:
+    """An attempt's outcome as attributes of its span."""
+    if isinstance(outcome, Answered):
+        return {"http.response.status_code": outcome.response.status_code, "budrt.outcome": outcome.verdict}
+    if isinstance(outcome, Streaming):
+        return {"http.response.status_code": outcome.resp.status, "budrt.outcome": "streaming"}
+    if isinstance(outcome, Failed):
+        relayed = {"http.response.status_code": outcome.relay.status_code} if outcome.relay else {}
+        return {"budrt.outcome": outcome.reason, **relayed}
+    error = outcome.error
+    return {"http.response.status_code": error.status, "budrt.outcome": error.code or "refused"}
 
 
 def broken(ep: Endpoint, exc: Exception) -> Failed:

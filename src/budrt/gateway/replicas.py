@@ -1,7 +1,7 @@
 """Replicas that register themselves: model servers announce their models by heartbeat.
 
-`POST /admin/replicas/heartbeat` {"url", "models": [{"id", "aliases"}], "ttl_s"} adds the
-server's endpoint to each model's deployment (creating one, default strategy, for a model no
+`POST /admin/replicas/heartbeat` {"url", "models": [{"id", "aliases", "state", "pinned"}], "ttl_s"}
+adds the server's endpoint to each model's deployment (creating one, default strategy, for a model no
 configuration names) and moves its expiry to now + ttl. The models listed are the whole set: an
 endpoint for a model no longer listed is removed. A replica whose heartbeats stop is unroutable
 at its expiry and taken out by the health checker's next sweep; requests already sent to it
@@ -31,13 +31,16 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -58,14 +61,21 @@ MAX_TTL_S = 3600.0
 MAX_MODELS = 256  # per heartbeat; bounds the work one request can cause
 MAX_ALIASES = 32  # per model in a heartbeat, and per deployment a heartbeat created
 MAX_NAME = 256
+ZONE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a Kubernetes label value, as zones are
 RESOLVE_TIMEOUT_S = 5.0
+LIVE_TIMEOUT_S = 2.0  # a model server's /v1/models for `GET /admin/replicas?detail=full`
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+MODEL_STATES = frozenset({"resident", "loading", "available", "failed"})  # as model servers show them
 
 
 @dataclass(frozen=True, slots=True)
 class Announced:
     id: str
     aliases: tuple[str, ...]
+    state: str | None = None  # the model on that server (MODEL_STATES), when it says
+    pinned: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,7 @@ class Heartbeat:
     models: tuple[Announced, ...]
     ttl_s: float
     leaving: bool
+    zone: str | None = None  # where the replica runs (its BUDRT_ZONE)
 
 
 def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
@@ -85,9 +96,12 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
     ttl = data.get("ttl_s", DEFAULT_TTL_S)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
         raise invalid_request(f"'ttl_s' must be a number of seconds in (0, {MAX_TTL_S:g}].", param="ttl_s")
+    zone = data.get("zone")
+    if zone is not None and (not isinstance(zone, str) or not ZONE.fullmatch(zone)):
+        raise invalid_request("'zone' must be up to 63 of a-z, A-Z, 0-9, '-', '_', '.'.", param="zone")
     raw = data.get("models")
     if leaving and raw is None:
-        return Heartbeat(url, (), float(ttl), True)
+        return Heartbeat(url, (), float(ttl), True, zone)
     if not isinstance(raw, list) or not raw:
         raise invalid_request(
             '\'models\' must be a non-empty list of {"id": ..., "aliases": [...]}.', param="models"
@@ -112,8 +126,20 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
             if name in seen:
                 raise invalid_request(f"Model name or alias {name!r} is listed twice.", param=f"models[{i}]")
             seen.add(name)
-        models.append(Announced(model_id, names))
-    return Heartbeat(url, tuple(models), float(ttl), leaving)
+        state, pinned = _residency(item, i)
+        models.append(Announced(model_id, names, state, pinned))
+    return Heartbeat(url, tuple(models), float(ttl), leaving, zone)
+
+
+def _residency(item: dict[str, Any], i: int) -> tuple[str | None, bool | None]:
+    """A model's optional `state` and `pinned` in a heartbeat (budrt's model servers send them)."""
+    state, pinned = item.get("state"), item.get("pinned")
+    if state is not None and (not isinstance(state, str) or state not in MODEL_STATES):
+        allowed = ", ".join(sorted(MODEL_STATES))
+        raise invalid_request(f"'state' must be one of {allowed}.", param=f"models[{i}].state")
+    if pinned is not None and not isinstance(pinned, bool):
+        raise invalid_request("'pinned' must be a boolean.", param=f"models[{i}].pinned")
+    return state, pinned
 
 
 def normalize_url(value: Any, param: str = "url") -> str:
@@ -259,13 +285,15 @@ class ReplicaTable:
                     self.router.add_alias(dep, alias)
             ep = dep.find(beat.url)
             if ep is None:
-                ep = dep.add_endpoint(beat.url, headers=headers, connect_url=connect_url)
+                ep = dep.add_endpoint(beat.url, headers=headers, connect_url=connect_url, zone=beat.zone)
                 log.info("replica registered", extra={"fields": {"url": beat.url, "model": dep.name}})
             elif not ep.registered:  # a configured endpoint at this URL: it stays as configured
                 continue
             elif ep.connect_url != (connect_url or ep.base_url):  # its host now resolves elsewhere
                 ep.target(connect_url)
                 ep.headers = headers
+            ep.zone = beat.zone  # a replica moved (rescheduled elsewhere) says so in its next beat
+            ep.model_state, ep.pinned = model.state, model.pinned
             ep.ttl_s = beat.ttl_s
             ep.expires = now + beat.ttl_s
             ep.heartbeat_at = wall
@@ -281,16 +309,26 @@ class ReplicaTable:
             log.info("replica left", extra={"fields": {"url": url, "models": [d.name for d, _ in gone]}})
         return gone
 
-    def listing(self) -> list[dict[str, Any]]:
+    def listing(self, configured: bool = False) -> list[dict[str, Any]]:
+        """Registered replicas; with `configured`, also the deployments' configured endpoints
+        (`source`: "heartbeat", "supervisor" for those `budrt serve` runs, "config" otherwise)."""
         now, wall = time.monotonic(), time.time()
         rows: dict[str, dict[str, Any]] = {}
         for dep in self.router.deployments:
             for ep in dep.endpoints:
-                if not ep.registered or ep.expires <= now:
+                if not (ep.registered or configured) or ep.expires <= now:
                     continue
+                source = "heartbeat" if ep.registered else "supervisor" if ep.managed else "config"
                 row = rows.setdefault(
                     ep.base_url,
-                    {"object": "replica", "url": ep.base_url, "connect_url": ep.connect_url, "models": []},
+                    {
+                        "object": "replica",
+                        "url": ep.base_url,
+                        "connect_url": ep.connect_url,
+                        "zone": ep.zone,
+                        "source": source,
+                        "models": [],
+                    },
                 )
                 row["models"].append(
                     {
@@ -299,11 +337,76 @@ class ReplicaTable:
                         "ready": ep.ready,
                         "ejected": ep.breaker.ejected,
                         "outstanding": ep.outstanding,
+                        "state": ep.model_state,  # on the server: "resident", "loading"... (None: unknown)
+                        "pinned": ep.pinned,
                     }
                 )
-                row["last_heartbeat"] = _iso(ep.heartbeat_at or wall)
-                row["expires_at"] = _iso(wall + ep.expires - now)
+                if ep.registered:
+                    row["last_heartbeat"] = _iso(ep.heartbeat_at or wall)
+                    row["expires_at"] = _iso(wall + ep.expires - now)
         return list(rows.values())
+
+
+async def add_live_models(session: aiohttp.ClientSession, router: Router, rows: list[dict[str, Any]]) -> None:
+    """Each budrt model server's own view of its models (`GET /v1/models`: state, memory,
+    device, pinned, queue and KV-cache use) into its row as `live`, asked of all at once;
+    None for a server that did not answer within LIVE_TIMEOUT_S (or is no budrt server)."""
+    servers = {  # a URL configured for several models: any endpoint of budrt's own will do
+        ep.base_url: ep for dep in router.deployments for ep in dep.endpoints if ep.managed or ep.registered
+    }
+    found = await asyncio.gather(*(_live_models(session, servers.get(row["url"])) for row in rows))
+    for row, live in zip(rows, found, strict=True):
+        row["live"] = live
+
+
+async def _live_models(session: aiohttp.ClientSession, ep: Endpoint | None) -> list[dict[str, Any]] | None:
+    if ep is None:  # an external upstream: its /v1/models says nothing of this
+        return None
+    timeout = aiohttp.ClientTimeout(total=LIVE_TIMEOUT_S)
+    try:
+        async with session.get(ep.connect_url + "/models", headers=ep.headers, timeout=timeout) as resp:
+            body = await resp.json(content_type=None) if resp.status == 200 else None
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else None
+
+
+def spread(router: Router, now: float) -> list[dict[str, Any]]:
+    """Per model: its available replicas by zone, and warnings where one failure would stop it
+    or a zone has fewer than the deployment's `min_replicas_per_zone`."""
+    zones = {e.zone for d in router.deployments for e in d.endpoints if e.zone}
+    if router.zone:
+        zones.add(router.zone)
+    rows = []
+    for dep in router.deployments:
+        live = [e for e in dep.endpoints if e.available(now)]
+        by_zone = dict(Counter(e.zone or "unknown" for e in live))
+        rows.append(
+            {
+                "model": dep.name,
+                "replicas": len(live),
+                "zones": by_zone,
+                "warnings": _fragile(dep, live, zones),
+            }
+        )
+    return rows
+
+
+def _fragile(dep: Deployment, live: list[Endpoint], zones: set[str]) -> list[str]:
+    if not live:
+        return ["no replica available"]
+    warnings = []
+    if len(live) == 1:
+        warnings.append("single point of failure: one replica")
+    in_zones = {e.zone for e in live if e.zone}
+    if len(in_zones) == 1 and len(zones) > 1 and len(live) > 1:
+        warnings.append(f"single point of failure: every replica is in zone {next(iter(in_zones))}")
+    for zone in sorted(zones) if dep.min_per_zone else ():
+        count = sum(e.zone == zone for e in live)
+        if count < dep.min_per_zone:
+            warnings.append(f"zone {zone} has {count} of the {dep.min_per_zone} replicas wanted")
+    return warnings
 
 
 def _iso(ts: float) -> str:
@@ -380,7 +483,14 @@ class ReplicaAPI:
     async def list_replicas(self, request: Request) -> Response:
         p = await self.auth.authenticate(request.headers)
         require(p, REPLICAS_LIST)
-        return _json({"object": "list", "data": self._table(request).listing()})
+        table = self._table(request)
+        spread_rows = spread(table.router, time.monotonic())
+        full = request.query_params.get("detail") == "full"
+        rows = table.listing(configured=full)
+        session = request.app.state.gateway.proxy.session
+        if full and session is not None:
+            await add_live_models(session, table.router, rows)
+        return _json({"object": "list", "data": rows, "models": spread_rows})
 
     async def _audit(self, p: Principal, action: str, url: str, detail: dict[str, Any]) -> None:
         """New replicas and departures are audited; refreshing heartbeats are not (one per interval)."""

@@ -10,10 +10,11 @@ command. Only what the limiter needs: EVALSHA with a NOSCRIPT fallback, RESP2 re
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class RespError(Exception):
@@ -125,11 +126,30 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()
 
 
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """For `rediss://`: a client context checking the server's certificate and host name, from
+    the query parameters redis-py reads too (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`), so
+    one URL configures the limiter's client and the cache's alike. None for `redis://`."""
+    u = urlparse(url)
+    if u.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    unknown = set(query) - {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+    if unknown:
+        raise ValueError(f"unsupported rediss:// parameter {sorted(unknown)[0]!r}")
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if "ssl_certfile" in query:  # a server that asks for a client certificate
+        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+    return context
+
+
 class RespClient:
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
         u = urlparse(url)
-        if u.scheme not in ("redis", ""):
-            raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (use redis://)")
+        if u.scheme not in ("redis", "rediss", ""):
+            raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (use redis:// or rediss://)")
+        self.tls = tls_context(url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 6379
         self.password = unquote(u.password) if u.password else None
@@ -143,7 +163,7 @@ class RespClient:
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout_s):
-            _, proto = await loop.create_connection(_Protocol, self.host, self.port)
+            _, proto = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.tls)
             self._proto = proto
             if self.password:
                 auth = [self.username, self.password] if self.username else [self.password]

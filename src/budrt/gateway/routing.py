@@ -6,13 +6,17 @@ import asyncio
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from yarl import URL
 
 from budrt.config import DeploymentConfig, GatewayConfig
 from budrt.gateway.balancer import HashRing, WeightedRoundRobin, least_outstanding, p2c
 from budrt.gateway.breaker import Breaker
+from budrt.gateway.metrics import ZONE_SPILLS
 
 # Tasks cancelled because their endpoint stopped answering (by `Endpoint.hung`), until they see it.
 _HUNG_TASKS: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
@@ -45,6 +49,8 @@ class Endpoint:
         "headers",
         "health_url",
         "managed",
+        "model_state",
+        "pinned",
         "outstanding",
         "ready",
         "breaker",
@@ -53,6 +59,7 @@ class Endpoint:
         "expires",
         "heartbeat_at",
         "ttl_s",
+        "zone",
         "_urls",
     )
 
@@ -64,9 +71,11 @@ class Endpoint:
         config: GatewayConfig | None = None,
         headers: dict[str, str] | None = None,
         connect_url: str | None = None,
+        zone: str | None = None,
     ) -> None:
         config = config or GatewayConfig()
         self.base_url = base_url.rstrip("/")  # what the endpoint is known by
+        self.zone = zone or None  # where it runs, when known
         # Its own headers: a deployment's credentials go to its configured endpoints only.
         self.headers = headers if headers is not None else upstream_headers()
         self.target(connect_url)
@@ -85,6 +94,10 @@ class Endpoint:
         self.expires = math.inf
         self.heartbeat_at: float | None = None
         self.ttl_s = 0.0  # of its last heartbeat
+        # The model as its budrt model server last said (heartbeat, or an admin action's answer):
+        # "resident", "loading", "available" or "failed", and whether it is pinned; None: unknown.
+        self.model_state: str | None = None
+        self.pinned: bool | None = None
 
     def target(self, connect_url: str | None) -> None:
         """Where requests and health checks go: `base_url`, or the same URL at an address pinned
@@ -128,6 +141,7 @@ class Deployment:
     __slots__ = (
         "name",
         "aliases",
+        "task",
         "endpoints",
         "managed",
         "timeout_s",
@@ -139,23 +153,39 @@ class Deployment:
         "allow_registration",
         "dynamic",
         "drop_at",
+        "zone",
+        "spill_at",
+        "min_per_zone",
         "_gateway",
         "_wrr",
         "_ring",
+        "_spills",
     )
 
     def __init__(
-        self, config: DeploymentConfig, gateway: GatewayConfig | None = None, *, dynamic: bool = False
+        self,
+        config: DeploymentConfig,
+        gateway: GatewayConfig | None = None,
+        *,
+        dynamic: bool = False,
+        zone: str | None = None,
     ) -> None:
         self.name = config.model
         self.aliases = tuple(config.aliases)
+        self.task = config.task  # chat, embedding or image; None: not configured
         key = config.api_key.get_secret_value() if config.api_key is not None else None
         # For the configured endpoints only; replicas that register bring their own (`add_endpoint`).
         self.upstream_headers = upstream_headers(key)
+        zones = list(config.zones) + [""] * (len(config.endpoints) - len(config.zones))
         self.endpoints = [
-            Endpoint(url, config.managed, i, gateway, self.upstream_headers)
+            Endpoint(url, config.managed, i, gateway, self.upstream_headers, zone=zones[i])
             for i, url in enumerate(config.endpoints)
         ]
+        # The gateway's zone: its replicas there are preferred (see `pick`).
+        self.zone = zone or None
+        self.spill_at = (gateway or GatewayConfig()).zone_spill_at
+        self.min_per_zone = config.min_replicas_per_zone
+        self._spills = ZONE_SPILLS.labels(model=self.name)
         self.managed = config.managed
         self.timeout_s = config.timeout_s
         # Replicas may join by heartbeat: configured so, or created by one (`dynamic`), in which
@@ -182,10 +212,11 @@ class Deployment:
         weight: float = 1.0,
         headers: dict[str, str] | None = None,
         connect_url: str | None = None,
+        zone: str | None = None,
     ) -> Endpoint:
         """A replica that registered itself; routable at once (it only heartbeats when ready).
         It gets `headers`, never the deployment's (its credentials are for configured endpoints)."""
-        ep = Endpoint(base_url, False, len(self.endpoints), self._gateway, headers, connect_url)
+        ep = Endpoint(base_url, False, len(self.endpoints), self._gateway, headers, connect_url, zone)
         # Copy on write: a request picking from the old list meanwhile is unaffected.
         self.endpoints = [*self.endpoints, ep]
         self.weights = [*self.weights, weight]
@@ -227,6 +258,29 @@ class Deployment:
             ep = eps[0]
             return ep if ep.available(now) and not (tried and ep in tried) else None
         ok = [e.available(now) and not (tried and e in tried) for e in eps]
+        preferred = self._in_zone(eps, ok) if self.zone is not None else None
+        if preferred is None:
+            return self._choose(eps, ok, key)
+        ep = self._choose(eps, preferred, key)
+        if ep is not None and ep.zone != self.zone:
+            self._spills.inc()
+        return ep
+
+    def _in_zone(self, eps: list[Endpoint], ok: list[bool]) -> list[bool] | None:
+        """`ok` narrowed to this zone's replicas while one of them is available with fewer than
+        `spill_at` requests in flight; else `ok` (the other zones take what the local ones
+        cannot: a zone down or saturated costs capacity, not availability). None when no
+        replica of the deployment is in this zone: there is nothing to prefer."""
+        if not any(e.zone == self.zone for e in eps):
+            return None
+        local = [
+            good and e.zone == self.zone and e.outstanding < self.spill_at
+            for e, good in zip(eps, ok, strict=True)
+        ]
+        return local if any(local) else ok
+
+    def _choose(self, eps: list[Endpoint], ok: list[bool], key: str | None) -> Endpoint | None:
+        """By the deployment's strategy among the endpoints `ok` marks."""
         candidates = [e for e, good in zip(eps, ok, strict=True) if good]
         if not candidates:
             return None
@@ -246,8 +300,10 @@ class Router:
         deployments: Iterable[DeploymentConfig],
         gateway: GatewayConfig | None = None,
         internal_key: str | None = None,
+        zone: str | None = None,
     ) -> None:
         self.gateway = gateway
+        self.zone = zone  # the gateway's, given to every deployment (see `Deployment.pick`)
         # What replicas registered by heartbeat are sent: no deployment's credentials, only the
         # platform's internal key, which budrt's own model servers require (their URLs are
         # bounded by `gateway.registration_cidrs`).
@@ -255,7 +311,7 @@ class Router:
         self.deployments: list[Deployment] = []
         self._by_name: dict[str, Deployment] = {}
         for config in deployments:
-            dep = Deployment(config, gateway)
+            dep = Deployment(config, gateway, zone=zone)
             for name in (dep.name, *dep.aliases):
                 if name in self._by_name:
                     raise ValueError(f"model name or alias {name!r} is used by two deployments")
@@ -288,7 +344,7 @@ class Router:
         """A deployment for a model no configuration names, with the default strategy."""
         if model in self._by_name:
             raise ValueError(f"model name or alias {model!r} is already routed")
-        dep = Deployment(DeploymentConfig(model=model), self.gateway, dynamic=True)
+        dep = Deployment(DeploymentConfig(model=model), self.gateway, dynamic=True, zone=self.zone)
         self._by_name[model] = dep
         self.deployments = [*self.deployments, dep]
         return dep
@@ -327,3 +383,33 @@ class Router:
             if dep.drop_at <= now and not dep.endpoints:
                 self.drop_deployment(dep)
         return gone
+
+
+class ModelInFlight(Collector):
+    """`budrt_gateway_model_in_flight_requests{model}`: requests sent upstream and not finished,
+    per model, summed over the replicas' counters at scrape time (nothing added per request).
+    An autoscaling signal next to the model servers' running and waiting counts."""
+
+    def __init__(self) -> None:
+        self.routers: weakref.WeakSet[Router] = weakref.WeakSet()  # one per gateway app
+
+    def track(self, router: Router) -> None:
+        self.routers.add(router)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "budrt_gateway_model_in_flight_requests",
+            "Requests in flight upstream, per model",
+            labels=["model"],
+        )
+        totals: dict[str, int] = {}
+        for router in list(self.routers):
+            for dep in router.deployments:
+                totals[dep.name] = totals.get(dep.name, 0) + sum(e.outstanding for e in dep.endpoints)
+        for model, count in sorted(totals.items()):
+            family.add_metric([model], float(count))
+        yield family
+
+
+MODEL_IN_FLIGHT = ModelInFlight()
+REGISTRY.register(MODEL_IN_FLIGHT)

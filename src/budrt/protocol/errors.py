@@ -112,6 +112,15 @@ def context_too_long(
     )
 
 
+def database_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The metadata database is unavailable; retry later.",
+        code="database_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def body_too_large(max_bytes: int) -> APIError:
     return APIError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
 

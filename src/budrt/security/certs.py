@@ -434,6 +434,21 @@ def client_context(paths: CertPaths, with_client_cert: bool) -> ssl.SSLContext:
     return context
 
 
+def upstream_context(paths: CertPaths) -> ssl.SSLContext:
+    """The gateway's one context for every upstream: our CA for budrt's model servers (which
+    ask for the client certificate it presents) and the system's roots for the others (which do
+    not ask, so never see it); host names checked against each server's certificate."""
+    context = client_context(paths, with_client_cert=True)
+    context.load_default_certs()
+    return context
+
+
+def platform_paths(config: TlsConfig, home: Path) -> CertPaths | None:
+    """With `tls.enabled`, the platform's certificates, made first if missing or due; else None
+    (every hop plain HTTP). The one place each process decides whether its hops use TLS."""
+    return init(config, home) if config.enabled else None
+
+
 def _context(server: bool) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

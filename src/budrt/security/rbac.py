@@ -31,6 +31,11 @@ ENDPOINT_ACTIONS = {
 # role (e.g. `replicas:register@model:*`) or an admin key narrowed by its permission list.
 REPLICAS_REGISTER = "replicas:register"
 REPLICAS_LIST = "replicas:list"
+# Loading, unloading and pinning a model on the model servers that host it
+# (`POST /admin/replicas/models/<name>/load|unload|pin`, gateway/model_admin.py) needs
+# `models:manage` on `model:<name>` (its canonical name). Only `admin` has it among the built-in
+# roles: it changes what every caller of the model gets, so it is an operator's right.
+MODELS_MANAGE = "models:manage"
 
 BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
     "admin": ("*@*",),

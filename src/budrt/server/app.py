@@ -25,8 +25,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from budrt.config import ModelConfig, ModelServerConfig
 from budrt.observe.metrics import metrics_endpoint
+from budrt.observe.tracing import Tracing, begin_request, enter_request, leave_request, sending_request_id
 from budrt.protocol.body_limit import BodyLimit
 from budrt.protocol.errors import APIError, client_left, internal_error, model_not_found, unauthorized
+from budrt.security.certs import CertPaths
+from budrt.server.admin_routes import load_model, model_card, pin_model, unload_model
 from budrt.server.embed_routes import embeddings
 from budrt.server.heartbeat import Heartbeat
 from budrt.server.image_routes import image_edits, image_generations
@@ -90,30 +93,9 @@ def _residency(hosted: HostedModel) -> dict[str, object]:
     }
 
 
-_STATUS = {"ready": "resident", "loading": "loading", "available": "available", "failed": "failed"}
-
-
-def _model_card(name: str, pool: ModelPool) -> dict[str, object]:
-    hosted = pool.models[name]
-    return {
-        "id": name,
-        "object": "model",
-        "created": hosted.created,
-        "owned_by": "budrt",
-        "task": hosted.config.task,
-        "state": _STATUS[hosted.state],
-        "memory_bytes": hosted.cost_bytes if hosted.state in ("ready", "loading") else None,
-        "error": hosted.error,
-        "loads": hosted.loads,
-        "in_flight": hosted.in_flight,
-        "max_model_len": hosted.config.max_model_len,
-        "aliases": hosted.config.aliases,
-    }
-
-
 async def list_models(request: Request) -> Response:
     pool: ModelPool = request.app.state.pool
-    return _json({"object": "list", "data": [_model_card(n, pool) for n in pool.models]})
+    return _json({"object": "list", "data": [model_card(m) for m in pool.models.values()]})
 
 
 async def get_model(request: Request) -> Response:
@@ -121,7 +103,7 @@ async def get_model(request: Request) -> Response:
     hosted = pool.get(request.path_params["model"])
     if hosted is None:
         raise model_not_found(request.path_params["model"])
-    return _json(_model_card(hosted.config.name, pool))
+    return _json(model_card(hosted))
 
 
 class _Held(Response):
@@ -189,7 +171,8 @@ PUBLIC_PATHS = frozenset({"/health/live"})  # liveness: says nothing but "this p
 
 class RequireInternalKey:
     """Every route but `PUBLIC_PATHS` needs `Authorization: Bearer <internal key>`: whoever
-    reaches the port must not skip the gateway's keys, limits and metering, or load models."""
+    reaches the port must not skip the gateway's keys, limits and metering, or load, unload
+    and pin models (`/admin/models/...`, which only the gateway calls)."""
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
@@ -208,6 +191,48 @@ class RequireInternalKey:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
 
+TRACED_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/images/generations",
+        "/v1/images/edits",
+    }
+)
+
+
+class RequestContext:
+    """Every request's id (the gateway's `x-request-id`, else a new one) in its log lines and its
+    answer; with tracing on, a span for each POST of the API, continuing the trace of the
+    `traceparent` it came with. The span ends when the response has been sent (streams too)."""
+
+    def __init__(self, app: ASGIApp, tracing: Tracing | None) -> None:
+        self.app = app
+        self.tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        tracing = self.tracing if method == "POST" and path in TRACED_PATHS else None
+        req = begin_request(scope["headers"], tracing, method, path)
+        status = 500  # unless a response starts: the app raised
+
+        def started(code: int) -> None:
+            nonlocal status
+            status = code
+
+        token = enter_request(req)
+        try:
+            await self.app(scope, receive, sending_request_id(send, req.request_id, started))
+        finally:
+            if req.trace is not None:
+                req.trace.end(status)
+            leave_request(token)
+
+
 def create_server_app(
     server: ModelServerConfig,
     models: list[ModelConfig],
@@ -215,9 +240,14 @@ def create_server_app(
     resolver: Resolver | None = None,
     dequantized_dir: Path | None = None,
     internal_key: str | None = None,
+    tls: CertPaths | None = None,
+    zone: str | None = None,
+    tracing: Tracing | None = None,
 ) -> Starlette:
     """`preload`: models to load at start besides those marked so (the supervisor passes the
-    models a server held before it was restarted). `internal_key`: required from callers."""
+    models a server held before it was restarted). `internal_key`: required from callers.
+    `tls`: the platform's certificates when this server serves HTTPS (its heartbeat then too).
+    `tracing`: this process's (`observe.tracing.setup_tracing`), when tracing is on."""
     pool = ModelPool(
         [m for m in models if m.name in server.models],
         server_budgets(server),
@@ -231,9 +261,10 @@ def create_server_app(
         step_timeout_s=server.step_timeout_s,
         self_test_interval_s=server.self_test_interval_s,
     )
-    heartbeat = Heartbeat(server, pool, internal_key)  # registration with gateways, if configured
+    heartbeat = Heartbeat(server, pool, internal_key, tls, zone)  # registration with gateways, if configured
     # The credential first: a caller without it gets nothing read, not even its body's length.
     middleware = [Middleware(RequireInternalKey, key=internal_key)] if internal_key else []
+    middleware.append(Middleware(RequestContext, tracing=tracing))
     middleware.append(Middleware(BodyLimit, max_bytes=server.max_body_bytes))
     app = Starlette(
         routes=ROUTES,
@@ -264,6 +295,10 @@ ROUTES = [
     Route("/v1/embeddings", holding_model(embeddings), methods=["POST"]),
     Route("/v1/images/generations", holding_model(image_generations), methods=["POST"]),
     Route("/v1/images/edits", holding_model(image_edits), methods=["POST"]),
+    # An admin's, through the gateway (server/admin_routes.py); behind the internal credential.
+    Route("/admin/models/{model:path}/load", load_model, methods=["POST"]),
+    Route("/admin/models/{model:path}/unload", unload_model, methods=["POST"]),
+    Route("/admin/models/{model:path}/pin", pin_model, methods=["POST"]),
 ]
 
 

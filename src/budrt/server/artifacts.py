@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from budrt.config import ModelConfig, Settings
 from budrt.model_source import resolve_source
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 from budrt.server.model_pool import Resolver
 
 if TYPE_CHECKING:
@@ -37,14 +38,17 @@ def artifact_resolver(settings: Settings) -> Resolver:
 
         return ModelStore.from_settings(settings), artifact_cache(settings)
 
-    def resolve(cfg: ModelConfig) -> ModelConfig:
+    def resolve(cfg: ModelConfig, progress: ProgressReporter = NO_PROGRESS) -> ModelConfig:
+        def fetched(done: int, total: int) -> None:  # bytes copied from the repository
+            progress.report("fetch", done, total)
+
         if cfg.source.startswith(REGISTRY_PREFIX):
             store, cache = parts()
             name = cfg.source[len(REGISTRY_PREFIX) :]
             info = store.get(name)
             if info is None:
                 raise FileNotFoundError(f"model {name!r} is not in the model registry (budrt models push)")
-            path = cache.get(info.digest, store.repository)
+            path = cache.get(info.digest, store.repository, fetched)
             # The record's default parameters fill what the config leaves at budrt's defaults (the
             # runtime file sets every field, so "left at the default" is what can be told apart).
             fields = ModelConfig.model_fields
@@ -56,7 +60,7 @@ def artifact_resolver(settings: Settings) -> Resolver:
             return ModelConfig.model_validate({**cfg.model_dump(), **defaults, "source": str(path)})
         if cfg.source.startswith(DIGEST_PREFIX):
             store, cache = parts()
-            path = cache.get(cfg.source[len(DIGEST_PREFIX) :], store.repository)
+            path = cache.get(cfg.source[len(DIGEST_PREFIX) :], store.repository, fetched)
         else:
             path = resolve_source(cfg.source)
         return cfg.model_copy(update={"source": str(path)})

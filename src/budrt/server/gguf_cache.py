@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from budrt.config import ModelConfig
+from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +51,13 @@ def _dtype_name(cfg: ModelConfig) -> str:
     return str(auto_dtype()).removeprefix("torch.")
 
 
-def dequantized_source(cfg: ModelConfig, path: Path, root: Path) -> ModelConfig:
+def dequantized_source(
+    cfg: ModelConfig, path: Path, root: Path, progress: ProgressReporter = NO_PROGRESS
+) -> ModelConfig:
     """`cfg` pointing at the cached safetensors copy of its GGUF (made now if missing).
 
     Returns `cfg` unchanged (GGUF path) when it is not a GGUF or the conversion does not check out.
+    `progress` hears of a conversion: phases "dequantize", then "convert" (int8 forms).
     """
     if cfg.format != "gguf" or cfg.task != "chat":
         return cfg
@@ -64,14 +68,14 @@ def dequantized_source(cfg: ModelConfig, path: Path, root: Path) -> ModelConfig:
             root.mkdir(parents=True, exist_ok=True)
             with _file_lock(root / f".{target.name}.lock"):
                 if not (target / "config.json").exists():  # another process may have made it meanwhile
-                    _convert(path, target, dtype)
+                    _convert(path, target, dtype, progress)
         return cfg.model_copy(update={"format": "safetensors", "source": str(target)})
     except Exception as exc:  # the GGUF path always works: never fail a load over the cache
         log.warning("dequantized cache unavailable for %s (%s); loading the GGUF", cfg.name, exc)
         return cfg
 
 
-def _convert(path: Path, target: Path, dtype: str) -> None:
+def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -79,7 +83,7 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
     from budrt.engine.safetensors_loader import _args_from_config, _our_name
     from budrt.engine.tokenizer import TextTokenizer
 
-    gguf = load_gguf(path)
+    gguf = load_gguf(path, progress)
     args = gguf.args
     weights = {}
     for name, tensor in gguf.weights.items():
@@ -89,7 +93,7 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
         weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
     for name, copy in gguf.quantized.items():  # the file's quantized blocks, exact (engine/quant.py)
         weights.update(copy.to_tensors(_to_hf_name(name)))
-    weights.update(_int8_forms(gguf.weights, args, dtype))
+    weights.update(_int8_forms(gguf.weights, args, dtype, progress))
     config = {
         "model_type": "qwen3" if args.qk_norm else "llama",
         "vocab_size": args.vocab_size,
@@ -131,7 +135,9 @@ def _convert(path: Path, target: Path, dtype: str) -> None:
     log.info("dequantized %s into %s (%s)", path.name, target, dtype)
 
 
-def _int8_forms(weights: dict[str, torch.Tensor], args: LlamaArgs, dtype: str) -> dict[str, torch.Tensor]:
+def _int8_forms(
+    weights: dict[str, torch.Tensor], args: LlamaArgs, dtype: str, progress: ProgressReporter
+) -> dict[str, torch.Tensor]:
     """The int8 forms of the linears' weights (engine/int8.py), where an fp32 engine on this
     machine can read them: a restart then reads a quarter of the bytes and rounds nothing (the
     load of SmolLM2 spent ~1 s rounding fp32 weights)."""
@@ -141,8 +147,11 @@ def _int8_forms(weights: dict[str, torch.Tensor], args: LlamaArgs, dtype: str) -
     if dtype != "float32" or not (int8.available() and kernels.prepare()):
         return {}
     forms = {}
-    for name in linear_weight_names(weights, args):
+    names = linear_weight_names(weights, args)
+    for i, name in enumerate(names):
+        progress.report("convert", i, len(names))
         forms.update(int8.to_tensors(int8.round_weight(weights[name]), _to_hf_name(name)))
+    progress.report("convert", len(names), len(names))
     return forms
 
 

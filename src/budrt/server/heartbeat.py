@@ -17,6 +17,8 @@ import time
 import aiohttp
 
 from budrt.config import ModelServerConfig
+from budrt.security import certs
+from budrt.security.certs import CertPaths
 from budrt.server.model_pool import RETRY_FAILED_AFTER_S, ModelPool
 
 log = logging.getLogger("budrt.server.heartbeat")
@@ -31,11 +33,11 @@ def _local_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def advertise_url(server: ModelServerConfig) -> str:
+def advertise_url(server: ModelServerConfig, scheme: str = "http") -> str:
     """The OpenAI base URL gateways should send requests to."""
     if server.advertise_url:
         return server.advertise_url.replace("{port}", str(server.port)).rstrip("/")
-    return f"http://{_local_host(server.host)}:{server.port}/v1"
+    return f"{scheme}://{_local_host(server.host)}:{server.port}/v1"
 
 
 def heartbeat_url(gateway: str) -> str:
@@ -44,10 +46,22 @@ def heartbeat_url(gateway: str) -> str:
 
 
 class Heartbeat:
-    def __init__(self, server: ModelServerConfig, pool: ModelPool, internal_key: str | None = None) -> None:
+    def __init__(
+        self,
+        server: ModelServerConfig,
+        pool: ModelPool,
+        internal_key: str | None = None,
+        tls: CertPaths | None = None,
+        zone: str | None = None,
+    ) -> None:
+        scheme = "https" if tls is not None else "http"
+        self.zone = zone  # announced, so gateways of the same zone prefer this replica
         self.gateways = [heartbeat_url(g) for g in server.register_urls]
-        self.url = advertise_url(server)
-        self.self_check = f"http://{_local_host(server.host)}:{server.port}/health/ready"
+        self.url = advertise_url(server, scheme)
+        self.self_check = f"{scheme}://{_local_host(server.host)}:{server.port}/health/ready"
+        # Over TLS: the platform's CA (the gateways' and its own certificates), and the client
+        # certificate its own port asks for.
+        self.tls = certs.client_context(tls, with_client_cert=True) if tls is not None else None
         # Its own readiness answers only to the internal credential, like every caller's.
         self.self_headers = {"Authorization": f"Bearer {internal_key}"} if internal_key else {}
         self.interval_s = server.heartbeat_interval_s
@@ -67,21 +81,32 @@ class Heartbeat:
 
     def models(self) -> list[dict[str, object]]:
         """What this server can serve now: resident or loadable; not a model that can never fit
-        nor one whose load just failed (it is offered again once a retry is due)."""
+        nor one whose load just failed (it is offered again once a retry is due). A model kept
+        out only by pinned models stays listed: unpinning one lets it load, and the gateway must
+        still know this server hosts it to ask for that load. Each with its state and whether it
+        is pinned, which the gateway's `/admin/replicas` shows."""
         now = time.time()
         out: list[dict[str, object]] = []
         for hosted in self.pool.models.values():
             failed_recently = hosted.state == "failed" and now - hosted.failed_at < RETRY_FAILED_AFTER_S
-            if hosted.too_large or failed_recently:
+            if hosted.too_large or (failed_recently and not hosted.held_by):
                 continue
-            out.append({"id": hosted.name, "aliases": list(hosted.config.aliases)})
+            out.append(
+                {
+                    "id": hosted.name,
+                    "aliases": list(hosted.config.aliases),
+                    "state": hosted.shown_state,
+                    "pinned": hosted.pinned,
+                }
+            )
         return out
 
     async def run(self) -> None:
         """Heartbeat until cancelled."""
         if not self.enabled:
             return
-        self._session = aiohttp.ClientSession(timeout=self.timeout)
+        connector = aiohttp.TCPConnector(ssl=self.tls if self.tls is not None else True)
+        self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         started = False
         while True:
             if await self._ready():
@@ -100,6 +125,8 @@ class Heartbeat:
 
     async def beat(self, leaving: bool = False) -> None:
         body: dict[str, object] = {"url": self.url, "ttl_s": self.ttl_s}
+        if self.zone is not None:
+            body["zone"] = self.zone
         if leaving:
             body["leaving"] = True
         else:

@@ -27,6 +27,7 @@ from budrt.image.edit import make_start, read_mask
 from budrt.image.encode import decode_picture, encode_picture
 from budrt.image.engine import DiffusionEngine, ImageJob, Start
 from budrt.image.preprocess import ImagePlan
+from budrt.observe.tracing import Attributes, RequestTrace, current_trace
 from budrt.protocol.errors import from_validation_error, invalid_request, overloaded
 from budrt.protocol.schemas import ImageEditRequest, ImageGenerationRequest
 from budrt.server import metrics
@@ -125,20 +126,29 @@ async def run_jobs(
             job.progress = _progress_to(loop, events, index)
             job.preview_every = every
         _watch(loop, events, jobs)
+    trace, submitted = current_trace(), time.time_ns()
     try:
         engine.submit(jobs)
     except EngineOverloaded:
         metrics.REQUEST_ERRORS.labels(req.model, "503").inc()
         raise overloaded(retry_after=1) from None
     if events is not None:
-        return StreamingResponse(_stream(jobs, events, plan, req), media_type="text/event-stream")
+        spans = (trace, submitted) if trace is not None else None
+        return StreamingResponse(_stream(jobs, events, plan, req, spans), media_type="text/event-stream")
     started = time.perf_counter()
     pictures = await _collect(request, jobs)
+    if trace is not None:
+        trace.record(
+            "denoise", submitted, time.time_ns(), _denoising(plan, len(jobs)), failed=pictures is None
+        )
     metrics.REQUESTS.labels(req.model, "abort" if pictures is None else "stop").inc()
     if pictures is None:
         return Response(status_code=499)
     metrics.E2E.labels(req.model).observe(time.perf_counter() - started)
+    encoding = time.time_ns()
     files = await asyncio.to_thread(_encode_all, pictures, req)
+    if trace is not None:
+        trace.record("encode", encoding, time.time_ns(), {"budrt.output_format": req.output_format})
     data = [_datum(f, plan) for f in files]
     body = {"created": int(time.time()), "data": data, **_shape(plan, req), "usage": _usage(plan, len(jobs))}
     return Response(orjson.dumps(body), media_type="application/json")
@@ -186,10 +196,16 @@ def _watch(
 
 
 async def _stream(
-    jobs: list[ImageJob], events: asyncio.Queue[dict[str, Any]], plan: ImagePlan, req: Any
+    jobs: list[ImageJob],
+    events: asyncio.Queue[dict[str, Any]],
+    plan: ImagePlan,
+    req: Any,
+    spans: tuple[RequestTrace, int] | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE: `image_generation.progress` each step, `image_generation.partial_image` with a preview
-    every few steps, `image_generation.completed` per image (the last one carries `usage`)."""
+    every few steps, `image_generation.completed` per image (the last one carries `usage`).
+    `spans`: the request's trace and when its jobs were submitted, for its `denoise` span (the
+    pictures are encoded as each one is done, within it)."""
     shape = _shape(plan, req)
     partials = [0] * len(jobs)
     pending = len(jobs)
@@ -217,6 +233,20 @@ async def _stream(
                 partials[index] += 1
     finally:
         _cancel(jobs)  # a no-op for finished jobs; a client gone mid-stream stops the rest
+        if spans is not None:
+            spans[0].record(
+                "denoise", spans[1], time.time_ns(), _denoising(plan, len(jobs)), failed=pending > 0
+            )
+
+
+def _denoising(plan: ImagePlan, images: int) -> Attributes:
+    """The attributes of a `denoise` span: one span for all the steps of all the images."""
+    return {
+        "budrt.images": images,
+        "budrt.steps": plan.steps,
+        "budrt.image_steps": images * plan.steps,
+        "budrt.size": f"{plan.width}x{plan.height}",
+    }
 
 
 def _sse(event: dict[str, Any]) -> bytes:

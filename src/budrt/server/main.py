@@ -8,10 +8,16 @@ import os
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
-from budrt.config import Settings, load_runtime, reveal
+from budrt.config import ModelServerConfig, Settings, load_runtime, reveal
+from budrt.model_source import resolve_source
 from budrt.observe.logging import setup_logging
+from budrt.observe.progress import LogReporter
+from budrt.observe.startup import cannot_start, port_problem
+from budrt.observe.tracing import setup_tracing
 from budrt.protocol.http_server import BoundedHeadProtocol
+from budrt.security import certs
 
 
 def is_loopback(host: str) -> bool:
@@ -41,20 +47,28 @@ def run_model_server(
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    setup_logging(f"model-server:{name}", settings.log_level)
+    setup_logging(f"model-server:{name}", settings.log_level, settings.log_format)
     if server.threads:
         import torch
 
         torch.set_num_threads(server.threads)
+    _check_can_start(settings, server, name)
     from budrt.engine import kernels
 
     # Build (first time on this machine) or load the CPU kernels before serving, so that no
     # model load waits on a compiler and every request of this process takes the same path.
-    kernels.prepare()
+    progress = LogReporter("cpu-kernels")  # a build (about a minute) shows as a bar
+    try:
+        kernels.prepare(progress=progress)
+    except Exception as exc:  # a compiler or torch mismatch: the next start fails alike
+        cannot_start(settings.home, name, f"the CPU kernels could not be built or loaded: {exc}")
+    finally:
+        progress.end()
     from budrt.server.app import create_server_app
     from budrt.server.artifacts import artifact_resolver
 
     cache = settings.artifact_cache_dir or settings.home / "artifacts"
+    tls = certs.platform_paths(settings.tls, settings.home)
     app = create_server_app(
         server,
         settings.models,
@@ -62,7 +76,18 @@ def run_model_server(
         artifact_resolver(settings),
         cache / "dequantized",
         internal_key=internal_key,
+        tls=tls,
+        zone=settings.zone,
+        tracing=setup_tracing(settings.tracing, "budrt-model-server", resource={"budrt.model_server": name}),
     )
+    _serve(app, server, settings, tls)
+
+
+def _serve(app: ASGIApp, server: ModelServerConfig, settings: Settings, tls: certs.CertPaths | None) -> None:
+    """Serves `app` until SIGINT/SIGTERM. With TLS, only a client holding a certificate from the
+    platform's CA (a gateway, the supervisor's probes) completes the handshake: nothing else
+    reaches a route."""
+    context = certs.server_context(tls, require_client_cert=True) if tls is not None else None
     uvicorn.run(
         app,
         host=server.host,
@@ -72,7 +97,23 @@ def run_model_server(
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(settings.supervisor.shutdown_grace_s),
+        ssl_context_factory=None if context is None else lambda _config, _default: context,
     )
+
+
+def _check_can_start(settings: Settings, server: ModelServerConfig, name: str) -> None:
+    """What a restart cannot fix ends this process with its reason (observe/startup.py): the port,
+    and each model file given by path (registry models are fetched later, and may appear)."""
+    problem = port_problem(server.host, server.port) if server.port else None
+    if problem is not None:
+        cannot_start(settings.home, name, problem)
+    for model in (settings.model(m) for m in server.models):
+        if model.in_registry:
+            continue
+        try:
+            resolve_source(model.source)
+        except (FileNotFoundError, ValueError) as exc:
+            cannot_start(settings.home, name, f"model {model.name!r}: {exc}")
 
 
 def main() -> None:

@@ -4,6 +4,11 @@ States: `available` (known, not in memory) -> `loading` -> `ready`; `failed` whe
 failed (retried by a later request after a pause). Every request holds its model (`in_flight`)
 from routing until its response ends, so a model serving a stream is never evicted. Concurrent
 first requests share one load task; each waits at most `load_timeout_s`, then gets 503.
+
+A pinned model (`pinned` in its config, or pinned by an admin: `set_pinned`) is never evicted to
+make room: a load that only its eviction could make room for fails at once (`held_by` names the
+pinned models) instead of waiting. An admin may also load (`start_load`) and unload (`unload`) a
+model; an unloaded model loads again on its next request, like any evicted one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from budrt.config import ModelConfig
 from budrt.engine import openmp
 from budrt.engine.interface import Engine
 from budrt.model_source import resolve_source
+from budrt.observe.progress import LogReporter, ProgressReporter
 from budrt.protocol.errors import APIError, invalid_request, model_not_found
 from budrt.server.cost import estimate_cost
 from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel
@@ -28,15 +34,23 @@ from budrt.server.embeddings import EmbeddingBatcher, EmbeddingModel
 if TYPE_CHECKING:
     from budrt.image.engine import DiffusionEngine
 from budrt.server.gguf_cache import dequantized_source
-from budrt.server.placement import DeviceRoom, NeverFits, place
+from budrt.server.placement import DeviceRoom, NeverFits, pinned_in_the_way, place
 from budrt.server.residency import MemoryBudget
 
 log = logging.getLogger(__name__)
 ModelState = Literal["available", "loading", "ready", "failed"]
+# A state as the server shows it (/v1/models, heartbeats, admin answers).
+SHOWN_STATES: dict[str, str] = {
+    "ready": "resident",
+    "loading": "loading",
+    "available": "available",
+    "failed": "failed",
+}
 RETRY_FAILED_AFTER_S = 10.0
 _TASKS = {"chat": "a chat model", "embedding": "an embedding model", "image": "an image model"}
 # The config with a local path as its `source` (fetched, verified; the model registry's defaults applied).
-Resolver = Callable[[ModelConfig], ModelConfig]
+# A model's config with `source` made a local path (fetching a registry artifact, with progress).
+Resolver = Callable[[ModelConfig, ProgressReporter], ModelConfig]
 
 
 @dataclass
@@ -56,7 +70,12 @@ class HostedModel:
     last_used: float = 0.0
     loads: int = 0
     too_large: bool = False
+    held_by: list[str] = field(default_factory=list)  # pinned models that kept its last load out
+    pin: bool | None = None  # set by an admin (`ModelPool.set_pinned`); None: as configured
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Set once the running load has its room (victims evicted), so an admin's load request can
+    # answer whether a pinned model is in the way without waiting for the whole load.
+    placed: asyncio.Event | None = field(default=None, repr=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -70,7 +89,12 @@ class HostedModel:
 
     @property
     def pinned(self) -> bool:
-        return self.config.pinned
+        """Never evicted to make room for another model: pinned by an admin, else by its config."""
+        return self.config.pinned if self.pin is None else self.pin
+
+    @property
+    def shown_state(self) -> str:
+        return SHOWN_STATES[self.state]
 
 
 class ModelPool:
@@ -81,6 +105,7 @@ class ModelPool:
         load_timeout_s: float = 120.0,
         resolver: Resolver | None = None,
         dequantized_dir: Path | None = None,
+        progress: Callable[[str], LogReporter] = LogReporter,
     ) -> None:
         self.models: dict[str, HostedModel] = {}
         self.aliases: dict[str, str] = {}
@@ -92,9 +117,10 @@ class ModelPool:
         self.budgets = budgets or [MemoryBudget("cpu", 1 << 62)]
         self.load_timeout_s = load_timeout_s
         self.resolve = resolver or (
-            lambda cfg: cfg.model_copy(update={"source": str(resolve_source(cfg.source))})
+            lambda cfg, _progress: cfg.model_copy(update={"source": str(resolve_source(cfg.source))})
         )
         self.dequantized_dir = dequantized_dir  # where GGUF models are cached dequantized; None = off
+        self.progress = progress  # a load's progress, by model name: log records (observe/progress.py)
         self.preload_done = False
         self.preload_names: list[str] = []
         self._load_lock = asyncio.Lock()  # one load at a time: the budget check sees settled numbers
@@ -184,26 +210,32 @@ class ModelPool:
     def load(self, hosted: HostedModel) -> asyncio.Task[None]:
         """The model's one load task (started if none is running)."""
         if hosted.load_task is None or hosted.load_task.done():
+            hosted.placed = asyncio.Event()
             hosted.load_task = asyncio.get_running_loop().create_task(self._load(hosted))
         return hosted.load_task
 
     async def _load(self, hosted: HostedModel) -> None:
         if hosted.state == "ready":
             return
-        hosted.state, hosted.error = "loading", None
+        hosted.state, hosted.error, hosted.held_by = "loading", None, []
+        progress = self.progress(hosted.name)
         try:
             async with self._load_lock:
                 started = time.perf_counter()
                 cfg = hosted.config
-                local = await asyncio.to_thread(self.resolve, cfg)
+                local = await asyncio.to_thread(self.resolve, cfg, progress)
                 path = Path(local.source)
                 # Every device of a server is of one kind (CPU, or its GPUs), which sets the dtype.
                 kind = self.budgets[0].device
                 hosted.cost_bytes = await asyncio.to_thread(estimate_cost, local, path, kind)
                 hosted.device = await self._make_room(hosted)
+                if hosted.placed is not None:
+                    hosted.placed.set()
                 if self.dequantized_dir is not None:
-                    local = await openmp.to_thread(dequantized_source, local, path, self.dequantized_dir)
-                await self._start(hosted, local)
+                    local = await openmp.to_thread(
+                        dequantized_source, local, path, self.dequantized_dir, progress
+                    )
+                await self._start(hosted, local, progress)
                 hosted.loads += 1
                 hosted.state, hosted.loaded_at = "ready", time.time()
                 hosted.last_used = time.monotonic()
@@ -215,8 +247,12 @@ class ModelPool:
             log.warning("loading model %s failed: %s", hosted.name, exc)
             hosted.state, hosted.failed_at = "failed", time.time()
             hosted.too_large = isinstance(exc, ModelTooLarge)
-            hosted.error = str(exc) if hosted.too_large else f"{type(exc).__name__}: {exc}"
+            hosted.held_by = exc.names if isinstance(exc, PinnedInTheWay) else []
+            plain = hosted.too_large or bool(hosted.held_by)  # our own message, said as it is
+            hosted.error = str(exc) if plain else f"{type(exc).__name__}: {exc}"
             hosted.cost_bytes = 0
+        finally:
+            progress.end()  # its bars close, whether it loaded or not
 
     async def _make_room(self, hosted: HostedModel) -> str:
         """The device chosen for `hosted` (server/placement.py), once its victims are evicted."""
@@ -230,6 +266,10 @@ class ModelPool:
                 for victim in placement.victims:
                     await self.evict(victim)  # type: ignore[arg-type]
                 return placement.device
+            # Waiting helps only while busy models hold the room; pinned ones never leave.
+            pinned = pinned_in_the_way(self.device_table(exclude=hosted), hosted.cost_bytes)
+            if pinned:
+                raise PinnedInTheWay(hosted, pinned)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no room for {hosted.name}: the resident models are busy or pinned")
             self._released.clear()  # wait for a request to end, then look again
@@ -259,15 +299,65 @@ class ModelPool:
             with torch.cuda.device(hosted.device):
                 torch.cuda.empty_cache()  # return the cached blocks, so mem_get_info sees them free
 
-    async def _start(self, hosted: HostedModel, cfg: ModelConfig) -> None:
+    # --- an admin's requests (server/admin_routes.py) ---
+
+    async def start_load(self, hosted: HostedModel, wait_s: float) -> None:
+        """Load `hosted` now, even within the pause after a failed load (an admin asked), and
+        wait until the load has its room or has ended, at most `wait_s`: a refusal (too large,
+        pinned models in the way) is known when this returns. The load goes on afterwards."""
+        if hosted.state == "ready":
+            return
+        task = self.load(hosted)
+        waiters: set[asyncio.Future[object]] = {task}
+        if hosted.placed is not None:
+            waiters.add(asyncio.ensure_future(hosted.placed.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters - {task}:  # never the load itself: it goes on
+                waiter.cancel()
+
+    async def unload(self, hosted: HostedModel) -> None:
+        """Evict `hosted` at an admin's request; nothing to do unless it is resident.
+
+        Refused with 409, never waited for: while requests are in flight on it (`model_busy`:
+        evicting would cut them off, and while traffic keeps coming a wait might never end;
+        retry once it is idle), while it loads (`model_loading`: a load cannot be stopped
+        halfway) and while it is pinned (`model_pinned`: unpin it first). The checks and the
+        state change have no await between them, so no request takes hold of it in between."""
+        if hosted.state == "loading":
+            raise _conflict(
+                f"The model `{hosted.name}` is loading; unload it once it is resident.", "model_loading"
+            )
+        if hosted.state != "ready":
+            return
+        if hosted.pinned:
+            raise _conflict(f"The model `{hosted.name}` is pinned; unpin it first.", "model_pinned")
+        if hosted.in_flight:
+            raise _conflict(
+                f"The model `{hosted.name}` is serving {hosted.in_flight} request(s); retry once they end.",
+                "model_busy",
+            )
+        await self.evict(hosted)
+
+    def set_pinned(self, hosted: HostedModel, pinned: bool) -> None:
+        """Pin or unpin `hosted` until this process ends (its config's `pinned` is the lasting form)."""
+        if hosted.pinned != pinned:
+            log.info("model %s %s", hosted.name, "pinned" if pinned else "unpinned")
+        hosted.pin = pinned
+        self._released.set()  # a load waiting for room looks again at once
+
+    async def _start(self, hosted: HostedModel, cfg: ModelConfig, progress: ProgressReporter) -> None:
         device = hosted.device or "cpu"
         if cfg.task == "chat":
             from budrt.engine.factory import create_text_engine
 
-            engine = await openmp.to_thread(create_text_engine, cfg, device)
+            engine = await openmp.to_thread(create_text_engine, cfg, device, progress)
             await engine.start()
             hosted.engine = engine
-        elif cfg.task == "embedding":
+            return
+        progress.report("load", 0, 1)  # from_pretrained tells nothing on the way: a bar and its time
+        if cfg.task == "embedding":
             embedding_model = await openmp.to_thread(EmbeddingModel, cfg, device)
             batcher = EmbeddingBatcher(embedding_model, cfg.max_batch_tokens, cfg.max_waiting)
             batcher.start()
@@ -278,6 +368,7 @@ class ModelPool:
             hosted.imager = await openmp.to_thread(start_engine, cfg, device)
         else:  # pragma: no cover - config validation forbids it
             raise ValueError(f"unsupported task {cfg.task}")
+        progress.report("load", 1, 1)
 
     async def preload(self, extra: list[str] | None = None) -> None:
         """Load the models marked `preload` (plus `extra`, e.g. those held before a restart)."""
@@ -308,10 +399,31 @@ class ModelTooLarge(Exception):
     pass
 
 
+class PinnedInTheWay(Exception):
+    """Only evicting pinned models would make room for the model: its load is refused."""
+
+    def __init__(self, hosted: HostedModel, names: list[str]) -> None:
+        shown = ", ".join(f"`{n}`" for n in names)
+        super().__init__(
+            f"model {hosted.name} needs ~{hosted.cost_bytes >> 20} MiB, held by the pinned model(s) "
+            f"{shown}, which are never evicted to make room: unpin one of them first"
+        )
+        self.names = names
+
+
+def _conflict(message: str, code: str) -> APIError:
+    return APIError(409, message, param="model", code=code)
+
+
 def _unavailable(hosted: HostedModel) -> APIError:
+    code = "model_unavailable"
+    if hosted.too_large:
+        code = "model_too_large"
+    elif hosted.held_by:
+        code = "pinned_model_in_the_way"
     return APIError(
         503,
         f"The model `{hosted.name}` cannot be loaded: {hosted.error}",
-        code="model_too_large" if hosted.too_large else "model_unavailable",
+        code=code,
         headers={} if hosted.too_large else {"Retry-After": str(int(RETRY_FAILED_AFTER_S))},
     )

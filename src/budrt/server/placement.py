@@ -67,3 +67,19 @@ def place(devices: Sequence[DeviceRoom], name: str, need_bytes: int) -> Placemen
         return None
     _, _, _, device, victims = min(options, key=lambda o: o[:3])
     return Placement(device.device, victims)
+
+
+def pinned_in_the_way(devices: Sequence[DeviceRoom], need_bytes: int) -> list[str]:
+    """The pinned models whose room a model costing `need_bytes` would need, when `place` found
+    none: on every device whose budget could hold it, the pinned models alone leave too little.
+    Empty when some device has room once its busy models finish (then waiting helps; unpinning
+    is the only way otherwise, and a pinned model is never evicted to make room)."""
+    names: list[str] = []
+    for d in devices:
+        if need_bytes > d.total_bytes:
+            continue
+        pinned = [m for m in d.resident if m.pinned]
+        if need_bytes <= d.total_bytes - sum(m.cost_bytes for m in pinned):
+            return []
+        names.extend(m.name for m in pinned)
+    return names

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from budrt.engine.interface import Engine, EngineDead, EngineOverloaded, GenerationOutput, SamplingParams
+from budrt.observe.tracing import RequestTrace, current_trace
 from budrt.protocol.errors import (
     APIError,
     context_too_long,
@@ -53,9 +54,19 @@ async def validate(request: Request, schema: type[RequestModel]) -> RequestModel
 
 
 async def serving_model(request: Request, name: str, task: str) -> HostedModel:
-    """The model, loaded on demand and held until the response ends (see `app.holding_model`)."""
-    hosted = await request.app.state.pool.acquire(name, task)
+    """The model, loaded on demand and held until the response ends (see `app.holding_model`).
+    A traced request that waited for the model's load has a `model.load` span."""
+    pool = request.app.state.pool
+    trace = current_trace()
+    known = pool.get(name) if trace is not None else None
+    waited = known is not None and known.state != "ready"
+    started = time.time_ns()
+    hosted = await pool.acquire(name, task)
     request.state.hosted = hosted
+    if trace is not None:
+        trace.set("budrt.model", hosted.name)
+        if waited:
+            trace.record("model.load", started, time.time_ns(), {"budrt.model": hosted.name})
     return hosted
 
 
@@ -181,12 +192,15 @@ class Generation:
     choices: list[ChoiceResult]
     prompt_tokens: int
     started: float  # perf_counter at the request's start
+    spans: GenerationSpans | None = None  # when the request is traced
 
     async def events(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """(choice index, output) as they come, the first one included."""
         if self.first is not None:
             yield self.index_of[self.first[0]], self.first[1]
             async for k, out in self.outputs:
+                if self.spans is not None:
+                    self.spans.output(k)
                 yield self.index_of[k], out
 
     async def collect(self) -> None:
@@ -202,6 +216,56 @@ class Generation:
         for c in self.choices:
             metrics.REQUESTS.labels(name, c.finish_reason or "abort").inc()
 
+    def end_spans(self) -> None:
+        """Its spans, once it is over (completed or not)."""
+        if self.spans is not None:
+            self.spans.finish(sum(c.completion_tokens for c in self.choices))
+            self.spans = None
+
+
+class GenerationSpans:
+    """The `queue`, `prefill` and `decode` spans of one traced generation, told from when the
+    engine's outputs arrived: the engine reports no schedule of its own per request.
+
+    The first token ends prefill, the last one ends decode. An engine that was idle when the
+    request came took it at once: no queue. On a busy engine the prefill is taken as the last
+    steps before the first token (as many as the prompt's chunks of `max_num_batched_tokens`),
+    each as long as the request's first decode step (the gap to its second token), and the time
+    before as queue; those two spans say `budrt.estimated`.
+    """
+
+    __slots__ = ("trace", "idle", "chunks", "submitted", "first", "job", "second", "last")
+
+    def __init__(self, trace: RequestTrace, engine: Engine, prompt_len: int, step_tokens: int) -> None:
+        self.trace = trace
+        stats = engine.stats()
+        self.idle = not stats.get("running") and not stats.get("waiting")
+        self.chunks = -(-prompt_len // max(1, step_tokens))
+        self.submitted = time.time_ns()
+        self.first = self.second = self.last = 0
+        self.job = -1  # the job of the first output, whose second output times a decode step
+
+    def output(self, job: int) -> None:
+        now = time.time_ns()
+        if not self.first:
+            self.first, self.job = now, job
+        elif not self.second and job == self.job:
+            self.second = now
+        self.last = now
+
+    def finish(self, completion_tokens: int, failed: bool = False) -> None:
+        if not self.first:  # it ended before its first token: it never left the queue
+            self.trace.record("queue", self.submitted, time.time_ns(), failed=failed)
+            return
+        prefill = self.submitted
+        estimated = not self.idle
+        if estimated and self.second:
+            prefill = max(self.submitted, self.first - (self.second - self.first) * self.chunks)
+        guess = {"budrt.estimated": estimated}
+        self.trace.record("queue", self.submitted, prefill, guess)
+        self.trace.record("prefill", prefill, self.first, guess)
+        self.trace.record("decode", self.first, self.last, {"budrt.completion_tokens": completion_tokens})
+
 
 async def respond(
     request: Request,
@@ -215,14 +279,22 @@ async def respond(
 ) -> Response:
     started = time.perf_counter()
     live = [(i, job) for i, job in enumerate(jobs) if job[1].max_tokens > 0]
+    spans = _spans(request, engine, [ids for _, (ids, _) in live])
     outputs = merge_choices(engine, fmt.id, [job for _, job in live])
-    first = await first_output(outputs, model_name, started) if live else None
+    try:
+        first = await first_output(outputs, model_name, started) if live else None
+    except BaseException:
+        if spans is not None:  # refused (a full queue, an engine restarting) or the client left
+            spans.finish(0, failed=True)
+        raise
+    if spans is not None and first is not None:
+        spans.output(first[0])
     choices = [ChoiceResult() for _ in jobs]
     for choice, (_, params) in zip(choices, jobs, strict=True):
         if params.max_tokens == 0:
             choice.finish_reason = "length"
     index_of = [i for i, _ in live]
-    gen = Generation(model_name, fmt, outputs, first, index_of, choices, prompt_tokens, started)
+    gen = Generation(model_name, fmt, outputs, first, index_of, choices, prompt_tokens, started, spans)
     if stream:
         return StreamingResponse(
             sse_stream(gen, include_usage),
@@ -230,6 +302,15 @@ async def respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await json_response(request, gen)
+
+
+def _spans(request: Request, engine: Engine, prompts: list[list[int]]) -> GenerationSpans | None:
+    """The spans of a generation about to be submitted, when its request is traced."""
+    trace = current_trace()
+    if trace is None or not prompts:
+        return None
+    step_tokens = request.state.hosted.config.max_num_batched_tokens
+    return GenerationSpans(trace, engine, max(len(ids) for ids in prompts), step_tokens)
 
 
 async def first_output(outputs: Outputs, model_name: str, started: float) -> tuple[int, GenerationOutput]:
@@ -269,6 +350,7 @@ async def json_response(request: Request, gen: Generation) -> Response:
             # inside it raises "aclose(): asynchronous generator is already running".
             await asyncio.gather(collector, return_exceptions=True)
             await gen.outputs.aclose()
+    gen.end_spans()
     if collector.cancelled():
         return Response(status_code=499)
     collector.result()
@@ -303,6 +385,7 @@ async def sse_stream(gen: Generation, include_usage: bool) -> AsyncIterator[byte
         yield sse(error.body())
         yield SSE_DONE
     finally:
+        gen.end_spans()
         await gen.outputs.aclose()
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from budrt.store.repository import (
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 MANIFEST = CACHE_MANIFEST
 
 
+Fetched = Callable[[int, int], None]  # (bytes copied, bytes in all) while an artifact is fetched
+
+
+def _ignore(done: int, total: int) -> None:
+    return None
+
+
 class ArtifactCache:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
@@ -44,8 +51,9 @@ class ArtifactCache:
         self._guard = threading.Lock()
         (root / ".locks").mkdir(parents=True, exist_ok=True)
 
-    def get(self, digest: str, repository: ModelRepository) -> Path:
-        """The local, verified copy of artifact `digest` (the file itself for single-file models)."""
+    def get(self, digest: str, repository: ModelRepository, fetched: Fetched | None = None) -> Path:
+        """The local, verified copy of artifact `digest` (the file itself for single-file models).
+        `fetched(done, total)`: bytes copied so far when it has to come from the repository."""
         if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
             raise ValueError(f"invalid artifact digest {digest!r}")
         entry = self.root / digest
@@ -58,14 +66,16 @@ class ArtifactCache:
                 except ArtifactCorrupt as exc:
                     log.warning("artifact cache: %s; fetching it again", exc)
                     shutil.rmtree(entry)
-            manifest = self._fetch(digest, repository, entry)
+            manifest = self._fetch(digest, repository, entry, fetched or _ignore)
         self.cleanup(keep=digest)
         return _model_path(entry, manifest)
 
-    def _fetch(self, digest: str, repository: ModelRepository, entry: Path) -> Manifest:
+    def _fetch(self, digest: str, repository: ModelRepository, entry: Path, fetched: Fetched) -> Manifest:
         manifest = repository.manifest(digest)
         tmp = self.root / f".tmp-{digest[:16]}-{uuid.uuid4().hex}"
+        done = 0
         try:
+            fetched(0, manifest.size)
             for item in manifest.files:
                 target = tmp / item.path
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +84,8 @@ class ArtifactCache:
                     while chunk := src.read(CHUNK):
                         h.update(chunk)
                         dst.write(chunk)
+                        done += len(chunk)
+                        fetched(done, manifest.size)
                 if h.hexdigest() != item.sha256:
                     raise ArtifactCorrupt(
                         f"artifact {digest[:12]}: {item.path} in the repository does not match its digest"

@@ -20,19 +20,23 @@ log = logging.getLogger("budrt.store")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _SQLITE_BUSY_MS = 10_000
+_PG_CONNECT_TIMEOUT_S = 3
 # Any constant works: it only has to be the same in every budrt process sharing a database.
 _PG_MIGRATION_LOCK = 0x62756472
 
 
-def make_engine(url: str, *, migration: bool = False) -> Engine:
+def make_engine(url: str, *, immediate: bool = False) -> Engine:
     """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout.
 
-    `migration=True` makes every SQLite transaction `BEGIN IMMEDIATE`, so two processes that
-    migrate at once are serialised by SQLite's write lock instead of interleaving DDL.
+    `immediate=True` makes every SQLite transaction `BEGIN IMMEDIATE`: it takes the write lock
+    at the start, waiting under the busy timeout. A deferred transaction that reads and then
+    writes fails at once ("database is locked", whatever the timeout) when another connection
+    committed in between; so every write transaction, and migrations, use this.
     """
     parsed = make_url(url)
     if not parsed.get_backend_name() == "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        # A bounded connect: a primary or replica that does not answer fails the call quickly.
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S})
     database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
         _private_sqlite(Path(database).expanduser())
@@ -52,7 +56,7 @@ def make_engine(url: str, *, migration: bool = False) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if migration else "BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -82,7 +86,7 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str, attempts: int = 5) -> None:
     """Bring the schema to the newest revision; safe to run at every start, from many processes."""
     for attempt in range(1, attempts + 1):
-        engine = make_engine(url, migration=True)
+        engine = make_engine(url, immediate=True)
         try:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":

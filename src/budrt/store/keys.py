@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from budrt.config import Settings
 from budrt.security.keys import (
@@ -25,7 +26,7 @@ from budrt.security.keys import (
     well_formed,
 )
 from budrt.security.rbac import ROLE_NAME
-from budrt.store.db import make_engine, session_factory
+from budrt.store.database import Database
 from budrt.store.quotas import BUDGET_FIELDS, INT64_MAX, Quota, check_quota, quota_of
 from budrt.store.tables import ApiKey
 
@@ -88,18 +89,18 @@ class KeyRecord:
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
+            "last_used_at": _iso(self.last_used_at),
         }
 
 
 class KeyStore:
-    def __init__(self, engine: Engine, secret: bytes) -> None:
-        self.engine = engine
+    def __init__(self, db: Database, secret: bytes) -> None:
+        self.db = db
         self._secret = secret
-        self._sessions = session_factory(engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
-        return cls(make_engine(settings.database_url_resolved), load_or_create_secret(settings))
+        return cls(Database.from_settings(settings), load_or_create_secret(settings))
 
     def hash(self, plaintext: str) -> str:
         return hash_api_key(plaintext, self._secret)
@@ -145,26 +146,28 @@ class KeyStore:
             permissions=list(permissions) if permissions is not None else None,
             **(budgets or {}),
         )
-        with self._sessions.begin() as session:
+        with self.db.writes.begin() as session:
             session.add(row)
         return key, _record(row)
 
     def verify(self, plaintext: str) -> KeyRecord | None:
         """The active key matching `plaintext`, or None (unknown, revoked or expired)."""
-        digest = self.hash(plaintext)
+        return self.verify_digest(self.hash(plaintext))
+
+    def verify_digest(self, digest: str) -> KeyRecord | None:
+        """The active key whose HMAC digest is `digest` (a console session keeps only that)."""
         now = datetime.now(UTC)
-        with self._sessions() as session:
-            row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-            if row is None:
-                return None
-            record = _record(row)
-        if not record.is_active(now):
+        record = self.db.read(lambda session: _by_hash(session, digest))
+        if record is None and self.db.replicas:
+            with self.db.session() as session:  # created since the replica last caught up?
+                record = _by_hash(session, digest)
+        if record is None or not record.is_active(now):
             return None
         if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
             # A transaction of its own: upgrading the read above to a write fails at once on
             # SQLite when another process wrote meanwhile, whereas a fresh write waits its turn.
             try:
-                with self._sessions.begin() as session:
+                with self.db.writes.begin() as session:
                     session.execute(update(ApiKey).where(ApiKey.id == record.id).values(last_used_at=now))
             except OperationalError as exc:  # a coarse timestamp must never fail authentication
                 log.warning("last_used_at not updated", extra={"fields": {"error": str(exc)}})
@@ -174,20 +177,21 @@ class KeyStore:
         """The key with this id (revoked or not), or None."""
         if not 0 < key_id <= INT64_MAX:
             return None
-        with self._sessions() as session:
+        with self.db.session() as session:
             row = session.get(ApiKey, key_id)
             return _record(row) if row is not None else None
 
     def list(self) -> list[KeyRecord]:
-        with self._sessions() as session:
-            return [_record(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
+        return self.db.read(
+            lambda session: [_record(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
+        )
 
     def revoke(self, id_or_prefix: int | str) -> KeyRecord | None:
         """Revoke by numeric id or visible prefix; None if nothing matched.
 
         Raises ValueError when a prefix matches more than one active key.
         """
-        with self._sessions.begin() as session:
+        with self.db.writes.begin() as session:
             query = select(ApiKey).where(ApiKey.revoked_at.is_(None))
             ident = str(id_or_prefix)
             if ident.isascii() and ident.isdigit():
@@ -210,7 +214,7 @@ class KeyStore:
         values = check_quota(quota)
         if not 0 < key_id <= INT64_MAX:
             return None
-        with self._sessions.begin() as session:
+        with self.db.writes.begin() as session:
             row = session.get(ApiKey, key_id)
             if row is None or row.revoked_at is not None:
                 return None
@@ -219,7 +223,7 @@ class KeyStore:
             return _record(row)
 
     def has_admin(self) -> bool:
-        with self._sessions() as session:
+        with self.db.session() as session:
             query = select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
             return session.scalars(query.limit(1)).first() is not None
 
@@ -273,6 +277,11 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _by_hash(session: Session, digest: str) -> KeyRecord | None:
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    return _record(row) if row is not None else None
 
 
 def _record(row: ApiKey) -> KeyRecord:

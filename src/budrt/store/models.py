@@ -7,14 +7,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from budrt.config import Settings
 from budrt.model_source import resolve_source
-from budrt.store.db import make_engine, session_factory
+from budrt.store.database import Database
 from budrt.store.object_stores import make_repository_store, repository_url
-from budrt.store.repository import ModelRepository, manifest_key
+from budrt.store.repository import ModelRepository, Progress, manifest_key
 from budrt.store.tables import ModelRecord
 
 REGISTRY_PREFIX = "registry:"  # ModelConfig.source naming a registered model
@@ -59,15 +59,15 @@ def _info(row: ModelRecord) -> ModelInfo:
 
 
 class ModelStore:
-    def __init__(self, engine: Engine, repository: ModelRepository, repository_url: str) -> None:
-        self.sessions = session_factory(engine)
+    def __init__(self, db: Database, repository: ModelRepository, repository_url: str) -> None:
+        self.db = db
         self.repository = repository
         self.repository_url = repository_url.rstrip("/")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelStore:
         repository = ModelRepository(make_repository_store(settings))
-        return cls(make_engine(settings.database_url_resolved), repository, repository_url(settings))
+        return cls(Database.from_settings(settings), repository, repository_url(settings))
 
     def push(
         self,
@@ -77,10 +77,11 @@ class ModelStore:
         format: str,
         aliases: list[str] | None = None,
         params: dict[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> ModelInfo:
         """Upload a file or directory (a path or `package:<pkg>/<path>`) and register it as `name`."""
         path = resolve_source(source)
-        manifest = self.repository.push(Path(path))
+        manifest = self.repository.push(Path(path), progress)
         row = ModelRecord(
             name=name,
             aliases=list(aliases or []),
@@ -93,7 +94,7 @@ class ModelStore:
             deployments=[],
             created_at=datetime.now(UTC),
         )
-        with self.sessions.begin() as session:
+        with self.db.writes.begin() as session:
             session.add(row)
             try:
                 session.flush()
@@ -102,19 +103,19 @@ class ModelStore:
             return _info(row)
 
     def get(self, name: str) -> ModelInfo | None:
-        with self.sessions() as session:
+        with self.db.session() as session:
             for row in session.scalars(select(ModelRecord)):
                 if row.name == name or name in (row.aliases or []):
                     return _info(row)
         return None
 
     def list(self) -> list[ModelInfo]:
-        with self.sessions() as session:
+        with self.db.session() as session:
             return [_info(r) for r in session.scalars(select(ModelRecord).order_by(ModelRecord.name))]
 
     def remove(self, name: str) -> ModelInfo | None:
         """Unregister; the artifact is deleted unless another record still uses the same bytes."""
-        with self.sessions.begin() as session:
+        with self.db.writes.begin() as session:
             row = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
             if row is None:
                 return None
@@ -132,7 +133,7 @@ class ModelStore:
 
     def set_deployments(self, name: str, deployments: list[str]) -> None:
         """Record which model-server processes serve the model (the supervisor calls this at start)."""
-        with self.sessions.begin() as session:
+        with self.db.writes.begin() as session:
             row = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
             if row is not None:
                 row.deployments = list(deployments)

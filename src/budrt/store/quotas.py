@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import case, func, select
 
 from budrt.store.tables import UsageRecord
+
+if TYPE_CHECKING:
+    from budrt.store.database import Database
 
 # Columns shared by api_keys (rpm/tpm predate the others), users and teams.
 QUOTA_FIELDS = ("rpm", "tpm", "tokens_per_day", "tokens_per_month", "images_per_day", "images_per_month")
@@ -68,7 +71,7 @@ def check_quota(values: dict[str, Any]) -> dict[str, int | None]:
     return out
 
 
-def period_usage(engine: Engine, scope: str, start: datetime) -> tuple[int, int]:
+def period_usage(db: Database, scope: str, start: datetime) -> tuple[int, int]:
     """(tokens, images) recorded for `scope` ("key:12", "user:alice", "team:ml") since `start`.
 
     Counts successful requests not answered from the cache, as the limiter charges them.
@@ -89,6 +92,5 @@ def period_usage(engine: Engine, scope: str, start: datetime) -> tuple[int, int]
         UsageRecord.status == 200,
         UsageRecord.cache_hit.is_(False),
     )
-    with engine.connect() as conn:
-        row = conn.execute(query).one()
+    row = db.read(lambda session: session.execute(query).one())
     return int(row[0] or 0), int(row[1] or 0)

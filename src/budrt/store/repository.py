@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -94,12 +95,29 @@ def manifest_key(digest: str) -> str:
     return f"manifests/sha256/{digest}"
 
 
-def file_sha256(path: Path) -> str:
+Progress = Callable[[str, int], None]  # (what: "read" | "upload", bytes since the last call)
+
+
+def file_sha256(path: Path, progress: Progress | None = None) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if progress is not None:
+                progress("read", len(chunk))
     return h.hexdigest()
+
+
+def files_to_push(path: Path) -> list[tuple[str, Path]]:
+    """(path in the manifest, file) of what `push` uploads: the file, or a directory's files but
+    hidden ones, in order."""
+    if path.is_file():
+        return [(path.name, path)]
+    return [
+        (p.relative_to(path).as_posix(), p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
 
 
 class ModelRepository:
@@ -113,24 +131,22 @@ class ModelRepository:
             raise FileNotFoundError(f"blob {digest[:12]} is not in the model repository")
         return stream
 
-    def push(self, path: Path) -> Manifest:
-        """Upload a model file or directory (hidden files skipped); returns its manifest."""
-        if path.is_file():
-            files = [(path.name, path)]
-        else:
-            files = [
-                (p.relative_to(path).as_posix(), p)
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
+    def push(self, path: Path, progress: Progress | None = None) -> Manifest:
+        """Upload a model file or directory (hidden files skipped); returns its manifest.
+        `progress` hears of every chunk read (to hash it) and every file uploaded (or found
+        already there), so a person watching sees both passes over the bytes."""
+        files = files_to_push(path)
         if not files:
             raise ValueError(f"{path}: no files to push")
         entries = []
         for rel, file in files:
-            digest = file_sha256(file)
+            digest = file_sha256(file, progress)
             if self.store.head(blob_key(digest)) is None:  # content-addressed: shared files upload once
                 self.store.put_file(blob_key(digest), file, BLOB_TYPE)
-            entries.append(ManifestFile(rel, digest, file.stat().st_size))
+            size = file.stat().st_size
+            if progress is not None:
+                progress("upload", size)
+            entries.append(ManifestFile(rel, digest, size))
         manifest = Manifest("file" if path.is_file() else "dir", tuple(entries))
         # After its blobs: a manifest in the store names only files that are there.
         self.store.put(manifest_key(manifest.digest), manifest.to_bytes(), MANIFEST_TYPE)

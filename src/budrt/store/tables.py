@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -119,6 +119,9 @@ class UsageRecord(Base):
     images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pixels: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # images x width x height
     steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # denoising steps, all images
+    # Added by revision 0009: when the first byte of the answer left the gateway (a stream's first
+    # chunk; the whole body otherwise). None for rows written before it.
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ModelRecord(Base):
@@ -137,3 +140,17 @@ class ModelRecord(Base):
     params: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)  # default ModelConfig fields
     deployments: Mapped[list[str]] = mapped_column(JSON, default=list)  # model servers serving it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConsoleSession(Base):
+    """A signed-in web-console browser: the cookie's token is stored only as its SHA-256."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie token
+    csrf: Mapped[str] = mapped_column(String(64))  # sent back in x-csrf-token by the console's scripts
+    key_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # signed in with an API key
+    id_token: Mapped[str | None] = mapped_column(Text, nullable=True)  # signed in with OIDC
+    subject: Mapped[str] = mapped_column(String(200))  # who, for the audit log: "key:3", "jwt:alice"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

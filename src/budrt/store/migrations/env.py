@@ -16,7 +16,7 @@ def run_online() -> None:
         # Plain `alembic -x` use without budrt: open our own engine.
         from budrt.store.db import make_engine
 
-        engine = make_engine(config.get_main_option("sqlalchemy.url"), migration=True)
+        engine = make_engine(config.get_main_option("sqlalchemy.url"), immediate=True)
         with engine.begin() as conn:
             _run(conn)
         engine.dispose()
