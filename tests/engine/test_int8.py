@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from budrt.config import ModelConfig
-from budrt.engine import int8, kernels
+from budrt.engine import cpu_features, int8, kernels
 from budrt.engine.factory import create_text_engine
 from budrt.engine.interface import SamplingParams
 from budrt.engine.linear import Linear, LinearForms
@@ -82,7 +82,7 @@ def test_the_rotation_helps_rows_with_large_channels() -> None:
     torch.manual_seed(2)
     weight, x = torch.randn(256, 576) * 0.05, activations(32, 576)
     ref = F.linear(x, weight)
-    levels, scales = kernels.quantize_rows(x, 1, int8.LEVELS)  # the same rounding, not rotated
+    levels, scales = kernels.quantize_rows(x, 1, int8.activation_levels())  # the same rounding, not rotated
     weight_scales = weight.abs().amax(1, keepdim=True) / 127
     unrotated = F.linear(levels * scales, torch.round(weight / weight_scales) * weight_scales)
     assert relative_error(int8.pack([int8.round_weight(weight)])[0](x), ref) < 0.6 * relative_error(
@@ -106,9 +106,9 @@ def test_each_row_is_the_same_bits_alone_and_in_any_batch(rows: int) -> None:
 def test_quantize_rows_gives_integer_levels_and_row_scales() -> None:
     x = activations(5, 128)
     x[2] = 0.0  # an all-zero row: zero levels, no NaN
-    levels, scales = kernels.quantize_rows(x, 64, int8.LEVELS)
+    levels, scales = kernels.quantize_rows(x, 64, int8.activation_levels())
     assert levels.shape == x.shape and scales.shape == (5, 1)
-    assert torch.equal(levels, levels.round()) and levels.abs().max() == int8.LEVELS
+    assert torch.equal(levels, levels.round()) and levels.abs().max() == int8.activation_levels()
     assert torch.all(levels[2] == 0) and torch.isfinite(scales).all()
     rotated = (x.view(-1, 64) @ hadamard(64)).view_as(x)
     assert torch.allclose(levels * scales, rotated, atol=float(scales.max()) * 0.51)
@@ -252,3 +252,14 @@ def test_the_gguf_cache_stores_the_int8_forms_and_a_restart_reads_only_them(
     for name, (levels, scales) in from_gguf.items():
         assert torch.equal(from_cache[name][0], levels), name
         assert torch.equal(from_cache[name][1], scales), name
+
+
+def test_activation_levels_follow_the_cpu() -> None:
+    """8-bit rows only where FBGEMM's products cannot saturate (AVX512-VNNI), 7-bit elsewhere."""
+    avx2 = cpu_features.CPUFeatures.from_flags("epyc", {"avx2", "fma", "f16c"})
+    vnni = cpu_features.CPUFeatures.from_flags(
+        "xeon", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"}
+    )
+    assert int8.activation_levels(avx2) == 63 and int8.activation_levels(vnni) == 127
+    weight = int8.pack([int8.round_weight(torch.randn(64, 128))])[0]
+    assert weight.levels == int8.activation_levels()

@@ -8,12 +8,12 @@ shapes with 2 threads, row quantization included (bench/int8_linear_bench.py): a
 bytes in the packed form (FBGEMM also keeps the unpacked int8 copy). The file's weights were 4-
 or 8-bit already: these are its dequantized values, rounded once more to int8 per output row.
 
-Activations are quantized per row (csrc/quantize_rows.cpp) to `LEVELS` steps either side of
-zero and handed to FBGEMM as exact integers with scale 1 and zero point `LEVELS + 1`: every row's
+Activations are quantized per row (csrc/quantize_rows.cpp) to `levels` steps either side of
+zero and handed to FBGEMM as exact integers with scale 1 and zero point `levels + 1`: every row's
 result depends on its own values only (integer sums are exact in any order), so a seeded row gets
-the same bits whatever shares its step, at any row count. 7-bit rather than 8-bit because AVX2's
-`maddubs` adds two u8 x s8 products in a saturating int16: 127 * 127 * 2 fits, 255 * 127 * 2 does
-not. A few large channels would leave the rest of a row few levels, so inputs and weights are
+the same bits whatever shares its step, at any row count. The levels follow the CPU
+(`activation_levels`): 8-bit where FBGEMM multiplies with AVX512-VNNI, 7-bit elsewhere. A few
+large channels would leave the rest of a row few levels, so inputs and weights are
 both rotated by a blockwise Hadamard matrix first (orthonormal: the product is unchanged), which
 spreads those channels over their block: 4.4% error per product on SmolLM2's activations
 without it, 1.8% with it.
@@ -27,16 +27,25 @@ from typing import NamedTuple
 
 import torch
 
-from budrt.engine import kernels, openmp
+from budrt.engine import cpu_features, kernels, openmp
 
-LEVELS = 63  # activations round to -63..63 times their row's scale: u8 1..127 for FBGEMM
-_ZERO_POINT = LEVELS + 1
 MAX_BLOCK = 64  # Hadamard block: wider blocks measured no better on SmolLM2 (1.74% vs 1.77%)
 
 
 def available() -> bool:
     """Whether this torch build has FBGEMM (x86 with AVX2)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def activation_levels(features: cpu_features.CPUFeatures | None = None) -> int:
+    """How many steps either side of zero a row of activations rounds to (u8 `1..2 x levels + 1`
+    for FBGEMM). 127 where the CPU has AVX512-VNNI: FBGEMM's `vpdpbusd` sums u8 x s8 products in
+    int32. 63 elsewhere: AVX2's `maddubs` adds two products in a saturating int16 (127 * 127 * 2
+    fits, 255 * 127 * 2 does not). The 8 bits halve the rounding error (1.4% against 2.4% per
+    product on SmolLM2's shapes), which decides near-ties: on a Xeon with VNNI, SmolLM2 answered
+    "What is the capital of France?" with Paris at 127 levels and wrongly at 63."""
+    features = features or cpu_features.detect()
+    return 127 if features.avx512_vnni else 63
 
 
 def hadamard_block(width: int) -> int:
@@ -97,18 +106,20 @@ def concat(parts: list[RoundedWeight | None]) -> RoundedWeight | None:
 
 
 class Int8Weight:
-    """A rounded weight (`RoundedWeight`), packed once for FBGEMM (`pack`)."""
+    """A rounded weight (`RoundedWeight`), packed once for FBGEMM (`pack`); its inputs are rounded
+    to `levels` steps either side of zero (`activation_levels`)."""
 
-    def __init__(self, packed: torch.ScriptObject, rounded: RoundedWeight) -> None:
+    def __init__(self, packed: torch.ScriptObject, rounded: RoundedWeight, levels: int) -> None:
         self.packed = packed
         self.out_features, self.in_features = rounded.levels.shape
         self.block = hadamard_block(self.in_features)
+        self.levels = levels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x `[rows, in]` (fp32, contiguous) times the weight: `[rows, out]` fp32."""
-        levels, scales = kernels.quantize_rows(x, self.block, LEVELS)
+        levels, scales = kernels.quantize_rows(x, self.block, self.levels)
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            levels, 1.0, _ZERO_POINT, self.packed
+            levels, 1.0, self.levels + 1, self.packed
         )
         return out.mul_(scales)
 
@@ -119,19 +130,22 @@ def pack(weights: list[RoundedWeight], threads: int = 1) -> list[Int8Weight]:
     threads took its 121 weights from ~1.0 to ~0.65 s (2 cores)."""
     engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = "fbgemm"  # the packed objects keep its kernels
+    levels = activation_levels()
     try:
         with warnings.catch_warnings():  # torch marks its eager quantization API as legacy
             warnings.simplefilter("ignore")
             if threads <= 1 or len(weights) <= 1:
-                return [_pack_one(w) for w in weights]
-            with ThreadPoolExecutor(threads) as pool:
-                return list(pool.map(openmp.released(_pack_one), weights))
+                packed = [_pack_one(w) for w in weights]
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    packed = list(pool.map(openmp.released(_pack_one), weights))
     finally:
         torch.backends.quantized.engine = engine
+    return [Int8Weight(p, w, levels) for p, w in zip(packed, weights, strict=True)]
 
 
-def _pack_one(rounded: RoundedWeight) -> Int8Weight:
+def _pack_one(rounded: RoundedWeight) -> torch.ScriptObject:
     zero_points = torch.zeros(rounded.levels.shape[0], dtype=torch.long)
     scales = rounded.scales.view(-1).double()
     quantized = torch._make_per_channel_quantized_tensor(rounded.levels, scales, zero_points, 0)
-    return Int8Weight(torch.ops.quantized.linear_prepack(quantized, None), rounded)
+    return torch.ops.quantized.linear_prepack(quantized, None)
