@@ -115,8 +115,14 @@ BAD_CHAT = [
     ("logprobs", 5),
     ("top_logprobs", 3),  # without logprobs
     ("top_logprobs", 21),
-    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
+    ("structured_outputs", {"regex": "(unclosed"}),
+    ("structured_outputs", {}),
+    ("guided_json", {"type": "object"}),
     ("tools", [{"type": "function"}]),
+    ("tool_choice", "required"),
     ("user", {"a": 1}),
     ("model", ""),
     ("model", 7),
@@ -217,6 +223,9 @@ GOOD = [
     (CHAT, {"messages": [{"role": "system", "content": "s"}, {"role": "tool", "content": "t"}, *HI]}),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "é ☃ 🎉 \u0000"}]}]}),
     (CHAT, {"response_format": {"type": "text"}, "tools": [], "unknown_field": {"x": 1}}),
+    (CHAT, {"response_format": {"type": "json_object"}, "max_tokens": 8}),
+    (CHAT, {"structured_outputs": {"choice": ["a", "b"]}, "n": 2}),
+    (COMPLETIONS, {"structured_outputs": {"regex": "[0-9]{3}"}, "stream": True}),
     (COMPLETIONS, {"prompt": [1, 2, 3], "echo": True}),
     (COMPLETIONS, {"prompt": [[1, 2], [3]], "echo": True, "n": 2, "best_of": 2}),
     (COMPLETIONS, {"prompt": ["a", "b"], "logprobs": 0}),
@@ -381,7 +390,15 @@ def test_a_client_leaving_a_non_streamed_request_is_no_server_error(server: str,
     """The generation is aborted quietly: no "aclose(): asynchronous generator is already running"
     from closing the outputs while the collecting task was still inside them; a client leaving
     mid-upload is no unhandled error either."""
-    body = {**BASE[CHAT], "n": 4, "max_tokens": 400, "ignore_eos": True, "temperature": 1.0}
+    # The long-context model, so that no machine finishes 4 x 20,000 tokens within the 0.3 s.
+    body = {
+        **BASE[CHAT],
+        "model": "tiny-long",
+        "n": 4,
+        "max_tokens": 20_000,
+        "ignore_eos": True,
+        "temperature": 1.0,
+    }
     for _ in range(3):
         with pytest.raises(httpx.TimeoutException):
             post(server, CHAT, body, timeout=0.3)

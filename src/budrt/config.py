@@ -120,6 +120,11 @@ class ModelConfig(_Section):
     # int8 through FBGEMM instead of fp32 (1.8x a step's matmuls at 64 rows, less memory; lossy:
     # engine/int8.py); None = wherever those conditions hold, false = fp32.
     int8_linears: bool | None = None
+    # Constrained requests (response_format, tools...): append the tokens their grammar forces
+    # (fixed keys, punctuation) without a forward pass each; the next step computes them as one
+    # chunk. Half the steps on JSON schemas, but on a CPU a chunk step leaves the fast decode path,
+    # so no faster there (docs/structured-outputs.md): off by default.
+    jump_forward: bool = False
     default_max_tokens: int | None = None  # chat: None = up to the context length
     # Image models (a diffusers pipeline directory; image/): sizes offered ("WxH"; empty = the
     # UNet's native size), steps (OpenAI's `quality` scales the default: low 0.5x, high 2x),

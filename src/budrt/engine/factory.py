@@ -126,6 +126,7 @@ def create_text_engine(
         cache=cache,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
+        jump_forward=cfg.jump_forward,
         dtype=dtype,
         identity=f"{cfg.name}:{cfg.source}",
         path_rule=assembled.rule,

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from budrt.engine.grammar import CompiledGrammar, Grammar, GrammarError
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -39,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per token; None = no logprobs
     logit_bias: dict[int, float] | None = None
+    grammar: CompiledGrammar | None = None  # constrains the output (`Engine.compile_grammar`)
 
 
 @dataclass
@@ -121,3 +124,8 @@ class Engine(ABC):
 
     def is_healthy(self) -> bool:
         return True
+
+    def compile_grammar(self, grammar: Grammar) -> CompiledGrammar:
+        """Compile a grammar for `SamplingParams.grammar` (slow: call it in a worker thread).
+        Raises `GrammarError` for a grammar that cannot be compiled."""
+        raise GrammarError(f"model {self.model_name!r} cannot constrain its output")

@@ -19,6 +19,7 @@ import torch
 
 from budrt.engine import openmp
 from budrt.engine.block_manager import BlockManager
+from budrt.engine.grammar import CompiledGrammar, Grammar, GrammarCompiler, MaskWorker
 from budrt.engine.interface import (
     Engine,
     EngineDead,
@@ -53,6 +54,7 @@ class LLMEngine(Engine):
         cache: KVCache,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
+        jump_forward: bool = False,
         dtype: torch.dtype = torch.float32,
         identity: str = "",
         path_rule: PathRule | None = None,
@@ -78,7 +80,11 @@ class LLMEngine(Engine):
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.sampler = Sampler(tokenizer)
         self.max_num_seqs = max_num_seqs
+        self.jump_forward = jump_forward  # see ModelConfig.jump_forward
         self.histograms = EngineHistograms()
+        grammar_vocab = max(self.vocab_size, tokenizer.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, grammar_vocab, self.histograms.grammar_compile_time)
+        self.masks = MaskWorker(grammar_vocab)
 
         # Shared with the event loop, guarded by _lock: the inbox and the id -> sequence map.
         self._lock = threading.Lock()
@@ -135,7 +141,12 @@ class LLMEngine(Engine):
             "prefix_cache_queries_total": self.blocks.prefix_queries,
             "prefix_cache_hits_total": self.blocks.prefix_hits,
             "num_preemptions_total": self.scheduler.num_preemptions,
+            "grammar_compiles_total": self.grammars.compiles_total,
+            "grammar_cache_hits_total": self.grammars.cache_hits_total,
         }
+
+    def compile_grammar(self, grammar: Grammar) -> CompiledGrammar:
+        return self.grammars.compile(grammar)
 
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
@@ -186,7 +197,14 @@ class LLMEngine(Engine):
     ) -> Sequence:
         self._check_accepting()
         seq = make_sequence(
-            request_id, prompt_token_ids, params, self.tokenizer, self.max_model_len, self.vocab_size, sink
+            request_id,
+            prompt_token_ids,
+            params,
+            self.tokenizer,
+            self.max_model_len,
+            self.vocab_size,
+            sink,
+            jump_forward=self.jump_forward,
         )
         with self._lock:
             if request_id in self._requests:
@@ -215,6 +233,7 @@ class LLMEngine(Engine):
                         self._fail(seq, exc)
             self._drain_inbox()
             self._abort_all()
+            self.masks.close()
         except BaseException as exc:
             self._dead = exc
             log.exception("engine step loop died")
@@ -243,13 +262,22 @@ class LLMEngine(Engine):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 self.histograms.request_queue_time.observe(now - seq.arrival_time)
+        # The masks of constrained sequences that sample this step are filled while the forward runs.
+        constrained = [
+            s for s, n in batch if s.grammar is not None and s.num_computed_tokens + n == s.num_tokens
+        ]
+        masks = self.masks.start(constrained)
         logits, samplers = self.runner.run(batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.blocks.seal_full_blocks(seq)
         if not samplers:
             return
-        result = self.sampler(logits, samplers)
+        mask_rows = None
+        if masks is not None:
+            row_of = {id(seq): i for i, seq in enumerate(samplers)}
+            mask_rows = ([row_of[id(seq)] for seq in constrained], masks.result())
+        result = self.sampler(logits, samplers, mask_rows)
         self.generation_tokens_total += len(samplers)
         now = time.monotonic()
         for seq, token_id, logprob in zip(samplers, result.token_ids, result.logprobs, strict=True):
@@ -261,8 +289,17 @@ class LLMEngine(Engine):
             self._emit(seq, token_id, logprob)
 
     def _emit(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Append the sampled token, then any its grammar forces (computed with the next step's
+        forward pass as one chunk: jump-forward), sending each token's output."""
         try:
             output = seq.append_token(token_id, logprob)
+            forced = seq.forced_tokens() if output.finish_reason is None else []
+            for forced_id in forced:
+                seq.sink(output)
+                output = seq.append_token(forced_id, None)
+                self.generation_tokens_total += 1
+                if output.finish_reason is not None:
+                    break
         except Exception as exc:
             self._fail(seq, exc)
             return

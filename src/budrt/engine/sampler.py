@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from budrt.engine import kernels
+from budrt.engine.grammar import apply_masks
 from budrt.engine.interface import Tokenizer, TokenLogprob
 from budrt.engine.sequence import Sequence
 
@@ -37,7 +38,11 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: tuple[list[int], torch.Tensor] | None = None
+    ) -> SampleResult:
+        """`masks`: the rows a grammar constrains and their allowed tokens (`engine.grammar`),
+        applied after penalties and bias so that nothing can bring a forbidden token back."""
         # Sampling runs on the CPU (per-request generators are CPU ones; the runner hands over CPU
         # logits, so this is a no-op there) whatever device the model ran on.
         logits = logits.float().cpu()
@@ -46,6 +51,8 @@ class Sampler:
             if seq.params.logit_bias:
                 ids = torch.tensor(list(seq.params.logit_bias.keys()), dtype=torch.long)
                 logits[i, ids] += torch.tensor(list(seq.params.logit_bias.values()), dtype=logits.dtype)
+        if masks is not None:
+            apply_masks(logits, *masks)
 
         temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
         greedy = temps <= 1e-5

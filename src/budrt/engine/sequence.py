@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from budrt.engine.detokenizer import IncrementalDetokenizer
+from budrt.engine.grammar import GrammarMatcher
 from budrt.engine.interface import FinishReason, GenerationOutput, SamplingParams, Tokenizer, TokenLogprob
 
 # Where a sequence's outputs go: a GenerationOutput, or an exception that fails the request.
@@ -46,6 +47,11 @@ class Sequence:
     # Seeded requests draw from their own generator, so their samples do not depend on what else
     # shares the batch.
     generator: torch.Generator | None = None
+    # Where the output stands in its grammar, when one constrains it (`engine.grammar`), and
+    # whether tokens the grammar forces are appended without sampling (jump-forward: not when
+    # logprobs are wanted, as a forced token has no distribution).
+    grammar: GrammarMatcher | None = None
+    jump_forward: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     last_token_time: float | None = None
@@ -67,6 +73,8 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> GenerationOutput:
         """Record a sampled token, decide whether the sequence is done, and build its output."""
+        if self.grammar is not None:
+            self.grammar.consume(token_id)  # ValueError (the request fails) if it left the grammar
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
         is_stop_token = token_id in self.params.stop_token_ids or (
@@ -77,7 +85,7 @@ class Sequence:
             self.finish_reason = "stop"
         else:
             self.detokenizer.add_token(token_id)
-            if self.detokenizer.stopped:
+            if self.detokenizer.stopped or (self.grammar is not None and self.grammar.is_stopped):
                 self.finish_reason = "stop"
             elif len(self.output_token_ids) >= self.max_tokens:
                 self.finish_reason = "length"
@@ -92,6 +100,12 @@ class Sequence:
             completion_tokens=len(self.output_token_ids),
             logprobs=[logprob] if logprob is not None else None,
         )
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens to append without a forward pass each (jump-forward), within `max_tokens`."""
+        if not self.jump_forward or self.grammar is None:
+            return []
+        return self.grammar.forced()[: self.max_tokens - len(self.output_token_ids)]
 
     def abort_output(self) -> GenerationOutput:
         self.finish_reason = "abort"
@@ -114,8 +128,10 @@ def make_sequence(
     max_model_len: int,
     vocab_size: int,
     sink: Sink,
+    jump_forward: bool = False,
 ) -> Sequence:
-    """Validate a request and build its sequence (raises ValueError for requests that cannot run)."""
+    """Validate a request and build its sequence (raises ValueError for requests that cannot run).
+    `jump_forward`: the engine's setting (`ModelConfig.jump_forward`)."""
     if not prompt_token_ids:
         raise ValueError("the prompt is empty")
     if len(prompt_token_ids) >= max_model_len:
@@ -148,6 +164,8 @@ def make_sequence(
         sink=sink,
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
         generator=generator,
+        grammar=params.grammar.matcher() if params.grammar is not None else None,
+        jump_forward=jump_forward and params.grammar is not None and params.logprobs is None,
     )
 
 

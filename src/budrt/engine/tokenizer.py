@@ -149,6 +149,10 @@ class TextTokenizer(Tokenizer):
         # (byte-level BPE spells one byte per character, so this is also the most bytes)
         self.max_token_chars = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` definition as JSON (what llguidance builds its token trie from)."""
+        return self.backend.to_str()
+
     # --- constructors ---
 
     @classmethod

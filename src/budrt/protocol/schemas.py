@@ -12,6 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from budrt.protocol.structured import (
+    LEGACY_FIELDS,
+    ResponseFormat,
+    StructuredOutputs,
+    ToolCall,
+    ToolChoice,
+    Tools,
+)
+
 MAX_ITEMS = 2048  # messages of a chat, prompts of a completion, inputs of an embedding request
 MAX_PARTS = 8192  # content parts of all a chat's messages (each costs a model object to validate)
 MAX_STOP_CHARS = 256  # per stop string
@@ -46,6 +55,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_ITEMS, fail_fast=True)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_ITEMS, fail_fast=True)] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=128)
 
     def text(self) -> str:
         """The message's text; only text parts are supported by the text models."""
@@ -87,6 +98,24 @@ class SamplingFields(_Request):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
+    # Constrained output (protocol/structured.py): OpenAI's spelling and vLLM's.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+
+    @field_validator(*LEGACY_FIELDS)
+    @classmethod
+    def _refuse_legacy(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(
+                f"'{info.field_name}' is vLLM's older spelling; send 'structured_outputs' instead, "
+                'e.g. {"structured_outputs": {"regex": "..."}} (json, regex, choice, grammar, json_object)'
+            )
+        return value
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -128,8 +157,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_ITEMS, fail_fast=True)
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -147,18 +177,22 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format of type 'text' is supported")
-        return value
-
     @field_validator("tools")
     @classmethod
-    def _check_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported by this model")
+    def _check_tools(cls, value: Tools | None) -> Tools | None:
+        names = [tool.function.name for tool in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        names = {tool.function.name for tool in info.data.get("tools") or []}
+        if value in ("required",) and not names:
+            raise ValueError("'required' needs at least one tool in 'tools'")
+        if not isinstance(value, str) and value is not None and value.function.name not in names:
+            raise ValueError(f"no tool named {value.function.name!r} in 'tools'")
         return value
 
     def output_limit(self) -> int | None:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from budrt.engine.interface import GenerationOutput, TokenLogprob
+from budrt.server.tools import CallStream, ToolPlan, split_reply
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -72,9 +73,13 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, An
 class ChatFormat:
     object_name = "chat.completion"
 
-    def __init__(self, request_id: str, model: str, want_logprobs: bool) -> None:
+    def __init__(
+        self, request_id: str, model: str, want_logprobs: bool, tools: ToolPlan | None = None
+    ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.want_logprobs = want_logprobs
+        self.tools = tools  # replies may be tool calls (server/tools.py)
+        self._streams: dict[int, CallStream] = {}  # per choice, when streamed with tools
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {
@@ -102,15 +107,20 @@ class ChatFormat:
         ]
 
     def chunk(self, index: int, out: GenerationOutput) -> dict[str, Any] | None:
-        if not out.text and out.finish_reason is None:
+        text, calls, called = out.text, [], False
+        if self.tools is not None:
+            stream = self._streams.setdefault(index, CallStream(self.tools))
+            text, calls = stream.add(out.text)
+            if out.finish_reason is not None:
+                text += stream.leftover()
+            called = stream.sent > 0
+        if not text and not calls and out.finish_reason is None:
             return None
-        delta = {"content": out.text} if out.text else {}
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = calls
         logprobs = _chat_logprobs(out.logprobs) if self.want_logprobs and out.logprobs else None
-        finish = (
-            None
-            if out.finish_reason is None
-            else ("stop" if out.finish_reason == "abort" else out.finish_reason)
-        )
+        finish = _finish_reason(out.finish_reason, called)
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
@@ -126,17 +136,34 @@ class ChatFormat:
     ) -> dict[str, Any]:
         return {
             **self._head(self.object_name),
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                    "logprobs": _chat_logprobs(c.logprobs) if self.want_logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
+            "choices": [self._choice(i, c) for i, c in enumerate(choices)],
             "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
         }
+
+    def _choice(self, index: int, choice: ChoiceResult) -> dict[str, Any]:
+        text = "".join(choice.text)
+        content, calls = split_reply(self.tools, text) if self.tools is not None else (text, [])
+        # A reply of calls has content null, as OpenAI's has.
+        message: dict[str, Any] = {"role": "assistant", "content": (content or None) if calls else content}
+        message["refusal"] = None
+        if calls:
+            message["tool_calls"] = calls
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": _chat_logprobs(choice.logprobs) if self.want_logprobs else None,
+            "finish_reason": _finish_reason(choice.finish_reason, bool(calls)),
+        }
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """The API's finish reason: an aborted choice reads "stop"; a reply of tool calls that ended
+    by itself, "tool_calls"."""
+    if reason is None:
+        return None
+    if reason == "abort":
+        return "stop"
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class CompletionFormat:

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from budrt.engine.grammar import CompiledGrammar
 from budrt.engine.interface import Engine, GenerationOutput, SamplingParams
 from budrt.protocol.errors import APIError, context_too_long, invalid_request
 from budrt.protocol.schemas import MAX_SEED, SamplingFields
@@ -73,7 +74,11 @@ def resolve_max_tokens(
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+    req: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    grammar: CompiledGrammar | None = None,
 ) -> SamplingParams:
     bias: dict[int, float] | None = None
     if req.logit_bias:  # keys are decimal digits (schemas), in the vocabulary (check_token_ids)
@@ -94,6 +99,7 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         logit_bias=bias,
+        grammar=grammar,
     )
 
 

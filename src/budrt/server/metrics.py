@@ -71,6 +71,11 @@ class EngineStatsCollector(Collector):
             ),
             "prefix_cache_hits": ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache"),
             "num_preemptions": ("num_preemptions_total", "Sequences preempted (recomputed) for KV blocks"),
+            "grammar_compiles": ("grammar_compiles_total", "Grammars compiled (schemas, regexes, tool sets)"),
+            "grammar_cache_hits": (
+                "grammar_cache_hits_total",
+                "Constrained requests that found their grammar compiled already",
+            ),
             "images_generated": ("images_generated_total", "Images generated"),
             "image_denoising_steps": ("image_steps_total", "Denoising steps run, one per image per step"),
             "image_unet_calls": ("unet_calls_total", "UNet calls (each serves one or more images' steps)"),

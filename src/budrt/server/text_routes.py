@@ -26,6 +26,7 @@ from budrt.protocol.errors import (
 )
 from budrt.protocol.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from budrt.server import metrics
+from budrt.server.constraints import compile_output_grammar, output_grammar
 from budrt.server.formatting import SSE_DONE, ChatFormat, ChoiceResult, CompletionFormat, sse
 from budrt.server.generation import (
     check_max_tokens,
@@ -40,6 +41,7 @@ from budrt.server.generation import (
     wait_for_disconnect,
 )
 from budrt.server.model_pool import HostedModel
+from budrt.server.tools import ToolPlan, chat_messages
 
 Format = ChatFormat | CompletionFormat
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -80,13 +82,14 @@ async def chat_completions(request: Request) -> Response:
     check_queue_room(req.n, hosted.config.max_waiting, "n")
     check_max_tokens(req.output_limit(), engine.max_model_len, limit_param)
     check_logit_bias(req, engine)
+    tools = ToolPlan.of(req)
+    wanted = output_grammar(req, tools)
     try:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-        ]
+        messages = chat_messages(req, tools)
     except ValueError as exc:
         raise invalid_request(str(exc), param="messages") from None
     prompt_ids = await asyncio.to_thread(_chat_prompt, engine, messages)  # big prompts: off the loop
+    grammar = await compile_output_grammar(engine, wanted)
     max_tokens = resolve_max_tokens(
         req.output_limit(),
         len(prompt_ids),
@@ -95,8 +98,8 @@ async def chat_completions(request: Request) -> Response:
         "messages",
     )
     top = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = [(prompt_ids, sampling_params(req, max_tokens, top, i)) for i in range(req.n)]
-    fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", req.model, req.logprobs)
+    jobs = [(prompt_ids, sampling_params(req, max_tokens, top, i, grammar)) for i in range(req.n)]
+    fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", req.model, req.logprobs, tools)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await respond(
         request, engine, hosted.config.name, fmt, jobs, len(prompt_ids), req.stream, include_usage
@@ -134,7 +137,9 @@ async def completions(request: Request) -> Response:
     check_queue_room(len(prompts) * req.n, hosted.config.max_waiting, "prompt")
     check_max_tokens(req.max_tokens, engine.max_model_len, "max_tokens")
     check_logit_bias(req, engine)
+    wanted = output_grammar(req, None)
     encoded = await asyncio.to_thread(_completion_prompts, engine, prompts, req.echo)  # off the loop
+    grammar = await compile_output_grammar(engine, wanted)
     jobs: list[tuple[list[int], SamplingParams]] = []
     echo_texts: list[str] = []
     prompt_tokens = 0
@@ -142,7 +147,7 @@ async def completions(request: Request) -> Response:
         max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, None, "prompt")
         prompt_tokens += len(ids)
         for _ in range(req.n):
-            jobs.append((ids, sampling_params(req, max_tokens, req.logprobs, len(jobs))))
+            jobs.append((ids, sampling_params(req, max_tokens, req.logprobs, len(jobs), grammar)))
             echo_texts.append(text)
     fmt = CompletionFormat(
         f"cmpl-{uuid.uuid4().hex}", req.model, req.logprobs is not None, echo_texts if req.echo else None
