@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
 import torch
 
-from budrt.engine.grammar import Grammar, GrammarError
+from budrt.engine.grammar import Grammar, GrammarError, apply_masks
 from budrt.engine.interface import GenerationOutput, SamplingParams
 from budrt.engine.kv_cache import KVCache
 from budrt.engine.llm_engine import LLMEngine
@@ -198,3 +199,32 @@ def test_jump_forward_appends_forced_tokens_without_a_step_each(
         assert out[-1].finish_reason == "stop"
         # One step is the prompt's; each sampled token then needs one more, the last one none.
         assert (steps < tokens) if jumps else (steps == tokens), (steps, tokens)
+
+
+def test_masks_become_minus_infinity_on_their_rows_only() -> None:
+    torch.manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32)  # 128 tokens
+    allowed = torch.tensor(
+        [[(int(word) >> bit) & 1 for word in row for bit in range(32)] for row in bitmask.tolist()],
+        dtype=torch.bool,
+    )
+    for vocab, rows in ((128, [0, 1, 2]), (120, [0, 1, 2]), (130, [0, 1, 2]), (128, [1, 3, 4])):
+        logits = torch.randn(5, vocab)
+        expected = logits.clone()
+        for k, row in enumerate(rows):
+            width = min(vocab, 128)
+            expected[row, :width] = expected[row, :width].masked_fill(~allowed[k, :width], float("-inf"))
+            expected[row, width:] = float("-inf")
+        apply_masks(logits, rows, bitmask)
+        assert torch.equal(logits, expected), (vocab, rows)
+
+
+def test_the_same_new_grammar_compiles_once_however_many_ask(engine: LLMEngine) -> None:
+    grammar = Grammar.json_schema({"type": "object", "properties": {"unique_key_4711": {"type": "integer"}}})
+    before = engine.stats()
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda _: engine.compile_grammar(grammar), range(8)))
+    after = engine.stats()
+    assert all(c is compiled[0] for c in compiled)
+    assert after["grammar_compiles_total"] == before["grammar_compiles_total"] + 1
+    assert after["grammar_cache_hits_total"] == before["grammar_cache_hits_total"] + 7

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -141,19 +142,42 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._compiling: dict[str, Future[CompiledGrammar]] = {}
         self._lock = threading.Lock()
         self.compiles_total = 0
         self.cache_hits_total = 0
         self.compile_time = compile_time  # seconds per compile (a cache miss)
 
     def compile(self, grammar: Grammar) -> CompiledGrammar:
+        """The compiled grammar, from the cache or compiled here; requests that bring the same
+        new grammar at once wait for the one compile (a `Future` per key in flight)."""
         with self._lock:
             cached = self._cache.get(grammar.key)
             if cached is not None:
                 self._cache.move_to_end(grammar.key)
                 self.cache_hits_total += 1
                 return cached
-            tokenizer = self._llg_tokenizer()
+            pending = self._compiling.get(grammar.key)
+            if pending is None:
+                pending = self._compiling[grammar.key] = Future()
+                tokenizer = self._llg_tokenizer()
+            else:
+                self.cache_hits_total += 1
+                tokenizer = None
+        if tokenizer is None:
+            return pending.result()
+        try:
+            compiled = self._compile(grammar, tokenizer)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._compiling[grammar.key]
+        pending.set_result(compiled)
+        return compiled
+
+    def _compile(self, grammar: Grammar, tokenizer: llguidance.LLTokenizer) -> CompiledGrammar:
         started = time.perf_counter()
         matcher = llguidance.LLMatcher(tokenizer, grammar.text, log_level=0)
         elapsed = time.perf_counter() - started
@@ -183,12 +207,23 @@ class Constrained(Protocol):
     grammar: GrammarMatcher | None
 
 
-class MaskWorker:
-    """Fills the next-token masks of a step's constrained sequences on its own thread, started
-    before the forward pass and collected after it, so the two overlap."""
+def masks_overlap(device: torch.device) -> bool:
+    """Whether masks are filled on their own thread while the forward pass runs: on CUDA (the
+    CPU is idle meanwhile), or where a core is left over beside torch's threads. Where torch's
+    OpenMP threads take every core, a third busy thread stalls them at each parallel region's
+    barrier: 64 constrained streams on 2 cores made 476 tok/s with the mask thread against 538
+    with the masks filled in the step thread (the same run, a Xeon, 2 cores)."""
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
 
-    def __init__(self, vocab_size: int) -> None:
+
+class MaskWorker:
+    """Fills the next-token masks of a step's constrained sequences: started before the forward
+    pass and collected after it, on its own thread when `overlap` (`masks_overlap`), else at once
+    in the caller's."""
+
+    def __init__(self, vocab_size: int, overlap: bool) -> None:
         self.vocab_size = vocab_size
+        self.overlap = overlap
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
 
     def start(self, seqs: Sequence[Constrained]) -> Future[torch.Tensor] | None:
@@ -196,7 +231,11 @@ class MaskWorker:
         if not seqs:
             return None
         matchers = [seq.grammar for seq in seqs if seq.grammar is not None]
-        return self._pool.submit(self._fill, matchers)
+        if self.overlap:
+            return self._pool.submit(self._fill, matchers)
+        done: Future[torch.Tensor] = Future()
+        done.set_result(self._fill(matchers))
+        return done
 
     def _fill(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
@@ -210,12 +249,22 @@ class MaskWorker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# For each byte of a packed mask, what its 8 tokens add to their logits: 0 (allowed) or -inf.
+_BYTE_BIAS = torch.tensor([[0.0 if (b >> k) & 1 else float("-inf") for k in range(8)] for b in range(256)])
+
+
 def apply_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """Tokens a row's grammar forbids get -inf, in place; other rows are untouched."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    vocab = logits.shape[1]
-    allowed = torch.zeros((len(rows), vocab), dtype=torch.bool)
-    width = min(vocab, bits.shape[1])
-    allowed[:, :width] = torch.from_numpy(bits[:, :width].astype(np.bool_))
+    """Tokens a row's grammar forbids get -inf, in place; other rows are untouched. The packed
+    bits become an additive bias by a byte lookup: 2.6 ms for 64 rows of SmolLM2's 49k tokens,
+    against 12.8 ms unpacking them to booleans for `masked_fill` (a 2-core Xeon)."""
+    bias = _BYTE_BIAS[torch.from_numpy(bitmask.numpy().view(np.uint8)).to(torch.int32)].view(len(rows), -1)
+    width = min(logits.shape[1], bias.shape[1])
+    if rows == list(range(logits.shape[0])):  # every row constrained: no gather and scatter
+        logits[:, :width] += bias[:, :width]
+        logits[:, width:] = float("-inf")
+        return
     index = torch.tensor(rows, dtype=torch.long)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    part = logits[index]
+    part[:, :width] += bias[:, :width]
+    part[:, width:] = float("-inf")
+    logits[index] = part
