@@ -19,7 +19,7 @@ import torch
 
 from budrt.engine import openmp
 from budrt.engine.block_manager import BlockManager
-from budrt.engine.grammar import CompiledGrammar, Grammar, GrammarCompiler, MaskWorker, masks_overlap
+from budrt.engine.grammar import CompiledGrammar, Grammar, GrammarCompiler, MaskWorker
 from budrt.engine.interface import (
     Engine,
     EngineDead,
@@ -84,7 +84,7 @@ class LLMEngine(Engine):
         self.histograms = EngineHistograms()
         grammar_vocab = max(self.vocab_size, tokenizer.vocab_size)
         self.grammars = GrammarCompiler(tokenizer, grammar_vocab, self.histograms.grammar_compile_time)
-        self.masks = MaskWorker(grammar_vocab, masks_overlap(self.runner.device))
+        self.masks = MaskWorker(grammar_vocab)
 
         # Shared with the event loop, guarded by _lock: the inbox and the id -> sequence map.
         self._lock = threading.Lock()
