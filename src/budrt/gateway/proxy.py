@@ -41,6 +41,7 @@ from budrt.gateway.stream import Buffered, RawHeaders, UpstreamStream, encode_he
 from budrt.gateway.usage import record_usage
 from budrt.observe.tracing import Attributes, RequestScope, current_request
 from budrt.protocol.errors import CLIENT_CLOSED, APIError
+from budrt.protocol.http_server import UPSTREAM_KEEPALIVE_S
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -190,7 +191,10 @@ class Proxy:
 
     async def start(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=60, ttl_dns_cache=60, ssl=self.tls if self.tls is not None else True
+            limit=0,
+            keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+            ttl_dns_cache=60,
+            ssl=self.tls if self.tls is not None else True,
         )
         # No total timeout: streams may run for minutes. Per-deployment read timeouts apply.
         # No cookie jar: one session serves every client, so upstream cookies must not stick.

@@ -18,6 +18,12 @@ from budrt.protocol.errors import APIError
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx allows 4 x 8 KiB of headers, Node.js 16 KiB
 LINGER_S = 1.0  # after a 431: read and drop input this long, then close
+# How long a gateway keeps an idle connection to a model server, and how long a model server keeps
+# one open: the server longer, so the gateway always closes first. With uvicorn's 5 s default a
+# request sent on a connection the server was closing just then failed (reset) and, with one
+# replica, came back as a 503.
+UPSTREAM_KEEPALIVE_S = 60
+SERVER_KEEPALIVE_S = 75
 
 
 def _too_large() -> bytes:

@@ -16,7 +16,7 @@ from budrt.observe.logging import setup_logging
 from budrt.observe.progress import LogReporter
 from budrt.observe.startup import cannot_start, port_problem
 from budrt.observe.tracing import setup_tracing
-from budrt.protocol.http_server import BoundedHeadProtocol
+from budrt.protocol.http_server import SERVER_KEEPALIVE_S, BoundedHeadProtocol
 from budrt.security import certs
 
 
@@ -96,6 +96,7 @@ def _serve(app: ASGIApp, server: ModelServerConfig, settings: Settings, tls: cer
         http=BoundedHeadProtocol,  # httptools, with the request head bounded
         access_log=False,
         log_config=None,
+        timeout_keep_alive=SERVER_KEEPALIVE_S,  # outlasts the gateway's idle connections
         timeout_graceful_shutdown=int(settings.supervisor.shutdown_grace_s),
         ssl_context_factory=None if context is None else lambda _config, _default: context,
     )
