@@ -68,7 +68,7 @@ from launch import Launched  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from serve_client import RequestResult, _data, _session, summarize  # noqa: E402
-from serve_compare import budrt_model  # noqa: E402
+from serve_compare import budrt_model, median_of  # noqa: E402
 from serve_workload import BenchRequest, synthetic_workload  # noqa: E402
 
 from budrt.engine.gguf_loader import read_metadata  # noqa: E402
@@ -616,15 +616,6 @@ def replay_hit_rate(tokenizer: TextTokenizer, sequence: list[dict[str, Any]]) ->
 
 
 # ---------------------------------------------------------------- run
-
-
-def median_of(values: list[Any]) -> Any:
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: median_of([v[k] for v in values if k in v]) for k in first}
-    if isinstance(first, int | float) and not isinstance(first, bool):
-        return statistics.median(values)
-    return first
 
 
 def ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
