@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 
+from budrt.engine import kernels
 from budrt.engine.grammar import Grammar, GrammarError, apply_masks
 from budrt.engine.interface import GenerationOutput, SamplingParams
 from budrt.engine.kv_cache import KVCache
@@ -201,14 +202,21 @@ def test_jump_forward_appends_forced_tokens_without_a_step_each(
         assert (steps < tokens) if jumps else (steps == tokens), (steps, tokens)
 
 
-def test_masks_become_minus_infinity_on_their_rows_only() -> None:
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_masks_become_minus_infinity_on_their_rows_only(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "torch":
+        monkeypatch.setenv(kernels.ENV_SWITCH, "torch")
+    elif not kernels.prepare():
+        pytest.skip("the CPU kernels could not be built here (see the logged warning)")
     torch.manual_seed(0)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32)  # 128 tokens
+    bitmask[0, 1], bitmask[1, 2] = 0, -1  # nothing and everything allowed: the kernel's short cuts
     allowed = torch.tensor(
         [[(int(word) >> bit) & 1 for word in row for bit in range(32)] for row in bitmask.tolist()],
         dtype=torch.bool,
     )
-    for vocab, rows in ((128, [0, 1, 2]), (120, [0, 1, 2]), (130, [0, 1, 2]), (128, [1, 3, 4])):
+    cases = ((128, [0, 1, 2]), (120, [0, 1, 2]), (130, [0, 1, 2]), (128, [1, 3, 4]), (100, [4, 0, 2]))
+    for vocab, rows in cases:
         logits = torch.randn(5, vocab)
         expected = logits.clone()
         for k, row in enumerate(rows):
@@ -216,7 +224,7 @@ def test_masks_become_minus_infinity_on_their_rows_only() -> None:
             expected[row, :width] = expected[row, :width].masked_fill(~allowed[k, :width], float("-inf"))
             expected[row, width:] = float("-inf")
         apply_masks(logits, rows, bitmask)
-        assert torch.equal(logits, expected), (vocab, rows)
+        assert torch.equal(logits, expected), (path, vocab, rows)
 
 
 def test_the_same_new_grammar_compiles_once_however_many_ask(engine: LLMEngine) -> None:

@@ -6,6 +6,7 @@ extension, `budrt_cpu_kernels_<level>`; engine/cpu_features.py picks the level).
 - rms_norm.cpp: bf16 RMSNorm with the residual add fused in (about twelve small ops per norm);
 - silu_mul.cpp: the MLP's SiLU(gate) * up in one pass over the fused gate/up output;
 - argmax.cpp: greedy tokens, each row's first maximum, in vector lanes;
+- token_masks.cpp: a grammar's packed token masks on their rows' logits (-inf where forbidden);
 - q8_linear.cpp: a linear on GGUF Q8_0 weights as stored (the logits of small decode steps);
 - q4_linear.cpp: a linear on GGUF Q4 weights by int8 dot products (small decode steps; quant.py);
 - rope_cache.cpp: a decode-only step's RoPE, cache write and attention in one call per layer (and
@@ -189,6 +190,17 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
     if logits.dim() != 2 or logits.shape[1] == 0 or logits.stride(1) != 1:
         return None
     return _module.argmax_rows(logits)
+
+
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    """Row `rows[r]` of fp32 CPU `logits` `[M, V]` gets -inf where `bitmask[r]` (int32 words of
+    packed bits) forbids a token, in place; False where the kernel does not apply (nothing done)."""
+    if _module is None or not enabled() or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return False
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        return False
+    _module.apply_token_masks(logits, rows, bitmask)
+    return True
 
 
 def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
