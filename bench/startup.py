@@ -1,5 +1,6 @@
 """Start-up against llama.cpp's server (issue 16: ready ≤ 2x llama.cpp's, to the first token):
-each server launched --rounds times, alternating, on the same GGUF.
+each server launched --rounds times, alternating, on the same GGUF, with the same number of
+sequences and KV tokens as bench/serve_compare.py gives them (64, 32,768).
 
     .venv/bin/python bench/startup.py --llamacpp-python V/bin/python            # 5 rounds
     .venv/bin/python bench/startup.py --llamacpp-python V/bin/python --rounds 9
@@ -28,13 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import LLAMACPP, baseline_serve, unavailable  # noqa: E402
-from budrt_server import budrt_serve  # noqa: E402
+from budrt_server import budrt_serve, kv_bytes_for  # noqa: E402
 from launch import Launched  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
 from serve_client import closed_loop  # noqa: E402
 from serve_compare import DEFAULT_SOURCE, MODEL  # noqa: E402
 from serve_workload import BenchRequest  # noqa: E402
 
+from budrt.engine.gguf_loader import read_metadata  # noqa: E402
 from budrt.model_source import resolve_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -52,19 +54,31 @@ def first_token(launched: Launched, admin_key: str) -> float:
     return launched.ready_s + duration
 
 
-def budrt_model(source: str) -> dict[str, Any]:
-    return {"name": MODEL, "task": "chat", "format": "gguf", "source": source, "max_model_len": 2048}
+def budrt_model(args: argparse.Namespace) -> dict[str, Any]:
+    """serve_compare's model: `--parallel` sequences, and `--kv-tokens` as llama.cpp has."""
+    model: dict[str, Any] = {
+        "name": MODEL,
+        "task": "chat",
+        "format": "gguf",
+        "source": args.source,
+        "max_model_len": 2048,
+        "max_num_seqs": args.parallel,
+    }
+    metadata = read_metadata(resolve_source(args.source))
+    return model | {"kv_cache_bytes": kv_bytes_for(model, metadata, args.kv_tokens)}
 
 
-def budrt_start(source: str, threads: int) -> dict[str, Any]:
+def budrt_start(args: argparse.Namespace) -> dict[str, Any]:
     from budrt_server import ADMIN_KEY
 
-    with budrt_serve(budrt_model(source), threads) as launched:
+    with budrt_serve(budrt_model(args), args.threads) as launched:
         return {"ready_s": launched.ready_s, "first_token_s": first_token(launched, ADMIN_KEY)}
 
 
-def llamacpp_start(python: str, gguf: Path, threads: int) -> dict[str, Any]:
-    with baseline_serve(LLAMACPP, python, gguf, 16, 4096, threads) as launched:
+def llamacpp_start(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
+    with baseline_serve(
+        LLAMACPP, args.llamacpp_python, gguf, args.parallel, args.kv_tokens, args.threads
+    ) as launched:
         return {"ready_s": launched.ready_s, "first_token_s": first_token(launched, "unused")}
 
 
@@ -74,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--llamacpp-python", help="python of a venv with xllamacpp")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--parallel", type=int, default=64, help="sequences decoded together (llama.cpp's slots)")
+    p.add_argument("--kv-tokens", type=int, default=32768, help="KV cache tokens of each server")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     return p.parse_args()
 
@@ -84,12 +100,12 @@ def main() -> None:
     skipped = unavailable(LLAMACPP, args.llamacpp_python)
     if skipped:
         print(f"llama.cpp skipped: {skipped}", flush=True)
-    budrt_start(args.source, args.threads)  # untimed: fills the dequantized cache, loads pages
+    budrt_start(args)  # untimed: fills the dequantized cache, loads pages
     rounds: dict[str, list[dict[str, Any]]] = {"budrt": [], "llama.cpp": []}
     for round_ in range(args.rounds):
         if not skipped:
-            rounds["llama.cpp"].append(llamacpp_start(args.llamacpp_python, gguf, args.threads))
-        rounds["budrt"].append(budrt_start(args.source, args.threads))
+            rounds["llama.cpp"].append(llamacpp_start(args, gguf))
+        rounds["budrt"].append(budrt_start(args))
         print(f"round {round_ + 1}: " + json.dumps({k: v[-1] for k, v in rounds.items() if v}), flush=True)
     medians = {
         name: {key: statistics.median(r[key] for r in runs) for key in ("ready_s", "first_token_s")}
