@@ -166,7 +166,7 @@ def _load_checkpoint(
         names = stored_names(path)
         has_small = any(n.endswith((quant.SUFFIXES[0], quant.Q8_SUFFIXES[0])) for n in names)
         dense_int8 = _int8_linears(cfg, has_small, dtype, kernels_ready)
-        args, weights = load_safetensors(path, _unread(names, dense_int8), progress)
+        args, weights = load_safetensors(path, _unread(names, dense_int8), progress, dtype)
         quantized = quant.split(weights)  # present in the gguf cache's directories
         rounded = int8.split(weights)
         checkpoint = _Checkpoint(args, weights, quantized, rounded, TextTokenizer.from_directory(path))

@@ -108,10 +108,15 @@ def _tensor_bytes(file: Path) -> dict[str, int]:
 
 
 def load_safetensors(
-    directory: Path | str, skip: Collection[str] = (), progress: ProgressReporter = NO_PROGRESS
+    directory: Path | str,
+    skip: Collection[str] = (),
+    progress: ProgressReporter = NO_PROGRESS,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
     """The model's hyperparameters and its tensors by our names, except those named in `skip`
-    (never read from disk). `progress` hears of the bytes read (phase "read")."""
+    (never read from disk), floats in `dtype` (the serving dtype: the gguf cache stores them in
+    it, so a bf16 engine's weights are copied, not widened to fp32 and narrowed again).
+    `progress` hears of the bytes read (phase "read")."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     weights: dict[str, torch.Tensor] = {}
@@ -128,12 +133,12 @@ def load_safetensors(
                     continue
                 progress.report("read", done, total)  # a clock read: the reporter throttles
                 tensor = f.get_tensor(stored)
-                # Floats load as fp32 (cast later to the serving dtype); the gguf cache's quantized
-                # values (uint8 / int8, engine/quant.py, engine/int8.py) stay as they are. Copies,
-                # not views of the mapped file: one kept view holds every page of the file read
-                # during the load (SmolLM2's int8 model server: 639 MB more resident).
+                # The gguf cache's quantized values (uint8 / int8, engine/quant.py, engine/int8.py)
+                # stay as they are. Copies, not views of the mapped file: one kept view holds every
+                # page of the file read during the load (SmolLM2's int8 model server: 639 MB more
+                # resident).
                 floating = tensor.is_floating_point()
-                weights[name] = tensor.to(torch.float32, copy=True) if floating else tensor.clone()
+                weights[name] = tensor.to(dtype, copy=True) if floating else tensor.clone()
                 done += stored_sizes[stored]
     progress.report("read", total, total)
     args = _args_from_config(config, has_lm_head="lm_head.weight" in names)
