@@ -22,6 +22,7 @@ What an attempt's outcome does (only what a client cannot cause counts against a
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
@@ -84,6 +85,9 @@ class Failed:
     verdict: Verdict  # "failed", or "down" (refused: the process is gone)
     relay: Buffered | None = None  # what the client gets if no replica is left (a 502/503/504)
     timed_out: bool = False  # a read timeout: a 504 if no replica is left
+    # The connection closed before any answer: on a reused keep-alive connection the endpoint was
+    # closing as the request went out (uvicorn closes idle ones after 5 s). One more try there.
+    unanswered_close: bool = False
 
 
 @dataclass(slots=True)
@@ -289,7 +293,7 @@ class Proxy:
                     await asyncio.sleep(self.config.retry_backoff_s * (2 ** min(failures - 1, 5)))
                 tried.add(ep)
                 try:
-                    outcome = await self._traced(dep, ep, body, call)
+                    outcome = await self._on_endpoint(dep, ep, body, call)
                 except asyncio.CancelledError:  # the client left or the deadline passed
                     ep.breaker.record("abandoned")
                     raise
@@ -308,6 +312,16 @@ class Proxy:
         if last_5xx is not None:
             return last_5xx  # the model server's own error (503 keeps its Retry-After)
         raise none_answered(chain[0], timed_out)
+
+    async def _on_endpoint(self, dep: Deployment, ep: Endpoint, body: bytes, call: Call) -> Outcome:
+        """`_traced`, and once more if the endpoint closed the connection before answering: a
+        reused connection it was closing at that moment is no fault of the endpoint's, and with
+        one replica there is nowhere else to go. The second try finds that connection gone from
+        the pool; a process that is down then refuses it, as any first try."""
+        outcome = await self._traced(dep, ep, body, call)
+        if isinstance(outcome, Failed) and outcome.unanswered_close:
+            outcome = await self._traced(dep, ep, body, call)
+        return outcome
 
     async def _traced(self, dep: Deployment, ep: Endpoint, body: bytes, call: Call) -> Outcome:
         """`_attempt`, as a CLIENT span of the request's trace when it is sampled."""
@@ -358,7 +372,7 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if resp is not None:
                 resp.close()  # a half-read response must not go back to the pool
-            return broken(ep, exc)
+            return broken(ep, exc, answering=resp is not None)
         except asyncio.CancelledError:  # client left, deadline, or the endpoint hung
             if resp is not None:
                 resp.close()  # drop the upstream connection
@@ -403,15 +417,20 @@ def _describe(outcome: Outcome) -> Attributes:
     return {"http.response.status_code": error.status, "budrt.outcome": error.code or "refused"}
 
 
-def broken(ep: Endpoint, exc: Exception) -> Failed:
-    """A connection error or timeout (aiohttp, or the OS)."""
+def broken(ep: Endpoint, exc: Exception, answering: bool) -> Failed:
+    """A connection error or timeout (aiohttp, or the OS); `answering`: after the answer's head."""
     read_timeout = isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
     log.warning(
         "upstream attempt failed", extra={"fields": {"url": ep.base_url, "error": type(exc).__name__}}
     )
     refused = isinstance(exc, aiohttp.ClientConnectorError)  # the process is gone
+    reset = isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    closed = isinstance(exc, aiohttp.ServerDisconnectedError) or (reset and not refused)
     return Failed(
-        "timeout" if read_timeout else "connect", "down" if refused else "failed", timed_out=read_timeout
+        "timeout" if read_timeout else "connect",
+        "down" if refused else "failed",
+        timed_out=read_timeout,
+        unanswered_close=closed and not answering,
     )
 
 
