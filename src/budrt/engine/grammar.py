@@ -217,10 +217,8 @@ class MaskWorker:
         self.vocab_size = vocab_size
         self.overlap = overlap
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
-        # All rows in one call that lets go of the GIL once: a call per row took the GIL back 64
-        # times a step, each wait up to the interpreter's switch interval while the step thread
-        # ran Python (64 rows: ~50 ms of the mask thread's wall time against ~1 ms of work).
-        # One thread: the forward pass has the cores.
+        # All rows in one call that lets go of the GIL once, not once a row: the step thread and
+        # the server's event loop want it meanwhile. One thread: the forward pass has the cores.
         self._executor = llguidance.LLExecutor(num_threads=1)
 
     def start(self, seqs: Sequence[Constrained]) -> Future[torch.Tensor] | None:
