@@ -21,7 +21,7 @@ log = logging.getLogger("budrt.gateway.health")
 # request with 503 until the next check); a refused connection is not a hang (the requests fail
 # by themselves) and is not ready at once.
 HUNG_AFTER_TIMEOUTS = 2
-NOT_READY_INTERVAL_S = 0.25  # between checks while some replica is not ready
+NOT_READY_INTERVAL_S = 0.1  # between checks while some replica is not ready
 
 
 class HealthChecker:
