@@ -180,6 +180,8 @@ def test_every_pod_is_probed_limited_hardened_and_spread(
             _check_container(c)
         main = pod["containers"][0]
         assert main["readinessProbe"] and main["livenessProbe"], deployment["metadata"]["name"]
+        if component(deployment) == "gateway":  # ready to route, whatever state the models are in
+            assert main["readinessProbe"]["httpGet"]["path"] == "/health/ready?scope=gateway"
         keys = {(t["topologyKey"], t["whenUnsatisfiable"]) for t in pod["topologySpreadConstraints"]}
         assert {k for k, _ in keys} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
         assert pod["terminationGracePeriodSeconds"] > main["lifecycle"]["preStop"]["sleep"]["seconds"]

@@ -155,7 +155,17 @@ class Gateway:
         return _json({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        waiting = [d.name for d in self.router.deployments if not d.is_ready()]
+        """`scope=models` (default): every model has a ready model server (`budrt serve` is up).
+        `scope=gateway`: this gateway can route (it has checked its model servers once, whatever
+        they answered), the readiness of a gateway pod: a model whose servers are all down must
+        not take every gateway out of its Service, and traffic for the other models with it."""
+        scope = request.query_params.get("scope", "models")
+        if scope not in ("models", "gateway"):
+            raise invalid_request("'scope' must be 'models' or 'gateway'.", param="scope")
+        if scope == "gateway":
+            waiting = [] if self.health.rounds else ["the first health check of the model servers"]
+        else:
+            waiting = [d.name for d in self.router.deployments if not d.is_ready()]
         if not waiting:
             return _json({"status": "ready"})
         raise APIError(

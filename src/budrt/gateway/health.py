@@ -30,6 +30,7 @@ class HealthChecker:
         self.interval_s = interval_s
         self.timeout = aiohttp.ClientTimeout(total=min(timeout_s, max(interval_s, 0.5)))
         self.timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks
+        self.rounds = 0  # rounds of checks done: after one, the gateway knows which replicas are up
 
     def targets(self) -> list[Endpoint]:
         """Endpoints to check, read each round (registered replicas come and go). A check carries
@@ -42,6 +43,7 @@ class HealthChecker:
         while True:
             self.sweep()
             await self.check_all(session)
+            self.rounds += 1
             await asyncio.sleep(self.next_check_in())
 
     def next_check_in(self) -> float:

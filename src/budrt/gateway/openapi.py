@@ -510,7 +510,19 @@ def _health_paths() -> Schema:
     return {
         "/health/live": {"get": _op("The process answers", _ok(status), security=[])},
         "/health/ready": {
-            "get": _op("Every deployment has a ready replica", {**_ok(status), **_errors(503)}, security=[])
+            "get": _op(
+                "Every deployment has a ready replica (scope=models, the default), or this gateway "
+                "has checked its model servers once (scope=gateway: a gateway pod's readiness)",
+                {**_ok(status), **_errors(400, 503)},
+                security=[],
+                parameters=[
+                    _query(
+                        "scope",
+                        {"type": "string", "enum": ["models", "gateway"], "default": "models"},
+                        "What must be ready: every model, or this gateway",
+                    )
+                ],
+            )
         },
         "/metrics": {
             "get": _op("Prometheus metrics", {"200": {"description": "OK", "content": text}}, security=[])
