@@ -28,15 +28,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import serve_compare  # noqa: E402
 from baselines import LLAMACPP, baseline_serve, unavailable  # noqa: E402
-from budrt_server import budrt_serve, kv_bytes_for  # noqa: E402
+from budrt_server import ADMIN_KEY, budrt_serve  # noqa: E402
 from launch import Launched  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
 from serve_client import closed_loop  # noqa: E402
 from serve_compare import DEFAULT_SOURCE, MODEL  # noqa: E402
 from serve_workload import BenchRequest  # noqa: E402
 
-from budrt.engine.gguf_loader import read_metadata  # noqa: E402
 from budrt.model_source import resolve_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -56,21 +56,11 @@ def first_token(launched: Launched, admin_key: str) -> float:
 
 def budrt_model(args: argparse.Namespace) -> dict[str, Any]:
     """serve_compare's model: `--parallel` sequences, and `--kv-tokens` as llama.cpp has."""
-    model: dict[str, Any] = {
-        "name": MODEL,
-        "task": "chat",
-        "format": "gguf",
-        "source": args.source,
-        "max_model_len": 2048,
-        "max_num_seqs": args.parallel,
-    }
-    metadata = read_metadata(resolve_source(args.source))
-    return model | {"kv_cache_bytes": kv_bytes_for(model, metadata, args.kv_tokens)}
+    compare = argparse.Namespace(source=args.source, concurrency=[args.parallel], llamacpp_ctx=args.kv_tokens)
+    return serve_compare.budrt_model(compare, "")
 
 
 def budrt_start(args: argparse.Namespace) -> dict[str, Any]:
-    from budrt_server import ADMIN_KEY
-
     with budrt_serve(budrt_model(args), args.threads) as launched:
         return {"ready_s": launched.ready_s, "first_token_s": first_token(launched, ADMIN_KEY)}
 

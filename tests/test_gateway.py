@@ -278,8 +278,9 @@ def test_not_ready_when_managed_endpoint_down(tmp_path: Path) -> None:
         # A gateway pod's readiness: it has checked its model servers; their being down is no
         # reason to take it (and every other model's traffic) out of its Service.
         assert httpx.get(gateway.url + "/health/ready?scope=gateway").json() == {"status": "ready"}
-        resp = httpx.get(gateway.url + "/health/ready?scope=pods")
-        assert resp.status_code == 400 and resp.json()["error"]["param"] == "scope"
+        for hostile in ("pods", "x" * 4000, "gåteway", "-1", ""):
+            resp = httpx.get(gateway.url + "/health/ready", params={"scope": hostile})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "scope", hostile
         # A managed endpoint that is not ready gets no traffic.
         resp = httpx.post(gateway.url + CHAT, json=_chat("m"), headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 503
