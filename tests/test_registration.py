@@ -357,7 +357,7 @@ def test_heartbeat_failures_are_logged_once_and_never_raise(
 
     async def scenario() -> Heartbeat:
         hb = Heartbeat(server, ModelPool([model]))
-        hb._session = aiohttp.ClientSession(timeout=hb.timeout)  # what run() opens
+        hb._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=hb.timeout_s))  # as run()
         assert hb.models() == [{"id": "tiny-z", "aliases": ["z"], "state": "available", "pinned": False}]
         for _ in range(3):
             await hb.beat()

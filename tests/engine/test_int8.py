@@ -236,8 +236,9 @@ def test_the_gguf_cache_stores_the_int8_forms_and_a_restart_reads_only_them(
     cached = dequantized_source(cfg, gguf_path, tmp_path)
     assert cached.format == "safetensors"
     names = stored_names(cached.source)
-    q_proj = "layers.0.attn.q_proj.weight"
+    q_proj = "layers.0.attn.qkv_proj.weight"  # stored fused, as the model reads it
     assert {q_proj, q_proj + int8.SUFFIXES[0], "embed_tokens.weight" + int8.SUFFIXES[0]} <= names
+    assert "layers.0.attn.q_proj.weight" not in names
 
     checkpoint, dense_int8 = _load_checkpoint(cached, Path(cached.source), torch.float32, True)
     assert dense_int8 and q_proj in checkpoint.rounded and q_proj not in checkpoint.weights

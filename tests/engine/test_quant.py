@@ -102,6 +102,39 @@ def _generate(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> 
     return asyncio.run(run())
 
 
+def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
+    gguf_path: Path, tmp_path: Path
+) -> None:
+    """q/k/v and gate/up fused, 4-bit copies tiled: a restart concatenates and packs nothing, and
+    reads the very tiles and Q8_0 blocks a load of the GGUF makes, their scales kept in fp32 by a
+    bf16 engine (not rounded to the serving dtype)."""
+    from budrt.engine.factory import _load_checkpoint
+    from budrt.engine.llama import fuse_weights
+    from budrt.engine.safetensors_loader import stored_names
+
+    cfg = ModelConfig(name="smollm2", task="chat", format="gguf", source=str(gguf_path), dtype="bfloat16")
+    cached = dequantized_source(cfg, gguf_path, tmp_path)
+    names = stored_names(cached.source)
+    assert {"layers.0.attn.qkv_proj.weight.q4_tiles", "layers.0.mlp.gate_up_proj.weight"} <= names
+    assert not {"layers.0.attn.q_proj.weight", "layers.0.attn.q_proj.weight.q4_values"} & names
+    checkpoint, _ = _load_checkpoint(cached, Path(cached.source), torch.bfloat16, True)
+    assert checkpoint.weights["layers.0.attn.qkv_proj.weight"].dtype == torch.bfloat16
+
+    gguf = load_gguf(gguf_path)
+    weights, small = dict(gguf.weights), dict(gguf.quantized)
+    fuse_weights(weights, small, {})
+    assert checkpoint.quantized.keys() == small.keys()
+    for name, copy in small.items():
+        stored = checkpoint.quantized[name]
+        if isinstance(copy, quant.Q4Weight):
+            assert isinstance(stored, quant.Q4Tiles), name
+            assert all(torch.equal(a, b) for a, b in zip(stored, quant.pack_tiles(copy), strict=True)), name
+        else:
+            assert isinstance(stored, quant.Q8Weight) and isinstance(copy, quant.Q8Weight), name
+            assert stored.scales.dtype == torch.float32 and torch.equal(stored.scales, copy.scales), name
+            assert torch.equal(stored.values, copy.values), name
+
+
 def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(
     gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_fast: Callable[..., ModelConfig]
 ) -> None:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from budrt.config import Settings, load_settings
 from budrt.security.files import secure_home
 
-if TYPE_CHECKING:  # the stores import SQLAlchemy: loaded by the commands that use them
+if TYPE_CHECKING:  # the stores import SQLAlchemy, the settings pydantic: loaded when used
+    from budrt.config import Settings
     from budrt.store.identity import IdentityStore
     from budrt.store.keys import KeyStore
     from budrt.store.models import ModelStore
@@ -37,6 +37,8 @@ def load(
 ) -> Settings:
     """The settings tree, `--host/--port` (and `--tls`: `tls.enabled`, `--log-format`) over the
     config; a config error exits 2, no traceback."""
+    from budrt.config import load_settings
+
     try:
         gateway = {"host": host, "port": port}
         tls_on = {"enabled": True if tls else None}

@@ -7,12 +7,14 @@ What a container runs (deploy/helm): the settings load like `budrt gateway`'s (Y
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from budrt.cli.common import ConfigFile, Home, fail, load
-from budrt.config import Settings
+
+if TYPE_CHECKING:
+    from budrt.config import Settings
 
 model_server_app = typer.Typer()  # one top-level command: `budrt model-server`
 

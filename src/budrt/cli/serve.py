@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from budrt.cli.common import AsJson, ConfigFile, Home, fail, load
-from budrt.config import Settings
+
+if TYPE_CHECKING:
+    from budrt.config import Settings
 
 serve_app = typer.Typer()  # its commands are top-level: `budrt serve`, not `budrt serve serve`
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -61,12 +63,19 @@ def serve(
     log_format: LogFormat = None,
 ) -> None:
     """Start the gateway and the model servers behind it, under a supervisor."""
-    from budrt.control.supervisor import Supervisor
-    from budrt.observe.logging import setup_logging
+    from budrt.control.spare import SpareServer
 
-    settings = load(config, home, host, port, tls, log_format)
-    setup_logging("supervisor", settings.log_level, settings.log_format)
-    raise typer.Exit(Supervisor(settings).run(lambda: _prepare_store(settings)))
+    spare = SpareServer()  # first: its imports overlap the settings' (control/spare.py)
+    try:
+        from budrt.control.supervisor import Supervisor
+        from budrt.observe.logging import setup_logging
+
+        settings = load(config, home, host, port, tls, log_format)
+        setup_logging("supervisor", settings.log_level, settings.log_format)
+        code = Supervisor(settings, spare).run(lambda: _prepare_store(settings))
+    finally:
+        spare.discard()  # not taken: a bad config, or no model server
+    raise typer.Exit(code)
 
 
 @serve_app.command()

@@ -8,13 +8,14 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
-from prometheus_client.parser import text_string_to_metric_families
 
 from budrt.cli.common import ConfigFile, Home, fail, load
+
+if TYPE_CHECKING:  # imported by `top` itself: every other command (`budrt serve`) starts sooner
+    import httpx
 
 top_app = typer.Typer()
 
@@ -28,6 +29,8 @@ _WANTED = {
 
 def scrape(client: httpx.Client) -> Samples:
     """The gateway's per-model counters and gauges, with errors (status ≥ 500) apart."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: Samples = defaultdict(lambda: defaultdict(float))
     for family in text_string_to_metric_families(client.get("/metrics").text):
         name = _WANTED.get(family.name)
@@ -110,6 +113,8 @@ def top(
     config: ConfigFile = None,
 ) -> None:
     """A live view of the running platform: per model, replicas, in flight, req/s, tokens/s."""
+    import httpx
+
     settings = load(config, home)
     base = url or f"http://{settings.gateway.host}:{settings.gateway.port}"
     secret = key or _admin_key(settings.home)

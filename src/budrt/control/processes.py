@@ -11,12 +11,18 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import httpx
+from budrt.control.relay import copy_lines, relay_lines, start_relay
 
-from budrt.control.relay import start_relay
+if TYPE_CHECKING:  # imported once the processes run (Supervisor.run): they start ~50 ms sooner
+    import httpx
+
+# A spare model server's `take` (control/spare.py): the spare as the process of these arguments
+# and environment, or None.
+TakeSpare = Callable[[list[str], dict[str, str]], "subprocess.Popen[bytes] | None"]
 
 ProcessKind = Literal["gateway", "model-server"]
 ProcessState = Literal["starting", "ready", "not_ready", "restarting", "failed", "stopping", "stopped"]
@@ -29,7 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: if the supervisor dies, even by SIGKILL, so do we."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -81,17 +87,21 @@ class ManagedProcess:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
-    def start(self, env: dict[str, str]) -> None:
-        # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
-        # stops the children in order (gateway first, so in-flight requests can finish).
+    def start(self, env: dict[str, str], take_spare: TakeSpare | None = None) -> None:
+        """Start the process, or make a spare model server it (`take_spare`) where one is given."""
         argv = [*self.argv, "--preload", ",".join(self.held)] if self.held else self.argv
-        out = subprocess.PIPE if self.relay_output else None
-        err = subprocess.STDOUT if self.relay_output else None
-        self.proc = subprocess.Popen(
-            argv, env=env, start_new_session=True, preexec_fn=_die_with_parent, stdout=out, stderr=err
-        )
-        if self.proc.stdout is not None:
-            self.relay = start_relay(self.proc.stdout, self.label)
+        self.proc = take_spare(argv, env) if take_spare is not None else None
+        if self.proc is None:
+            # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
+            # stops the children in order (gateway first, so in-flight requests can finish).
+            out = subprocess.PIPE if self.relay_output else None
+            err = subprocess.STDOUT if self.relay_output else None
+            self.proc = subprocess.Popen(
+                argv, env=env, start_new_session=True, preexec_fn=die_with_parent, stdout=out, stderr=err
+            )
+        if self.proc.stdout is not None:  # a spare's output is piped whatever the settings
+            handle = relay_lines if self.relay_output else copy_lines
+            self.relay = start_relay(self.proc.stdout, self.label, handle)
         self.state, self.started_at, self.ready_since = "starting", time.time(), None
         self.probe_failures, self.unhealthy_count, self.next_start_at = 0, 0, None
         self.resident = []
@@ -105,6 +115,8 @@ class ManagedProcess:
         A model server's answer also says whether its watchdog finds it healthy and which
         models it holds; both are kept for `budrt status` and for a restart.
         """
+        import httpx
+
         try:
             response = client.get(f"{self.base_url}/health/ready", headers=self.probe_headers)
         except httpx.HTTPError:

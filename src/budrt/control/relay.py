@@ -8,7 +8,9 @@ records as bars. Children writing to the terminal themselves would draw through 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from collections.abc import Callable
 from typing import IO
 
 from budrt.observe.logging import record_from_line
@@ -29,7 +31,22 @@ def relay_lines(stream: IO[bytes], proc: str) -> None:
         stream.close()
 
 
-def start_relay(stream: IO[bytes], proc: str) -> threading.Thread:
-    thread = threading.Thread(target=relay_lines, args=(stream, proc), name=f"relay-{proc}", daemon=True)
+def copy_lines(stream: IO[bytes], proc: str) -> None:
+    """Write each line of `stream` to this process's stdout as it is, until the child exits: the
+    output of a spare model server (control/spare.py) when children write for themselves."""
+    out = sys.stdout.buffer
+    try:
+        for raw in stream:
+            out.write(raw)
+            out.flush()
+    finally:
+        stream.close()
+
+
+def start_relay(
+    stream: IO[bytes], proc: str, handle: Callable[[IO[bytes], str], None] = relay_lines
+) -> threading.Thread:
+    """A thread running `handle` (`relay_lines` or `copy_lines`) on the child's output."""
+    thread = threading.Thread(target=handle, args=(stream, proc), name=f"relay-{proc}", daemon=True)
     thread.start()
     return thread

@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import orjson
 from pydantic import SecretStr
 
@@ -28,6 +28,11 @@ from budrt.observe.logging import text_logs
 from budrt.observe.startup import EXIT_CANNOT_START, take_reason
 from budrt.security import certs
 from budrt.security.files import private_dir, write_private
+
+if TYPE_CHECKING:  # imported once the processes run: they start ~50 ms sooner
+    import httpx
+
+    from budrt.control.spare import SpareServer
 
 log = logging.getLogger(__name__)
 STABLE_AFTER_S = 60.0  # ready this long resets the backoff
@@ -76,8 +81,11 @@ def server_settings(settings: Settings, server: ModelServerConfig) -> Settings:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, spare: SpareServer | None = None) -> None:
+        """`spare`: a model server started before the settings were read (control/spare.py),
+        which the first model server started takes."""
         self.settings = settings
+        self.spare = spare
         self.run_dir = settings.home / "run"
         self.processes: list[ManagedProcess] = []
         self.stopping = False
@@ -225,8 +233,12 @@ class Supervisor:
             raise
         self._record_deployments()
         self._start(later)
+        if self.spare is not None:  # no model server to take it
+            self.spare.discard()
         self.write_status()
         cfg = self.settings.supervisor
+        import httpx
+
         with httpx.Client(timeout=cfg.probe_timeout_s, verify=self._probe_verify()) as client:
             while not self.stopping:
                 self.tick(client)
@@ -238,8 +250,13 @@ class Supervisor:
 
     def _start(self, processes: list[ManagedProcess]) -> None:
         for process in processes:
-            process.start(self.env)
-            log.info("started %s pid=%s port=%s", process.name, process.pid, process.port)
+            spare = self.spare if process.kind == "model-server" else None
+            spare_pid = spare.pid if spare is not None else None
+            process.start(self.env, spare.take if spare is not None else None)
+            if spare is not None:
+                self.spare = None  # taken, or gone: the next ones start as usual
+            how = " (the spare)" if process.pid == spare_pid else ""
+            log.info("started %s pid=%s port=%s%s", process.name, process.pid, process.port, how)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True

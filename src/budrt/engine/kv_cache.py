@@ -9,6 +9,9 @@ of sequences, so short requests leave room for many more of them.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,6 +63,17 @@ def num_blocks_for(
     return budget_bytes // per_block
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed tensor. On a CPU, fresh pages of an anonymous mapping, which the kernel zero-fills
+    at their first use: writing zeros over SmolLM2's 720 MB cache took ~0.3 s of every start, and
+    only the blocks in use count as resident."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes)  # the tensor keeps the mapping alive
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     def __init__(
         self,
@@ -73,9 +87,7 @@ class KVCache:
     ) -> None:
         # Zeroed, not empty: padded (masked) positions must hold finite numbers, or NaN garbage
         # would leak through the attention's masked scores.
-        self.data = torch.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
-        )
+        self.data = zeroed((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads

@@ -44,7 +44,7 @@ class Linear(nn.Module):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         forms: LinearForms,
-        small: quant.Q4Weight | quant.Q8Weight | None = None,
+        small: quant.SmallWeight | None = None,
         int8_weight: int8.Int8Weight | None = None,
     ) -> None:
         """With `forms.int8`, `int8_weight` is the dense form (the factory packs a model's all at
@@ -64,9 +64,11 @@ class Linear(nn.Module):
             self.weight = _dense_weight(weight, forms.onednn)
             self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), False)
-        self.q4_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.q4_tiles: quant.Q4Tiles | None = None
         self.q8: quant.Q8Weight | None = None
-        if forms.small and isinstance(small, quant.Q4Weight) and quant.fits(small):
+        if forms.small and isinstance(small, quant.Q4Tiles):  # tiled by the gguf cache
+            self.q4_tiles = small
+        elif forms.small and isinstance(small, quant.Q4Weight) and quant.fits(small):
             self.q4_tiles = quant.pack_tiles(small)
         elif forms.small and isinstance(small, quant.Q8Weight):
             self.q8 = small

@@ -298,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def linear_weight_names(names: Collection[str], args: LlamaArgs) -> list[str]:
-    """Which of a checkpoint's weights (`names`, before fusing) the model's linears read: every
+    """Which of a checkpoint's weights (`names`, fused or not) the model's linears read: every
     layer's projections, and the lm_head's (the embedding's table when they are tied)."""
     head = "embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     return sorted(n for n in names if n == head or (n.startswith("layers.") and n.endswith("_proj.weight")))

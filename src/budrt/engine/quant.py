@@ -12,14 +12,17 @@ of the first's remainder, so the activations keep more precision than bf16).
 Q8_0 (`w = q * d`, q int8) is how the file stores SmolLM2's token embedding, which is also its
 lm_head: 30 MB against 57 MB in bf16, read by csrc/q8_linear.cpp as stored.
 
-Kept in the gguf cache's safetensors next to the dequantized weights under `<name>.q4_values`
-(uint8, one value per byte), `.q4_scales` and `.q4_mins` (fp32, `[out, in / 32]`), or
-`<name>.q8_values` (int8) and `.q8_scales` (fp32).
+Kept in the gguf cache's safetensors next to the dequantized weights, in the form the kernels
+read: `<name>.q4_tiles` (uint8) and `.q4_dm` (fp16) as `pack_tiles` lays them out (a restart then
+packs nothing and reads half the bytes of one value per byte); a weight whose rows do not fill
+tiles as `<name>.q4_values` (uint8, one value per byte), `.q4_scales` and `.q4_mins` (fp32,
+`[out, in / 32]`); a Q8_0 one as `<name>.q8_values` (int8) and `.q8_scales` (fp32).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +31,8 @@ from gguf import GGMLQuantizationType
 GROUP = 32
 SUFFIXES = (".q4_values", ".q4_scales", ".q4_mins")
 Q8_SUFFIXES = (".q8_values", ".q8_scales")
+TILES_SUFFIXES = (".q4_tiles", ".q4_dm")
+STORED_SUFFIXES = (*SUFFIXES, *Q8_SUFFIXES, *TILES_SUFFIXES)  # every part of a small copy
 
 
 @dataclass
@@ -81,7 +86,17 @@ def q8_from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int,
     return Q8Weight(torch.from_numpy(values), torch.from_numpy(d))
 
 
-SmallWeight = Q4Weight | Q8Weight  # a linear's small copy, as the file stores it
+class Q4Tiles(NamedTuple):
+    """A Q4 weight laid out for csrc/q4_linear.cpp by `pack_tiles`."""
+
+    packed: torch.Tensor  # uint8 [out * in / 2]
+    dm: torch.Tensor  # fp16 [out / 16, in / 32, 2, 16]
+
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {name + suffix: part for suffix, part in zip(TILES_SUFFIXES, self, strict=True)}
+
+
+SmallWeight = Q4Weight | Q4Tiles | Q8Weight  # a linear's small copy: as the file stores it, or tiled
 
 
 def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Weight | None:
@@ -106,11 +121,15 @@ def from_gguf(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, in
     return Q4Weight(torch.from_numpy(values), torch.from_numpy(d), torch.from_numpy(np.asarray(m)))
 
 
-def split(weights: dict[str, torch.Tensor]) -> dict[str, Q4Weight | Q8Weight]:
+def split(weights: dict[str, torch.Tensor]) -> dict[str, SmallWeight]:
     """Remove the `.q4_*` and `.q8_*` entries from a state dict; returns them by weight name."""
-    found: dict[str, Q4Weight | Q8Weight] = {}
-    for key in [k for k in weights if k.endswith((SUFFIXES[0], Q8_SUFFIXES[0]))]:
-        if key.endswith(SUFFIXES[0]):
+    found: dict[str, SmallWeight] = {}
+    for key in [k for k in weights if k.endswith((SUFFIXES[0], Q8_SUFFIXES[0], TILES_SUFFIXES[0]))]:
+        if key.endswith(TILES_SUFFIXES[0]):
+            base = key.removesuffix(TILES_SUFFIXES[0])
+            packed, dm = (weights.pop(base + s) for s in TILES_SUFFIXES)
+            found[base] = Q4Tiles(packed.to(torch.uint8), dm.to(torch.float16))
+        elif key.endswith(SUFFIXES[0]):
             base = key.removesuffix(SUFFIXES[0])
             values, scales, mins = (weights.pop(base + s) for s in SUFFIXES)
             found[base] = Q4Weight(values.to(torch.uint8), scales.float(), mins.float())
@@ -135,7 +154,7 @@ def concat(parts: list[Q4Weight | None]) -> Q4Weight | None:
 TILE = 16  # output rows per tile of `pack_tiles`: one per vector lane of the kernel
 
 
-def pack_tiles(q4: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_tiles(q4: Q4Weight) -> Q4Tiles:
     """(packed uint8 `[N * K / 2]`, dm fp16 `[N / 16, K / 32, 2, 16]`) for `q4_tiles_linear`.
 
     Per tile of 16 output rows and block of 32 inputs: 4 x 64 bytes, byte `(l, row, j)` holding
@@ -149,7 +168,7 @@ def pack_tiles(q4: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:
         return part.view(out // TILE, TILE, inp // GROUP).transpose(1, 2)
 
     dm = torch.stack([tiled(q4.scales), tiled(q4.mins)], dim=2).to(torch.float16).contiguous()
-    return packed, dm
+    return Q4Tiles(packed, dm)
 
 
 def fits(q4: Q4Weight) -> bool:

@@ -133,12 +133,13 @@ def load_safetensors(
                     continue
                 progress.report("read", done, total)  # a clock read: the reporter throttles
                 tensor = f.get_tensor(stored)
-                # The gguf cache's quantized values (uint8 / int8, engine/quant.py, engine/int8.py)
-                # stay as they are. Copies, not views of the mapped file: one kept view holds every
-                # page of the file read during the load (SmolLM2's int8 model server: 639 MB more
+                # Only the model's own weights and biases take the serving dtype: the parts of the
+                # gguf cache's small copies (engine/quant.py, engine/int8.py) stay as stored, their
+                # scales too. Copies, not views of the mapped file: one kept view holds every page
+                # of the file read during the load (SmolLM2's int8 model server: 639 MB more
                 # resident).
-                floating = tensor.is_floating_point()
-                weights[name] = tensor.to(dtype, copy=True) if floating else tensor.clone()
+                dense = tensor.is_floating_point() and name.endswith((".weight", ".bias"))
+                weights[name] = tensor.to(dtype, copy=True) if dense else tensor.clone()
                 done += stored_sizes[stored]
     progress.report("read", total, total)
     args = _args_from_config(config, has_lm_head="lm_head.weight" in names)

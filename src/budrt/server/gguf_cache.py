@@ -2,9 +2,10 @@
 
 Loading a GGUF parses the whole vocabulary in Python and dequantizes every tensor (~13 s for
 SmolLM2-135M on the dev box); that is paid again at every restart. The first load writes the
-dequantized weights (in the serving dtype), the file's own quantized blocks, for an fp32 engine
-the int8 forms of its linears (engine/int8.py), config.json and the tokenizer into the cache;
-later loads hand the engine factory that directory instead. The conversion is checked before it is
+dequantized weights (in the serving dtype, q/k/v and gate/up fused), the file's own quantized
+blocks (4-bit ones tiled as the kernels read them), for an fp32 engine the int8 forms of its
+linears (engine/int8.py), config.json and the tokenizer into the cache; later loads hand the
+engine factory that directory instead. The conversion is checked before it is
 kept (same model args, same tokenizer behaviour); anything unexpected falls back to the GGUF.
 """
 
@@ -28,10 +29,11 @@ from budrt.observe.progress import NO_PROGRESS, ProgressReporter
 if TYPE_CHECKING:
     import torch
 
+    from budrt.engine.gguf_loader import GGUFModel
     from budrt.engine.llama import LlamaArgs
 
 log = logging.getLogger(__name__)
-VERSION = 4  # bump when the layout written here changes
+VERSION = 5  # bump when the layout written here changes
 _CHECK_TEXT = "Hello, world! 123 — ünïcode <|im_start|>"
 
 
@@ -76,24 +78,15 @@ def dequantized_source(
 
 
 def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -> None:
-    import torch
     from safetensors.torch import save_file
 
     from budrt.engine.gguf_loader import load_gguf
-    from budrt.engine.safetensors_loader import _args_from_config, _our_name
+    from budrt.engine.safetensors_loader import _args_from_config
     from budrt.engine.tokenizer import TextTokenizer
 
     gguf = load_gguf(path, progress)
     args = gguf.args
-    weights = {}
-    for name, tensor in gguf.weights.items():
-        hf = _to_hf_name(name)
-        if _our_name(hf) != name:
-            raise ValueError(f"no round-trip name for {name}")
-        weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
-    for name, copy in gguf.quantized.items():  # the file's quantized blocks, exact (engine/quant.py)
-        weights.update(copy.to_tensors(_to_hf_name(name)))
-    weights.update(_int8_forms(gguf.weights, args, dtype, progress))
+    weights = _stored_weights(gguf, dtype, progress)
     config = {
         "model_type": "qwen3" if args.qk_norm else "llama",
         "vocab_size": args.vocab_size,
@@ -133,6 +126,32 @@ def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("dequantized %s into %s (%s)", path.name, target, dtype)
+
+
+def _stored_weights(gguf: GGUFModel, dtype: str, progress: ProgressReporter) -> dict[str, torch.Tensor]:
+    """The tensors to store, by Hugging Face names, as the model reads them: q/k/v and gate/up
+    fused, the file's 4-bit blocks tiled (engine/quant.py), so that a restart concatenates and
+    packs nothing (~0.35 s of SmolLM2's load on the dev box)."""
+    import torch
+
+    from budrt.engine import quant
+    from budrt.engine.llama import fuse_weights
+    from budrt.engine.safetensors_loader import _our_name
+
+    dense, small = dict(gguf.weights), dict(gguf.quantized)
+    fuse_weights(dense, small, {})
+    weights = {}
+    for name, tensor in dense.items():
+        hf = _to_hf_name(name)
+        if _our_name(hf) != name:
+            raise ValueError(f"no round-trip name for {name}")
+        weights[hf] = tensor.to(getattr(torch, dtype)).contiguous()
+    for name, copy in small.items():  # the file's quantized blocks, exact
+        if isinstance(copy, quant.Q4Weight) and quant.fits(copy):
+            copy = quant.pack_tiles(copy)
+        weights.update(copy.to_tensors(_to_hf_name(name)))
+    weights.update(_int8_forms(dense, gguf.args, dtype, progress))
+    return weights
 
 
 def _int8_forms(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -17,6 +19,7 @@ from budrt.observe.progress import LogReporter
 from budrt.observe.startup import cannot_start, port_problem
 from budrt.observe.tracing import setup_tracing
 from budrt.protocol.http_server import SERVER_KEEPALIVE_S, BoundedHeadProtocol
+from budrt.protocol.spare import SPARE_FLAG, read_orders
 from budrt.security import certs
 
 
@@ -47,6 +50,9 @@ def run_model_server(
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No garbage collection while torch and the server's modules import (each full pass walks
+    # millions of their objects: ~0.2 s of every start); they are frozen before serving.
+    gc.disable()
     setup_logging(f"model-server:{name}", settings.log_level, settings.log_format)
     if server.threads:
         import torch
@@ -80,6 +86,8 @@ def run_model_server(
         zone=settings.zone,
         tracing=setup_tracing(settings.tracing, "budrt-model-server", resource={"budrt.model_server": name}),
     )
+    gc.freeze()  # what the imports made lives as long as the process: no collection walks it again
+    gc.enable()
     _serve(app, server, settings, tls)
 
 
@@ -117,7 +125,31 @@ def _check_can_start(settings: Settings, server: ModelServerConfig, name: str) -
             cannot_start(settings.home, name, f"model {model.name!r}: {exc}")
 
 
+def _as_spare() -> list[str]:
+    """A spare (control/spare.py): import what every model server imports, then take the
+    arguments and environment the supervisor sends; exit if it sends none."""
+    import setproctitle
+
+    gc.disable()  # as run_model_server does, from here
+    setproctitle.setproctitle(f"{sys.executable} -m budrt.server {SPARE_FLAG}")
+    import budrt.engine.factory  # noqa: F401 - torch and the engine: the bulk of a start
+    import budrt.server.app  # noqa: F401
+
+    orders = read_orders(sys.stdin)
+    if orders is None:
+        raise SystemExit(0)
+    args, env = orders
+    os.environ.clear()
+    os.environ.update(env)
+    # What `ps` and the tests read: the command line it would have been started with.
+    setproctitle.setproctitle(" ".join([sys.executable, "-m", "budrt.server", *args]))
+    return args
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    if args == [SPARE_FLAG]:
+        args = _as_spare()
     parser = argparse.ArgumentParser(prog="python -m budrt.server")
     parser.add_argument(
         "--runtime", type=Path, required=True, help="resolved settings JSON from the supervisor"
@@ -125,9 +157,9 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="which model server of the settings to run")
     parser.add_argument("--port", type=int, default=None, help="overrides the configured port")
     parser.add_argument("--preload", default="", help="comma-separated models to load at start")
-    args = parser.parse_args()
-    preload = [m for m in args.preload.split(",") if m]
-    run_model_server(load_runtime(args.runtime), args.name, args.port, preload)
+    options = parser.parse_args(args)
+    preload = [m for m in options.preload.split(",") if m]
+    run_model_server(load_runtime(options.runtime), options.name, options.port, preload)
 
 
 if __name__ == "__main__":
