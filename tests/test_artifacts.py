@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from budrt.cli import app
+from budrt.cli.app import app
 from budrt.config import ModelConfig, Settings
 from budrt.store.artifact_cache import ArtifactCache
 from budrt.store.db import migrate

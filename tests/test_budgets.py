@@ -328,7 +328,7 @@ def test_two_gateways_sharing_redis_admit_exactly_the_budget(
 def test_cli_sets_limits_and_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
 
     monkeypatch.setenv("BUDRT_HOME", str(tmp_path))
     runner = CliRunner()

@@ -350,7 +350,7 @@ def test_concurrent_inits_make_one_ca(tmp_path: Path) -> None:
 def test_cli_init_status_rotate(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
 
     runner = CliRunner()
 

@@ -190,7 +190,7 @@ def test_a_retired_version_is_refused(store: EncryptedObjectStore, keyring: Loca
 def test_cli_status_rotate_rewrap_retire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
 
     monkeypatch.setenv("BUDRT_HOME", str(tmp_path))
     runner = CliRunner()

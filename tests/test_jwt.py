@@ -228,7 +228,7 @@ def test_weak_jwt_settings_refuse_to_start(tmp_path: Any) -> None:
     from pydantic import ValidationError
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
     from budrt.config import Settings
 
     url = "https://idp.test/jwks"

@@ -154,6 +154,30 @@ def test_authenticator_caches(store: KeyStore, monkeypatch: pytest.MonkeyPatch) 
     assert calls == [store.hash(key), store.hash(unknown)]  # concurrent misses share one DB read
 
 
+def test_the_warm_up_reads_one_unknown_digest_and_never_fails(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At a gateway's start (its lifespan) `warm_up` looks up a digest no key has, so the first
+    request finds the thread pool and the database connection ready; it writes and caches
+    nothing, and a database that is down only makes it log."""
+    key, record = store.create("kept")
+    calls: list[str] = []
+    verify = store.verify_digest
+    monkeypatch.setattr(store, "verify_digest", lambda d: calls.append(d) or verify(d))
+    auth = Authenticator(store, ttl_s=60)
+    asyncio.run(auth.warm_up())
+    assert calls == ["0" * 64] and not auth._cache
+    assert store.get(record.id).last_used_at is None  # nothing written
+
+    def down(digest: str) -> None:
+        raise ConnectionError("database is down")
+
+    monkeypatch.setattr(store, "verify_digest", down)
+    with caplog.at_level("INFO", logger="budrt.gateway"):
+        asyncio.run(auth.warm_up())
+    assert "key lookup warm-up failed: database is down" in caplog.text
+
+
 def _bearer(key: str) -> Headers:
     return Headers({"authorization": f"Bearer {key}"})
 

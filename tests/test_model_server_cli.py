@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from budrt.cli import app
+from budrt.cli.app import app
 from budrt.config import Settings
 
 CONFIG = """models:

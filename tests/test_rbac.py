@@ -274,7 +274,7 @@ def test_revoked_key_refused_within_one_second(gw: tuple[Gateway, str]) -> None:
 def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
 
     monkeypatch.setenv("BUDRT_HOME", str(tmp_path))  # the CLI exports it; restored afterwards
     runner = CliRunner()
@@ -309,7 +309,7 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_refuses_limits_beyond_their_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from budrt.cli import app
+    from budrt.cli.app import app
 
     monkeypatch.setenv("BUDRT_HOME", str(tmp_path))
     runner = CliRunner()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from budrt.cli import app
+from budrt.cli.app import app
 from budrt.cli.top import snapshot
 from tests.gateway.identity import CHAT, chat, settings, start
 from tests.mock_upstream import MockUpstream, ServerThread

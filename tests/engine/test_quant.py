@@ -4,6 +4,7 @@ used for small steps."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
     from budrt.engine.factory import _load_checkpoint
     from budrt.engine.llama import fuse_weights
     from budrt.engine.safetensors_loader import stored_names
+    from budrt.engine.tokenizer import MAX_TOKEN_CHARS_KEY, TextTokenizer
 
     cfg = ModelConfig(name="smollm2", task="chat", format="gguf", source=str(gguf_path), dtype="bfloat16")
     cached = dequantized_source(cfg, gguf_path, tmp_path)
@@ -121,6 +123,11 @@ def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
     assert checkpoint.weights["layers.0.attn.qkv_proj.weight"].dtype == torch.bfloat16
 
     gguf = load_gguf(gguf_path)
+    # The longest token, stored with the tokenizer: a restart does not read the vocabulary for it.
+    expected_chars = TextTokenizer.from_gguf_metadata(gguf.metadata).max_token_chars
+    assert checkpoint.tokenizer.max_token_chars == expected_chars
+    stored_config = json.loads((Path(cached.source) / "tokenizer_config.json").read_text())
+    assert stored_config[MAX_TOKEN_CHARS_KEY] == expected_chars
     weights, small = dict(gguf.weights), dict(gguf.quantized)
     fuse_weights(weights, small, {})
     assert checkpoint.quantized.keys() == small.keys()
@@ -133,6 +140,22 @@ def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
             assert isinstance(stored, quant.Q8Weight) and isinstance(copy, quant.Q8Weight), name
             assert stored.scales.dtype == torch.float32 and torch.equal(stored.scales, copy.scales), name
             assert torch.equal(stored.values, copy.values), name
+
+
+def test_a_load_from_the_gguf_cache_leaves_no_view_of_its_file(
+    gguf_path: Path, tmp_path: Path, smollm2_fast: Callable[..., ModelConfig]
+) -> None:
+    """With oneDNN the linears' weights are read as views of the mapped file and packed into new
+    memory (factory._load_checkpoint `repacked`); on every path, once loaded, nothing holds the
+    file mapped (a kept view would keep every page the load read resident)."""
+    cached = dequantized_source(smollm2_fast(), gguf_path, tmp_path)
+    model_file = str(Path(cached.source) / "model.safetensors")
+    engine = create_text_engine(cached)
+    assert isinstance(engine, LLMEngine)
+    assert model_file not in Path("/proc/self/maps").read_text()
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    [tokens] = _generate(engine, [("What is the capital of France?", greedy)])
+    assert "Paris" in engine.tokenizer.decode(tokens)
 
 
 def test_gguf_cache_keeps_q4_and_the_engine_answers_with_it(

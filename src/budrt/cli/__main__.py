@@ -1,5 +1,5 @@
 """`python -m budrt.cli`: the same as the `budrt` command."""
 
-from budrt.cli import app
+from budrt.cli import main
 
-app()
+main()

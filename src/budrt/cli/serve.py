@@ -55,6 +55,7 @@ LogFormat = Annotated[
 
 @serve_app.command()
 def serve(
+    ctx: typer.Context,
     host: Host = None,
     port: Port = None,
     home: Home = None,
@@ -65,7 +66,8 @@ def serve(
     """Start the gateway and the model servers behind it, under a supervisor."""
     from budrt.control.spare import SpareServer
 
-    spare = SpareServer()  # first: its imports overlap the settings' (control/spare.py)
+    # The one `budrt` started (cli/__init__.py), else one now: its imports overlap the settings'.
+    spare = ctx.obj if isinstance(ctx.obj, SpareServer) else SpareServer()
     try:
         from budrt.control.supervisor import Supervisor
         from budrt.observe.logging import setup_logging

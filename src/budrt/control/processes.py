@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -15,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from budrt.control.lifetime import die_with_parent
 from budrt.control.relay import copy_lines, relay_lines, start_relay
 
 if TYPE_CHECKING:  # imported once the processes run (Supervisor.run): they start ~50 ms sooner
@@ -26,19 +25,12 @@ TakeSpare = Callable[[list[str], dict[str, str]], "subprocess.Popen[bytes] | Non
 
 ProcessKind = Literal["gateway", "model-server"]
 ProcessState = Literal["starting", "ready", "not_ready", "restarting", "failed", "stopping", "stopped"]
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: if the supervisor dies, even by SIGKILL, so do we."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass

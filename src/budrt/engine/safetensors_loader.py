@@ -112,11 +112,13 @@ def load_safetensors(
     skip: Collection[str] = (),
     progress: ProgressReporter = NO_PROGRESS,
     dtype: torch.dtype = torch.float32,
+    borrow: Collection[str] = (),
 ) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
     """The model's hyperparameters and its tensors by our names, except those named in `skip`
     (never read from disk), floats in `dtype` (the serving dtype: the gguf cache stores them in
-    it, so a bf16 engine's weights are copied, not widened to fp32 and narrowed again).
-    `progress` hears of the bytes read (phase "read")."""
+    it, so a bf16 engine's weights are copied, not widened to fp32 and narrowed again). Those
+    named in `borrow` and stored in `dtype` are views of the mapped file: the caller packs them
+    into new memory and drops them. `progress` hears of the bytes read (phase "read")."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     weights: dict[str, torch.Tensor] = {}
@@ -139,7 +141,10 @@ def load_safetensors(
                 # of the file read during the load (SmolLM2's int8 model server: 639 MB more
                 # resident).
                 dense = tensor.is_floating_point() and name.endswith((".weight", ".bias"))
-                weights[name] = tensor.to(dtype, copy=True) if dense else tensor.clone()
+                if name in borrow and tensor.dtype == dtype:
+                    weights[name] = tensor
+                else:
+                    weights[name] = tensor.to(dtype, copy=True) if dense else tensor.clone()
                 done += stored_sizes[stored]
     progress.report("read", total, total)
     args = _args_from_config(config, has_lm_head="lm_head.weight" in names)

@@ -125,6 +125,9 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+MAX_TOKEN_CHARS_KEY = "budrt_max_token_chars"  # in the gguf cache's tokenizer_config.json
+
+
 class TextTokenizer(Tokenizer):
     """`Tokenizer` over a `tokenizers.Tokenizer` plus the model's special tokens and chat template."""
 
@@ -136,7 +139,10 @@ class TextTokenizer(Tokenizer):
         eos_token_ids: list[int],
         add_bos: bool,
         chat_template: str | None,
+        max_token_chars: int | None = None,
     ) -> None:
+        """`max_token_chars`: the longest token's length, when it is known (the gguf cache stores
+        it: reading the vocabulary for it took ~25 ms of each load)."""
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
@@ -147,7 +153,9 @@ class TextTokenizer(Tokenizer):
         self._template = _compile_template(chat_template) if chat_template else None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # (byte-level BPE spells one byte per character, so this is also the most bytes)
-        self.max_token_chars = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
+        if max_token_chars is None:
+            max_token_chars = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
+        self.max_token_chars = max_token_chars
 
     def backend_json(self) -> str:
         """The `tokenizers` definition as JSON (what llguidance builds its token trie from)."""
@@ -198,6 +206,7 @@ class TextTokenizer(Tokenizer):
             bos_token_id=token_id("bos_token"),
             eos_token_ids=_with_end_of_turn(backend, eos_ids, template),
             add_bos=bool(config.get("add_bos_token", False)),
+            max_token_chars=stored if isinstance(stored := config.get(MAX_TOKEN_CHARS_KEY), int) else None,
             chat_template=template,
         )
 

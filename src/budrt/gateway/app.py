@@ -451,14 +451,15 @@ def create_app(
         session = await gw.proxy.start()
         checker = asyncio.create_task(gw.health.run(session))
         retention = asyncio.create_task(gw.images.keep_retention())
+        warm_up = asyncio.create_task(gw.auth.warm_up())
         if gw.meter is not None:
             await gw.meter.start()  # replays the usage spool a crash left behind
         try:
             yield
         finally:
-            checker.cancel()
-            retention.cancel()
-            await asyncio.gather(checker, retention, return_exceptions=True)
+            for task in (checker, retention, warm_up):
+                task.cancel()
+            await asyncio.gather(checker, retention, warm_up, return_exceptions=True)
             await gw.proxy.close()
             if gw.meter is not None:
                 await gw.meter.close()  # after in-flight requests ended: their records included

@@ -82,7 +82,7 @@ def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -
 
     from budrt.engine.gguf_loader import load_gguf
     from budrt.engine.safetensors_loader import _args_from_config
-    from budrt.engine.tokenizer import TextTokenizer
+    from budrt.engine.tokenizer import MAX_TOKEN_CHARS_KEY, TextTokenizer
 
     gguf = load_gguf(path, progress)
     args = gguf.args
@@ -118,6 +118,7 @@ def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -
             "bos_token": tokenizer.bos_token or None,
             "eos_token": tokenizer.eos_token or None,
             "add_bos_token": tokenizer.add_bos,
+            MAX_TOKEN_CHARS_KEY: tokenizer.max_token_chars,
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_ids}))
@@ -186,7 +187,7 @@ def _to_hf_name(name: str) -> str:
 
 
 def _check_tokenizer(a: object, b: object) -> None:
-    for field in ("bos_token_id", "add_bos", "chat_template"):
+    for field in ("bos_token_id", "add_bos", "chat_template", "max_token_chars"):
         if getattr(a, field) != getattr(b, field):
             raise ValueError(f"tokenizer {field} differs after conversion")
     if set(a.eos_token_ids) != set(b.eos_token_ids):  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from budrt.observe.progress import LogReporter
 from budrt.observe.startup import cannot_start, port_problem
 from budrt.observe.tracing import setup_tracing
 from budrt.protocol.http_server import SERVER_KEEPALIVE_S, BoundedHeadProtocol
-from budrt.protocol.spare import SPARE_FLAG, read_orders
+from budrt.protocol.spare import SPARE_FLAG, await_orders
 from budrt.security import certs
 
 
@@ -127,23 +127,12 @@ def _check_can_start(settings: Settings, server: ModelServerConfig, name: str) -
 
 def _as_spare() -> list[str]:
     """A spare (control/spare.py): import what every model server imports, then take the
-    arguments and environment the supervisor sends; exit if it sends none."""
-    import setproctitle
-
+    arguments and environment the supervisor sends."""
     gc.disable()  # as run_model_server does, from here
-    setproctitle.setproctitle(f"{sys.executable} -m budrt.server {SPARE_FLAG}")
     import budrt.engine.factory  # noqa: F401 - torch and the engine: the bulk of a start
     import budrt.server.app  # noqa: F401
 
-    orders = read_orders(sys.stdin)
-    if orders is None:
-        raise SystemExit(0)
-    args, env = orders
-    os.environ.clear()
-    os.environ.update(env)
-    # What `ps` and the tests read: the command line it would have been started with.
-    setproctitle.setproctitle(" ".join([sys.executable, "-m", "budrt.server", *args]))
-    return args
+    return await_orders("budrt.server")
 
 
 def main() -> None:
