@@ -73,6 +73,9 @@ def test_parse_returns_the_pydantic_instance(client: openai.OpenAI) -> None:
         response_format=City,
         max_tokens=200,
         temperature=0.7,
+        # Seeded: some samples run past max_tokens, which `parse` raises as LengthFinishReasonError
+        # (CI met one unseeded; seed 5 is another). The test is about `parse`, not the sample.
+        seed=1,
     )
     city = done.choices[0].message.parsed
     assert isinstance(city, City)
