@@ -154,3 +154,30 @@ def test_a_tied_lm_head_shares_the_embedding_and_takes_its_q8(tmp_path: Path) ->
         q, k, v = (weights[f"layers.0.attn.{n}_proj.weight"] for n in "qkv")
         assert torch.equal(qkv.weight, torch.cat([q, k, v]))
     assert "layers.0.attn.q_proj.weight" in checkpoint.weights  # the loaded checkpoint is left whole
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN packs bf16 only on a CPU with bf16 dot products")
+def test_with_packed_weights_a_tied_model_embeds_from_its_q8_blocks(tmp_path: Path) -> None:
+    """The dense table is read once, to pack the tied lm_head; the embedding then reads the Q8_0
+    blocks, which the lm_head's small copy shares: the same bf16 rows in half the bytes."""
+    from budrt.engine.factory import _Checkpoint, build_model
+    from budrt.engine.llama import Q8Embedding
+    from budrt.engine.safetensors_loader import load_safetensors
+    from budrt.engine.tokenizer import TextTokenizer
+    from tests.tiny_models import build_tiny_llama
+
+    directory = build_tiny_llama(tmp_path / "tiny")
+    args, weights = load_safetensors(directory)
+    args = dataclasses.replace(args, tie_word_embeddings=True)
+    weights.pop("lm_head.weight", None)
+    embedding = weights["embed_tokens.weight"]
+    raw = quantize(embedding.numpy(), GGMLQuantizationType.Q8_0)
+    q8 = quant.q8_from_gguf(raw, GGMLQuantizationType.Q8_0, tuple(embedding.shape))
+    assert q8 is not None
+    weights["embed_tokens.weight"] = q8.dequantize()  # the table a GGUF load makes of those blocks
+    tokenizer = TextTokenizer.from_directory(directory)
+    checkpoint = _Checkpoint(args, weights, {"embed_tokens.weight": q8}, {}, tokenizer)
+    model = build_model(checkpoint, torch.bfloat16, 64, LinearForms(onednn=True, small=True))
+    assert isinstance(model.embed_tokens, Q8Embedding) and model.embed_tokens.q8 is model.lm_head.q8
+    ids = torch.arange(args.vocab_size)
+    assert torch.equal(model.embed_tokens(ids), q8.dequantize().to(torch.bfloat16))

@@ -316,7 +316,10 @@ def build_model(
 
     # With int8 linears nothing else reads the fp32 table: the embedding reads the file's Q8_0 one.
     embed_q8 = quantized.get("embed_tokens.weight")
-    embedding = Q8Embedding(embed_q8) if forms.int8 and isinstance(embed_q8, quant.Q8Weight) else None
+    # So with oneDNN packed ones, once the lm_head has packed its copy of a tied table (bf16
+    # SmolLM2: 54 MB less).
+    repacked = forms.int8 or forms.onednn
+    embedding = Q8Embedding(embed_q8, dtype) if repacked and isinstance(embed_q8, quant.Q8Weight) else None
     model = LlamaForCausalLM(args, make_linear, embedding)
     if embedding is not None:
         params.pop("embed_tokens.weight", None)

@@ -242,15 +242,18 @@ LayerStack = Callable[
 
 
 class Q8Embedding(nn.Module):
-    """The token embedding read from the GGUF's Q8_0 blocks, row by row: the fp32 table's values
-    in a quarter of its bytes, where nothing else reads that table (engine/factory.py)."""
+    """The token embedding read from the GGUF's Q8_0 blocks, row by row, in `dtype`: the dense
+    table's values (the same bits: it is those blocks dequantized and rounded to `dtype`) in a
+    quarter (fp32) or half (bf16) of its bytes, where nothing else reads that table after the load
+    (engine/factory.py). A tied Q8_0 lm_head shares the blocks."""
 
-    def __init__(self, q8: quant.Q8Weight) -> None:
+    def __init__(self, q8: quant.Q8Weight, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.q8 = q8
+        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.q8.rows(ids)
+        return self.q8.rows(ids).to(self.dtype)
 
 
 class LlamaForCausalLM(nn.Module):
