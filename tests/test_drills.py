@@ -301,8 +301,11 @@ def _one_stream(c: httpx.Client) -> str:
             events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
     except httpx.HTTPError as exc:
         return type(exc).__name__
-    if any(e != "[DONE]" and "error" in orjson.loads(e) for e in events):
-        return "error-event"
+    try:
+        if any(e != "[DONE]" and "error" in orjson.loads(e) for e in events):
+            return "error-event"
+    except orjson.JSONDecodeError:  # half an event reached the client
+        return "cut"
     return "ok" if events and events[-1] == "[DONE]" else "cut"
 
 

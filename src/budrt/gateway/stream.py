@@ -134,29 +134,42 @@ class UpstreamStream:
             if self.on_end is not None:
                 await self.on_end(self)
 
+    async def _forward(self, send: Send, data: bytearray) -> bool:
+        """Relay `data` to the client (False: it has gone), keeping its tail and, for the cache,
+        the whole stream."""
+        try:
+            await send({"type": "http.response.body", "body": bytes(data), "more_body": True})
+        except OSError:
+            return False
+        self.tail += data
+        if len(self.tail) > 2 * STREAM_TAIL_BYTES:
+            del self.tail[:-STREAM_TAIL_BYTES]
+        if self.captured is not None:
+            self.captured += data
+            if len(self.captured) > self.capture:
+                self.captured = None  # too big to cache
+        return True
+
     async def _pump(self, send: Send) -> None:
-        tail = self.tail
-        tail += self.first
-        captured = self.captured = bytearray(self.first) if self.capture else None
+        self.captured = bytearray() if self.capture else None
+        # Relayed up to the last event boundary: an upstream that dies inside an event must not
+        # leave half of it before the error event (the client would read one corrupt line).
+        pending = bytearray(self.first)
         try:
             start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             await send(start)
-            try:
-                await send({"type": "http.response.body", "body": self.first, "more_body": True})
-            except OSError:
-                return
-            async for chunk in self.resp.content.iter_any():
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:
+            chunks = self.resp.content.iter_any()
+            while True:
+                cut = _events_end(pending)
+                if cut and not await self._forward(send, pending[:cut]):
                     return  # the client went away; the caller closes the upstream response
-                tail += chunk
-                if len(tail) > 2 * STREAM_TAIL_BYTES:
-                    del tail[:-STREAM_TAIL_BYTES]
-                if captured is not None:
-                    captured += chunk
-                    if len(captured) > self.capture:
-                        captured = self.captured = None  # too big to cache
+                del pending[:cut]
+                try:
+                    pending += await anext(chunks)
+                except StopAsyncIteration:
+                    break
+            if pending and not await self._forward(send, pending):  # its last bytes, as they are
+                return
             self.completed = True
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # Headers are sent, so no status can change; an SSE error event is what OpenAI
@@ -175,8 +188,15 @@ class UpstreamStream:
             log.warning("upstream stopped answering mid-stream", extra={"fields": {"url": self.ep.base_url}})
             error = APIError(502, "The model server stopped answering.", code="upstream_unresponsive")
             await _send_quietly(send, b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n")
-        record_usage(self.model, tail)
+        record_usage(self.model, self.tail)
         await _send_quietly(send, b"", more_body=False)
+
+
+def _events_end(data: bytearray) -> int:
+    """Where the last complete SSE event in `data` ends (an event ends with a blank line, LF or
+    CRLF); 0 when none has yet."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 async def _send_quietly(send: Send, body: bytes, more_body: bool = True) -> None:
