@@ -83,7 +83,7 @@ def encode_headers(headers: dict[str, str]) -> RawHeaders:
 
 
 class UpstreamStream:
-    """An ASGI response relaying an upstream SSE stream chunk by chunk, as received."""
+    """An ASGI response relaying an upstream SSE stream as it arrives, whole events at a time."""
 
     def __init__(
         self,
