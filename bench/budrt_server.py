@@ -23,12 +23,18 @@ from typing import Any
 import yaml
 from launch import Launched, free_port, stop, wait_ready
 
+from budrt.engine.cpu_features import ENV_ISA
+from budrt.engine.kernel_build import ENV_SWITCH
+
 BUDRT = str(Path(sys.executable).parent / "budrt")
 ADMIN_KEY = "budrt-bench-admin-key-0123456789abcdef0123456789"
 TEXT_SERVER = "text"  # the model server's name in the config written here
 # Kept between runs (the dequantized GGUF cache lives there), so start-up is measured as a restart,
 # as a user sees it after the first start; the first ever start also converts the GGUF (~13 s).
 ARTIFACTS = Path(os.environ.get("BUDRT_BENCH_ARTIFACTS") or Path.home() / ".cache/budrt/bench-artifacts")
+# The bench's own BUDRT_* environment is dropped (a developer's keys and settings), but for the
+# engine's switches: `BUDRT_CPU_ISA=avx2 python bench/serve_compare.py ...` measures the AVX2 path.
+ENGINE_SWITCHES = (ENV_ISA, ENV_SWITCH)
 KV_LINE = re.compile(
     r"loaded (\S+) from .*\((\S+), max_model_len=(\d+), (\d+) KV blocks of (\d+) tokens(?:, KV (\S+))?\)"
 )
@@ -46,7 +52,7 @@ def budrt_serve(
     config = {"models": [model], "model_servers": [server], "artifact_cache_dir": str(ARTIFACTS)}
     (home / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDRT_") or k in ENGINE_SWITCHES}
     env |= {"BUDRT_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1"}
     log = home / "serve.log"
     cmd = [BUDRT, "serve", "--home", str(home), "--port", str(port), "--config", str(home / "config.yaml")]

@@ -45,7 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 from baselines import LLAMACPP, VLLM, Baseline, baseline_serve, server_info, unavailable  # noqa: E402
-from budrt_server import ADMIN_KEY, TEXT_SERVER, budrt_serve, kv_bytes_for, kv_capacity, server_pids  # noqa: E402
+from budrt_server import (  # noqa: E402
+    ADMIN_KEY,
+    ENGINE_SWITCHES,
+    TEXT_SERVER,
+    budrt_serve,
+    kv_bytes_for,
+    kv_capacity,
+    server_pids,
+)
 from compare_report import markdown  # noqa: E402
 from launch import Launched  # noqa: E402
 from machine_info import cpu_summary  # noqa: E402
@@ -217,7 +225,8 @@ def start_baseline(
 
 
 def start_budrt(args: argparse.Namespace, config: str, stack: ExitStack, warm: list[Any]) -> Server:
-    name = f"budrt ({config or 'default'})"
+    switches = [f"{k}={os.environ[k]}" for k in ENGINE_SWITCHES if os.environ.get(k)]
+    name = f"budrt ({', '.join([config or 'default', *switches])})"
     print(f"{name}: {args.threads} threads", flush=True)
     launched = stack.enter_context(budrt_serve(budrt_model(args, config), args.threads))
     out = {"startup": startup(launched, warm, plain_body(args)), "config": config or "default"}

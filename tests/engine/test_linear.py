@@ -15,7 +15,7 @@ from gguf_blocks import random_q4, random_q8
 
 from budrt.engine import kernels, quant
 from budrt.engine.cpu_features import native_bf16
-from budrt.engine.linear import Linear, LinearForms, onednn_packs
+from budrt.engine.linear import Linear, LinearForms, onednn_packs, onednn_rows
 
 ONEDNN = onednn_packs(torch.bfloat16, torch.device("cpu"), native_bf16()[0])
 # Every dense form this machine can run: fp32 always, bf16 packed for oneDNN where bf16 is native.
@@ -65,6 +65,47 @@ def test_split_rows_give_each_part_as_computed_alone(dtype: torch.dtype, onednn:
         split = linear(x, split_rows=32)
         alone = torch.cat([linear(x[i : i + 32]) for i in range(0, 70, 32)])
     assert torch.equal(split, alone)
+
+
+def test_packed_linears_run_at_few_row_counts() -> None:
+    """oneDNN builds and caches a primitive per row count (~0.7 MB each): the packed linears pad
+    their rows to a few counts, never past 32 from at most 32 (step_path.EXACT_ROWS), and never
+    more than half again the rows."""
+    padded = {rows: onednn_rows(rows) for rows in range(1, 4097)}
+    assert all(p >= rows for rows, p in padded.items())
+    assert all(p <= 32 for rows, p in padded.items() if rows <= 32)
+    assert all(p <= 1.5 * rows for rows, p in padded.items() if rows > 8)
+    assert sorted({p for rows, p in padded.items() if rows <= 512}) == [
+        8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512
+    ]  # fmt: skip
+    assert all(padded[p] == p for p in padded.values() if p <= 4096)  # a padded count stays
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_the_decode_stack_pads_rows_as_the_linears_do() -> None:
+    """csrc/decode_stack.cpp runs the packed linears itself: the same rule, in C++."""
+    module = kernels._module
+    assert module is not None
+    assert [module.onednn_rows(rows) for rows in range(1, 4097)] == [onednn_rows(r) for r in range(1, 4097)]
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN packs bf16 only on a CPU with bf16 dot products")
+def test_a_packed_linear_gives_each_row_count_its_own_rows() -> None:
+    """Padded calls return exactly the rows asked for, each as a call of that row alone computes
+    it (at most EXACT_ROWS rows: oneDNN's bits do not depend on the row count there)."""
+    torch.manual_seed(2)
+    linear = Linear(
+        torch.randn(96, 64, dtype=torch.bfloat16),
+        torch.randn(96, dtype=torch.bfloat16),
+        LinearForms(onednn=True),
+    )
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        alone = torch.cat([linear(x[i : i + 1]) for i in range(32)])
+        for rows in (1, 5, 9, 13, 17, 25, 32):
+            out = linear(x[:rows])
+            assert out.shape == (rows, 96) and out.is_contiguous()
+            assert torch.equal(out, alone[:rows])
 
 
 @pytest.mark.usefixtures("cpu_kernels")

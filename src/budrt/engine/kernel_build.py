@@ -55,6 +55,7 @@ FUNCTIONS = [
     "rope_cache_decode_attention",
     "rope_cache_write",
     "decode_layers",
+    "onednn_rows",
     "quantize_rows",
 ]
 ENV_SWITCH = "BUDRT_ENGINE_KERNELS"  # "auto" (default) or "torch"

@@ -10,6 +10,12 @@
   4-bit blocks repacked into tiles for csrc/q4_linear.cpp (a quarter of bf16's bytes), or the
   Q8_0 lm_head as stored (csrc/q8_linear.cpp).
 Which form a step reads is decided once per step (engine/step_path.py) and passed in.
+
+oneDNN builds (and caches) a primitive per input shape: its first call at a new row count took
+~4 ms for one of SmolLM2's linears, and each cached one holds ~0.7 MB (JIT kernels; ideep's and
+oneDNN's caches keep 1,024 each). Prompt chunks give a new row count at nearly every step, so a
+server grew by ~0.3 GB and paid the builds all along. The packed linears therefore take their rows
+padded to a few sizes (`onednn_rows`): 13 row counts up to 512.
 """
 
 from __future__ import annotations
@@ -30,6 +36,18 @@ class LinearForms:
     onednn: bool = False  # dense weights packed for oneDNN (bf16 on a CPU with bf16 dot products)
     int8: bool = False  # dense weights as int8 for FBGEMM, instead of fp32 (engine/int8.py)
     small: bool = False  # keep the GGUF's 4-bit / Q8_0 copies (CPU with the kernels loaded)
+
+
+def onednn_rows(rows: int) -> int:
+    """The row count a packed bf16 linear of `rows` rows runs at: 8, or the next power of two or
+    1.5 times one (8, 12, 16, 24, 32, 48, 64, 96, ...). Padding costs ~10% over exact row counts with
+    warm caches (bench: 17-512 rows, AMX), far less than building a primitive per row count. At
+    most 32 rows it stays at most 32, where oneDNN gives a row the same bits at any row count
+    (step_path.EXACT_ROWS). csrc/decode_stack.cpp pads by the same rule (a test compares them)."""
+    if rows <= 8:
+        return 8
+    power = 1 << (rows - 1).bit_length()  # the next power of two >= rows
+    return power * 3 // 4 if rows <= power * 3 // 4 else power
 
 
 def onednn_packs(dtype: torch.dtype, device: torch.device, native_bf16: bool) -> bool:
@@ -96,7 +114,9 @@ class Linear(nn.Module):
             out = self.int8_weight(x)
             return out if self.bias is None else out + self.bias
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            rows, padded = x.shape[0], onednn_rows(x.shape[0])
+            x = x if padded == rows else F.pad(x, (0, 0, 0, padded - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
         assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
 

@@ -30,6 +30,15 @@ at::Tensor rope_cache_decode_attention(
     const at::Tensor& lengths, int64_t num_heads, double scale);
 at::Tensor q4_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t rounds);
 
+// The row count a packed bf16 linear of `rows` rows runs at: linear.onednn_rows's rule (8, or the
+// next power of two or 3/4 of it), so oneDNN builds and caches a primitive for a few row counts.
+int64_t onednn_rows(int64_t rows) {
+  if (rows <= 8) return 8;
+  int64_t power = 1;
+  while (power < rows) power <<= 1;
+  return rows <= power * 3 / 4 ? power * 3 / 4 : power;
+}
+
 namespace budrt_stack {
 
 constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
@@ -40,15 +49,18 @@ inline at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const
 }
 
 // oneDNN's linear on a weight `torch.ops.mkldnn._reorder_linear_weight` packed (engine/linear.py),
-// no bias: the op is registered by torch's library, not declared in ATen's headers, so it is
-// called through the dispatcher.
+// no bias, its rows padded as the Python linear pads them: the op is registered by torch's
+// library, not declared in ATen's headers, so it is called through the dispatcher.
 inline at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  const int64_t rows = x.size(0), padded = onednn_rows(rows);
+  at::Tensor input = padded == rows ? x : at::constant_pad_nd(x, {0, 0, 0, padded - rows}, 0);
   torch::jit::Stack stack{
-      x, weight, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+      input, weight, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
   op.callBoxed(&stack);
-  return stack[0].toTensor();
+  at::Tensor out = stack[0].toTensor();
+  return padded == rows ? out : out.narrow(0, 0, rows);
 }
 
 // The dense linear the Python layers call: oneDNN's packed op for bf16, at::linear for fp32 (the
