@@ -42,10 +42,13 @@ KV_LINE = re.compile(
 
 @contextmanager
 def budrt_serve(
-    model: dict[str, Any], threads: int | None = None, timeout: float = 600
+    model: dict[str, Any], threads: int | None = None, timeout: float = 600, home: Path | None = None
 ) -> Iterator[Launched]:
-    """`budrt serve` with only `model` (a ModelConfig dict), on one model server named "text"."""
-    home = Path(tempfile.mkdtemp(prefix="budrt-bench-"))
+    """`budrt serve` with only `model` (a ModelConfig dict), on one model server named "text".
+    In a new BUDRT_HOME (a first start: its database made, its admin key stored), or in `home`,
+    the caller's, kept afterwards (a restart, as a user restarts the platform)."""
+    kept = home is not None
+    home = home or Path(tempfile.mkdtemp(prefix="budrt-bench-"))
     server: dict[str, Any] = {"name": TEXT_SERVER, "models": [model["name"]]}
     if threads:
         server["threads"] = threads
@@ -67,7 +70,8 @@ def budrt_serve(
         yield launched
     finally:
         stop(proc)
-    shutil.rmtree(home, ignore_errors=True)  # only after a clean run: a failed one keeps serve.log
+    if not kept:
+        shutil.rmtree(home, ignore_errors=True)  # only after a clean run: a failed one keeps serve.log
 
 
 def server_pids(launched: Launched) -> dict[str, int]:

@@ -8,8 +8,8 @@ sequences and KV tokens as bench/serve_compare.py gives them (64, 32,768).
 A start is timed from the launch of the server's process to `/health/ready` (llama.cpp's
 `/health`), and to the answer of a one-token completion sent then: the first token. budrt is
 started as a user starts it (`budrt serve` with one model, bench/budrt_server.py) after a first,
-untimed start that fills its dequantized GGUF cache, so every timed start is a restart. Where
-budrt's time goes comes from its model server's log (seconds since launch of each line below).
+untimed start that fills its dequantized GGUF cache and its BUDRT_HOME (the database, the admin
+key), so every timed start is a restart, in the same home, as a user restarts the platform.
 Prints medians, the ratio and every round; writes bench/results/startup-<time>.json.
 """
 
@@ -19,8 +19,10 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,8 +62,8 @@ def budrt_model(args: argparse.Namespace) -> dict[str, Any]:
     return serve_compare.budrt_model(compare, "")
 
 
-def budrt_start(args: argparse.Namespace) -> dict[str, Any]:
-    with budrt_serve(budrt_model(args), args.threads) as launched:
+def budrt_start(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+    with budrt_serve(budrt_model(args), args.threads, home=home) as launched:
         return {"ready_s": launched.ready_s, "first_token_s": first_token(launched, ADMIN_KEY)}
 
 
@@ -90,13 +92,15 @@ def main() -> None:
     skipped = unavailable(LLAMACPP, args.llamacpp_python)
     if skipped:
         print(f"llama.cpp skipped: {skipped}", flush=True)
-    budrt_start(args)  # untimed: fills the dequantized cache, loads pages
+    home = Path(tempfile.mkdtemp(prefix="budrt-bench-home-"))  # one BUDRT_HOME: each start a restart
+    budrt_start(args, home)  # untimed: fills the dequantized cache and the home, loads pages
     rounds: dict[str, list[dict[str, Any]]] = {"budrt": [], "llama.cpp": []}
     for round_ in range(args.rounds):
         if not skipped:
             rounds["llama.cpp"].append(llamacpp_start(args, gguf))
-        rounds["budrt"].append(budrt_start(args))
+        rounds["budrt"].append(budrt_start(args, home))
         print(f"round {round_ + 1}: " + json.dumps({k: v[-1] for k, v in rounds.items() if v}), flush=True)
+    shutil.rmtree(home, ignore_errors=True)
     medians = {
         name: {key: statistics.median(r[key] for r in runs) for key in ("ready_s", "first_token_s")}
         for name, runs in rounds.items()
