@@ -69,7 +69,7 @@ def test_the_weight_is_rotated_as_the_rows_are_and_rounded_per_output_row() -> N
     torch.manual_seed(4)
     weight = torch.randn(48, 576) * 0.05
     weight[:, 9] *= 25  # a large input channel: the rotation spreads it over its block
-    unpacked, _ = torch.ops.quantized.linear_unpack(int8.pack([int8.round_weight(weight)])[0].packed)
+    unpacked, _ = torch.ops.quantized.linear_unpack(int8.pack([int8.round_weight(weight)])[0].pieces[0])
     rotated = (weight.view(-1, 64) @ hadamard(64)).view_as(weight)
     scales = rotated.abs().amax(1) / 127
     assert torch.allclose(unpacked.q_per_channel_scales().float(), scales, rtol=1e-5)
@@ -218,8 +218,11 @@ def _int8_state(engine: LLMEngine) -> dict[str, tuple[torch.Tensor, torch.Tensor
     state = {}
     for name, module in engine.runner.model.named_modules():
         if isinstance(module, Linear) and module.int8_weight is not None:
-            unpacked, _ = torch.ops.quantized.linear_unpack(module.int8_weight.packed)
-            state[name] = (unpacked.int_repr(), unpacked.q_per_channel_scales())
+            pieces = [torch.ops.quantized.linear_unpack(p)[0] for p in module.int8_weight.pieces]
+            state[name] = (
+                torch.cat([p.int_repr() for p in pieces]),
+                torch.cat([p.q_per_channel_scales() for p in pieces]),
+            )
     return state
 
 
@@ -264,3 +267,20 @@ def test_activation_levels_follow_the_cpu() -> None:
     assert int8.activation_levels(avx2) == 63 and int8.activation_levels(vnni) == 127
     weight = int8.pack([int8.round_weight(torch.randn(64, 128))])[0]
     assert weight.levels == int8.activation_levels()
+
+
+def test_a_weight_packed_in_pieces_gives_the_bits_of_one_packed_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights of more than PIECE_ROWS output rows are packed in pieces (FBGEMM packs a large one
+    slowly): the products are the same bits, at any row count."""
+    torch.manual_seed(5)
+    rounded = int8.round_weight(torch.randn(200, 576) * 0.05)
+    [whole] = int8.pack([rounded])
+    monkeypatch.setattr(int8, "PIECE_ROWS", 64)
+    pieced, small = int8.pack([rounded, int8.round_weight(torch.randn(64, 576))], threads=2)
+    assert len(whole.pieces) == 1 and len(pieced.pieces) == 4 and len(small.pieces) == 1
+    assert (pieced.out_features, pieced.in_features) == (200, 576)
+    for rows in (1, 7, 64):
+        x = activations(rows, 576, seed=rows)
+        assert torch.equal(pieced(x), whole(x))
