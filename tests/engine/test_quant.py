@@ -145,9 +145,10 @@ def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
 def test_a_load_from_the_gguf_cache_leaves_no_view_of_its_file(
     gguf_path: Path, tmp_path: Path, smollm2_fast: Callable[..., ModelConfig]
 ) -> None:
-    """With oneDNN the linears' weights are read as views of the mapped file and packed into new
-    memory (factory._load_checkpoint `repacked`); on every path, once loaded, nothing holds the
-    file mapped (a kept view would keep every page the load read resident)."""
+    """Weights the build copies into memory of its own are read as views of the mapped file
+    (factory._borrowed: with oneDNN the linears' bf16 weights, in fp32 with FBGEMM the int8
+    levels); on every path, once loaded, nothing holds the file mapped (a kept view would keep
+    every page the load read resident)."""
     cached = dequantized_source(smollm2_fast(), gguf_path, tmp_path)
     model_file = str(Path(cached.source) / "model.safetensors")
     engine = create_text_engine(cached)

@@ -158,9 +158,9 @@ def _load_checkpoint(
     repacked: bool = False,
 ) -> tuple[_Checkpoint, bool]:
     """The weights and tokenizer at `path`, a GGUF file or a safetensors directory; and whether
-    the dense weights are int8 (`_int8_linears`). Of a directory only the forms that path reads;
-    with `repacked` (the linears' weights are packed into new memory at build: oneDNN) those
-    weights are views of the mapped file, not copies (SmolLM2's read went from ~0.1 s to ~0.01)."""
+    the dense weights are int8 (`_int8_linears`). Of a directory only the forms that path reads,
+    those the build copies again as views of the mapped file (`_borrowed`); `repacked`: the
+    linears' weights are packed into new memory at build (oneDNN)."""
     if cfg.format == "gguf":
         gguf = load_gguf(path, progress)
         tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
@@ -170,13 +170,21 @@ def _load_checkpoint(
         names = stored_names(path)
         has_small = any(n.endswith(quant.STORED_SUFFIXES) for n in names)
         dense_int8 = _int8_linears(cfg, has_small, dtype, kernels_ready)
-        borrow = {n for n in names if n == "lm_head.weight" or n.endswith("_proj.weight")} if repacked else ()
+        borrow = _borrowed(names, repacked, dense_int8)
         args, weights = load_safetensors(path, _unread(names, dense_int8), progress, dtype, borrow)
         quantized = quant.split(weights)  # present in the gguf cache's directories
         rounded = int8.split(weights)
         checkpoint = _Checkpoint(args, weights, quantized, rounded, TextTokenizer.from_directory(path))
         return checkpoint, dense_int8
     raise ValueError(f"model {cfg.name!r}: format {cfg.format!r} is not a text-generation format")
+
+
+def _borrowed(names: set[str], repacked: bool, dense_int8: bool) -> set[str]:
+    """Stored tensors read as views of the mapped file, not copies: those the build copies into
+    memory of its own. With `repacked` (oneDNN) the linears' weights (SmolLM2's read ~0.1 ->
+    ~0.01 s); with int8 dense weights their int8 levels (FBGEMM copies them: ~0.04 s of a start)."""
+    weights = {n for n in names if n == "lm_head.weight" or n.endswith("_proj.weight")} if repacked else set()
+    return weights | ({n for n in names if n.endswith(int8.SUFFIXES[0])} if dense_int8 else set())
 
 
 def _unread(names: set[str], dense_int8: bool) -> set[str]:

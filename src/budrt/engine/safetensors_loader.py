@@ -117,8 +117,8 @@ def load_safetensors(
     """The model's hyperparameters and its tensors by our names, except those named in `skip`
     (never read from disk), floats in `dtype` (the serving dtype: the gguf cache stores them in
     it, so a bf16 engine's weights are copied, not widened to fp32 and narrowed again). Those
-    named in `borrow` and stored in `dtype` are views of the mapped file: the caller packs them
-    into new memory and drops them. `progress` hears of the bytes read (phase "read")."""
+    named in `borrow` and stored in `dtype` (or as integers) are views of the mapped file: the
+    caller packs them into new memory and drops them. `progress` hears of the bytes read (phase "read")."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     weights: dict[str, torch.Tensor] = {}
@@ -141,7 +141,7 @@ def load_safetensors(
                 # of the file read during the load (SmolLM2's int8 model server: 639 MB more
                 # resident).
                 dense = tensor.is_floating_point() and name.endswith((".weight", ".bias"))
-                if name in borrow and tensor.dtype == dtype:
+                if name in borrow and (tensor.dtype == dtype or not tensor.is_floating_point()):
                     weights[name] = tensor
                 else:
                     weights[name] = tensor.to(dtype, copy=True) if dense else tensor.clone()
