@@ -22,7 +22,7 @@ from budrt.engine.gguf_loader import load_gguf
 from budrt.engine.interface import SamplingParams
 from budrt.engine.linear import Linear
 from budrt.engine.llm_engine import LLMEngine
-from budrt.server.gguf_cache import dequantized_source
+from budrt.server.gguf_cache import ENTRY_FILE, dequantized_source
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
@@ -116,6 +116,8 @@ def test_the_gguf_cache_stores_the_small_copies_as_the_kernels_read_them(
 
     cfg = ModelConfig(name="smollm2", task="chat", format="gguf", source=str(gguf_path), dtype="bfloat16")
     cached = dequantized_source(cfg, gguf_path, tmp_path)
+    entry = json.loads((Path(cached.source) / ENTRY_FILE).read_text())
+    assert entry == {"source": str(gguf_path.resolve()), "dtype": "bfloat16"}  # what remove_stale reads
     names = stored_names(cached.source)
     assert {"layers.0.attn.qkv_proj.weight.q4_tiles", "layers.0.mlp.gate_up_proj.weight"} <= names
     assert not {"layers.0.attn.q_proj.weight", "layers.0.attn.q_proj.weight.q4_values"} & names
@@ -258,3 +260,39 @@ def test_q4_tiles_refuse_bad_shapes() -> None:
         kernels.q4_tiles_linear(torch.randn(1, 64, dtype=torch.float64), packed, dm)
     with pytest.raises(RuntimeError, match="rounds must be"):
         kernels.q4_tiles_linear(torch.randn(1, 64), packed, dm, rounds=3)
+
+
+def test_a_conversion_removes_the_stale_entries_of_its_gguf(tmp_path: Path) -> None:
+    """Entries an earlier VERSION wrote (no entry file) or made from an earlier state of the same
+    file go; an entry of another dtype now, another file's entries and foreign folders stay."""
+    from budrt.server import gguf_cache
+
+    gguf = tmp_path / "model.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    root = tmp_path / "cache"
+
+    def entry(name: str, marker: dict[str, str] | None) -> Path:
+        folder = root / name
+        folder.mkdir(parents=True)
+        if marker is not None:
+            (folder / gguf_cache.ENTRY_FILE).write_text(json.dumps(marker))
+        return folder
+
+    source = str(gguf.resolve())
+    current = entry(
+        f"model.Q4_0-{gguf_cache._key(gguf, 'bfloat16')}", {"source": source, "dtype": "bfloat16"}
+    )
+    other_dtype = entry(
+        f"model.Q4_0-{gguf_cache._key(gguf, 'float32')}", {"source": source, "dtype": "float32"}
+    )
+    old_version = entry("model.Q4_0-" + "0" * 32, None)
+    old_file = entry("model.Q4_0-" + "1" * 32, {"source": source, "dtype": "bfloat16"})
+    other_file = entry(
+        "model.Q4_0-" + "2" * 32, {"source": "/elsewhere/model.Q4_0.gguf", "dtype": "bfloat16"}
+    )
+    other_model = entry("model.Q4_0-large-" + "3" * 32, None)
+    foreign = entry("model.Q4_0-notes", None)
+    gguf_cache.remove_stale(root, gguf)
+    assert current.is_dir() and other_dtype.is_dir() and other_file.is_dir()
+    assert other_model.is_dir() and foreign.is_dir()
+    assert not old_version.exists() and not old_file.exists()

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from budrt.engine.llama import LlamaArgs
 
 log = logging.getLogger(__name__)
-VERSION = 5  # bump when the layout written here changes
+VERSION = 6  # bump when the layout written here changes (6: each entry names its source and dtype)
+ENTRY_FILE = "cache_entry.json"  # {"source": the GGUF's path, "dtype": ...}: what the entry is of
 _CHECK_TEXT = "Hello, world! 123 — ünïcode <|im_start|>"
 
 
@@ -71,6 +72,7 @@ def dequantized_source(
             with _file_lock(root / f".{target.name}.lock"):
                 if not (target / "config.json").exists():  # another process may have made it meanwhile
                     _convert(path, target, dtype, progress)
+                    remove_stale(root, path)
         return cfg.model_copy(update={"format": "safetensors", "source": str(target)})
     except Exception as exc:  # the GGUF path always works: never fail a load over the cache
         log.warning("dequantized cache unavailable for %s (%s); loading the GGUF", cfg.name, exc)
@@ -122,11 +124,35 @@ def _convert(path: Path, target: Path, dtype: str, progress: ProgressReporter) -
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_ids}))
+        (tmp / ENTRY_FILE).write_text(json.dumps({"source": str(path.resolve()), "dtype": dtype}))
         _check_tokenizer(tokenizer, TextTokenizer.from_directory(tmp))
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("dequantized %s into %s (%s)", path.name, target, dtype)
+
+
+def remove_stale(root: Path, path: Path) -> None:
+    """Remove the entries of `path`'s GGUF that no load will read again: made by an earlier
+    VERSION (each ~1.5x the file's dequantized size) or from an earlier state of the file. An entry
+    of the same name stem without `ENTRY_FILE` predates VERSION 6; one of another dtype now is kept."""
+    for entry in root.glob(f"{path.stem}-*"):
+        key = entry.name.removeprefix(f"{path.stem}-")
+        if not entry.is_dir() or len(key) != 32 or any(c not in "0123456789abcdef" for c in key):
+            continue  # another model's entry whose name starts the same
+        try:
+            marker = json.loads((entry / ENTRY_FILE).read_text())
+        except FileNotFoundError:
+            stale = True
+        except (OSError, ValueError):
+            continue  # unreadable: not ours to judge
+        else:
+            stale = marker.get("source") == str(path.resolve()) and entry.name != (
+                f"{path.stem}-{_key(path, str(marker.get('dtype')))}"
+            )
+        if stale:
+            log.info("removing a stale dequantized cache entry: %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _stored_weights(gguf: GGUFModel, dtype: str, progress: ProgressReporter) -> dict[str, torch.Tensor]:
