@@ -246,11 +246,14 @@ def _load_then_sigkill(
 
 
 def test_sigkill_mid_load_loses_no_answered_request_and_replays_once(tmp_path: Path) -> None:
-    d = Durable(tmp_path, batch_size=20, flush_interval_s=0.2)
+    # Batches of 100 and no timed flush: at the kill (250 or a few more answered) at most 200 rows
+    # are in the DB and the rest only in the spool, whatever the timing (with 20-row batches every
+    # 0.2 s, a CI run once found the writer had caught up with all 302 answers).
+    d = Durable(tmp_path, batch_size=100, flush_interval_s=60)
     gateway, url = d.start()
     try:
-        answered, broken = _load_then_sigkill(d, gateway, url, 300)
-        assert answered >= 300
+        answered, broken = _load_then_sigkill(d, gateway, url, 250)
+        assert answered >= 250
         left = sorted(spool_dir(tmp_path).glob("*.jsonl"))
         assert left and len(d.ids()) < answered  # the rest is only in the spool now
         backup = tmp_path / "spool-copy"
