@@ -46,6 +46,11 @@ def _key(path: Path, dtype: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
+def _entry_name(path: Path, dtype: str) -> str:
+    """The cache folder of `path`'s GGUF in `dtype`, as its file, this VERSION and int8 format are now."""
+    return f"{path.stem}-{_key(path, dtype)}"
+
+
 def _dtype_name(cfg: ModelConfig) -> str:
     if cfg.dtype != "auto":
         return cfg.dtype
@@ -66,7 +71,7 @@ def dequantized_source(
         return cfg
     try:
         dtype = _dtype_name(cfg)
-        target = root / f"{path.stem}-{_key(path, dtype)}"
+        target = root / _entry_name(path, dtype)
         if not (target / "config.json").exists():
             root.mkdir(parents=True, exist_ok=True)
             with _file_lock(root / f".{target.name}.lock"):
@@ -147,8 +152,8 @@ def remove_stale(root: Path, path: Path) -> None:
         except (OSError, ValueError):
             continue  # unreadable: not ours to judge
         else:
-            stale = marker.get("source") == str(path.resolve()) and entry.name != (
-                f"{path.stem}-{_key(path, str(marker.get('dtype')))}"
+            stale = marker.get("source") == str(path.resolve()) and entry.name != _entry_name(
+                path, str(marker.get("dtype"))
             )
         if stale:
             log.info("removing a stale dequantized cache entry: %s", entry)
