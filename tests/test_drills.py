@@ -29,6 +29,7 @@ from budrt.store.db import migrate
 from budrt.store.keys import KeyStore
 from tests.pg_server import PostgresServer, require_postgres
 from tests.procs import RedisServer, TcpRelay, free_port, require_part, start_gateway, stop
+from tests.sse import sse_data
 from tests.tiny_models import build_tiny_llama, start_server, tiny_config
 
 INTERNAL = "internal-drill-credential-0123456789"
@@ -298,7 +299,7 @@ def _one_stream(c: httpx.Client) -> str:
         with c.stream("POST", CHAT, json=_body(True)) as resp:
             if resp.status_code != 200:
                 return str(resp.status_code)
-            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+            events = list(sse_data(resp))
     except httpx.HTTPError as exc:
         return type(exc).__name__
     try:

@@ -13,6 +13,7 @@ import pytest
 
 from budrt.config import ModelConfig
 from budrt.server.cost import estimate_cost
+from tests.sse import sse_data
 from tests.tiny_models import build_tiny_llama, start_server, tiny_config
 
 NAMES = ["tiny-a", "tiny-b", "tiny-c"]
@@ -47,15 +48,6 @@ def states(url: str) -> dict[str, dict]:
 def chat(url: str, model: str, max_tokens: int = 4) -> httpx.Response:
     body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-
-
-def sse_data(stream: httpx.Response) -> Iterator[str]:
-    """The `data:` payloads of an SSE stream, split only at "\n" as SSE does: a random model's
-    text may hold characters (U+0085, U+2028...) where httpx's iter_lines (str.splitlines) splits."""
-    buffer = b""
-    for chunk in stream.iter_bytes():
-        *lines, buffer = (buffer + chunk).split(b"\n")
-        yield from (line[6:].decode() for line in lines if line.startswith(b"data: "))
 
 
 def test_models_start_available_and_concurrent_first_requests_share_one_load(server: str) -> None:

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import BUDRT, Platform
+from tests.sse import sse_data
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
@@ -68,9 +69,9 @@ def test_stream_raw_sse_ends_with_done(platform: Platform) -> None:
     ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+        events = list(sse_data(r))
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
 def test_usage_counts_are_exact(client: openai.OpenAI) -> None:
