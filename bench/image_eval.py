@@ -80,7 +80,7 @@ def main() -> None:
     )
     parser.add_argument("--per-caption", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: what the server uses")
     parser.add_argument("--grid", type=Path, default=None)
     parser.add_argument("--source", default=None, help="a pipeline directory (default: the shipped model)")
     args = parser.parse_args()
@@ -90,10 +90,16 @@ def main() -> None:
     engine = start_engine(cfg)
     train, held_out = shapes.split_scenes()
     seen = random.Random(1).sample(train, len(held_out))
-    report: dict[str, object] = {"command": "bench/image_eval.py", **cpu_summary(), "steps": args.steps}
+    guidance = engine.denoiser.default_guidance if args.guidance is None else args.guidance
+    report: dict[str, object] = {
+        "command": "bench/image_eval.py",
+        **cpu_summary(),
+        "steps": args.steps,
+        "guidance": guidance,
+    }
     started = time.monotonic()
     for name, scenes in (("held_out", held_out), ("trained", seen)):
-        pictures = generate(engine, scenes, args.per_caption, args.steps, args.guidance)
+        pictures = generate(engine, scenes, args.per_caption, args.steps, guidance)
         report[name] = score(scenes, pictures, args.per_caption)
         report[f"{name}_pictures"] = len(pictures)
         if name == "held_out" and args.grid is not None:

@@ -134,7 +134,15 @@ class StaticBatcher:
 
     def _job(self, request: Request, steps: int) -> ImageJob:
         cond, uncond = openmp.released(self.engine.denoiser.encode)([request["prompt"]], [""])
-        return ImageJob(64, 64, cond, uncond, 4.0, steps, torch.Generator().manual_seed(0))
+        return ImageJob(
+            64,
+            64,
+            cond,
+            uncond,
+            self.engine.denoiser.default_guidance,
+            steps,
+            torch.Generator().manual_seed(0),
+        )
 
 
 def run_budrt(url: str, requests: list[Request], clients: int) -> dict[str, float]:

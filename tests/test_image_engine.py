@@ -15,6 +15,7 @@ from PIL import Image
 
 from budrt.config import Settings
 from budrt.engine.interface import EngineOverloaded
+from budrt.image.denoiser import call_default
 from budrt.image.edit import make_start, read_mask
 from budrt.image.engine import DiffusionEngine, ImageJob, Start, start_engine
 
@@ -35,6 +36,24 @@ def job(engine: DiffusionEngine, seed: int, steps: int = 6, exact: bool = True, 
     )
 
 
+def test_default_guidance_is_the_settings_else_the_pipelines_own(engine: DiffusionEngine) -> None:
+    assert engine.denoiser.default_guidance == 1.5  # ShapesDiffusionPipeline.__call__'s default
+    configured = start_engine(Settings().model("shapes-diffusion").model_copy(update={"guidance_scale": 3.0}))
+    try:
+        assert configured.denoiser.default_guidance == 3.0
+    finally:
+        configured.stop()
+
+    class NoGuidance:
+        def __call__(self, prompt: str, steps: int = 20) -> None: ...
+
+    class Stringly:
+        def __call__(self, prompt: str, guidance_scale: str = "high") -> None: ...
+
+    assert call_default(NoGuidance(), "guidance_scale", 7.5) == 7.5
+    assert call_default(Stringly(), "guidance_scale", 7.5) == 7.5
+
+
 def run(engine: DiffusionEngine, jobs: list[ImageJob]) -> list[np.ndarray]:
     engine.submit(jobs)
     return [j.result.result(timeout=120) for j in jobs]
@@ -43,7 +62,8 @@ def run(engine: DiffusionEngine, jobs: list[ImageJob]) -> list[np.ndarray]:
 def test_seeded_picture_is_the_pipelines_and_the_same_in_a_shared_batch(engine: DiffusionEngine) -> None:
     (alone,) = run(engine, [job(engine, 7)])
     pipe = engine.denoiser.pipe
-    direct = pipe(PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(7))[0]
+    seed = torch.Generator().manual_seed(7)
+    direct = pipe(PROMPT, num_inference_steps=6, guidance_scale=4.0, generator=seed)[0]
     assert np.array_equal(alone, np.asarray(direct))
     crowd = [job(engine, s, exact=False) for s in range(20, 26)]
     together = run(engine, [*crowd[:3], job(engine, 7), *crowd[3:]])

@@ -61,6 +61,14 @@ def test_generation_answers_the_images_api_shape(server: str) -> None:
     assert again["data"][0] != again["data"][1]
 
 
+def test_guidance_defaults_to_the_pipelines_own(server: str) -> None:
+    # shapes-diffusion's __call__ says 1.5 (what bench/image_eval.py measured best); the settings
+    # leave guidance_scale unset, so a request naming none gets 1.5, not another model's 4 or 7.5.
+    unnamed = generate(server, seed=5).json()["data"]
+    assert unnamed == generate(server, seed=5, guidance_scale=1.5).json()["data"]
+    assert unnamed != generate(server, seed=5, guidance_scale=4.0).json()["data"]
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
 def test_output_formats(server: str, fmt: str) -> None:
     r = generate(server, output_format=fmt, output_compression=20, quality="low")

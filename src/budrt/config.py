@@ -128,11 +128,12 @@ class ModelConfig(_Section):
     default_max_tokens: int | None = None  # chat: None = up to the context length
     # Image models (a diffusers pipeline directory; image/): sizes offered ("WxH"; empty = the
     # UNet's native size), steps (OpenAI's `quality` scales the default: low 0.5x, high 2x),
-    # guidance, and how many images share one UNet call.
+    # guidance (None = the pipeline's own default, its `__call__`'s: 7.5 for SD 1.x), and how many
+    # images share one UNet call.
     image_sizes: list[str] = Field(default_factory=list)
     default_steps: int = Field(20, ge=1)
     max_steps: int = Field(100, ge=1)
-    guidance_scale: float = Field(4.0, ge=0)
+    guidance_scale: float | None = Field(None, ge=0)
     max_batch_images: int = Field(8, ge=1)
     preload: bool = True  # load when the server starts (else on the first request)
     pinned: bool = False  # never evicted to make room for another model

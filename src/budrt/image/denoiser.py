@@ -9,6 +9,7 @@ with a message saying so.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -41,10 +42,19 @@ def load_pipeline(path: Path, device: str = "cpu") -> Any:
     return pipe.to(device)
 
 
+def call_default(pipe: Any, name: str, fallback: float) -> float:
+    """The default of `pipe.__call__`'s parameter `name` (a pipeline's recommended guidance:
+    SD 1.x 7.5, SDXL 5.0, shapes-diffusion 1.5), or `fallback` where it has none."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    if parameter is None or not isinstance(parameter.default, int | float):
+        return fallback
+    return float(parameter.default)
+
+
 class Denoiser:
     """The parts of a pipeline the engine drives, one UNet call per engine step."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, guidance: float | None = None) -> None:
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(pipe, "encode_prompt"):
             raise UnsupportedPipeline(
@@ -61,6 +71,8 @@ class Denoiser:
         self.scale = int(pipe.vae_scale_factor)
         self.channels = int(unet.config.in_channels)
         self.native_size = int(unet.config.sample_size) * self.scale
+        # A request's guidance when it names none: the model's settings', else the pipeline's own.
+        self.default_guidance = call_default(pipe, "guidance_scale", 7.5) if guidance is None else guidance
         self.vae = getattr(pipe, "vae", None)
         self._empty_states: torch.Tensor | None = None
 

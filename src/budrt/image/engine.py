@@ -296,7 +296,9 @@ class DiffusionEngine:
 def start_engine(cfg: ModelConfig, device: str = "cpu") -> DiffusionEngine:
     """The model's pipeline loaded onto `device`, its engine thread running."""
     engine = DiffusionEngine(
-        Denoiser(load_pipeline(resolve_source(cfg.source), device)), cfg.max_batch_images, cfg.max_waiting
+        Denoiser(load_pipeline(resolve_source(cfg.source), device), cfg.guidance_scale),
+        cfg.max_batch_images,
+        cfg.max_waiting,
     )
     engine.start()
     return engine

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from budrt.config import ModelConfig
 from budrt.protocol.errors import invalid_request
@@ -17,9 +17,18 @@ from budrt.protocol.schemas import MAX_SEED, ImageGenerationRequest
 
 _SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # OpenAI's quality names -> a fraction of the model's default steps.
-# (tokens the text encoder reads of a prompt, the part it reads when that is not all of it).
-ReadFn = Callable[[str], "tuple[int, str | None]"]
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 2.0, "hd": 2.0}
+
+
+class ModelTraits(Protocol):
+    """What planning needs of a loaded pipeline (`image/denoiser.Denoiser` has it)."""
+
+    native_size: int  # the UNet's picture side, pixels
+    default_guidance: float  # when the request names none
+
+    def read(self, prompt: str) -> tuple[int, str | None]:
+        """(tokens the text encoder reads of `prompt`, the part it reads when that is not all)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,13 +75,13 @@ def choose_steps(req: ImageGenerationRequest, cfg: ModelConfig) -> int:
     return max(1, min(cfg.max_steps, round(cfg.default_steps * QUALITY_STEPS[req.quality])))
 
 
-def plan(req: ImageGenerationRequest, cfg: ModelConfig, native: int, read: ReadFn) -> ImagePlan:
+def plan(req: ImageGenerationRequest, cfg: ModelConfig, model: ModelTraits) -> ImagePlan:
     prompt = normalize(req.prompt)
     if not prompt:
         raise invalid_request("'prompt' must hold some text.", param="prompt")
-    tokens, kept = read(prompt)
-    width, height = parse_size(req.size, allowed_sizes(cfg, native))
-    guidance = cfg.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    tokens, kept = model.read(prompt)
+    width, height = parse_size(req.size, allowed_sizes(cfg, model.native_size))
+    guidance = model.default_guidance if req.guidance_scale is None else req.guidance_scale
     negative = normalize(req.negative_prompt or "") if guidance > 1.0 else None
     first = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
     seeds = [(first + i) % MAX_SEED for i in range(req.n)]

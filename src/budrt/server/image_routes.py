@@ -49,7 +49,7 @@ async def _planned(request: Request, req: ImageGenerationRequest) -> tuple[Diffu
     engine = hosted.imager
     assert engine is not None
     check_queue_room(req.n, hosted.config.max_waiting, "n")
-    return engine, preprocess.plan(req, hosted.config, engine.denoiser.native_size, engine.denoiser.read)
+    return engine, preprocess.plan(req, hosted.config, engine.denoiser)
 
 
 async def image_edits(request: Request) -> Response:
