@@ -74,11 +74,27 @@ class Denoiser:
         # A request's guidance when it names none: the model's settings', else the pipeline's own.
         self.default_guidance = call_default(pipe, "guidance_scale", 7.5) if guidance is None else guidance
         self.vae = getattr(pipe, "vae", None)
+        # PNDM (SD 1.5's default) and others take no generator; DDIM, Euler ancestral... do.
+        self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
         self._empty_states: torch.Tensor | None = None
 
     def new_scheduler(self) -> Any:
         """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
         return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+    def step(
+        self,
+        scheduler: Any,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+    ) -> Any:
+        """One step of `scheduler`, passing `generator` only where it takes one (as diffusers'
+        pipelines do)."""
+        if self._step_takes_generator:
+            return scheduler.step(noise, t, latents, generator=generator)
+        return scheduler.step(noise, t, latents)
 
     @torch.inference_mode()
     def encode(

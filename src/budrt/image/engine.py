@@ -245,7 +245,7 @@ class DiffusionEngine:
 
     def _advance(self, job: ImageJob, noise: torch.Tensor) -> None:
         t = job.timesteps[job.done_steps]  # type: ignore[index]
-        out = job.scheduler.step(noise, t, job.latents, generator=job.generator)
+        out = self.denoiser.step(job.scheduler, noise, t, job.latents, job.generator)
         job.latents = out.prev_sample
         job.done_steps += 1
         if job.start is not None and job.start.mask is not None:

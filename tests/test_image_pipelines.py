@@ -1,0 +1,95 @@
+"""A Stable Diffusion 1.x pipeline directory (tiny random weights, SD 1.5's parts: CLIP, VAE,
+PNDM) through the same loader, engine and server as the demo model: the path real SD
+directories take, tested on a CPU."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from budrt.config import ModelConfig
+from budrt.image.edit import make_start
+from budrt.image.engine import DiffusionEngine, ImageJob, start_engine
+from tests.tiny_diffusers import SIZE, build_tiny_sd
+from tests.tiny_models import start_server
+
+PROMPT = "two red circles, top left"
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+def _config(path: Path) -> ModelConfig:
+    return ModelConfig(name="tiny-sd", task="image", format="diffusers", source=str(path), default_steps=4)
+
+
+@pytest.fixture(scope="module")
+def engine(sd_dir: Path) -> Iterator[DiffusionEngine]:
+    eng = start_engine(_config(sd_dir))
+    yield eng
+    eng.stop()
+
+
+def _job(engine: DiffusionEngine, seed: int, **extra: object) -> ImageJob:
+    cond, uncond = engine.denoiser.encode([PROMPT], [""])
+    generator = torch.Generator().manual_seed(seed)
+    return ImageJob(SIZE, SIZE, cond, uncond, 7.5, 4, generator, exact=True, **extra)
+
+
+def test_an_sd_directory_loads_with_its_own_defaults(engine: DiffusionEngine) -> None:
+    d = engine.denoiser
+    assert type(d.pipe).__name__ == "StableDiffusionPipeline" and d.vae is not None
+    assert d.native_size == SIZE and d.default_guidance == 7.5  # StableDiffusionPipeline's own
+    assert d.read(PROMPT) == (len(d.pipe.tokenizer(PROMPT).input_ids), None)
+    tokens, kept = d.read("red " * 100)  # past CLIP's 77 tokens: what it reads is reported
+    assert tokens == 77 and kept is not None and kept.startswith("red") and len(kept) < 400
+
+
+def test_seeded_picture_is_the_pipelines_own(engine: DiffusionEngine) -> None:
+    job = _job(engine, 3)
+    engine.submit([job])
+    ours = job.result.result(timeout=120)
+    pipe = engine.denoiser.pipe
+    generator = torch.Generator().manual_seed(3)
+    theirs = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, generator=generator).images[0]
+    # The same latents; the last step to 8 bits rounds (x+1)*127.5 where diffusers rounds (x/2+0.5)*255.
+    assert np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max() <= 1
+
+
+def test_img2img_and_inpainting_go_through_the_vae(engine: DiffusionEngine) -> None:
+    picture = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    zero = make_start(engine.denoiser, picture, None, 0.0, torch.Generator().manual_seed(0))
+    repaint = np.zeros((SIZE, SIZE), dtype=np.float32)
+    repaint[8:24, 8:24] = 1
+    masked = make_start(engine.denoiser, picture, repaint, 0.8, torch.Generator().manual_seed(0))
+    jobs = [_job(engine, 1, start=zero), _job(engine, 1, start=masked)]
+    engine.submit(jobs)
+    same, inpainted = (j.result.result(timeout=120) for j in jobs)
+    assert np.array_equal(same, picture)
+    keep = repaint == 0
+    assert np.array_equal(inpainted[keep], picture[keep]) and not np.array_equal(inpainted, picture)
+
+
+def test_the_server_serves_it_at_its_native_size(sd_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_server(tmp_path, [_config(sd_dir)], self_test_interval_s=0)
+    try:
+        body = {"model": "tiny-sd", "prompt": PROMPT, "seed": 4, "response_format": "b64_json"}
+        r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        picture = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert picture.size == (SIZE, SIZE) and r.json()["usage"]["steps"] == 4
+        wrong = httpx.post(url + "/v1/images/generations", json={**body, "size": "64x64"}, timeout=30)
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "size"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
