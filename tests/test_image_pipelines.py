@@ -1,6 +1,6 @@
-"""A Stable Diffusion 1.x pipeline directory (tiny random weights, SD 1.5's parts: CLIP, VAE,
-PNDM) through the same loader, engine and server as the demo model: the path real SD
-directories take, tested on a CPU."""
+"""Stable Diffusion 1.x and SDXL pipeline directories (tiny random weights, their parts and
+default schedulers) through the same loader, engine and server as the demo model: the path real
+SD directories take, tested on a CPU."""
 
 from __future__ import annotations
 
@@ -18,15 +18,32 @@ from PIL import Image
 from budrt.config import ModelConfig
 from budrt.image.edit import make_start
 from budrt.image.engine import DiffusionEngine, ImageJob, start_engine
-from tests.tiny_diffusers import SIZE, build_tiny_sd
+from tests.tiny_diffusers import SIZE, build_tiny_sd, build_tiny_sdxl
 from tests.tiny_models import start_server
 
 PROMPT = "two red circles, top left"
+# diffusers' Euler scheduler (SDXL's) builds its sigmas with np.array(a torch tensor), which numpy 2
+# flags; nothing of budrt's.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+)
+
+
+# Each kind: how to build it, its pipeline class, its __call__'s default guidance.
+KINDS = {
+    "sd": (build_tiny_sd, "StableDiffusionPipeline", 7.5),
+    "sdxl": (build_tiny_sdxl, "StableDiffusionXLPipeline", 5.0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+def sd_dir(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return KINDS[kind][0](tmp_path_factory.mktemp(f"tiny-{kind}") / kind)
 
 
 def _config(path: Path) -> ModelConfig:
@@ -43,13 +60,15 @@ def engine(sd_dir: Path) -> Iterator[DiffusionEngine]:
 def _job(engine: DiffusionEngine, seed: int, **extra: object) -> ImageJob:
     cond, uncond = engine.denoiser.encode([PROMPT], [""])
     generator = torch.Generator().manual_seed(seed)
-    return ImageJob(SIZE, SIZE, cond, uncond, 7.5, 4, generator, exact=True, **extra)
+    guidance = engine.denoiser.default_guidance
+    return ImageJob(SIZE, SIZE, cond, uncond, guidance, 4, generator, exact=True, **extra)
 
 
-def test_an_sd_directory_loads_with_its_own_defaults(engine: DiffusionEngine) -> None:
+def test_the_directory_loads_with_its_own_defaults(kind: str, engine: DiffusionEngine) -> None:
     d = engine.denoiser
-    assert type(d.pipe).__name__ == "StableDiffusionPipeline" and d.vae is not None
-    assert d.native_size == SIZE and d.default_guidance == 7.5  # StableDiffusionPipeline's own
+    _, pipeline, guidance = KINDS[kind]
+    assert type(d.pipe).__name__ == pipeline and d.vae is not None
+    assert d.native_size == SIZE and d.default_guidance == guidance  # its __call__'s
     assert d.read(PROMPT) == (len(d.pipe.tokenizer(PROMPT).input_ids), None)
     tokens, kept = d.read("red " * 100)  # past CLIP's 77 tokens: what it reads is reported
     assert tokens == 77 and kept is not None and kept.startswith("red") and len(kept) < 400
@@ -62,7 +81,9 @@ def test_seeded_picture_is_the_pipelines_own(engine: DiffusionEngine) -> None:
     pipe = engine.denoiser.pipe
     generator = torch.Generator().manual_seed(3)
     theirs = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, generator=generator).images[0]
-    # The same latents; the last step to 8 bits rounds (x+1)*127.5 where diffusers rounds (x/2+0.5)*255.
+    # The same latents (SDXL: with the pooled embedding, the size conditioning and zeros for the
+    # empty negative prompt); the last step to 8 bits rounds (x+1)*127.5 where diffusers rounds
+    # (x/2+0.5)*255.
     assert np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max() <= 1
 
 

@@ -1,12 +1,13 @@
-"""A Stable Diffusion 1.x pipeline directory with tiny random weights (UNet, VAE, CLIP text
-encoder and tokenizer, PNDM scheduler: SD 1.5's parts and defaults), built in seconds on a CPU so
-the model server's path for real diffusers directories is tested without a model hub."""
+"""Stable Diffusion 1.x and SDXL pipeline directories with tiny random weights (their parts and
+default schedulers: UNet, VAE, CLIP text encoders and tokenizers; PNDM, Euler), built in seconds
+on a CPU so the model server's path for real diffusers directories is tested without a model hub."""
 
 from __future__ import annotations
 
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,25 +23,10 @@ def _clip_tokenizer(path: Path) -> None:
     (path / "merges.txt").write_text("#version: 0.2\nt h\n")
 
 
-def build_tiny_sd(path: Path) -> Path:
-    """Save the pipeline under `path` (a diffusers directory) and return it."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -50,12 +36,37 @@ def build_tiny_sd(path: Path) -> Path:
         norm_num_groups=8,
         sample_size=SIZE,
     )
-    _clip_tokenizer(path / "tokenizer")  # read here, then written again by save_pretrained
-    tokenizer = CLIPTokenizer(
-        str(path / "tokenizer/vocab.json"), str(path / "tokenizer/merges.txt"), model_max_length=77
+
+
+def _unet(**conditioning: Any) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **conditioning,
     )
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+
+
+def _tokenizer(path: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    _clip_tokenizer(path)  # read here, then written again by save_pretrained
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
+
+
+def _text_config(vocab: int, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -64,7 +75,17 @@ def build_tiny_sd(path: Path) -> Path:
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        **extra,
     )
+
+
+def build_tiny_sd(path: Path) -> Path:
+    """An SD 1.x pipeline saved under `path` (a diffusers directory); returns `path`."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(path / "tokenizer")
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -74,14 +95,44 @@ def build_tiny_sd(path: Path) -> Path:
         set_alpha_to_one=False,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(config).eval(),
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=_unet(cross_attention_dim=32),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_sdxl(path: Path) -> Path:
+    """An SDXL base pipeline (two text encoders, pooled embedding and size conditioning, Euler)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(path / "tokenizer")
+    unet = _unet(
+        cross_attention_dim=64,  # both encoders' penultimate states, side by side
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers + the pooled embedding
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=_tokenizer(path / "tokenizer_2"),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.save_pretrained(path)
     return path

@@ -1,9 +1,10 @@
 """A diffusers pipeline directory, loaded and seen step by step.
 
 `Denoiser` exposes what the batching engine needs of any UNet pipeline with Stable Diffusion's
-shape (SD 1.x/2.x and the demo `ShapesDiffusionPipeline`): prompt states, starting noise, one
-UNet call on a batch of rows with a timestep per row, a scheduler per image, and decoding.
-Pipelines of other shapes (SDXL's extra conditioning, SD3/FLUX transformers) are refused at load
+shape (SD 1.x/2.x, SDXL base, and the demo `ShapesDiffusionPipeline`): prompt states, starting
+noise, one UNet call on a batch of rows with a timestep per row, a scheduler per image, and
+decoding. SDXL's UNet also reads a pooled text embedding and the picture's size ("time ids").
+Pipelines of other shapes (SD3/FLUX transformers, other added conditioning) are refused at load
 with a message saying so.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,25 @@ BUDRT_PIPELINES = {"ShapesDiffusionPipeline": "budrt.image.shapes_pipeline"}
 
 class UnsupportedPipeline(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class PromptStates:
+    """What the UNet reads of prompts: token states [B, L, D] and, for SDXL, the pooled text
+    embedding [B, P] (None for the others)."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def expand(self, rows: int) -> PromptStates:
+        pooled = None if self.pooled is None else self.pooled.expand(rows, -1)
+        return PromptStates(self.states.expand(rows, -1, -1), pooled)
+
+    @staticmethod
+    def cat(parts: list[PromptStates]) -> PromptStates:
+        pooled = [p.pooled for p in parts]
+        joined = None if pooled[0] is None else torch.cat(pooled)  # type: ignore[arg-type]
+        return PromptStates(torch.cat([p.states for p in parts]), joined)
 
 
 def load_pipeline(path: Path, device: str = "cpu") -> Any:
@@ -61,10 +82,14 @@ class Denoiser:
                 f"{type(pipe).__name__} is not a UNet pipeline with encode_prompt (SD 1.x/2.x shape); "
                 "transformer pipelines (SD3, FLUX) are not supported yet"
             )
-        if getattr(unet.config, "addition_embed_type", None) is not None:
+        added = getattr(unet.config, "addition_embed_type", None)
+        if added not in (None, "text_time") or (added and getattr(pipe, "text_encoder_2", None) is None):
             raise UnsupportedPipeline(
-                f"{type(pipe).__name__} needs added conditioning (SDXL); not supported yet"
+                f"{type(pipe).__name__} needs added conditioning ({added}) other than SDXL base's; "
+                "not supported yet"
             )
+        if getattr(pipe.config, "requires_aesthetics_score", False):
+            raise UnsupportedPipeline("SDXL's refiner (aesthetic-score conditioning) is not supported yet")
         self.pipe = pipe
         self.unet = unet
         self.device = unet.device
@@ -76,7 +101,7 @@ class Denoiser:
         self.vae = getattr(pipe, "vae", None)
         # PNDM (SD 1.5's default) and others take no generator; DDIM, Euler ancestral... do.
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
-        self._empty_states: torch.Tensor | None = None
+        self._empty_states: PromptStates | None = None
 
     def new_scheduler(self) -> Any:
         """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
@@ -99,20 +124,38 @@ class Denoiser:
     @torch.inference_mode()
     def encode(
         self, prompts: list[str], negatives: list[str] | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt states [B, L, D] and, when guided, the negative prompts' (empty = unconditional)."""
+    ) -> tuple[PromptStates, PromptStates | None]:
+        """The prompts' states and, when guided, the negative prompts' (empty: the pipeline's own
+        unconditional states: the empty prompt's, or zeros for SDXL)."""
         if negatives is not None and any(negatives):
-            return self.pipe.encode_prompt(prompts, self.device, 1, True, negatives)
-        cond, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+            return self._encode(prompts, True, negatives)
+        cond, _ = self._encode(prompts, False, None)
         if negatives is None:
             return cond, None
-        return cond, self._unconditional().expand(len(prompts), -1, -1)
+        return cond, self._unconditional().expand(len(prompts))
 
-    def _unconditional(self) -> torch.Tensor:
-        """The empty prompt's states, encoded once: most guided requests have no negative prompt,
+    def _encode(
+        self, prompts: list[str], guided: bool, negatives: list[str] | None
+    ) -> tuple[PromptStates, PromptStates | None]:
+        """`encode_prompt` by keyword (SDXL's has a second prompt in the third place); it gives
+        (states, negative states) or, for SDXL, their pooled embeddings after them."""
+        out = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negatives,
+        )
+        cond, negative, pooled, negative_pooled = (*out, None, None) if len(out) == 2 else out
+        uncond = None if negative is None else PromptStates(negative, negative_pooled)
+        return PromptStates(cond, pooled), uncond
+
+    def _unconditional(self) -> PromptStates:
+        """The unconditional states, encoded once: most guided requests have no negative prompt,
         so this saves a text-encoder call per request."""
         if self._empty_states is None:
-            self._empty_states, _ = self.pipe.encode_prompt([""], self.device, 1, False)
+            _, self._empty_states = self._encode([""], True, None)
+        assert self._empty_states is not None
         return self._empty_states
 
     def read(self, prompt: str) -> tuple[int, str | None]:
@@ -130,8 +173,20 @@ class Denoiser:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     @torch.inference_mode()
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(latents, timesteps, encoder_hidden_states=states).sample
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt: PromptStates, height: int, width: int
+    ) -> torch.Tensor:
+        """One UNet call: a row per latent, each with its timestep and prompt states."""
+        if prompt.pooled is None:
+            return self.unet(latents, timesteps, encoder_hidden_states=prompt.states).sample
+        # SDXL: original size, crop's top left, target size, as its pipeline's defaults have them.
+        sizes = torch.tensor(
+            [[height, width, 0, 0, height, width]], dtype=latents.dtype, device=latents.device
+        )
+        added = {"text_embeds": prompt.pooled, "time_ids": sizes.expand(len(latents), -1)}
+        return self.unet(
+            latents, timesteps, encoder_hidden_states=prompt.states, added_cond_kwargs=added
+        ).sample
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 from budrt.config import ModelConfig
 from budrt.engine import openmp
 from budrt.engine.interface import EngineOverloaded
-from budrt.image.denoiser import Denoiser, load_pipeline
+from budrt.image.denoiser import Denoiser, PromptStates, load_pipeline
 from budrt.model_source import resolve_source
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ class Start:
 class ImageJob:
     height: int
     width: int
-    cond: torch.Tensor  # [1, L, D]
-    uncond: torch.Tensor | None  # None: no guidance
+    cond: PromptStates  # one prompt's
+    uncond: PromptStates | None  # None: no guidance
     guidance: float
     steps: int
     generator: torch.Generator
@@ -229,12 +229,12 @@ class DiffusionEngine:
         """One UNet call for `group`; guided noise = uncond + g * (cond - uncond), per row."""
         x = torch.cat([j.scheduler.scale_model_input(j.latents, j.timesteps[j.done_steps]) for j in group])
         t = torch.stack([j.timesteps[j.done_steps] for j in group])
-        states = torch.cat([j.cond for j in group])
+        parts = [j.cond for j in group]
         guided = group[0].uncond is not None
         if guided:
             x, t = torch.cat([x, x]), torch.cat([t, t])
-            states = torch.cat([torch.cat([j.uncond for j in group]), states])  # type: ignore[misc]
-        out = self.denoiser.predict(x, t, states)
+            parts = [j.uncond for j in group] + parts  # type: ignore[misc]
+        out = self.denoiser.predict(x, t, PromptStates.cat(parts), group[0].height, group[0].width)
         if not guided:
             return out
         uncond, cond = out.chunk(2)
