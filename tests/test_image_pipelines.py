@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x and SDXL pipeline directories (tiny random weights, their parts and
+"""Stable Diffusion 1.x, SDXL and SD3 pipeline directories (tiny random weights, their parts and
 default schedulers) through the same loader, engine and server as the demo model: the path real
 SD directories take, tested on a CPU."""
 
@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from budrt.config import ModelConfig
+from budrt.image.denoiser import UnsupportedPipeline, denoising_net
 from budrt.image.edit import make_start
 from budrt.image.engine import DiffusionEngine, ImageJob, start_engine
-from tests.tiny_diffusers import SIZE, build_tiny_sd, build_tiny_sdxl
+from tests.tiny_diffusers import SIZE, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 from tests.tiny_models import start_server
 
 PROMPT = "two red circles, top left"
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings(
 KINDS = {
     "sd": (build_tiny_sd, "StableDiffusionPipeline", 7.5),
     "sdxl": (build_tiny_sdxl, "StableDiffusionXLPipeline", 5.0),
+    "sd3": (build_tiny_sd3, "StableDiffusion3Pipeline", 7.0),
 }
 
 
@@ -114,3 +116,34 @@ def test_the_server_serves_it_at_its_native_size(sd_dir: Path, tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_pipelines_of_other_shapes_are_refused_saying_why() -> None:
+    class Config(dict):
+        def __getattr__(self, name: str) -> object:
+            return self.get(name)
+
+    class FluxLike:  # FLUX's transformer reads packed latents with position ids
+        def forward(self, hidden_states: object, pooled_projections: object, img_ids: object) -> None: ...
+
+    class Pipe:
+        def __init__(self, **parts: object) -> None:
+            self.__dict__.update(parts)
+            self.scheduler = type("S", (), {"config": Config()})()
+            self.config = Config()
+
+        def encode_prompt(self) -> None: ...
+
+    with pytest.raises(UnsupportedPipeline, match="FLUX"):
+        denoising_net(Pipe(transformer=FluxLike()))
+    refiner = Pipe(
+        unet=type("U", (), {"config": Config(addition_embed_type="text_time")})(), text_encoder_2=1
+    )
+    refiner.config = Config(requires_aesthetics_score=True)
+    with pytest.raises(UnsupportedPipeline, match="refiner"):
+        denoising_net(refiner)
+    kandinsky = Pipe(unet=type("U", (), {"config": Config(addition_embed_type="image")})())
+    with pytest.raises(UnsupportedPipeline, match="added conditioning"):
+        denoising_net(kandinsky)
+    with pytest.raises(UnsupportedPipeline, match="encode_prompt"):
+        denoising_net(object())

@@ -1,5 +1,6 @@
-"""Stable Diffusion 1.x and SDXL pipeline directories with tiny random weights (their parts and
-default schedulers: UNet, VAE, CLIP text encoders and tokenizers; PNDM, Euler), built in seconds
+"""Stable Diffusion 1.x, SDXL and SD3 pipeline directories with tiny random weights (their parts
+and default schedulers: UNet or MMDiT, VAE, CLIP and T5 text encoders and tokenizers; PNDM, Euler,
+flow matching), built in seconds
 on a CPU so the model server's path for real diffusers directories is tested without a model hub."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _clip_tokenizer(path: Path) -> None:
     (path / "merges.txt").write_text("#version: 0.2\nt h\n")
 
 
-def _vae() -> Any:
+def _vae(**extra: Any) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -35,6 +36,7 @@ def _vae() -> Any:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=SIZE,
+        **extra,
     )
 
 
@@ -133,6 +135,62 @@ def build_tiny_sdxl(path: Path) -> Path:
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def _t5() -> tuple[Any, Any]:
+    """A one-layer T5 encoder and a tokenizer of single letters (a Unigram, as T5's is)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", *string.ascii_lowercase]
+    raw = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=raw, extra_ids=0, model_max_length=256)
+    config = T5Config(vocab_size=len(pieces), d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def build_tiny_sd3(path: Path) -> Path:
+    """An SD3 pipeline: an MMDiT transformer over two CLIPs and a T5, flow matching, a VAE
+    with a shift."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(path / "tokenizer")
+    transformer = SD3Transformer2DModel(
+        sample_size=SIZE // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # T5's width; the two CLIPs' states (32 + 32) padded to it
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIPs' pooled embeddings, side by side
+        pos_embed_max_size=32,
+    )
+    vae = _vae(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE numbers
+    t5, t5_tokenizer = _t5()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
+        tokenizer_2=_tokenizer(path / "tokenizer_2"),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(path)
     return path

@@ -1,11 +1,12 @@
 """A diffusers pipeline directory, loaded and seen step by step.
 
-`Denoiser` exposes what the batching engine needs of any UNet pipeline with Stable Diffusion's
-shape (SD 1.x/2.x, SDXL base, and the demo `ShapesDiffusionPipeline`): prompt states, starting
-noise, one UNet call on a batch of rows with a timestep per row, a scheduler per image, and
-decoding. SDXL's UNet also reads a pooled text embedding and the picture's size ("time ids").
-Pipelines of other shapes (SD3/FLUX transformers, other added conditioning) are refused at load
-with a message saying so.
+`Denoiser` exposes what the batching engine needs of pipelines with Stable Diffusion's shape
+(SD 1.x/2.x, SDXL base, SD3, and the demo `ShapesDiffusionPipeline`): prompt states, starting
+noise, one call of the denoising network (the UNet, or SD3's transformer) on a batch of rows with
+a timestep per row, a scheduler per image, and decoding. SDXL's UNet also reads a pooled text
+embedding and the picture's size ("time ids"); SD3's transformer the pooled embedding, with a
+flow-matching scheduler. Pipelines of other shapes (FLUX's packed latents, other added
+conditioning) are refused at load with a message saying so.
 """
 
 from __future__ import annotations
@@ -72,40 +73,74 @@ def call_default(pipe: Any, name: str, fallback: float) -> float:
     return float(parameter.default)
 
 
+def denoising_net(pipe: Any) -> tuple[Any, bool]:
+    """(the pipeline's denoising network, whether it is an SD3-style transformer); raises
+    UnsupportedPipeline for shapes the engine cannot drive."""
+    name = type(pipe).__name__
+    if not hasattr(pipe, "encode_prompt"):
+        raise UnsupportedPipeline(f"{name} has no encode_prompt (not Stable Diffusion's shape)")
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        net = getattr(pipe, "transformer", None)
+        takes = set(inspect.signature(net.forward).parameters) if net is not None else set()
+        if "pooled_projections" not in takes or "img_ids" in takes:
+            raise UnsupportedPipeline(
+                f"{name}: only SD3's transformer is supported (not FLUX's packed latents)"
+            )
+        if pipe.scheduler.config.get("use_dynamic_shifting"):
+            raise UnsupportedPipeline(
+                f"{name}: a scheduler shifting with the picture's size is not supported yet"
+            )
+        return net, True
+    added = getattr(unet.config, "addition_embed_type", None)
+    if added not in (None, "text_time") or (added and getattr(pipe, "text_encoder_2", None) is None):
+        raise UnsupportedPipeline(f"{name} needs added conditioning ({added}) other than SDXL base's")
+    if getattr(pipe.config, "requires_aesthetics_score", False):
+        raise UnsupportedPipeline("SDXL's refiner (aesthetic-score conditioning) is not supported yet")
+    return unet, False
+
+
 class Denoiser:
-    """The parts of a pipeline the engine drives, one UNet call per engine step."""
+    """The parts of a pipeline the engine drives, one network call per engine step."""
 
     def __init__(self, pipe: Any, guidance: float | None = None) -> None:
-        unet = getattr(pipe, "unet", None)
-        if unet is None or not hasattr(pipe, "encode_prompt"):
-            raise UnsupportedPipeline(
-                f"{type(pipe).__name__} is not a UNet pipeline with encode_prompt (SD 1.x/2.x shape); "
-                "transformer pipelines (SD3, FLUX) are not supported yet"
-            )
-        added = getattr(unet.config, "addition_embed_type", None)
-        if added not in (None, "text_time") or (added and getattr(pipe, "text_encoder_2", None) is None):
-            raise UnsupportedPipeline(
-                f"{type(pipe).__name__} needs added conditioning ({added}) other than SDXL base's; "
-                "not supported yet"
-            )
-        if getattr(pipe.config, "requires_aesthetics_score", False):
-            raise UnsupportedPipeline("SDXL's refiner (aesthetic-score conditioning) is not supported yet")
+        self.net, self.transformer = denoising_net(pipe)
         self.pipe = pipe
-        self.unet = unet
-        self.device = unet.device
+        self.device = self.net.device
         self.scale = int(pipe.vae_scale_factor)
-        self.channels = int(unet.config.in_channels)
-        self.native_size = int(unet.config.sample_size) * self.scale
+        self.channels = int(self.net.config.in_channels)
+        self.native_size = int(self.net.config.sample_size) * self.scale
         # A request's guidance when it names none: the model's settings', else the pipeline's own.
         self.default_guidance = call_default(pipe, "guidance_scale", 7.5) if guidance is None else guidance
         self.vae = getattr(pipe, "vae", None)
+        self._vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0) if self.vae else 0.0
         # PNDM (SD 1.5's default) and others take no generator; DDIM, Euler ancestral... do.
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
+        # SD3's encode_prompt wants its second and third prompts named (None: the first again).
+        takes = inspect.signature(pipe.encode_prompt).parameters
+        self._more_prompts = {name: None for name in ("prompt_2", "prompt_3") if name in takes}
         self._empty_states: PromptStates | None = None
 
     def new_scheduler(self) -> Any:
         """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
         return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+    def first_latents(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
+        """Text to image: the noise at the scheduler's first sigma (flow matching: the noise)."""
+        return noise * getattr(scheduler, "init_noise_sigma", 1.0)
+
+    def scale_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network reads at `t` (Euler scales by sigma; DDIM, flow matching do not)."""
+        scale = getattr(scheduler, "scale_model_input", None)
+        return latents if scale is None else scale(latents, t)
+
+    def add_noise(
+        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """`latents` noised to timestep `t` (img2img's start, inpainting's kept part)."""
+        if hasattr(scheduler, "add_noise"):
+            return scheduler.add_noise(latents, noise, t)
+        return scheduler.scale_noise(latents, t, noise)  # flow matching
 
     def step(
         self,
@@ -141,6 +176,7 @@ class Denoiser:
         (states, negative states) or, for SDXL, their pooled embeddings after them."""
         out = self.pipe.encode_prompt(
             prompt=prompts,
+            **self._more_prompts,
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=guided,
@@ -176,15 +212,22 @@ class Denoiser:
     def predict(
         self, latents: torch.Tensor, timesteps: torch.Tensor, prompt: PromptStates, height: int, width: int
     ) -> torch.Tensor:
-        """One UNet call: a row per latent, each with its timestep and prompt states."""
+        """One network call: a row per latent, each with its timestep and prompt states."""
+        if self.transformer:
+            return self.net(
+                hidden_states=latents,
+                timestep=timesteps,
+                encoder_hidden_states=prompt.states,
+                pooled_projections=prompt.pooled,
+            ).sample
         if prompt.pooled is None:
-            return self.unet(latents, timesteps, encoder_hidden_states=prompt.states).sample
+            return self.net(latents, timesteps, encoder_hidden_states=prompt.states).sample
         # SDXL: original size, crop's top left, target size, as its pipeline's defaults have them.
         sizes = torch.tensor(
             [[height, width, 0, 0, height, width]], dtype=latents.dtype, device=latents.device
         )
         added = {"text_embeds": prompt.pooled, "time_ids": sizes.expand(len(latents), -1)}
-        return self.unet(
+        return self.net(
             latents, timesteps, encoder_hidden_states=prompt.states, added_cond_kwargs=added
         ).sample
 
@@ -194,7 +237,8 @@ class Denoiser:
         if self.vae is None:
             pixels = self.pipe.decode_latents(latents)
         else:
-            pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+            latents = latents / self.vae.config.scaling_factor + self._vae_shift
+            pixels = self.vae.decode(latents).sample.clamp(-1, 1)
         return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
@@ -204,4 +248,4 @@ class Denoiser:
         if self.vae is None:
             return self.pipe.encode_pixels(x)
         sample = self.vae.encode(x).latent_dist.sample(generator)
-        return sample * self.vae.config.scaling_factor
+        return (sample - self._vae_shift) * self.vae.config.scaling_factor

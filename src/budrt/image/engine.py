@@ -190,7 +190,7 @@ class DiffusionEngine:
         timesteps = sched.timesteps
         noise = self.denoiser.noise(job.height, job.width, job.generator)
         if job.start is None:
-            job.latents = noise * sched.init_noise_sigma
+            job.latents = self.denoiser.first_latents(sched, noise)
         else:
             skip = len(timesteps) - int(round(len(timesteps) * job.start.strength))
             timesteps = timesteps[skip:]
@@ -198,7 +198,9 @@ class DiffusionEngine:
                 sched.set_begin_index(skip)
             first = timesteps[:1] if len(timesteps) else None
             job.latents = (
-                job.start.latents if first is None else sched.add_noise(job.start.latents, noise, first)
+                job.start.latents
+                if first is None
+                else self.denoiser.add_noise(sched, job.start.latents, noise, first)
             )
         job.scheduler, job.timesteps, job.first_noise = sched, timesteps, noise
 
@@ -227,7 +229,9 @@ class DiffusionEngine:
 
     def _predict(self, group: list[ImageJob]) -> torch.Tensor:
         """One UNet call for `group`; guided noise = uncond + g * (cond - uncond), per row."""
-        x = torch.cat([j.scheduler.scale_model_input(j.latents, j.timesteps[j.done_steps]) for j in group])
+        x = torch.cat(
+            [self.denoiser.scale_input(j.scheduler, j.latents, j.timesteps[j.done_steps]) for j in group]
+        )
         t = torch.stack([j.timesteps[j.done_steps] for j in group])
         parts = [j.cond for j in group]
         guided = group[0].uncond is not None
@@ -264,9 +268,8 @@ class DiffusionEngine:
         assert start is not None and start.mask is not None and job.timesteps is not None
         keep = start.latents
         if not job.finished:
-            keep = job.scheduler.add_noise(
-                start.latents, job.first_noise, job.timesteps[job.done_steps : job.done_steps + 1]
-            )
+            t = job.timesteps[job.done_steps : job.done_steps + 1]
+            keep = self.denoiser.add_noise(job.scheduler, start.latents, job.first_noise, t)  # type: ignore[arg-type]
         return start.mask * job.latents + (1 - start.mask) * keep
 
     def _finish(self, done: list[ImageJob]) -> None:
