@@ -19,7 +19,7 @@ from budrt.config import ModelConfig
 from budrt.image.denoiser import UnsupportedPipeline, denoising_net
 from budrt.image.edit import make_start
 from budrt.image.engine import DiffusionEngine, ImageJob, start_engine
-from tests.tiny_diffusers import SIZE, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from tests.tiny_diffusers import SIZE, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 from tests.tiny_models import start_server
 
 PROMPT = "two red circles, top left"
@@ -30,11 +30,13 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-# Each kind: how to build it, its pipeline class, its __call__'s default guidance.
+# Each kind: how to build it, its pipeline class, its __call__'s default guidance, its native size
+# (FLUX's is its pipeline's default_sample_size, 128 latents; these are served at SIZE).
 KINDS = {
-    "sd": (build_tiny_sd, "StableDiffusionPipeline", 7.5),
-    "sdxl": (build_tiny_sdxl, "StableDiffusionXLPipeline", 5.0),
-    "sd3": (build_tiny_sd3, "StableDiffusion3Pipeline", 7.0),
+    "sd": (build_tiny_sd, "StableDiffusionPipeline", 7.5, SIZE),
+    "sdxl": (build_tiny_sdxl, "StableDiffusionXLPipeline", 5.0, SIZE),
+    "sd3": (build_tiny_sd3, "StableDiffusion3Pipeline", 7.0, SIZE),
+    "flux": (build_tiny_flux, "FluxPipeline", 3.5, 256),
 }
 
 
@@ -49,7 +51,14 @@ def sd_dir(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(path: Path) -> ModelConfig:
-    return ModelConfig(name="tiny-sd", task="image", format="diffusers", source=str(path), default_steps=4)
+    return ModelConfig(
+        name="tiny-sd",
+        task="image",
+        format="diffusers",
+        source=str(path),
+        default_steps=4,
+        image_sizes=[f"{SIZE}x{SIZE}"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +77,9 @@ def _job(engine: DiffusionEngine, seed: int, **extra: object) -> ImageJob:
 
 def test_the_directory_loads_with_its_own_defaults(kind: str, engine: DiffusionEngine) -> None:
     d = engine.denoiser
-    _, pipeline, guidance = KINDS[kind]
+    _, pipeline, guidance, native = KINDS[kind]
     assert type(d.pipe).__name__ == pipeline and d.vae is not None
-    assert d.native_size == SIZE and d.default_guidance == guidance  # its __call__'s
+    assert d.native_size == native and d.default_guidance == guidance  # its __call__'s
     assert d.read(PROMPT) == (len(d.pipe.tokenizer(PROMPT).input_ids), None)
     tokens, kept = d.read("red " * 100)  # past CLIP's 77 tokens: what it reads is reported
     assert tokens == 77 and kept is not None and kept.startswith("red") and len(kept) < 400
@@ -103,7 +112,7 @@ def test_img2img_and_inpainting_go_through_the_vae(engine: DiffusionEngine) -> N
     assert np.array_equal(inpainted[keep], picture[keep]) and not np.array_equal(inpainted, picture)
 
 
-def test_the_server_serves_it_at_its_native_size(sd_dir: Path, tmp_path: Path) -> None:
+def test_the_server_serves_it_at_its_configured_size(sd_dir: Path, tmp_path: Path) -> None:
     proc, url = start_server(tmp_path, [_config(sd_dir)], self_test_interval_s=0)
     try:
         body = {"model": "tiny-sd", "prompt": PROMPT, "seed": 4, "response_format": "b64_json"}
@@ -111,7 +120,7 @@ def test_the_server_serves_it_at_its_native_size(sd_dir: Path, tmp_path: Path) -
         assert r.status_code == 200, r.text
         picture = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert picture.size == (SIZE, SIZE) and r.json()["usage"]["steps"] == 4
-        wrong = httpx.post(url + "/v1/images/generations", json={**body, "size": "64x64"}, timeout=30)
+        wrong = httpx.post(url + "/v1/images/generations", json={**body, "size": "48x48"}, timeout=30)
         assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "size"
     finally:
         proc.terminate()
@@ -123,8 +132,8 @@ def test_pipelines_of_other_shapes_are_refused_saying_why() -> None:
         def __getattr__(self, name: str) -> object:
             return self.get(name)
 
-    class FluxLike:  # FLUX's transformer reads packed latents with position ids
-        def forward(self, hidden_states: object, pooled_projections: object, img_ids: object) -> None: ...
+    class PixArtLike:  # a transformer reading no pooled embedding
+        def forward(self, hidden_states: object, encoder_hidden_states: object, timestep: object) -> None: ...
 
     class Pipe:
         def __init__(self, **parts: object) -> None:
@@ -134,8 +143,8 @@ def test_pipelines_of_other_shapes_are_refused_saying_why() -> None:
 
         def encode_prompt(self) -> None: ...
 
-    with pytest.raises(UnsupportedPipeline, match="FLUX"):
-        denoising_net(Pipe(transformer=FluxLike()))
+    with pytest.raises(UnsupportedPipeline, match="only SD3's and FLUX's transformers"):
+        denoising_net(Pipe(transformer=PixArtLike()))
     refiner = Pipe(
         unet=type("U", (), {"config": Config(addition_embed_type="text_time")})(), text_encoder_2=1
     )

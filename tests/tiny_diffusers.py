@@ -194,3 +194,39 @@ def build_tiny_sd3(path: Path) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def build_tiny_flux(path: Path) -> Path:
+    """A FLUX-dev pipeline: a transformer over packed latents with guidance as an input, CLIP's
+    pooled embedding and T5's states, flow matching shifted by the picture's size."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(path / "tokenizer")
+    transformer = FluxTransformer2DModel(
+        in_channels=16,  # 2x2 patches of the VAE's 4 channels
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width
+        pooled_projection_dim=32,  # CLIP's
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    t5, t5_tokenizer = _t5()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),  # FLUX's VAE numbers
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path)
+    return path

@@ -1,12 +1,12 @@
 """A diffusers pipeline directory, loaded and seen step by step.
 
 `Denoiser` exposes what the batching engine needs of pipelines with Stable Diffusion's shape
-(SD 1.x/2.x, SDXL base, SD3, and the demo `ShapesDiffusionPipeline`): prompt states, starting
-noise, one call of the denoising network (the UNet, or SD3's transformer) on a batch of rows with
-a timestep per row, a scheduler per image, and decoding. SDXL's UNet also reads a pooled text
-embedding and the picture's size ("time ids"); SD3's transformer the pooled embedding, with a
-flow-matching scheduler. Pipelines of other shapes (FLUX's packed latents, other added
-conditioning) are refused at load with a message saying so.
+(SD 1.x/2.x, SDXL base, SD3, FLUX, and the demo `ShapesDiffusionPipeline`): prompt states,
+starting noise, one call of the denoising network (a UNet, or a transformer: "unet", "sd3",
+"flux") on a batch of rows with a timestep per row, a scheduler per image, and decoding. SDXL's
+UNet also reads a pooled text embedding and the picture's size ("time ids"); SD3's transformer the
+pooled embedding, with a flow-matching scheduler; FLUX's packed latents and guidance as an input
+(`image/flux.py`). Pipelines of other shapes are refused at load with a message saying so.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from budrt.image import flux
 
 BUDRT_PIPELINES = {"ShapesDiffusionPipeline": "budrt.image.shapes_pipeline"}
 
@@ -73,8 +75,8 @@ def call_default(pipe: Any, name: str, fallback: float) -> float:
     return float(parameter.default)
 
 
-def denoising_net(pipe: Any) -> tuple[Any, bool]:
-    """(the pipeline's denoising network, whether it is an SD3-style transformer); raises
+def denoising_net(pipe: Any) -> tuple[Any, str]:
+    """(the pipeline's denoising network, its kind: "unet", "sd3" or "flux"); raises
     UnsupportedPipeline for shapes the engine cannot drive."""
     name = type(pipe).__name__
     if not hasattr(pipe, "encode_prompt"):
@@ -83,47 +85,57 @@ def denoising_net(pipe: Any) -> tuple[Any, bool]:
     if unet is None:
         net = getattr(pipe, "transformer", None)
         takes = set(inspect.signature(net.forward).parameters) if net is not None else set()
+        if {"pooled_projections", "img_ids", "txt_ids"} <= takes:
+            return net, "flux"
         if "pooled_projections" not in takes or "img_ids" in takes:
-            raise UnsupportedPipeline(
-                f"{name}: only SD3's transformer is supported (not FLUX's packed latents)"
-            )
+            raise UnsupportedPipeline(f"{name}: only SD3's and FLUX's transformers are supported")
         if pipe.scheduler.config.get("use_dynamic_shifting"):
-            raise UnsupportedPipeline(
-                f"{name}: a scheduler shifting with the picture's size is not supported yet"
-            )
-        return net, True
+            raise UnsupportedPipeline(f"{name}: an SD3 schedule shifting with the size is not supported yet")
+        return net, "sd3"
     added = getattr(unet.config, "addition_embed_type", None)
     if added not in (None, "text_time") or (added and getattr(pipe, "text_encoder_2", None) is None):
         raise UnsupportedPipeline(f"{name} needs added conditioning ({added}) other than SDXL base's")
     if getattr(pipe.config, "requires_aesthetics_score", False):
         raise UnsupportedPipeline("SDXL's refiner (aesthetic-score conditioning) is not supported yet")
-    return unet, False
+    return unet, "unet"
 
 
 class Denoiser:
     """The parts of a pipeline the engine drives, one network call per engine step."""
 
     def __init__(self, pipe: Any, guidance: float | None = None) -> None:
-        self.net, self.transformer = denoising_net(pipe)
+        self.net, self.kind = denoising_net(pipe)
         self.pipe = pipe
         self.device = self.net.device
         self.scale = int(pipe.vae_scale_factor)
-        self.channels = int(self.net.config.in_channels)
-        self.native_size = int(self.net.config.sample_size) * self.scale
+        packed = self.kind == "flux"  # 2x2 patches of the latent picture per row: 4x the channels
+        self.channels = int(self.net.config.in_channels) // (4 if packed else 1)
+        sample = getattr(self.net.config, "sample_size", None) or pipe.default_sample_size
+        self.native_size = int(sample) * self.scale
+        self._guidance_input = packed and bool(self.net.config.get("guidance_embeds"))
         # A request's guidance when it names none: the model's settings', else the pipeline's own.
         self.default_guidance = call_default(pipe, "guidance_scale", 7.5) if guidance is None else guidance
         self.vae = getattr(pipe, "vae", None)
         self._vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0) if self.vae else 0.0
         # PNDM (SD 1.5's default) and others take no generator; DDIM, Euler ancestral... do.
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
-        # SD3's encode_prompt wants its second and third prompts named (None: the first again).
+        # SD3's encode_prompt wants its second and third prompts named (None: the first again);
+        # FLUX's has no guidance or negative prompt (guidance is the network's input).
         takes = inspect.signature(pipe.encode_prompt).parameters
         self._more_prompts = {name: None for name in ("prompt_2", "prompt_3") if name in takes}
+        self._takes_negative = "negative_prompt" in takes
         self._empty_states: PromptStates | None = None
 
-    def new_scheduler(self) -> Any:
-        """A scheduler of its own for one image: schedulers keep per-run state (step index)."""
-        return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+    def new_scheduler(self, steps: int, height: int, width: int) -> Any:
+        """A scheduler of its own for one image (schedulers keep per-run state: the step index),
+        its timesteps set for `steps` at this size."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        if self.kind == "flux":
+            rows = (height // self.scale // 2) * (width // self.scale // 2)
+            flux.set_timesteps(scheduler, steps, rows, self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
 
     def first_latents(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
         """Text to image: the noise at the scheduler's first sigma (flow matching: the noise)."""
@@ -161,7 +173,9 @@ class Denoiser:
         self, prompts: list[str], negatives: list[str] | None
     ) -> tuple[PromptStates, PromptStates | None]:
         """The prompts' states and, when guided, the negative prompts' (empty: the pipeline's own
-        unconditional states: the empty prompt's, or zeros for SDXL)."""
+        unconditional states: the empty prompt's, or zeros for SDXL). FLUX: never a negative."""
+        if not self._takes_negative:
+            negatives = None
         if negatives is not None and any(negatives):
             return self._encode(prompts, True, negatives)
         cond, _ = self._encode(prompts, False, None)
@@ -174,14 +188,16 @@ class Denoiser:
     ) -> tuple[PromptStates, PromptStates | None]:
         """`encode_prompt` by keyword (SDXL's has a second prompt in the third place); it gives
         (states, negative states) or, for SDXL, their pooled embeddings after them."""
+        guidance = {"do_classifier_free_guidance": guided, "negative_prompt": negatives}
         out = self.pipe.encode_prompt(
             prompt=prompts,
             **self._more_prompts,
             device=self.device,
             num_images_per_prompt=1,
-            do_classifier_free_guidance=guided,
-            negative_prompt=negatives,
+            **(guidance if self._takes_negative else {}),
         )
+        if len(out) == 3:  # FLUX: (states, pooled, the states' position ids: zeros)
+            return PromptStates(out[0], out[1]), None
         cond, negative, pooled, negative_pooled = (*out, None, None) if len(out) == 2 else out
         uncond = None if negative is None else PromptStates(negative, negative_pooled)
         return PromptStates(cond, pooled), uncond
@@ -205,15 +221,45 @@ class Denoiser:
         return (len(ids), None) if len(ids) <= most else (most, tokenizer.decode(ids[1 : most - 1]))
 
     def noise(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """Starting noise in the network's layout, drawn as the pipelines draw it."""
         shape = (1, self.channels, height // self.scale, width // self.scale)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        return self._to_net(torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device))
+
+    def _to_net(self, latents: torch.Tensor) -> torch.Tensor:
+        """A latent picture [B, C, h, w] in the network's layout (FLUX: packed)."""
+        return flux.pack(latents) if self.kind == "flux" else latents
+
+    def latent_mask(self, repaint: np.ndarray) -> torch.Tensor:
+        """Inpainting: a pixel mask [H, W] (1 = repaint) at the latents' size, in the network's
+        layout: a latent cell is repainted when any of its pixels is."""
+        pixels = torch.from_numpy(repaint)[None, None]
+        mask = torch.nn.functional.max_pool2d(pixels, self.scale).to(self.device)
+        return self._to_net(mask.expand(-1, self.channels, -1, -1)) if self.kind == "flux" else mask
 
     @torch.inference_mode()
     def predict(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt: PromptStates, height: int, width: int
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt: PromptStates,
+        height: int,
+        width: int,
+        guidance: torch.Tensor,
     ) -> torch.Tensor:
-        """One network call: a row per latent, each with its timestep and prompt states."""
-        if self.transformer:
+        """One network call: a row per latent, each with its timestep, prompt states and guidance
+        (read only by FLUX, which takes it as an input)."""
+        if self.kind == "flux":
+            h, w = height // self.scale, width // self.scale
+            return self.net(
+                hidden_states=latents,
+                timestep=timesteps.to(latents.dtype) / 1000,
+                guidance=guidance.to(latents.dtype) if self._guidance_input else None,
+                pooled_projections=prompt.pooled,
+                encoder_hidden_states=prompt.states,
+                txt_ids=torch.zeros(prompt.states.shape[1], 3, device=latents.device, dtype=latents.dtype),
+                img_ids=flux.image_ids(h, w, latents.device, latents.dtype),
+            ).sample
+        if self.kind == "sd3":
             return self.net(
                 hidden_states=latents,
                 timestep=timesteps,
@@ -232,8 +278,10 @@ class Denoiser:
         ).sample
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents [B, C, h, w] -> pictures [B, H, W, 3] uint8."""
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Latents in the network's layout, of pictures `height` x `width` -> [B, H, W, 3] uint8."""
+        if self.kind == "flux":
+            latents = flux.unpack(latents, height // self.scale, width // self.scale)
         if self.vae is None:
             pixels = self.pipe.decode_latents(latents)
         else:
@@ -243,9 +291,9 @@ class Denoiser:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        """Pictures [B, H, W, 3] uint8 -> latents (img2img's starting point)."""
+        """Pictures [B, H, W, 3] uint8 -> latents in the network's layout (img2img's start)."""
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
         if self.vae is None:
             return self.pipe.encode_pixels(x)
         sample = self.vae.encode(x).latent_dist.sample(generator)
-        return (sample - self._vae_shift) * self.vae.config.scaling_factor
+        return self._to_net((sample - self._vae_shift) * self.vae.config.scaling_factor)

@@ -38,6 +38,4 @@ def make_start(
     latents = denoiser.encode_pixels(picture[None], generator)
     if repaint is None:
         return Start(latents, picture, strength)
-    pixel_mask = torch.from_numpy(repaint)[None, None]
-    latent_mask = torch.nn.functional.max_pool2d(pixel_mask, denoiser.scale).to(latents.device)
-    return Start(latents, picture, strength, latent_mask, repaint[..., None])
+    return Start(latents, picture, strength, denoiser.latent_mask(repaint), repaint[..., None])

@@ -185,8 +185,7 @@ class DiffusionEngine:
 
     def _prepare(self, job: ImageJob) -> None:
         """The job's scheduler, timesteps and starting latents (noise, or a noised input)."""
-        sched = self.denoiser.new_scheduler()
-        sched.set_timesteps(job.steps, device=self.denoiser.device)
+        sched = self.denoiser.new_scheduler(job.steps, job.height, job.width)
         timesteps = sched.timesteps
         noise = self.denoiser.noise(job.height, job.width, job.generator)
         if job.start is None:
@@ -228,7 +227,8 @@ class DiffusionEngine:
                 self._advance(job, noise[i : i + 1])
 
     def _predict(self, group: list[ImageJob]) -> torch.Tensor:
-        """One UNet call for `group`; guided noise = uncond + g * (cond - uncond), per row."""
+        """One network call for `group`; guided noise = uncond + g * (cond - uncond), per row
+        (FLUX: never guided here; its network reads g)."""
         x = torch.cat(
             [self.denoiser.scale_input(j.scheduler, j.latents, j.timesteps[j.done_steps]) for j in group]
         )
@@ -238,14 +238,15 @@ class DiffusionEngine:
         if guided:
             x, t = torch.cat([x, x]), torch.cat([t, t])
             parts = [j.uncond for j in group] + parts  # type: ignore[misc]
-        out = self.denoiser.predict(x, t, PromptStates.cat(parts), group[0].height, group[0].width)
+        scales = torch.tensor([j.guidance for j in group], dtype=torch.float32, device=x.device)
+        out = self.denoiser.predict(x, t, PromptStates.cat(parts), group[0].height, group[0].width, scales)
         if not guided:
             return out
         uncond, cond = out.chunk(2)
         if len(group) == 1:  # a scalar, as the pipeline's own loop computes it
             return uncond + group[0].guidance * (cond - uncond)
-        scale = torch.tensor([j.guidance for j in group], dtype=out.dtype, device=out.device)
-        return uncond + scale.view(-1, 1, 1, 1) * (cond - uncond)
+        per_row = scales.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+        return uncond + per_row * (cond - uncond)
 
     def _advance(self, job: ImageJob, noise: torch.Tensor) -> None:
         t = job.timesteps[job.done_steps]  # type: ignore[index]
@@ -259,7 +260,9 @@ class DiffusionEngine:
             every = job.preview_every
             if every and job.done_steps % every == 0 and not job.finished:
                 x0 = getattr(out, "pred_original_sample", None)
-                preview = self.denoiser.decode(x0 if x0 is not None else job.latents)[0]
+                preview = self.denoiser.decode(x0 if x0 is not None else job.latents, job.height, job.width)[
+                    0
+                ]
             job.progress(job.done_steps, len(job.timesteps), preview)  # type: ignore[arg-type]
 
     def _keep_unmasked(self, job: ImageJob) -> torch.Tensor:
@@ -275,7 +278,8 @@ class DiffusionEngine:
     def _finish(self, done: list[ImageJob]) -> None:
         if not done:
             return
-        pixels = self.denoiser.decode(torch.cat([j.latents for j in done]))  # type: ignore[misc]
+        first = done[0]  # a batch: one size
+        pixels = self.denoiser.decode(torch.cat([j.latents for j in done]), first.height, first.width)  # type: ignore[misc]
         for job, picture in zip(done, pixels, strict=True):
             if job.start is not None and len(job.timesteps) == 0:  # type: ignore[arg-type]
                 picture = job.start.pixels  # strength 0: the input itself, whatever the VAE
