@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from budrt.config import ModelConfig
+from budrt.config import ModelConfig, Settings
 from budrt.image.denoiser import UnsupportedPipeline, denoising_net
 from budrt.image.edit import make_start
 from budrt.image.engine import DiffusionEngine, ImageJob, start_engine
@@ -156,3 +156,55 @@ def test_pipelines_of_other_shapes_are_refused_saying_why() -> None:
         denoising_net(kandinsky)
     with pytest.raises(UnsupportedPipeline, match="encode_prompt"):
         denoising_net(object())
+
+
+def test_a_configured_dtype_runs_the_whole_path_in_it(kind: str, sd_dir: Path) -> None:
+    # What CUDA's "auto" picks (bf16 or fp16), run here: noise, states, masks and latents in the
+    # network's dtype, decoding from it.
+    cfg = _config(sd_dir).model_copy(update={"dtype": "bfloat16"})
+    engine = start_engine(cfg)
+    try:
+        d = engine.denoiser
+        assert d.dtype == torch.bfloat16 and d.net.dtype == torch.bfloat16
+        picture = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        repaint = np.zeros((SIZE, SIZE), dtype=np.float32)
+        repaint[:16] = 1
+        masked = make_start(d, picture, repaint, 0.7, torch.Generator().manual_seed(0))
+        jobs = [_job(engine, 2), _job(engine, 2, start=masked)]
+        engine.submit(jobs)
+        ours, inpainted = (j.result.result(timeout=120) for j in jobs)
+        theirs = d.pipe(
+            PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, generator=torch.Generator().manual_seed(2)
+        ).images[0]
+        assert np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max() <= 2
+        assert np.array_equal(inpainted[16:], picture[16:])
+    finally:
+        engine.stop()
+
+
+def test_the_demo_model_runs_in_bfloat16() -> None:
+    cfg = Settings().model("shapes-diffusion").model_copy(update={"dtype": "bfloat16"})
+    engine = start_engine(cfg)
+    try:
+        cond, uncond = engine.denoiser.encode(["one large red circle on a white background, center"], [""])
+        job = ImageJob(64, 64, cond, uncond, 1.5, 4, torch.Generator().manual_seed(0))
+        engine.submit([job])
+        assert job.result.result(timeout=120).shape == (64, 64, 3)
+    finally:
+        engine.stop()
+
+
+def test_float16_decodes_with_an_fp32_vae_where_its_config_says_so(tmp_path: Path) -> None:
+    # SDXL's VAE overflows in fp16 (force_upcast): its pipeline upcasts it for each decode, the
+    # engine keeps an fp32 copy (the pipeline's own stays fp16).
+    cfg = _config(build_tiny_sdxl(tmp_path / "sdxl")).model_copy(update={"dtype": "float16"})
+    engine = start_engine(cfg)
+    try:
+        d = engine.denoiser
+        assert d.dtype == torch.float16 and d.vae.dtype == torch.float32 and d.pipe.vae.dtype == torch.float16
+        job = _job(engine, 0)
+        engine.submit([job])
+        picture = job.result.result(timeout=120)
+        assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    finally:
+        engine.stop()

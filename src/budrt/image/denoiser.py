@@ -11,6 +11,7 @@ pooled embedding, with a flow-matching scheduler; FLUX's packed latents and guid
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -49,7 +50,7 @@ class PromptStates:
         return PromptStates(torch.cat([p.states for p in parts]), joined)
 
 
-def load_pipeline(path: Path, device: str = "cpu") -> Any:
+def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """`DiffusionPipeline.from_pretrained` on a local directory; budrt's own pipeline classes
     (named in `model_index.json`) are found here rather than among diffusers'."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +63,7 @@ def load_pipeline(path: Path, device: str = "cpu") -> Any:
     index = json.loads((path / "model_index.json").read_text())
     module = BUDRT_PIPELINES.get(index.get("_class_name", ""))
     cls = getattr(importlib.import_module(module), index["_class_name"]) if module else DiffusionPipeline
-    pipe = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
 
@@ -100,6 +101,14 @@ def denoising_net(pipe: Any) -> tuple[Any, str]:
     return unet, "unet"
 
 
+def _decoder(vae: Any) -> Any:
+    """The VAE the engine decodes with: an fp32 copy where its config says fp16 overflows
+    (`force_upcast`: SDXL's), as SDXL's pipeline upcasts it for each decode."""
+    if vae is None or vae.dtype != torch.float16 or not vae.config.get("force_upcast"):
+        return vae
+    return copy.deepcopy(vae).to(torch.float32)
+
+
 class Denoiser:
     """The parts of a pipeline the engine drives, one network call per engine step."""
 
@@ -107,6 +116,7 @@ class Denoiser:
         self.net, self.kind = denoising_net(pipe)
         self.pipe = pipe
         self.device = self.net.device
+        self.dtype = self.net.dtype  # of the noise and latents, as the pipelines keep them
         self.scale = int(pipe.vae_scale_factor)
         packed = self.kind == "flux"  # 2x2 patches of the latent picture per row: 4x the channels
         self.channels = int(self.net.config.in_channels) // (4 if packed else 1)
@@ -115,7 +125,7 @@ class Denoiser:
         self._guidance_input = packed and bool(self.net.config.get("guidance_embeds"))
         # A request's guidance when it names none: the model's settings', else the pipeline's own.
         self.default_guidance = call_default(pipe, "guidance_scale", 7.5) if guidance is None else guidance
-        self.vae = getattr(pipe, "vae", None)
+        self.vae = _decoder(getattr(pipe, "vae", None))
         self._vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0) if self.vae else 0.0
         # PNDM (SD 1.5's default) and others take no generator; DDIM, Euler ancestral... do.
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
@@ -197,10 +207,14 @@ class Denoiser:
             **(guidance if self._takes_negative else {}),
         )
         if len(out) == 3:  # FLUX: (states, pooled, the states' position ids: zeros)
-            return PromptStates(out[0], out[1]), None
+            return self._states(out[0], out[1]), None
         cond, negative, pooled, negative_pooled = (*out, None, None) if len(out) == 2 else out
-        uncond = None if negative is None else PromptStates(negative, negative_pooled)
-        return PromptStates(cond, pooled), uncond
+        uncond = None if negative is None else self._states(negative, negative_pooled)
+        return self._states(cond, pooled), uncond
+
+    def _states(self, states: torch.Tensor, pooled: torch.Tensor | None) -> PromptStates:
+        """In the network's dtype (the demo model's text encoder stays fp32)."""
+        return PromptStates(states.to(self.dtype), None if pooled is None else pooled.to(self.dtype))
 
     def _unconditional(self) -> PromptStates:
         """The unconditional states, encoded once: most guided requests have no negative prompt,
@@ -223,7 +237,7 @@ class Denoiser:
     def noise(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """Starting noise in the network's layout, drawn as the pipelines draw it."""
         shape = (1, self.channels, height // self.scale, width // self.scale)
-        return self._to_net(torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device))
+        return self._to_net(torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device))
 
     def _to_net(self, latents: torch.Tensor) -> torch.Tensor:
         """A latent picture [B, C, h, w] in the network's layout (FLUX: packed)."""
@@ -233,7 +247,7 @@ class Denoiser:
         """Inpainting: a pixel mask [H, W] (1 = repaint) at the latents' size, in the network's
         layout: a latent cell is repainted when any of its pixels is."""
         pixels = torch.from_numpy(repaint)[None, None]
-        mask = torch.nn.functional.max_pool2d(pixels, self.scale).to(self.device)
+        mask = torch.nn.functional.max_pool2d(pixels, self.scale).to(self.device, self.dtype)
         return self._to_net(mask.expand(-1, self.channels, -1, -1)) if self.kind == "flux" else mask
 
     @torch.inference_mode()
@@ -285,15 +299,16 @@ class Denoiser:
         if self.vae is None:
             pixels = self.pipe.decode_latents(latents)
         else:
-            latents = latents / self.vae.config.scaling_factor + self._vae_shift
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift
             pixels = self.vae.decode(latents).sample.clamp(-1, 1)
-        return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return ((pixels.float() + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """Pictures [B, H, W, 3] uint8 -> latents in the network's layout (img2img's start)."""
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
         if self.vae is None:
-            return self.pipe.encode_pixels(x)
-        sample = self.vae.encode(x).latent_dist.sample(generator)
-        return self._to_net((sample - self._vae_shift) * self.vae.config.scaling_factor)
+            return self.pipe.encode_pixels(x.to(self.dtype))
+        sample = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample(generator)
+        latents = (sample - self._vae_shift) * self.vae.config.scaling_factor
+        return self._to_net(latents.to(self.dtype))

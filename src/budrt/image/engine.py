@@ -29,6 +29,7 @@ import torch
 
 from budrt.config import ModelConfig
 from budrt.engine import openmp
+from budrt.engine.device import cuda_dtype
 from budrt.engine.interface import EngineOverloaded
 from budrt.image.denoiser import Denoiser, PromptStates, load_pipeline
 from budrt.model_source import resolve_source
@@ -300,10 +301,20 @@ class DiffusionEngine:
                 job.result.set_exception(exc)
 
 
-def start_engine(cfg: ModelConfig, device: str = "cpu") -> DiffusionEngine:
-    """The model's pipeline loaded onto `device`, its engine thread running."""
+def image_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`cfg.dtype`, or for "auto": on CUDA what the card computes natively (bf16, else fp16), on
+    a CPU fp32 (what the image benchmarks measured)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return cuda_dtype(device) if device.type == "cuda" else torch.float32
+
+
+def start_engine(cfg: ModelConfig, device: str | torch.device = "cpu") -> DiffusionEngine:
+    """The model's pipeline loaded onto `device` in its dtype, its engine thread running."""
+    target = torch.device(device)
+    pipe = load_pipeline(resolve_source(cfg.source), target, image_dtype(cfg, target))
     engine = DiffusionEngine(
-        Denoiser(load_pipeline(resolve_source(cfg.source), device), cfg.guidance_scale),
+        Denoiser(pipe, cfg.guidance_scale),
         cfg.max_batch_images,
         cfg.max_waiting,
     )
