@@ -1,6 +1,7 @@
 """How often `shapes-diffusion` draws what its caption says, read back from the pixels.
 
     .venv/bin/python bench/image_eval.py --per-caption 4 --grid docs/images/shapes-eval.png
+    .venv/bin/python bench/image_eval.py --guidance 1 1.5 2 4     # a sweep (the grid: the last)
 
 Captions of the held-out tenth of the procedural world (`budrt.image.shapes.split_scenes`: never
 drawn in training) and as many training captions are generated `--per-caption` times each (seeds
@@ -80,7 +81,9 @@ def main() -> None:
     )
     parser.add_argument("--per-caption", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None, help="default: what the server uses")
+    parser.add_argument(
+        "--guidance", type=float, nargs="+", default=None, help="one or more (default: what the server uses)"
+    )
     parser.add_argument("--grid", type=Path, default=None)
     parser.add_argument("--source", default=None, help="a pipeline directory (default: the shipped model)")
     args = parser.parse_args()
@@ -88,25 +91,32 @@ def main() -> None:
     if args.source:
         cfg = cfg.model_copy(update={"source": args.source})
     engine = start_engine(cfg)
-    train, held_out = shapes.split_scenes()
-    seen = random.Random(1).sample(train, len(held_out))
-    guidance = engine.denoiser.default_guidance if args.guidance is None else args.guidance
     report: dict[str, object] = {
-        "command": "bench/image_eval.py",
+        "command": " ".join(["bench/image_eval.py", *sys.argv[1:]]),
         **cpu_summary(),
         "steps": args.steps,
-        "guidance": guidance,
+        "default_guidance": engine.denoiser.default_guidance,
     }
     started = time.monotonic()
+    for guidance in args.guidance or [engine.denoiser.default_guidance]:
+        report[f"guidance {guidance}"] = evaluate(engine, args, guidance)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    engine.stop()
+    print(json.dumps(report, indent=2))
+
+
+def evaluate(engine: DiffusionEngine, args: argparse.Namespace, guidance: float) -> dict[str, object]:
+    """Held-out captions and as many trained ones, scored at `guidance` (the grid: held-out)."""
+    train, held_out = shapes.split_scenes()
+    seen = random.Random(1).sample(train, len(held_out))
+    report: dict[str, object] = {}
     for name, scenes in (("held_out", held_out), ("trained", seen)):
         pictures = generate(engine, scenes, args.per_caption, args.steps, guidance)
         report[name] = score(scenes, pictures, args.per_caption)
         report[f"{name}_pictures"] = len(pictures)
         if name == "held_out" and args.grid is not None:
             save_grid(scenes, pictures, args.per_caption, args.grid)
-    report["seconds"] = round(time.monotonic() - started, 1)
-    engine.stop()
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
