@@ -33,8 +33,8 @@ class UnsupportedPipeline(ValueError):
 
 @dataclass(frozen=True)
 class PromptStates:
-    """What the UNet reads of prompts: token states [B, L, D] and, for SDXL, the pooled text
-    embedding [B, P] (None for the others)."""
+    """What the network reads of prompts: token states [B, L, D] and, for SDXL, SD3 and FLUX, the
+    pooled text embedding [B, P] (None for SD 1.x/2.x and the demo model)."""
 
     states: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -197,7 +197,8 @@ class Denoiser:
         self, prompts: list[str], guided: bool, negatives: list[str] | None
     ) -> tuple[PromptStates, PromptStates | None]:
         """`encode_prompt` by keyword (SDXL's has a second prompt in the third place); it gives
-        (states, negative states) or, for SDXL, their pooled embeddings after them."""
+        (states, negative states), for SDXL and SD3 their pooled embeddings after them, for FLUX
+        (states, pooled, position ids)."""
         guidance = {"do_classifier_free_guidance": guided, "negative_prompt": negatives}
         out = self.pipe.encode_prompt(
             prompt=prompts,
