@@ -1,6 +1,6 @@
-"""Stable Diffusion 1.x, SDXL and SD3 pipeline directories (tiny random weights, their parts and
-default schedulers) through the same loader, engine and server as the demo model: the path real
-SD directories take, tested on a CPU."""
+"""Stable Diffusion 1.x, SDXL, SD3 and FLUX pipeline directories (tiny random weights, their parts
+and default schedulers) through the same loader, engine and server as the demo model: the path
+real diffusers directories take, tested on a CPU."""
 
 from __future__ import annotations
 
