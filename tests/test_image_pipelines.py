@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,7 @@ KINDS = {
     "sd": (build_tiny_sd, "StableDiffusionPipeline", 7.5, SIZE),
     "sdxl": (build_tiny_sdxl, "StableDiffusionXLPipeline", 5.0, SIZE),
     "sd3": (build_tiny_sd3, "StableDiffusion3Pipeline", 7.0, SIZE),
+    "sd3-shifted": (partial(build_tiny_sd3, shifting=True), "StableDiffusion3Pipeline", 7.0, SIZE),
     "flux": (build_tiny_flux, "FluxPipeline", 3.5, 256),
 }
 

@@ -154,9 +154,9 @@ def _t5() -> tuple[Any, Any]:
     return T5EncoderModel(config).eval(), tokenizer
 
 
-def build_tiny_sd3(path: Path) -> Path:
-    """An SD3 pipeline: an MMDiT transformer over two CLIPs and a T5, flow matching, a VAE
-    with a shift."""
+def build_tiny_sd3(path: Path, shifting: bool = False) -> Path:
+    """An SD3 pipeline: an MMDiT transformer over two CLIPs and a T5, flow matching (`shifting`:
+    shifted by the picture's size), a VAE with a shift."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -183,7 +183,7 @@ def build_tiny_sd3(path: Path) -> Path:
     t5, t5_tokenizer = _t5()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=shifting),
         vae=vae,
         text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
         tokenizer=tokenizer,

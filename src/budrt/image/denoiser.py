@@ -90,8 +90,6 @@ def denoising_net(pipe: Any) -> tuple[Any, str]:
             return net, "flux"
         if "pooled_projections" not in takes or "img_ids" in takes:
             raise UnsupportedPipeline(f"{name}: only SD3's and FLUX's transformers are supported")
-        if pipe.scheduler.config.get("use_dynamic_shifting"):
-            raise UnsupportedPipeline(f"{name}: an SD3 schedule shifting with the size is not supported yet")
         return net, "sd3"
     added = getattr(unet.config, "addition_embed_type", None)
     if added not in (None, "text_time") or (added and getattr(pipe, "text_encoder_2", None) is None):
@@ -143,6 +141,12 @@ class Denoiser:
         if self.kind == "flux":
             rows = (height // self.scale // 2) * (width // self.scale // 2)
             flux.set_timesteps(scheduler, steps, rows, self.device)
+        elif self.kind == "sd3" and scheduler.config.get("use_dynamic_shifting"):
+            patch = self.net.config.patch_size
+            rows = (height // self.scale // patch) * (width // self.scale // patch)
+            scheduler.set_timesteps(
+                steps, device=self.device, mu=flux.size_shift(scheduler.config, rows, 1.16)
+            )
         else:
             scheduler.set_timesteps(steps, device=self.device)
         return scheduler

@@ -37,11 +37,16 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def size_shift(config: Any, rows: int, max_shift: float) -> float:
+    """`mu`, the schedule's shift for a picture of `rows` rows: linear in the rows between the
+    scheduler config's base and max (SD3's pipeline uses the same rule when its scheduler shifts,
+    with its own default `max_shift`)."""
+    base, most = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    low, high = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
+    return low + (high - low) * (rows - base) / (most - base)
+
+
 def set_timesteps(scheduler: Any, steps: int, rows: int, device: torch.device) -> None:
     """FLUX's schedule for a picture of `rows` packed rows, as its pipeline sets it."""
-    config = scheduler.config
-    base, most = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    mu = low + (high - low) * (rows - base) / (most - base)
     sigmas = np.linspace(1.0, 1 / steps, steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+    scheduler.set_timesteps(sigmas=sigmas, mu=size_shift(scheduler.config, rows, 1.15), device=device)
