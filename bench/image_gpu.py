@@ -30,14 +30,14 @@ from budrt.config import ModelConfig  # noqa: E402
 from budrt.engine import openmp  # noqa: E402
 from budrt.image.denoiser import Denoiser  # noqa: E402
 from budrt.image.engine import DiffusionEngine, ImageJob, image_dtype  # noqa: E402
-from tests.tiny_diffusers import _tokenizer, build_tiny_sd  # noqa: E402
+from tests.tiny_diffusers import build_tiny_sd, clip_tokenizer, sd_scheduler  # noqa: E402
 
 WORDS = "red blue green circle square triangle large small top bottom left right center".split()
 
 
 def sd15_shaped(device: torch.device, dtype: torch.dtype) -> Any:
     """StableDiffusionPipeline with SD 1.5's component shapes and random weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -59,12 +59,9 @@ def sd15_shaped(device: torch.device, dtype: torch.dtype) -> Any:
             num_attention_heads=12,
         )
         text_encoder = CLIPTextModel(config).eval()
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    tokenizer = _tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")  # a small vocabulary: ids < 100
+    tokenizer = clip_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")  # a small vocabulary: ids < 100
     pipe = StableDiffusionPipeline(
-        vae, text_encoder, tokenizer, unet, scheduler, None, None, requires_safety_checker=False
+        vae, text_encoder, tokenizer, unet, sd_scheduler(), None, None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)

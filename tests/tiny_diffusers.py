@@ -15,7 +15,7 @@ import torch
 SIZE = 32  # pixels per side: a 16x16 latent, the VAE halving once
 
 
-def _clip_tokenizer(path: Path) -> None:
+def _write_clip_vocab(path: Path) -> None:
     """vocab.json and merges.txt for a CLIP BPE over single characters (no merges but one)."""
     chars = string.ascii_lowercase + string.digits + ",.'-"
     tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars] + ["th"]
@@ -57,10 +57,10 @@ def _unet(**conditioning: Any) -> Any:
     )
 
 
-def _tokenizer(path: Path) -> Any:
+def clip_tokenizer(path: Path) -> Any:
     from transformers import CLIPTokenizer
 
-    _clip_tokenizer(path)  # read here, then written again by save_pretrained
+    _write_clip_vocab(path)  # read here, then written again by save_pretrained
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
 
 
@@ -81,14 +81,21 @@ def _text_config(vocab: int, **extra: Any) -> Any:
     )
 
 
-def build_tiny_sd(path: Path) -> Path:
-    """An SD 1.x pipeline saved under `path` (a diffusers directory); returns `path`."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel
+def _clip(tokenizer: Any, projected: bool = False) -> Any:
+    """A tiny CLIP text encoder over `tokenizer`'s ids (`projected`: with a 32-wide projection, as
+    SDXL's second and SD3's encoders have)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
-    tokenizer = _tokenizer(path / "tokenizer")
-    scheduler = PNDMScheduler(
+    if projected:
+        return CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval()
+    return CLIPTextModel(_text_config(len(tokenizer))).eval()
+
+
+def sd_scheduler() -> Any:
+    """SD 1.5's scheduler: PNDM with its betas."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -96,12 +103,20 @@ def build_tiny_sd(path: Path) -> Path:
         steps_offset=1,
         set_alpha_to_one=False,
     )
+
+
+def build_tiny_sd(path: Path) -> Path:
+    """An SD 1.x pipeline saved under `path` (a diffusers directory); returns `path`."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(path / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
+        text_encoder=_clip(tokenizer),
         tokenizer=tokenizer,
         unet=_unet(cross_attention_dim=32),
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -113,10 +128,9 @@ def build_tiny_sd(path: Path) -> Path:
 def build_tiny_sdxl(path: Path) -> Path:
     """An SDXL base pipeline (two text encoders, pooled embedding and size conditioning, Euler)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer(path / "tokenizer")
+    tokenizer = clip_tokenizer(path / "tokenizer")
     unet = _unet(
         cross_attention_dim=64,  # both encoders' penultimate states, side by side
         addition_embed_type="text_time",
@@ -128,10 +142,10 @@ def build_tiny_sdxl(path: Path) -> Path:
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
+        text_encoder=_clip(tokenizer),
+        text_encoder_2=_clip(tokenizer, projected=True),
         tokenizer=tokenizer,
-        tokenizer_2=_tokenizer(path / "tokenizer_2"),
+        tokenizer_2=clip_tokenizer(path / "tokenizer_2"),
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
@@ -162,10 +176,9 @@ def build_tiny_sd3(path: Path, shifting: bool = False) -> Path:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer(path / "tokenizer")
+    tokenizer = clip_tokenizer(path / "tokenizer")
     transformer = SD3Transformer2DModel(
         sample_size=SIZE // 2,
         patch_size=2,
@@ -185,10 +198,10 @@ def build_tiny_sd3(path: Path, shifting: bool = False) -> Path:
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=shifting),
         vae=vae,
-        text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
+        text_encoder=_clip(tokenizer, projected=True),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32)).eval(),
-        tokenizer_2=_tokenizer(path / "tokenizer_2"),
+        text_encoder_2=_clip(tokenizer, projected=True),
+        tokenizer_2=clip_tokenizer(path / "tokenizer_2"),
         text_encoder_3=t5,
         tokenizer_3=t5_tokenizer,
     )
@@ -200,10 +213,9 @@ def build_tiny_flux(path: Path) -> Path:
     """A FLUX-dev pipeline: a transformer over packed latents with guidance as an input, CLIP's
     pooled embedding and T5's states, flow matching shifted by the picture's size."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer(path / "tokenizer")
+    tokenizer = clip_tokenizer(path / "tokenizer")
     transformer = FluxTransformer2DModel(
         in_channels=16,  # 2x2 patches of the VAE's 4 channels
         num_layers=1,
@@ -222,7 +234,7 @@ def build_tiny_flux(path: Path) -> Path:
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),  # FLUX's VAE numbers
-        text_encoder=CLIPTextModel(_text_config(len(tokenizer))).eval(),
+        text_encoder=_clip(tokenizer),
         tokenizer=tokenizer,
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
